@@ -1,0 +1,35 @@
+# The two commands of the README: `make test` and `make demo`. Both set up .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build that this kind of machine installs from its own disk; GPU users install their own torch.
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.9.0
+STAMP := $(VENV)/.mmoe_fast-installed
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: setup
+	MMOE_FAST_REQUIRE_EXT=1 $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+demo: setup
+	$(VENV)/bin/mmoe-fast train --data synthetic --correlation 0.5 --model mmoe
+
+bench: setup
+	$(PY) benchmarks/bench_ops.py
+
+lint: setup
+	$(VENV)/bin/ruff check mmoe_fast kernels tests benchmarks
+
+clean:
+	rm -rf build *.egg-info mmoe_fast/_C*.so

@@ -1,0 +1,127 @@
+"""The conformance suite every backend must pass: shapes, tolerances and the check against the oracle.
+
+One place for the awkward-shape table and the tolerance table, imported by every backend's tests
+(and by benchmarks for their correctness pass). The oracle is ``mmoe_fast.reference`` (the loop
+form) evaluated in float64 on the same inputs, with gradients from autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import ops, reference
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    D: int
+    E: int
+    H: int
+    T: int
+
+    def __str__(self) -> str:
+        return f"B{self.B}-D{self.D}-E{self.E}-H{self.H}-T{self.T}"
+
+
+# Awkward on purpose: B = 1, E = 1, T = 1, sizes that are no multiple of a block, B = 0.
+SHAPES = (
+    Shape(1, 5, 1, 7, 1),
+    Shape(17, 33, 3, 7, 3),
+    Shape(130, 5, 8, 33, 1),
+    Shape(17, 33, 8, 33, 3),
+    Shape(1, 33, 3, 33, 3),
+    Shape(130, 33, 1, 7, 3),
+    Shape(16, 16, 4, 16, 2),
+    Shape(0, 5, 3, 7, 2),
+)
+
+# Relative error ||out - ref|| / ||ref|| against the float64 oracle (DESIGN.md, numerical contract).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0 if out.shape == ref.shape else float("inf")
+    if out.shape != ref.shape:
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output?)"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def make_inputs(shape: Shape, *, dtype=torch.float32, device="cpu", bias: bool = True, gate_bias: bool = True,
+                hidden: tuple[int, ...] = (), seed: int = 0) -> dict:
+    """Random inputs of an MMoE layer; ``hidden`` adds hidden expert layers before the last one."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(*size, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    sizes = (shape.D, *hidden, shape.H)
+    weights = [rnd(shape.E, k, n, scale=k**-0.5) for k, n in zip(sizes[:-1], sizes[1:])]
+    biases = [rnd(shape.E, n) if bias else None for n in sizes[1:]]
+    return dict(
+        x=rnd(shape.B, shape.D),
+        weights=weights,
+        biases=biases,
+        gate_weight=rnd(shape.T, shape.D, shape.E, scale=shape.D**-0.5),
+        gate_bias=rnd(shape.T, shape.E) if gate_bias else None,
+    )
+
+
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    ts = [inputs["x"], *inputs["weights"], *inputs["biases"], inputs["gate_weight"], inputs["gate_bias"]]
+    return [t for t in ts if t is not None]
+
+
+def _with_grad(inputs: dict, dtype=None) -> dict:
+    def leaf(t):
+        return None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+    return dict(x=leaf(inputs["x"]), weights=[leaf(w) for w in inputs["weights"]],
+                biases=[leaf(b) for b in inputs["biases"]], gate_weight=leaf(inputs["gate_weight"]),
+                gate_bias=leaf(inputs["gate_bias"]))
+
+
+def run_layer(inputs: dict, activation: str, backend: str, split: bool = False) -> torch.Tensor:
+    """m[T, B, H] through the public ops; ``split`` uses gate_softmax + expert_mixture instead of mmoe."""
+    x, ws, bs = inputs["x"], inputs["weights"], inputs["biases"]
+    if len(ws) == 1 and not split:
+        return ops.mmoe(x, ws[0], bs[0], inputs["gate_weight"], inputs["gate_bias"],
+                        activation=activation, backend=backend)
+    h = x
+    for w, b in zip(ws[:-1], bs[:-1]):
+        h = ops.grouped_linear(h, w, b, activation=activation, backend=backend)
+    gates = ops.gate_softmax(x, inputs["gate_weight"], inputs["gate_bias"], backend=backend)
+    return ops.expert_mixture(h, ws[-1], bs[-1], gates, activation=activation, backend=backend)
+
+
+def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu", activation: str = "relu",
+                bias: bool = True, gate_bias: bool = True, hidden: tuple[int, ...] = (), split: bool = False,
+                tol: float | None = None, seed: int = 0) -> None:
+    """Forward and every gradient of a layer on ``backend`` against the float64 loop reference."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    inputs = make_inputs(shape, dtype=dtype, device=device, bias=bias, gate_bias=gate_bias, hidden=hidden, seed=seed)
+    mine, oracle = _with_grad(inputs), _with_grad(inputs, torch.float64)
+    out = run_layer(mine, activation, backend, split)
+    ref = reference.mmoe_layer(oracle["x"], oracle["weights"], oracle["biases"], oracle["gate_weight"],
+                               oracle["gate_bias"], activation)
+    assert_close(out, ref, tol, f"{backend} forward")
+    if shape.B == 0:
+        return
+    dm = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, _leaves(mine), dm.to(dtype=dtype, device=device))
+    ref_grads = torch.autograd.grad(ref, _leaves(oracle), dm)
+    names = ["x", *[f"W{i}" for i in range(len(inputs["weights"]))],
+             *[f"b{i}" for i, b in enumerate(inputs["biases"]) if b is not None], "gate_weight", "gate_bias"]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_close(g, r, tol, f"{backend} grad {name}")

@@ -1,0 +1,95 @@
+"""The op contract: opcheck, gradcheck, backend selection and clear errors for bad input."""
+
+import pytest
+import torch
+
+import mmoe_fast as mf
+from mmoe_fast import backends, ops
+from mmoe_fast.testing import Shape, make_inputs
+
+
+def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
+    inp = make_inputs(Shape(B, 6, 3, 4, 2), dtype=dtype, bias=bias, gate_bias=bias)
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = mf.gate_softmax(x, wg, bg)
+    a = x[:, None, :].expand(-1, 3, -1).contiguous() if per_expert else x
+    return x, w, b, wg, bg, gates, a
+
+
+def _op_cases(dtype=torch.float64):
+    for bias in (True, False):
+        x, w, b, wg, bg, gates, a3 = _args(dtype, bias=bias, per_expert=True)
+        yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "reference")
+        yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "reference")
+        yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, b, gates, "gelu", "reference")
+        yield "grouped_linear", ops._grouped_linear, (x, w, b, "relu", "reference")
+        yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "reference")
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_gradcheck_float64(name, op, args):
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+
+
+def test_empty_batch_returns_empty_outputs():
+    x, w, b, wg, bg, gates, _ = _args(B=0)
+    assert mf.gate_softmax(x, wg, bg).shape == (0, 2, 3)
+    x.requires_grad_()
+    out = mf.mmoe(x, w, b, wg, bg)
+    assert out.shape == (2, 0, 4)
+    out.sum().backward()
+    assert x.grad.shape == (0, 6)
+
+
+def test_available_backends_lists_reference():
+    assert "reference" in mf.available_backends()
+    assert "reference" in backends.describe()
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32).__name__.endswith(".reference")
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        backends.resolve("auto", torch.device("cpu"), torch.float32)
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(backends._loaded, "numba", "backend 'numba' needs 'numba', which is not installed")
+    monkeypatch.setattr(backends, "_resolved", {})
+    x, w, b, wg, bg, _, _ = _args()
+    with pytest.raises(ValueError, match="numba"):
+        mf.mmoe(x, w, b, wg, bg, backend="numba")
+
+
+def _bad_calls():
+    x, w, b, wg, bg, gates, _ = _args(torch.float32)
+    yield "x", lambda: mf.mmoe(x[0], w, b, wg, bg), ValueError
+    yield "x", lambda: mf.gate_softmax(x.to(torch.int64), wg, bg), TypeError
+    yield "x", lambda: mf.gate_softmax([[1.0]], wg, bg), TypeError
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:, :-1], bg), ValueError
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg.double(), bg), TypeError
+    yield "gate_bias", lambda: mf.gate_softmax(x, wg, bg[:1]), ValueError
+    yield "expert_weight", lambda: mf.mmoe(x, w[:, :-1], b, wg, bg), ValueError
+    yield "expert_weight", lambda: mf.expert_mixture(x, w.reshape(-1, 4), b, gates), ValueError
+    yield "expert_bias", lambda: mf.mmoe(x, w, b[:, :-1], wg, bg), ValueError
+    yield "gate_weight", lambda: mf.mmoe(x, w[:2], b[:2], wg, bg), ValueError
+    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:, :, :2]), ValueError
+    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:3]), ValueError
+    yield "a", lambda: mf.expert_mixture(x[None, None], w, b, gates), ValueError
+    yield "activation", lambda: mf.mmoe(x, w, b, wg, bg, activation="tanh"), ValueError
+    yield "backend", lambda: mf.mmoe(x, w, b, wg, bg, backend="cuda-magic"), ValueError
+    yield "device", lambda: mf.gate_softmax(x, wg.to("meta"), bg), ValueError
+
+
+@pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_names_the_argument(name, call, exc):
+    with pytest.raises(exc, match=name):
+        call()
