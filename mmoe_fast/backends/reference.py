@@ -47,8 +47,9 @@ def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tens
 
 def _weight_grad(a: torch.Tensor, dpre: torch.Tensor) -> torch.Tensor:
     """dW[e] = a_e^T @ dpre_e: [E, K, N]."""
-    if a.dim() == 2:
-        return torch.einsum("bk,ben->ekn", a, dpre)
+    if a.dim() == 2:  # one GEMM: [K, B] @ [B, E*N]
+        B, E, N = dpre.shape
+        return (a.t() @ dpre.reshape(B, E * N)).view(-1, E, N).transpose(0, 1)
     return torch.bmm(a.permute(1, 2, 0), dpre.transpose(0, 1))
 
 
@@ -70,7 +71,7 @@ def gate_softmax_backward(dG, G, x, Wg):
     T, D, E = Wg.shape
     dlogit = G * (dG - (G * dG).sum(-1, keepdim=True))
     dx = dlogit.reshape(-1, T * E) @ Wg.permute(0, 2, 1).reshape(T * E, D)
-    dWg = torch.einsum("bd,bte->tde", x, dlogit)
+    dWg = (x.t() @ dlogit.reshape(-1, T * E)).view(D, T, E).transpose(0, 1)
     dbg = dlogit.sum(0)
     return tuple(t.to(out_dtype).contiguous() for t in (dx, dWg, dbg))
 
