@@ -35,6 +35,14 @@ def _count(value: int, name: str) -> int:
     return value
 
 
+def _layers(hidden: int | Sequence[int], name: str) -> tuple[int, ...]:
+    """Hidden sizes of at least one layer (towers may have none, these may not)."""
+    sizes = _sizes(hidden, name)
+    if not sizes:
+        raise ValueError(f"{name} must name at least one layer, got {hidden!r}")
+    return sizes
+
+
 class _TaskNetworks(MultiTaskModel):
     """Base of the per-task-network baselines: ``hidden(x) -> [B, T, H]`` then one tower per task."""
 
@@ -44,7 +52,7 @@ class _TaskNetworks(MultiTaskModel):
     ) -> None:
         super().__init__(num_tasks, task_types)
         self.in_features = _positive(in_features, "in_features")
-        self.task_hidden = _sizes(task_hidden, "task_hidden")
+        self.task_hidden = _layers(task_hidden, "task_hidden")
         self.activation = activations.check_activation(activation)
         self.backend = backends.check_backend_name(backend)
         self.towers = Towers(num_tasks, self.task_hidden[-1], _sizes(tower_hidden, "tower_hidden"))
@@ -215,20 +223,25 @@ class ESMM(MultiTaskModel):
         super().__init__(num_tasks, task_types)
         if self.task_types != ("binary", "binary"):
             raise ValueError(f"task_types must be ('binary', 'binary') for ESMM, got {self.task_types!r}")
-        sizes = (_positive(in_features, "in_features"), *_sizes(bottom_hidden, "bottom_hidden"))
+        sizes = (_positive(in_features, "in_features"), *_layers(bottom_hidden, "bottom_hidden"))
         self.bottom = _mlp(sizes, None)
         self.towers = Towers(2, sizes[-1], _sizes(tower_hidden, "tower_hidden"))
 
     def _ctr_cvr_logits(self, x: Tensor) -> Tensor:
         return self.towers(self.bottom(x))
 
+    @staticmethod
+    def ctcvr_logit(ctr_logit: Tensor, cvr_logit: Tensor) -> Tensor:
+        """``logit(sigmoid(a) * sigmoid(b))``, exact and finite for any finite logits ``a``, ``b``."""
+        a, b = ctr_logit, cvr_logit
+        # sigmoid(a) sigmoid(b) / (1 - sigmoid(a) sigmoid(b)) = 1 / (e^-a + e^-b + e^-(a+b)); the result is
+        # never above a, since a logsumexp is at least its largest term.
+        return -torch.logsumexp(torch.stack((-a, -b, -(a + b)), dim=-1), dim=-1)
+
     def forward(self, x: Tensor) -> Tensor:
         """``[B, 2]``: logit(pCTR) and logit(pCTR * pCVR)."""
-        a, b = self._ctr_cvr_logits(x).unbind(1)
-        # sigmoid(a) sigmoid(b) / (1 - sigmoid(a) sigmoid(b)) = 1 / (e^-a + e^-b + e^-(a+b)): exact, finite,
-        # and never above a, since a logsumexp is at least its largest term.
-        ctcvr = -torch.logsumexp(torch.stack((-a, -b, -(a + b)), dim=1), dim=1)
-        return torch.stack((a, ctcvr), dim=1)
+        ctr, cvr = self._ctr_cvr_logits(x).unbind(1)
+        return torch.stack((ctr, self.ctcvr_logit(ctr, cvr)), dim=1)
 
     def predict_proba(self, x: Tensor) -> Tensor:
         """``[B, 2]``: pCTR and pCTCVR, with pCTCVR <= pCTR."""
@@ -246,9 +259,9 @@ class ExtractionLayer(nn.Module):
     Task t's gate is a softmax over its own and the shared experts; with ``shared_gate`` (PLE's inner
     levels) one more gate mixes all experts into the shared representation.
 
-    ``forward(x[B, K])`` (every expert and gate reads x) or ``forward(reps[T + 1, B, K])`` (task t's
-    experts and gate read ``reps[t]``, the shared ones ``reps[T]``) returns ``m[T, B, H]``, or
-    ``m[T + 1, B, H]`` with the shared representation last when ``shared_gate``.
+    ``forward(x[B, K])`` (every expert and gate reads x) or ``forward(reps[R, B, K])`` (the previous
+    level's output: task t's experts and gate read ``reps[t]``, the shared experts and gate ``reps[T]``)
+    returns ``m[T, B, H]``, or ``m[T + 1, B, H]`` with the shared representation last when ``shared_gate``.
     """
 
     def __init__(
@@ -263,7 +276,7 @@ class ExtractionLayer(nn.Module):
         self.num_shared_experts = Sh = _count(num_shared_experts, "num_shared_experts")
         if S + Sh == 0:
             raise ValueError("num_specific_experts + num_shared_experts must be at least 1, got 0 and 0")
-        self.expert_hidden = _sizes(expert_hidden, "expert_hidden")
+        self.expert_hidden = _layers(expert_hidden, "expert_hidden")
         self.activation = activations.check_activation(activation)
         self.backend = backends.check_backend_name(backend)
         if mixture not in MIXTURES:
@@ -301,17 +314,15 @@ class ExtractionLayer(nn.Module):
         wg, bg, be = self.task_gate_weight, self.task_gate_bias, self.backend
         if inputs.dim() == 2:
             task = ops.gate_softmax(inputs, wg, bg, backend=be)
-            shared_in = inputs
         else:
             task = torch.cat([
                 ops.gate_softmax(inputs[t], wg[t : t + 1], None if bg is None else bg[t : t + 1], backend=be)
                 for t in range(self.num_tasks)
             ], dim=1)
-            shared_in = inputs[self.num_tasks]
-        shared = None
-        if self.shared_gate_weight is not None:
-            shared = ops.gate_softmax(shared_in, self.shared_gate_weight, self.shared_gate_bias, backend=be)
-        return task, shared
+        if self.shared_gate_weight is None:
+            return task, None
+        shared_in = inputs if inputs.dim() == 2 else inputs[self.num_tasks]
+        return task, ops.gate_softmax(shared_in, self.shared_gate_weight, self.shared_gate_bias, backend=be)
 
     def _experts(self, a: Tensor, lo: int, hi: int, gates: Tensor) -> Tensor:
         """``m[R, B, H]``: experts ``lo:hi`` mixed by ``gates[B, R, hi - lo]``; ``a[B, K]`` or ``a[B, hi - lo, K]``."""
@@ -367,8 +378,9 @@ class PLE(MultiTaskModel):
     """Progressive Layered Extraction (Tang et al., RecSys 2020): ``num_levels`` stacked extraction levels.
 
     Inner levels also produce a shared representation (a gate over all experts) that feeds the next
-    level's shared experts; the last level feeds each task's tower. Any number of task-specific and
-    shared experts (either may be 0, not both).
+    level's shared experts and shared gate; the last level feeds each task's tower. Any number of
+    task-specific and shared experts (either may be 0, not both; without shared experts there is
+    nothing for a shared representation to feed, so no level has a shared gate).
     """
 
     def __init__(
@@ -384,8 +396,8 @@ class PLE(MultiTaskModel):
         for level in range(num_levels):
             levels.append(ExtractionLayer(
                 width, num_tasks, num_specific_experts, num_shared_experts, expert_hidden,
-                shared_gate=level < num_levels - 1, gate_bias=gate_bias, activation=activation, backend=backend,
-                mixture=mixture,
+                shared_gate=level < num_levels - 1 and num_shared_experts > 0, gate_bias=gate_bias,
+                activation=activation, backend=backend, mixture=mixture,
             ))
             width = levels[-1].out_features
         self.levels = nn.ModuleList(levels)
