@@ -136,7 +136,7 @@ def test_ple_checkpoints_do_not_depend_on_mixture_or_backend():
 @pytest.mark.parametrize("mixture", mf.multitask.MIXTURES)
 def test_ple_equals_the_plain_loop_form(specific, shared, mixture):
     torch.manual_seed(0)
-    model = mf.PLE(6, 3, num_levels=2, num_specific_experts=specific, num_shared_experts=shared,
+    model = mf.PLE(6, 3, num_levels=3, num_specific_experts=specific, num_shared_experts=shared,
                    expert_hidden=(5, 4), activation="silu", mixture=mixture).double()
     assert model.levels[0].num_experts == 3 * specific + shared
     x = torch.randn(7, 6, dtype=torch.float64)
@@ -153,8 +153,9 @@ def test_ple_equals_the_plain_loop_form(specific, shared, mixture):
 @pytest.mark.parametrize("mixture", mf.multitask.MIXTURES)
 def test_cgc_and_ple_on_every_backend_equal_the_plain_form(backend, cls, mixture):
     torch.manual_seed(0)
+    levels = dict(num_levels=3) if cls is mf.PLE else {}  # 3: an inner level reads a shared representation
     model = cls(5, 2, num_specific_experts=1, num_shared_experts=2, expert_hidden=(4, 3), activation="gelu",
-                backend=backend, mixture=mixture)
+                backend=backend, mixture=mixture, **levels)
     oracle = copy.deepcopy(model).double()
     x = torch.randn(3, 5)
     out, ref = model(x), _plain_ple(oracle, x.double())
