@@ -5,7 +5,8 @@ a per-expert input ``[B, E, K]``); "per-group" calls ``expert_mixture`` once per
 the shared experts. Prints medians of interleaved runs (inference under no_grad, and forward+backward)
 and the ratio per-group / one-call (> 1: one-call is faster).
 
-Run: python benchmarks/bench_ple.py [--device cuda] [--min-time 0.3] [--rounds 3]
+Run: python benchmarks/bench_ple.py [--device cuda] [--min-time 0.3] [--rounds 3] [--threads N]
+(on a shared, loaded CPU, --threads 1 avoids the stalls of intra-op threads waiting for each other)
 """
 
 from __future__ import annotations
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timing (median of its runs)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"command: python benchmarks/bench_ple.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, float32")

@@ -167,10 +167,14 @@ def test_cgc_and_ple_on_every_backend_equal_the_plain_form(backend, cls, mixture
         assert_close(g, r, tol, f"{backend} grad")
 
 
-def test_ple_compiles_fullgraph_and_matches_eager():
-    # Two levels: the inner one (shared gate, per-expert inputs) and the last one, which is CGC.
+@pytest.mark.parametrize("name,kwargs", [
+    # PLE's two levels: the inner one (shared gate, per-expert inputs) and the last one, which is CGC.
+    ("ple", dict(num_specific_experts=1, num_shared_experts=2, expert_hidden=5)),
+    ("tensor-factorization", dict(task_hidden=(5, 4), ranks=(2, 3, 3))),  # weights built in the graph
+])
+def test_models_compile_fullgraph_and_match_eager(name, kwargs):
     torch.manual_seed(0)
-    model = mf.PLE(6, 2, num_specific_experts=1, num_shared_experts=2, expert_hidden=5)
+    model = MODELS[name](6, 2, **kwargs)
     x = torch.randn(4, 6)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True)(x)
