@@ -1,12 +1,14 @@
 """mmoe_fast: fused Multi-gate Mixture-of-Experts ops, models and training."""
 
 from .backends import describe as describe_backends
-from .models import MMoE, MMoELayer, OMoE, OMoELayer, SharedBottom, Towers, count_parameters
+from .models import MODELS, MMoE, MMoELayer, OMoE, OMoELayer, SharedBottom, Towers, count_parameters
+from .multitask import CGC, ESMM, PLE, CrossStitch, ExtractionLayer, L2Constrained, SingleTask, TensorFactorization
 from .ops import available_backends, expert_mixture, gate_softmax, grouped_linear, mmoe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MMoE", "MMoELayer", "OMoE", "OMoELayer", "SharedBottom", "Towers", "available_backends",
+    "CGC", "ESMM", "MODELS", "PLE", "CrossStitch", "ExtractionLayer", "L2Constrained", "MMoE", "MMoELayer", "OMoE",
+    "OMoELayer", "SharedBottom", "SingleTask", "TensorFactorization", "Towers", "available_backends",
     "count_parameters", "describe_backends", "expert_mixture", "gate_softmax", "grouped_linear", "mmoe",
 ]

@@ -189,4 +189,5 @@ class SharedBottom(MultiTaskModel):
         return self.towers(self.bottom(x))
 
 
+# Every model by its CLI name; mmoe_fast.multitask adds the other baselines, ESMM, CGC and PLE.
 MODELS = {"mmoe": MMoE, "omoe": OMoE, "shared-bottom": SharedBottom}
