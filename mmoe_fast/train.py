@@ -246,26 +246,25 @@ def fit(
             p.order = torch.randperm(n, generator=gen)
             p.loss_sum, p.extra_sum, p.rows = [0.0] * num_tasks, 0.0, 0
         net.train()
-        bar = tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", leave=False,
-                   disable=not progress or not distributed.is_main())
-        while p.batch < per_epoch and p.step < total:
-            rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
-            sums, extra = _backward(net, model, opt, x, y, rows, weights, has_extra, device)
-            if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
-                raise FloatingPointError(
-                    f"non-finite training loss at epoch {p.epoch}, step {p.step + 1}: per-task sums {sums}, "
-                    f"extra_loss {extra}; check the inputs for NaN/inf or lower the learning rate")
-            opt.step()
-            p.loss_sum = [a + b for a, b in zip(p.loss_sum, sums)]
-            p.extra_sum += extra
-            p.rows += len(rows)
-            p.batch += 1
-            p.step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{sum(sums) / len(rows):.4f}")
-            if p.step == total or (checkpoint_every is not None and p.step % checkpoint_every == 0):
-                checkpoint()
-        bar.close()
+        with tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", leave=False,
+                  disable=not progress or not distributed.is_main()) as bar:
+            while p.batch < per_epoch and p.step < total:
+                rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
+                sums, extra = _backward(net, model, opt, x, y, rows, weights, has_extra, device)
+                if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {p.epoch}, step {p.step + 1}: per-task sums {sums}, "
+                        f"extra_loss {extra}; check the inputs for NaN/inf or lower the learning rate")
+                opt.step()
+                p.loss_sum = [a + b for a, b in zip(p.loss_sum, sums)]
+                p.extra_sum += extra
+                p.rows += len(rows)
+                p.batch += 1
+                p.step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{sum(sums) / len(rows):.4f}")
+                if p.step == total or (checkpoint_every is not None and p.step % checkpoint_every == 0):
+                    checkpoint()
         record = {"epoch": p.epoch, "step": p.step, "train_loss": [s / p.rows for s in p.loss_sum]}
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
