@@ -22,9 +22,12 @@ def _floats(text: str) -> list[float]:
 
 def _train(args: argparse.Namespace) -> int:
     device = distributed.init_from_env()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         return _train_on(args, device)
     finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
         distributed.shutdown()
 
 
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every this many steps")
     tr.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its latest checkpoint)")
     tr.add_argument("--seed", type=int, default=0)
+    # One thread by default: the paper-sized model's ops are too small to gain from more, and on shared cores
+    # a second intra-op thread stalls every op (benchmarks/bench_train_threads.py).
+    tr.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per process")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)
 

@@ -219,8 +219,10 @@ def test_train_command_with_every_new_flag(tmp_path, capsys):
     args = ["train", "--n-train", "200", "--n-val", "50", "--dim", "8", "--experts", "2", "--expert-hidden", "4",
             "--batch-size", "50", "--loss-weights", "1,0.5", "--optimizer", "adamw", "--weight-decay", "0.01",
             "--patience", "3", "--log-dir", str(tmp_path / "log"), "--checkpoint-dir", str(tmp_path / "ckpt"),
-            "--checkpoint-every", "3", "--no-progress", "--backend", "reference"]
+            "--checkpoint-every", "3", "--threads", "1", "--no-progress", "--backend", "reference"]
+    threads = torch.get_num_threads()
     assert cli.main([*args, "--steps", "6"]) == 0
+    assert torch.get_num_threads() == threads
     out = capsys.readouterr().out
     assert "backend reference" in out and "epoch   2" in out and "task1 mse=" in out
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.pt", "step-0000003.pt",
