@@ -227,6 +227,12 @@ def fit(
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     p = _Progress(loss_sum=[0.0] * num_tasks)
     if resume is not None:
+        resume = Path(resume)
+        if resume.is_dir():
+            found = latest_checkpoint(resume)
+            if found is None:
+                raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
+            resume = found
         p = _load_checkpoint(resume, model, opt, gen, n, batch_size, device)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
 
@@ -315,13 +321,7 @@ def _backward(net, model, opt, x, y, rows, weights, has_extra, device) -> tuple[
     return stats[:-1], stats[-1] / distributed.world_size()
 
 
-def _load_checkpoint(path, model, opt, gen, n, batch_size, device) -> _Progress:
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no step-*.pt checkpoint in {path}")
-        path = found
+def _load_checkpoint(path: Path, model, opt, gen, n, batch_size, device) -> _Progress:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")

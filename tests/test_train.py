@@ -143,11 +143,13 @@ def test_resume_continues_exactly_as_if_never_stopped(tmp_path):
         assert (tmp_path / "resumed" / "log" / f).read_text() == (tmp_path / "straight" / "log" / f).read_text()
 
 
-def test_resume_refuses_a_different_batch_size(tmp_path):
+def test_resume_refuses_a_different_batch_size_or_an_empty_folder(tmp_path):
     x, y = _data()
     _run(tmp_path, "a", _model(), x, y, steps=2)
     with pytest.raises(ValueError, match="batches of 10"):
         fit(_model(), x[:48], y[:48], batch_size=12, resume=tmp_path / "a" / "ckpt", progress=False)
+    with pytest.raises(FileNotFoundError, match="no step-"):
+        fit(_model(), x[:48], y[:48], batch_size=10, resume=tmp_path / "a" / "log", progress=False)
 
 
 def test_early_stopping_stops_on_a_plateau():
@@ -228,7 +230,7 @@ def test_train_command_with_every_new_flag(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.pt", "step-0000003.pt",
                                                                      "step-0000006.pt"]
     assert cli.main([*args, "--steps", "8", "--resume", str(tmp_path / "ckpt")]) == 0
-    assert "resumed from" in capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-0000006.pt'} at step 6" in capsys.readouterr().out
     assert len((tmp_path / "log" / "train.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit):
         cli.main(["train", "--loss-weights", "1,x"])
