@@ -8,12 +8,31 @@ import time
 
 import torch
 
-from . import backends, bench, models
+from . import backends, bench, distributed, models
 from .data import make_synthetic
-from .train import fit
+from .train import OPTIMIZERS, fit
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
+    device = distributed.init_from_env()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _train_on(args, device)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests, notebooks)
+        distributed.shutdown()
+
+
+def _train_on(args: argparse.Namespace, device: torch.device) -> int:
+    say = print if distributed.is_main() else (lambda *_: None)
     torch.manual_seed(args.seed)
     x, y = make_synthetic(args.n_train + args.n_val, d=args.d, correlation=args.correlation, seed=args.seed)
     x_tr, y_tr, x_val, y_val = x[: args.n_train], y[: args.n_train], x[args.n_train :], y[args.n_train :]
@@ -23,14 +42,20 @@ def _train(args: argparse.Namespace) -> int:
     else:
         model = models.MODELS[args.model](args.d, 2, num_experts=args.experts, expert_hidden=args.expert_hidden,
                                           task_types=task_types, backend=args.backend)
+    model.to(device)
     used = "none (no fused op in this model)" if args.model == "shared-bottom" else backends.backend_name(
-        backends.resolve(args.backend, torch.device("cpu"), torch.float32))
-    print(f"model {args.model}: {models.count_parameters(model)} parameters; backend {used}; "
-          f"synthetic data, correlation {args.correlation}, {args.n_train} train / {args.n_val} validation rows")
+        backends.resolve(args.backend, device, torch.float32))
+    say(f"model {args.model}: {models.count_parameters(model)} parameters; backend {used}; "
+        f"synthetic data, correlation {args.correlation}, {args.n_train} train / {args.n_val} validation rows")
+    if distributed.world_size() > 1:
+        say(f"DDP: {distributed.world_size()} ranks ({torch.distributed.get_backend()}), "
+            f"{args.batch_size} rows per global batch")
     start = time.perf_counter()
     fit(model, x_tr, y_tr, x_val=x_val, y_val=y_val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, progress=not args.no_progress)
-    print(f"done in {time.perf_counter() - start:.1f} s")
+        seed=args.seed, progress=not args.no_progress, steps=args.steps, loss_weights=args.loss_weights,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, log_dir=args.log_dir,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -38,21 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmoe-fast", description="Fused MMoE: train, benchmark, inspect backends.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("train", help="train a multi-task model on the paper's synthetic data")
+    tr = sub.add_parser("train", help="train a multi-task model on the paper's synthetic data "
+                        "(under torchrun: DDP, gloo on CPU, nccl on CUDA)")
     tr.add_argument("--data", choices=["synthetic"], default="synthetic")
     tr.add_argument("--correlation", type=float, default=0.5, help="task correlation p in [-1, 1]")
     tr.add_argument("--model", choices=sorted(models.MODELS), default="mmoe")
     tr.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
     tr.add_argument("--n-train", type=int, default=10000)
     tr.add_argument("--n-val", type=int, default=2000)
-    tr.add_argument("--d", type=int, default=100, help="input dimension")
+    # --dim too: torchrun rejects "--d" as an ambiguous abbreviation of its own options.
+    tr.add_argument("--d", "--dim", dest="d", type=int, default=100, help="input dimension")
     tr.add_argument("--experts", type=int, default=8)
     tr.add_argument("--expert-hidden", type=int, default=16)
     tr.add_argument("--bottom-hidden", type=int, default=113, help="Shared-Bottom width (size-matched to MMoE)")
     tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--steps", type=int, default=None, help="train this many optimizer steps instead of epochs")
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--loss-weights", type=_floats, default=None, help="per-task loss weights, e.g. 1,0.5")
+    tr.add_argument("--patience", type=int, default=None,
+                    help="early stopping: epochs without a better task-0 validation metric")
+    tr.add_argument("--log-dir", default=None, help="write train.jsonl and train.csv here")
+    tr.add_argument("--checkpoint-dir", default=None, help="write step-*.pt checkpoints and model.pt here")
+    tr.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every this many steps")
+    tr.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its latest checkpoint)")
     tr.add_argument("--seed", type=int, default=0)
+    # One thread by default: the paper-sized model's ops are too small to gain from more, and on shared cores
+    # a second intra-op thread stalls every op (benchmarks/bench_train_threads.py).
+    tr.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per process")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)
 

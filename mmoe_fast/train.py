@@ -1,77 +1,343 @@
-"""Training loop (first version): Adam, per-task losses, a progress bar, per-epoch per-task losses.
+"""Training loop: per-task losses and metrics, Adam/AdamW, early stopping, exact checkpoints, DDP.
 
-Losses follow ``model.task_types``: BCE with logits for ``"binary"``, MSE for ``"regression"``.
+Losses follow ``model.task_types``: BCE with logits for ``"binary"``, MSE for ``"regression"``. The loss
+minimized is ``sum_t loss_weights[t] * loss_t``, plus ``model.extra_loss()`` when the model defines one.
+Metrics per task: ROC AUC for binary tasks, MSE and R^2 for regression (scikit-learn).
+Under ``torchrun`` (see :mod:`mmoe_fast.distributed`) each rank trains on its shard of every global batch.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 
-def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) -> Tensor:
-    """Per-task mean losses, ``[T]``: BCE with logits for binary tasks, MSE for regression."""
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+CHECKPOINT_FORMAT = 1
+MODEL_FILE = "model.pt"
+
+
+def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], reduction: str = "mean") -> Tensor:
+    """Per-task losses ``[T]`` of ``outputs[B, T]``: BCE with logits for binary tasks, MSE for regression.
+
+    ``reduction`` is ``"mean"`` (over the batch) or ``"sum"``.
+    """
     losses = []
     for t, kind in enumerate(task_types):
-        if kind == "binary":
-            losses.append(F.binary_cross_entropy_with_logits(outputs[:, t], targets[:, t]))
-        else:
-            losses.append(F.mse_loss(outputs[:, t], targets[:, t]))
+        loss = F.binary_cross_entropy_with_logits if kind == "binary" else F.mse_loss
+        losses.append(loss(outputs[:, t], targets[:, t], reduction=reduction))
     return torch.stack(losses)
 
 
+def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) -> list[dict]:
+    """Per-task metrics of ``outputs[N, T]``: ``{"auc"}`` for binary tasks, ``{"mse", "r2"}`` for regression.
+
+    AUC is NaN when the labels hold a single class (it is undefined there).
+    """
+    try:
+        from sklearn.metrics import mean_squared_error, r2_score, roc_auc_score
+    except ImportError as e:  # an optional dependency: the training loop itself runs without it
+        raise ImportError("validation metrics need scikit-learn: pip install 'mmoe-fast[train]'") from e
+
+    out, tgt = outputs.detach().double().cpu().numpy(), targets.detach().double().cpu().numpy()
+    metrics = []
+    for t, kind in enumerate(task_types):
+        if kind == "binary":
+            two_classes = len(np.unique(tgt[:, t])) == 2
+            metrics.append({"auc": float(roc_auc_score(tgt[:, t], out[:, t])) if two_classes else math.nan})
+        else:
+            metrics.append({"mse": float(mean_squared_error(tgt[:, t], out[:, t])),
+                            "r2": float(r2_score(tgt[:, t], out[:, t]))})
+    return metrics
+
+
 @torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+    """``model(x)`` in eval mode, ``[N, T]`` on the model's device, computed ``batch_size`` rows at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        parts = [model(x[s : s + batch_size].to(device)) for s in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    if not parts:
+        return torch.empty(0, len(model.task_types), device=device)
+    return torch.cat(parts)
+
+
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> list[float]:
     """Per-task mean loss of ``model`` on ``(x, y)``."""
-    model.eval()
-    total = torch.zeros(len(model.task_types), dtype=torch.float64)
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        total += task_losses(model(xb), yb, model.task_types).double() * len(xb)
-    return (total / max(len(x), 1)).tolist()
+    out = predict(model, x, batch_size)
+    return task_losses(out, y.to(out), model.task_types).double().tolist()
+
+
+def evaluate_metrics(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> list[dict]:
+    """Per-task metrics of ``model`` on ``(x, y)``, e.g. ``[{"auc": ..}, {"mse": .., "r2": ..}]``."""
+    return task_metrics(predict(model, x, batch_size), y, model.task_types)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of the highest step in ``checkpoint_dir``, or None when there is none."""
+    found = sorted(Path(checkpoint_dir).glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+@dataclass
+class _Progress:
+    """Everything, besides model, optimizer and RNGs, that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 1  # the epoch under way (1-based)
+    batch: int = 0  # batches of this epoch done; 0 means the epoch has not started
+    order: Tensor | None = None  # this epoch's row permutation
+    loss_sum: list[float] = field(default_factory=list)  # per-task loss summed over this epoch's rows
+    extra_sum: float = 0.0  # extra_loss summed over this epoch's steps
+    rows: int = 0
+    best: float | None = None  # best main-task validation metric so far
+    best_epoch: int | None = None
+    best_state: dict | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
+                    checkpoint_every, batch_size, steps) -> None:
+    num_tasks = len(model.task_types)
+    for name, (a, b) in {"x, y": (x, y), "x_val, y_val": (x_val, y_val)}.items():
+        if a is None and b is None and name != "x, y":
+            continue
+        if a is None or b is None:
+            raise ValueError(f"{name}: give both or neither")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or b.shape[1] != num_tasks:
+            raise ValueError(f"{name} must be [N, D] and [N, {num_tasks}] (one column per task), "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(x) == 0:
+        raise ValueError("x has no rows")
+    if weights.shape != (num_tasks,) or not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"loss_weights must be {num_tasks} finite non-negative numbers, got {weights.tolist()}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if not 0 <= main_task < num_tasks:
+        raise ValueError(f"main_task must be in [0, {num_tasks}), got {main_task}")
+    if patience is not None and (x_val is None or patience < 1):
+        raise ValueError("early stopping (patience) needs x_val, y_val and a patience >= 1")
+    if checkpoint_every is not None and (checkpoint_dir is None or checkpoint_every < 1):
+        raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 1")
+    if batch_size < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
+
+
+def _save(path: Path, payload: dict) -> None:
+    # Write then rename, so a run killed mid-write never leaves a truncated checkpoint behind.
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _flatten(record: dict) -> dict:
+    """One CSV row: ``train_loss_task0``, ``val_auc_task0``, ..."""
+    row = {}
+    for key, value in record.items():
+        if key == "val_metrics":
+            row.update({f"val_{m}_task{t}": v for t, d in enumerate(value) for m, v in d.items()})
+        elif isinstance(value, list):
+            row.update({f"{key}_task{t}": v for t, v in enumerate(value)})
+        else:
+            row[key] = value
+    return row
+
+
+def _write_logs(log_dir: Path, history: list[dict]) -> None:
+    # Rewritten whole each epoch: a resumed run then leaves exactly the uninterrupted run's files.
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    rows = [_flatten(r) for r in history]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(log_dir / "train.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _describe(record: dict) -> str:
+    def tasks(values: list[float]) -> str:
+        return " ".join(f"task{t}={v:.4f}" for t, v in enumerate(values))
+
+    parts = [f"epoch {record['epoch']:3d}", f"train {tasks(record['train_loss'])}"]
+    if "train_extra_loss" in record:
+        parts.append(f"extra={record['train_extra_loss']:.4g}")
+    if "val_loss" in record:
+        parts.append(f"val {tasks(record['val_loss'])}")
+        parts.append(" ".join(f"task{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
+                              for t, m in enumerate(record["val_metrics"])))
+    return "  ".join(parts)
 
 
 def fit(
     model: nn.Module, x: Tensor, y: Tensor, *, x_val: Tensor | None = None, y_val: Tensor | None = None,
     epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, steps: int | None = None, loss_weights: Sequence[float] | None = None,
+    optimizer: str = "adam", weight_decay: float = 0.0, main_task: int = 0, patience: int | None = None,
+    log_dir: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None, resume: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Train with Adam on shuffled mini-batches; returns one record per epoch (train and validation losses)."""
-    if x.shape[0] != y.shape[0] or y.dim() != 2 or y.shape[1] != len(model.task_types):
-        raise ValueError(
-            f"x[N, D] and y[N, {len(model.task_types)}] must match, got {tuple(x.shape)}, {tuple(y.shape)}"
-        )
+    """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
+
+    A record has ``epoch``, ``step`` (optimizer steps so far), ``train_loss`` (per task, mean over the
+    epoch's rows), ``train_extra_loss`` when the model has ``extra_loss``, and with validation data
+    ``val_loss`` and ``val_metrics`` (per task, see :func:`task_metrics`).
+
+    - ``steps``, when given, replaces ``epochs``: train that many optimizer steps (the last epoch may be partial).
+    - ``patience``: stop when the main task's validation metric (AUC up for binary, MSE down for
+      regression) has not improved for that many epochs; the best epoch's weights are restored at the end.
+    - ``log_dir``: ``train.jsonl`` and ``train.csv``, one row per epoch.
+    - ``checkpoint_dir``: ``step-NNNNNNN.pt`` every ``checkpoint_every`` steps, at the last step and when
+      early stopping ends the run, plus ``model.pt`` (the returned model's ``state_dict``) at the end.
+    - ``resume``: a checkpoint file, or a directory (its latest); training continues exactly where it
+      stopped, and the returned history includes the epochs done before.
+    Under ``torchrun`` the global batch of ``batch_size`` rows is split across ranks; rank 0 logs and writes.
+    """
+    weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
+        loss_weights, dtype=torch.float32)
+    _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
+                    checkpoint_every, batch_size, steps)
+    device = next(model.parameters()).device
+    weights = weights.to(device)
+    say = log if distributed.is_main() else (lambda _: None)
+    opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
-    steps = math.ceil(len(x) / batch_size)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        running = torch.zeros(len(model.task_types), dtype=torch.float64)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False)
-        for i in bar:
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            losses = task_losses(model(x[idx]), y[idx], model.task_types)
-            loss = losses.sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {i}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += losses.detach().double() * len(idx)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch, "train_loss": (running / len(x)).tolist()}
-        if x_val is not None and y_val is not None:
-            record["val_loss"] = evaluate(model, x_val, y_val)
-        history.append(record)
-        parts = [f"train {' '.join(f'task{t}={v:.4f}' for t, v in enumerate(record['train_loss']))}"]
-        if "val_loss" in record:
-            parts.append(f"val {' '.join(f'task{t}={v:.4f}' for t, v in enumerate(record['val_loss']))}")
-        log(f"epoch {epoch:3d}  " + "  ".join(parts))
-    return history
+    n, num_tasks = len(x), len(model.task_types)
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else epochs * per_epoch
+    higher_is_better = model.task_types[main_task] == "binary"
+    main_metric = "auc" if higher_is_better else "mse"
+    has_extra = callable(getattr(model, "extra_loss", None))
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    p = _Progress(loss_sum=[0.0] * num_tasks)
+    if resume is not None:
+        resume = Path(resume)
+        if resume.is_dir():
+            found = latest_checkpoint(resume)
+            if found is None:
+                raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
+            resume = found
+        p = _load_checkpoint(resume, model, opt, gen, n, batch_size, device)
+        say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
+
+    def checkpoint() -> None:
+        if checkpoint_dir is None or not distributed.is_main():
+            return
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _save(checkpoint_dir / f"step-{p.step:07d}.pt", {
+            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "n_rows": n, "batch_size": batch_size, "progress": asdict(p)})
+
+    net = distributed.wrap(model)
+    while p.batch > 0 or (p.step < total and not p.stopped):
+        if p.batch == 0:
+            p.order = torch.randperm(n, generator=gen)
+            p.loss_sum, p.extra_sum, p.rows = [0.0] * num_tasks, 0.0, 0
+        net.train()
+        with tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", leave=False,
+                  disable=not progress or not distributed.is_main()) as bar:
+            while p.batch < per_epoch and p.step < total:
+                rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
+                sums, extra = _backward(net, model, opt, x, y, rows, weights, has_extra, device)
+                if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
+                    raise FloatingPointError(
+                        f"non-finite training loss at epoch {p.epoch}, step {p.step + 1}: per-task sums {sums}, "
+                        f"extra_loss {extra}; check the inputs for NaN/inf or lower the learning rate")
+                opt.step()
+                p.loss_sum = [a + b for a, b in zip(p.loss_sum, sums)]
+                p.extra_sum += extra
+                p.rows += len(rows)
+                p.batch += 1
+                p.step += 1
+                bar.update()
+                bar.set_postfix(loss=f"{sum(sums) / len(rows):.4f}")
+                if p.step == total or (checkpoint_every is not None and p.step % checkpoint_every == 0):
+                    checkpoint()
+        record = {"epoch": p.epoch, "step": p.step, "train_loss": [s / p.rows for s in p.loss_sum]}
+        if has_extra:
+            record["train_extra_loss"] = p.extra_sum / p.batch
+        if x_val is not None:
+            out = distributed.gather_shards(predict(model, distributed.shard(x_val)), len(x_val))
+            y_dev = y_val.to(out)
+            record["val_loss"] = task_losses(out, y_dev, model.task_types).double().tolist()
+            record["val_metrics"] = task_metrics(out, y_dev, model.task_types)
+            value = record["val_metrics"][main_task][main_metric]
+            improved = p.best is None or (value > p.best if higher_is_better else value < p.best)
+            if improved and not math.isnan(value):
+                p.best, p.best_epoch, p.bad_epochs = value, p.epoch, 0
+                if patience is not None:
+                    p.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                p.bad_epochs += 1
+            p.stopped = patience is not None and p.bad_epochs >= patience
+        p.history.append(record)
+        say(_describe(record))
+        if log_dir is not None and distributed.is_main():
+            _write_logs(Path(log_dir), p.history)
+        p.epoch, p.batch = p.epoch + 1, 0
+        if p.stopped:
+            say(f"early stop: task{main_task} validation {main_metric} has not improved for {patience} epochs")
+            checkpoint()
+    if p.best_state is not None:
+        model.load_state_dict(p.best_state)
+        say(f"restored the weights of epoch {p.best_epoch} (task{main_task} validation {main_metric} {p.best:.4f})")
+    if checkpoint_dir is not None and distributed.is_main():
+        _save(checkpoint_dir / MODEL_FILE, model.state_dict())
+    return p.history
+
+
+def _backward(net, model, opt, x, y, rows, weights, has_extra, device) -> tuple[list[float], float]:
+    """Gradients of the global batch ``rows``; returns its per-task loss sums (over all ranks) and the extra loss."""
+    local = distributed.shard(rows)
+    xb, yb = x[local].to(device), y[local].to(device)
+    out = net(xb)
+    sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")
+    # Scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss,
+    # whatever the shard sizes.
+    loss = (weights * sums).sum() * (distributed.world_size() / len(rows))
+    extra = model.extra_loss() if has_extra else torch.zeros((), device=device)
+    opt.zero_grad(set_to_none=True)
+    (loss + extra).backward()
+    stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), extra.detach().float().reshape(1)]))
+    stats = stats.double().cpu().tolist()
+    return stats[:-1], stats[-1] / distributed.world_size()
+
+
+def _load_checkpoint(path: Path, model, opt, gen, n, batch_size, device) -> _Progress:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
+    if (ckpt["n_rows"], ckpt["batch_size"]) != (n, batch_size):
+        raise ValueError(f"{path} was written for {ckpt['n_rows']} rows in batches of {ckpt['batch_size']}; "
+                         f"this run has {n} rows in batches of {batch_size}: resuming would not be exact")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["generator"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    progress = _Progress(**ckpt["progress"])
+    if progress.best_state is not None:
+        progress.best_state = {k: v.to(device) for k, v in progress.best_state.items()}
+    return progress
