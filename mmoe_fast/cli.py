@@ -37,14 +37,17 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     x, y = make_synthetic(args.n_train + args.n_val, d=args.d, correlation=args.correlation, seed=args.seed)
     x_tr, y_tr, x_val, y_val = x[: args.n_train], y[: args.n_train], x[args.n_train :], y[args.n_train :]
     task_types = ("regression", "regression")
-    if args.model == "shared-bottom":
-        model = models.SharedBottom(args.d, 2, bottom_hidden=args.bottom_hidden, task_types=task_types)
-    else:
-        model = models.MODELS[args.model](args.d, 2, num_experts=args.experts, expert_hidden=args.expert_hidden,
-                                          task_types=task_types, backend=args.backend)
+    try:
+        model = models.build_model(args.model, args.d, 2, task_types=task_types, num_experts=args.experts,
+                                   expert_hidden=args.expert_hidden, bottom_hidden=args.bottom_hidden,
+                                   backend=args.backend)
+    except ValueError as exc:  # e.g. ESMM on the synthetic regression tasks
+        print(f"mmoe-fast train: error: --model {args.model}: {exc}", file=sys.stderr)
+        return 2
     model.to(device)
-    used = "none (no fused op in this model)" if args.model == "shared-bottom" else backends.backend_name(
-        backends.resolve(args.backend, device, torch.float32))
+    setting = models.fused_backend(model)
+    used = "none (no fused op in this model)" if setting is None else backends.backend_name(
+        backends.resolve(setting, device, torch.float32))
     say(f"model {args.model}: {models.count_parameters(model)} parameters; backend {used}; "
         f"synthetic data, correlation {args.correlation}, {args.n_train} train / {args.n_val} validation rows")
     if distributed.world_size() > 1:

@@ -7,6 +7,7 @@ The backend is a plain attribute, so the ``state_dict`` is the same whichever ba
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -191,3 +192,21 @@ class SharedBottom(MultiTaskModel):
 
 # Every model by its CLI name; mmoe_fast.multitask adds the other baselines, ESMM, CGC and PLE.
 MODELS = {"mmoe": MMoE, "omoe": OMoE, "shared-bottom": SharedBottom}
+
+
+def build_model(name: str, in_features: int, num_tasks: int, **options) -> MultiTaskModel:
+    """``MODELS[name](in_features, num_tasks, ...)`` with those ``options`` its constructor takes.
+
+    Lets one command line (``--experts``, ``--backend``, ...) build any model: options a model has
+    no use for (``num_experts`` for Shared-Bottom) are left out.
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    cls = MODELS[name]
+    accepted = inspect.signature(cls).parameters
+    return cls(in_features, num_tasks, **{k: v for k, v in options.items() if k in accepted})
+
+
+def fused_backend(model: nn.Module) -> str | None:
+    """The ``backend`` setting of the model's fused layers, or None when it has none."""
+    return next((m.backend for m in model.modules() if isinstance(getattr(m, "backend", None), str)), None)

@@ -46,10 +46,7 @@ def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) ->
 
     AUC is NaN when the labels hold a single class (it is undefined there).
     """
-    try:
-        from sklearn.metrics import mean_squared_error, r2_score, roc_auc_score
-    except ImportError as e:  # an optional dependency: the training loop itself runs without it
-        raise ImportError("validation metrics need scikit-learn: pip install 'mmoe-fast[train]'") from e
+    from sklearn.metrics import mean_squared_error, r2_score, roc_auc_score  # imported late: it is slow to load
 
     out, tgt = outputs.detach().double().cpu().numpy(), targets.detach().double().cpu().numpy()
     metrics = []

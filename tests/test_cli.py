@@ -6,15 +6,21 @@ import sys
 import pytest
 
 from mmoe_fast import cli
+from mmoe_fast.models import MODELS
 
 
-@pytest.mark.parametrize("model", ["mmoe", "omoe", "shared-bottom"])
+@pytest.mark.parametrize("model", sorted(set(MODELS) - {"esmm"}))
 def test_train_runs_and_reports_losses_and_backend(model, capsys):
     rc = cli.main(["train", "--model", model, "--n-train", "300", "--n-val", "100", "--epochs", "2",
                    "--batch-size", "64", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "backend" in out and "epoch   2" in out and "task1=" in out
+
+
+def test_train_refuses_a_model_that_cannot_fit_the_data(capsys):
+    rc = cli.main(["train", "--model", "esmm", "--n-train", "50", "--n-val", "10", "--epochs", "1", "--no-progress"])
+    assert rc == 2 and "--model esmm" in capsys.readouterr().err
 
 
 def test_bench_prints_every_row(capsys):
