@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import backends, bench, models
+from . import backends, bench, experiments, models
 from .data import make_synthetic
 from .train import fit
 
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bk = sub.add_parser("backends", help="list backends, why one cannot run, and what auto picks")
     bk.set_defaults(func=lambda args: print(backends.describe()) or 0)
+    experiments.add_commands(sub)
     return parser
 
 
