@@ -196,6 +196,11 @@ def write_outputs(out: Path, result: dict, table: str, draw: Callable) -> None:
     print(f"wrote {out / 'result.json'}, {out / 'table.md'}, {out / 'plot.png'}")
 
 
+def _text_color(image, value: float) -> str:
+    """Black on the bright end of a heatmap's colour scale, white on the dark end."""
+    return "black" if np.isfinite(value) and image.norm(value) > 0.6 else "white"
+
+
 def _fmt(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -474,7 +479,7 @@ def tune(args: argparse.Namespace) -> int:
         fig, ax = plt.subplots(figsize=(1.2 * len(args.expert_hidden) + 2.5, 0.8 * len(args.experts) + 1.5))
         im = ax.imshow(grid_scores, cmap="viridis" if metric == "AUC" else "viridis_r")
         for (i, j), v in np.ndenumerate(grid_scores):
-            ax.text(j, i, _fmt(v), ha="center", va="center", color="white", fontsize=8)
+            ax.text(j, i, _fmt(v), ha="center", va="center", color=_text_color(im, v), fontsize=8)
         ax.set_xticks(range(len(args.expert_hidden)), args.expert_hidden)
         ax.set_yticks(range(len(args.experts)), args.experts)
         ax.set_xlabel("hidden units per expert")
@@ -521,6 +526,10 @@ def gates(args: argparse.Namespace) -> int:
     if x is None:
         print(f"error: the {spec['name']} data set has no {args.split} split; use --split val")
         return 1
+    if x.shape[1] != cfg["in_features"]:
+        print(f"error: the data has {x.shape[1]} features but the checkpoint's model takes {cfg['in_features']}: "
+              f"give the data it was trained on")
+        return 1
     try:
         weights = mean_gate_weights(model, x)
     except ValueError as exc:
@@ -538,7 +547,7 @@ def gates(args: argparse.Namespace) -> int:
         fig, ax = plt.subplots(figsize=(0.7 * num_experts + 2.5, 0.6 * len(gate_names) + 1.5))
         im = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
         for (i, j), v in np.ndenumerate(weights.numpy()):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=_text_color(im, v), fontsize=8)
         ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
         ax.set_yticks(range(len(gate_names)), gate_names)
         ax.set_xlabel("expert")

@@ -89,9 +89,15 @@ def test_gates_from_a_census_checkpoint(census_run, tmp_path):
     assert [r[0] for r in _table_rows((tmp_path / "omoe" / "table.md").read_text())] == ["shared gate"]
 
 
-def test_gates_refuses_a_model_without_gates(census_run, tmp_path, capsys):
+def test_gates_refuses_a_model_without_gates_or_other_data(census_run, tmp_path, capsys):
     assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 1
     assert "has no MMoE gates" in capsys.readouterr().out
+    model = models.MMoE(3, 2)
+    experiments.save_checkpoint(tmp_path / "small.pt", model, {
+        "model": "mmoe", "in_features": 3, "task_types": ["binary", "binary"], "data": {
+            "name": "census", "group": 1, "path": FIXTURE}})
+    assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 1
+    assert "checkpoint's model takes 3" in capsys.readouterr().out
 
 
 def test_tune_skips_oversized_configs_and_saves_the_best(tmp_path, capsys):
