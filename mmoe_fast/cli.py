@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import backends, bench, distributed, models
+from . import backends, bench, distributed, experiments, models
 from .data import make_synthetic
 from .train import OPTIMIZERS, fit
 
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bk = sub.add_parser("backends", help="list backends, why one cannot run, and what auto picks")
     bk.set_defaults(func=lambda args: print(backends.describe()) or 0)
+    experiments.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,173 @@
+"""The experiment commands on tiny settings, and the pieces they are built of."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmoe_fast import cli, experiments, models
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "census")
+SYNTHETIC_TINY = ["--n-train", "200", "--n-val", "60", "--d", "10", "--epochs", "2", "--batch-size", "64",
+                  "--no-progress"]
+CENSUS_TINY = ["--census-path", FIXTURE, "--epochs", "1", "--batch-size", "16", "--no-progress"]
+
+
+def _outputs(out: Path) -> tuple[dict, str]:
+    for name in ("result.json", "table.md", "plot.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / "result.json").read_text()), (out / "table.md").read_text()
+
+
+def _table_rows(table: str) -> list[list[str]]:
+    lines = [line for line in table.splitlines() if line.startswith("|")][2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_reproduce_correlation(tmp_path, capsys):
+    out = tmp_path / "corr"
+    rc = cli.main(["reproduce", "correlation", "--models", "mmoe,shared-bottom", "--p", "1.0,0.0", "--seeds", "2",
+                   *SYNTHETIC_TINY, "--out", str(out)])
+    assert rc == 0
+    result, table = _outputs(out)
+    assert [r[0] for r in _table_rows(table)] == ["mmoe", "shared-bottom"]
+    assert "p = 1.0" in table and "p = 0.0" in table and table in capsys.readouterr().out
+    assert len(result["runs"]) == 2 * 2 * 2 and len(result["runs"][0]["history"]) == 2
+    assert set(result["summary"]) == {"mmoe@1.0", "mmoe@0.0", "shared-bottom@1.0", "shared-bottom@0.0"}
+    assert (out / "mmoe_p1.0.pt").exists() and (out / "shared-bottom_p0.0.pt").exists()
+
+
+def test_reproduce_trainability(tmp_path):
+    out = tmp_path / "train"
+    rc = cli.main(["reproduce", "trainability", "--models", "mmoe,omoe", "--p", "0.5", "--runs", "3",
+                   "--data-seed", "7", *SYNTHETIC_TINY, "--out", str(out)])
+    assert rc == 0
+    result, table = _outputs(out)
+    assert "initialization varies" in table and result["settings"]["data_seed"] == 7
+    rows = _table_rows(table)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0.5", "mmoe", "3"), ("0.5", "omoe", "3")]
+    losses = [r["final_val_loss"] for r in result["runs"] if r["model"] == "mmoe"]
+    assert result["summary"]["mmoe@0.5"]["min"] == pytest.approx(min(losses))
+
+
+@pytest.fixture(scope="module")
+def census_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("census")
+    assert cli.main(["reproduce", "census", "--group", "1", "--runs", "2", *CENSUS_TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_reproduce_census(census_run):
+    result, table = _outputs(census_run)
+    rows = _table_rows(table)
+    assert [r[0] for r in rows] == list(experiments.DEFAULT_CENSUS_MODELS)
+    assert rows[0][-1] == "0.9410 / 0.9359"  # the paper's MMoE beside ours
+    assert all(r[1] == "2" for r in rows)
+    for name in experiments.DEFAULT_CENSUS_MODELS:
+        mine = [r for r in result["runs"] if r["model"] == name]
+        best = max(mine, key=lambda r: r["val"][0]["auc"])
+        assert result["summary"][name]["income_best"] == best["test"][0]["auc"]
+        assert result["summary"][name]["income_mean"] == pytest.approx(np.mean([r["test"][0]["auc"] for r in mine]))
+        assert (census_run / f"best_{name}.pt").exists()
+
+
+def test_gates_from_a_census_checkpoint(census_run, tmp_path):
+    out = tmp_path / "gates"
+    assert cli.main(["gates", str(census_run / "best_mmoe.pt"), "--split", "test", "--out", str(out)]) == 0
+    result, table = _outputs(out)
+    rows = _table_rows(table)
+    assert [r[0] for r in rows] == ["income", "never_married"] and len(rows[0]) == 1 + 8
+    np.testing.assert_allclose(np.sum(result["mean_gate_weights"], axis=1), 1.0, rtol=1e-6)
+    assert result["rows"] == 16
+
+    assert cli.main(["gates", str(census_run / "best_omoe.pt"), "--out", str(tmp_path / "omoe")]) == 0
+    assert [r[0] for r in _table_rows((tmp_path / "omoe" / "table.md").read_text())] == ["shared gate"]
+
+
+def test_gates_refuses_a_model_without_gates_or_other_data(census_run, tmp_path, capsys):
+    assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 1
+    assert "has no MMoE gates" in capsys.readouterr().out
+    model = models.MMoE(3, 2)
+    experiments.save_checkpoint(tmp_path / "small.pt", model, {
+        "model": "mmoe", "in_features": 3, "task_types": ["binary", "binary"], "data": {
+            "name": "census", "group": 1, "path": FIXTURE}})
+    assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 1
+    assert "checkpoint's model takes 3" in capsys.readouterr().out
+
+
+def test_tune_skips_oversized_configs_and_saves_the_best(tmp_path, capsys):
+    out = tmp_path / "tune"
+    rc = cli.main(["tune", "--experts", "2,4", "--expert-hidden", "4,1024", "--lr", "0.01", *CENSUS_TINY,
+                   "--out", str(out)])
+    assert rc == 0
+    assert "skipped (more than 2048 expert units): [(4, 1024)]" in capsys.readouterr().out
+    result, table = _outputs(out)
+    rows = _table_rows(table)
+    assert sorted((r[1], r[2]) for r in rows) == [("2", "1024"), ("2", "4"), ("4", "4")]
+    assert [r[0] for r in rows].count("**best**") == 1 and rows[0][0] == "**best**"
+    assert result["best"]["score"] == max(r["score"] for r in result["runs"])
+    model, cfg = experiments.load_checkpoint(out / "best.pt")
+    assert (model.mixture.num_experts, model.mixture.expert_hidden) == (
+        result["best"]["num_experts"], (result["best"]["expert_hidden"],))
+
+
+def test_tune_on_synthetic_selects_on_validation_mse(tmp_path):
+    rc = cli.main(["tune", "--data", "synthetic", "--experts", "2", "--expert-hidden", "4,8", "--lr", "0.01",
+                   *SYNTHETIC_TINY, "--out", str(tmp_path)])
+    assert rc == 0
+    result, table = _outputs(tmp_path)
+    assert "val MSE" in table
+    assert result["best"]["val"][0]["mse"] == min(r["val"][0]["mse"] for r in result["runs"])
+
+
+def test_missing_census_data_says_what_to_run(tmp_path, capsys):
+    assert cli.main(["reproduce", "census", "--census-path", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "make census-data" in capsys.readouterr().out
+
+
+def test_models_option_takes_registry_names_only():
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["reproduce", "correlation", "--models", "mmoe,nope"])
+    args = cli.build_parser().parse_args(["reproduce", "census", "--models", ",".join(models.MODELS)])
+    assert args.models == list(models.MODELS)
+
+
+def test_every_registered_model_builds_for_the_experiments():
+    for name in experiments.model_names():
+        kinds = [("binary",) * 2]
+        if name != "esmm":
+            kinds.append(("regression",) * 2)
+        for task_types in kinds:
+            model = experiments.build_model(name, 7, task_types)
+            assert model(torch.randn(3, 7)).shape == (3, 2) and tuple(model.task_types) == task_types
+
+
+def test_main_score_is_higher_for_better_models():
+    assert experiments.main_score({"auc": 0.9}) == 0.9
+    assert experiments.main_score({"mse": 0.5, "r2": 0.1}) == -0.5
+
+
+def test_mean_gate_weights_is_the_mean_softmax(tmp_path):
+    model = models.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    x = torch.randn(40, 6)
+    layer = model.mixture
+    logits = torch.einsum("bd,tde->bte", x, layer.gate_weight) + layer.gate_bias
+    want = torch.softmax(logits, dim=-1).mean(dim=0).double()
+    torch.testing.assert_close(experiments.mean_gate_weights(model, x, batch_size=7), want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = models.MMoE(6, 2, num_experts=3, expert_hidden=4, task_types=("binary", "regression"))
+    config = {"model": "mmoe", "in_features": 6, "task_types": ["binary", "regression"],
+              "model_kwargs": {"num_experts": 3, "expert_hidden": 4}, "data": {"name": "synthetic"}}
+    experiments.save_checkpoint(tmp_path / "m.pt", model, config)
+    loaded, cfg = experiments.load_checkpoint(tmp_path / "m.pt")
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    assert cfg == config
+    torch.save({"model": model.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        experiments.load_checkpoint(tmp_path / "other.pt")
