@@ -26,6 +26,7 @@ RELU, SILU, GELU, IDENTITY = 0, 1, 2, 3
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 ROWS = 8  # rows of the batch (or of a weight) per parallel work item
 CHUNK = 256  # batch rows per pass over dpre in the weight gradients, to keep it in L2
+_ITEMS = 16  # parallel work items wanted at least, when the batch is small
 _MIN_TILE = 32
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
@@ -146,13 +147,15 @@ def _activate_with_grad(c, f, code):
 
 
 @_jit()
-def _tiles(B, H, threads):
-    """(row blocks, H tiles, tile width): split H too when the batch alone gives too few work items."""
+def _tiles(B, H):
+    """(row blocks, H tiles, tile width): split H too when the batch alone gives too few work items.
+
+    The split depends on the shapes only, never on the thread count, so neither do the results.
+    """
     blocks = _cdiv(B, ROWS)
-    want = 2 * threads
     tiles = 1
-    if blocks < want:
-        tiles = max(1, min(_cdiv(want, blocks), H // _MIN_TILE))
+    if blocks < _ITEMS:
+        tiles = max(1, min(_cdiv(_ITEMS, blocks), H // _MIN_TILE))
     width = _cdiv(_cdiv(H, tiles), 16) * 16
     return blocks, _cdiv(H, width), width
 
@@ -267,8 +270,8 @@ def _input_grad_rows(dpre, e, b, two, WT, ea, da):
 
 
 @_jit()
-def _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, dG, g0, code, b0, nb, da, dpre):
-    """Rows b0..b0+nb of the mixture's backward: dG[g0 + r], dpre[:, b] and da[b] (overwritten)."""
+def _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, code, b0, nb, da, dpre, dG):
+    """Rows b0..b0+nb of the mixture's backward: dG[b], dpre[:, b] and da[b] (overwritten)."""
     E, K, H = W.shape
     T = dm.shape[0]
     per_expert = a.shape[1] > 1
@@ -288,7 +291,7 @@ def _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, dG, g0, code, b0, nb
             for s in range(2 if two else 1):
                 dact = c[s]
                 _activate_with_grad(dact, f, code)
-                Grow, dGrow, dp = G[g0 + r + s], dG[g0 + r + s], dpre[e, b + s]
+                Grow, dGrow, dp = G[b + s], dG[b + s], dpre[e, b + s]
                 for t in range(T):
                     dmt = dm[t, b + s]
                     acc = 0.0
@@ -308,11 +311,11 @@ def _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, dG, g0, code, b0, nb
 
 
 @_jit()
-def _gate_backward_rows(dG, G, g0, b0, nb, WgT, dlogit, dx):
+def _gate_backward_rows(dG, G, b0, nb, WgT, dlogit, dx):
     """dlogit[b] = G * (dG - sum_e G dG) for rows b0..b0+nb, and dx[b] += dlogit[b] @ WgT."""
     T, E = G.shape[1], G.shape[2]
     for r in range(nb):
-        Grow, dGrow, dl = G[g0 + r], dG[g0 + r], dlogit[b0 + r]
+        Grow, dGrow, dl = G[b0 + r], dG[b0 + r], dlogit[b0 + r]
         for t in range(T):
             s = 0.0
             for e in range(E):
@@ -406,15 +409,15 @@ def gate_softmax_backward(dG, G, x, Wg, dx, dWg, dbg):
         b0 = blk * ROWS
         nb = min(ROWS, B - b0)
         dx[b0:b0 + nb, :] = 0
-        _gate_backward_rows(dG, G, b0, b0, nb, WgT, dlogit, dx)
+        _gate_backward_rows(dG, G, b0, nb, WgT, dlogit, dx)
     _gate_weight_grads(x, dlogit, dWg, dbg)
 
 
 @_jit(parallel=True)
-def expert_mixture(a, W, bias, has_bias, G, code, threads, m):
+def expert_mixture(a, W, bias, has_bias, G, code, m):
     """m[T, B, H] = sum_e G[:, t, e] * act(a_e @ W[e] + bias[e])."""
     B, H = a.shape[0], W.shape[2]
-    blocks, tiles, width = _tiles(B, H, threads)
+    blocks, tiles, width = _tiles(B, H)
     for item in prange(blocks * tiles):
         b0 = item // tiles * ROWS
         h0 = item % tiles * width
@@ -430,17 +433,17 @@ def expert_mixture_backward(dm, a, W, bias, has_bias, G, code, da, dW, db, dG):
     dpre = np.empty((E, B, H), dtype=W.dtype)
     for blk in prange(_cdiv(B, ROWS)):
         b0 = blk * ROWS
-        _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, dG, b0, code, b0, min(ROWS, B - b0), da, dpre)
+        _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, code, b0, min(ROWS, B - b0), da, dpre, dG)
     _expert_weight_grads(a, dpre, dW, db)
 
 
 @_jit(parallel=True)
-def grouped_linear(a, W, bias, has_bias, code, threads, out):
+def grouped_linear(a, W, bias, has_bias, code, out):
     """out[B, E, N] = act(a_e @ W[e] + bias[e])."""
     B, E, N = out.shape
     K = W.shape[1]
     per_expert = a.shape[1] > 1
-    blocks, tiles, width = _tiles(B, N, threads)
+    blocks, tiles, width = _tiles(B, N)
     for item in prange(blocks * tiles):
         b0 = item // tiles * ROWS
         nb = min(ROWS, B - b0)
@@ -494,14 +497,14 @@ def grouped_linear_backward(dout, a, W, bias, has_bias, code, da, dW, db):
 
 
 @_jit(parallel=True)
-def mmoe(x, W, bias, has_bias, Wg, bg, has_gate_bias, code, threads, m):
+def mmoe(x, W, bias, has_bias, Wg, bg, has_gate_bias, code, m):
     """m[T, B, H] of one MMoE layer: the gates of each row block are formed beside its experts."""
     B, D = x.shape
     T, _, E = Wg.shape
     H = W.shape[2]
     a = x.reshape((B, 1, D))
     WgF, _ = _gate_matrices(Wg)
-    blocks, tiles, width = _tiles(B, H, threads)
+    blocks, tiles, width = _tiles(B, H)
     for item in prange(blocks * tiles):
         b0 = item // tiles * ROWS
         nb = min(ROWS, B - b0)
@@ -509,27 +512,3 @@ def mmoe(x, W, bias, has_bias, Wg, bg, has_gate_bias, code, threads, m):
         G = np.empty((ROWS, T, E), dtype=x.dtype)
         _gate_rows(x, b0, nb, WgF, bg, has_gate_bias, G, 0)
         _mixture_tile(a, W, bias, has_bias, G, 0, code, b0, nb, h0, min(width, H - h0), m)
-
-
-@_jit(parallel=True)
-def mmoe_backward(dm, x, W, bias, has_bias, Wg, bg, has_gate_bias, code, dx, dW, db, dWg, dbg):
-    """dx[B, D], dW, db, dWg, dbg of one MMoE layer; the gates are recomputed per row block."""
-    B, D = x.shape
-    T, _, E = Wg.shape
-    H = W.shape[2]
-    a = x.reshape((B, 1, D))
-    dx3 = dx.reshape((B, 1, D))
-    WT = _transpose_experts(W)
-    WgF, WgT = _gate_matrices(Wg)
-    dpre = np.empty((W.shape[0], B, H), dtype=x.dtype)
-    dlogit = np.empty((B, T * E), dtype=x.dtype)
-    for blk in prange(_cdiv(B, ROWS)):
-        b0 = blk * ROWS
-        nb = min(ROWS, B - b0)
-        G = np.empty((ROWS, T, E), dtype=x.dtype)
-        dG = np.empty((ROWS, T, E), dtype=x.dtype)
-        _gate_rows(x, b0, nb, WgF, bg, has_gate_bias, G, 0)
-        _mixture_backward_rows(dm, a, W, WT, bias, has_bias, G, dG, 0, code, b0, nb, dx3, dpre)
-        _gate_backward_rows(dG, G, 0, b0, nb, WgT, dlogit, dx)
-    _expert_weight_grads(a, dpre, dW, db)
-    _gate_weight_grads(x, dlogit, dWg, dbg)

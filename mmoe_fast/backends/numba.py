@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numba
 import numpy as np
 import torch
 
@@ -79,7 +78,7 @@ def _run_all(dtype: torch.dtype) -> None:
     expert_mixture_backward(m, x, W, b, G, "relu")
     h = grouped_linear(x, W, b, "relu")
     grouped_linear_backward(h, x, W, b, "relu")
-    mmoe_backward(mmoe(x, W, b, Wg, bg, "relu"), x, W, b, Wg, bg, "relu")
+    mmoe(x, W, b, Wg, bg, "relu")
 
 
 def gate_softmax(x, Wg, bg):
@@ -103,7 +102,7 @@ def expert_mixture(a, W, b, G, activation):
     """m[T, B, H] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e])."""
     _ready(a.dtype)
     m = torch.empty(G.shape[1], a.shape[0], W.shape[2], dtype=a.dtype)
-    nk.expert_mixture(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _np(G), _CODES[activation], numba.get_num_threads(), _np(m))
+    nk.expert_mixture(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _np(G), _CODES[activation], _np(m))
     return m
 
 
@@ -121,7 +120,7 @@ def grouped_linear(a, W, b, activation):
     """out[B, E, N] = act(a_e @ W[e] + b[e])."""
     _ready(a.dtype)
     out = torch.empty(a.shape[0], W.shape[0], W.shape[2], dtype=a.dtype)
-    nk.grouped_linear(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _CODES[activation], numba.get_num_threads(), _np(out))
+    nk.grouped_linear(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _CODES[activation], _np(out))
     return out
 
 
@@ -139,16 +138,5 @@ def mmoe(x, W, b, Wg, bg, activation):
     """m[T, B, H] of one layer, gates and experts in one kernel."""
     _ready(x.dtype)
     m = torch.empty(Wg.shape[0], x.shape[0], W.shape[2], dtype=x.dtype)
-    nk.mmoe(_np(x), _np(W), *_bias(b, x.dtype), _np(Wg), *_bias(bg, x.dtype), _CODES[activation], numba.get_num_threads(), _np(m))
+    nk.mmoe(_np(x), _np(W), *_bias(b, x.dtype), _np(Wg), *_bias(bg, x.dtype), _CODES[activation], _np(m))
     return m
-
-
-def mmoe_backward(dm, x, W, b, Wg, bg, activation):
-    """(dx, dW, db, dWg, dbg) of one layer; the gates are recomputed, nothing was saved."""
-    _ready(x.dtype)
-    dx, dW, dWg = torch.empty_like(x), torch.empty_like(W), torch.empty_like(Wg)
-    db = torch.empty(W.shape[0], W.shape[2], dtype=x.dtype)
-    dbg = torch.empty(Wg.shape[0], Wg.shape[2], dtype=x.dtype)
-    nk.mmoe_backward(_np(dm), _np(x), _np(W), *_bias(b, x.dtype), _np(Wg), *_bias(bg, x.dtype),
-                     _CODES[activation], _np(dx), _np(dW), _np(db), _np(dWg), _np(dbg))
-    return dx, dW, db, dWg, dbg
