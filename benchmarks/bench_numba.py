@@ -74,17 +74,16 @@ def _row(label: str, med: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per contender (default: by size)")
-    parser.add_argument("--threads", type=int, default=0, help="torch and numba threads (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
     opts = parser.parse_args()
     if opts.threads:
-        torch.set_num_threads(opts.threads)
-        numba.set_num_threads(opts.threads)
+        torch.set_num_threads(opts.threads)  # the numba backend follows torch's thread count
     print("command: python " + " ".join(sys.argv))
-    print(f"torch {torch.__version__}, numba {numba.__version__}, threads torch {torch.get_num_threads()} "
-          f"numba {numba.get_num_threads()} ({numba.threading_layer() if False else numba.config.THREADING_LAYER})")
     start = time.perf_counter()
     numba_backend.warmup()
     print(f"numba compile (or cache load), float32 + float64, once per process: {time.perf_counter() - start:.1f} s")
+    print(f"torch {torch.__version__}, numba {numba.__version__} ({numba.threading_layer()} threading layer), "
+          f"{torch.get_num_threads()} threads")
     print(f"MMoE layer D={D} E={E} H={H} T={T} relu float32; median time, (x) = time / numba's time")
     for B, train, repeats in ((1, False, 400), (64, False, 200), (4096, False, 15), (1024, True, 20)):
         args = _layer(B, train)

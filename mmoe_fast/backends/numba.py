@@ -1,7 +1,9 @@
 """Numba backend: the fused ops on CPU tensors through ``mmoe_fast.kernels.numba_kernels``.
 
 Tensors are handed to the kernels as NumPy views (no copy); outputs are allocated with ``torch.empty``
-and filled through their views. The first call in a dtype compiles (or loads from numba's on-disk
+and filled through their views. The kernels run on ``torch.get_num_threads()`` threads (at most
+numba's pool size), so ``torch.set_num_threads`` governs both; the results do not depend on it.
+The first call in a dtype compiles (or loads from numba's on-disk
 cache) every kernel of that dtype at once, so that no later call, forward or backward, pays for
 compilation; the seconds it took are logged once and kept in ``compile_seconds``.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numba
 import numpy as np
 import torch
 
@@ -46,8 +49,12 @@ def _per_expert(a: torch.Tensor) -> torch.Tensor:
 
 
 def _ready(dtype: torch.dtype) -> None:
+    """Compile on first use of a dtype, and follow torch's thread count (numba's is per calling thread)."""
     if dtype not in compile_seconds:
         warmup((dtype,))
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
 
 
 def warmup(dtypes=_DTYPES) -> float:
