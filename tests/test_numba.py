@@ -209,3 +209,13 @@ def test_kernels_still_import_and_run_when_no_cache_dir_is_writable(tmp_path):
     blocker.write_text("a file, so nothing can be created below it")
     cache, result = _import_copy(tmp_path, {"XDG_CACHE_HOME": str(blocker / "cache"), "HOME": str(blocker)})
     assert (cache, result) == ("NullCache", "4")
+
+
+def test_loading_the_backend_keeps_torchs_thread_count():
+    """numba's OpenMP pool shares libgomp with torch and would reset its thread count on start."""
+    code = ("import torch; torch.set_num_threads(1); from mmoe_fast.backends import numba as nb; "
+            "nb.gate_softmax(torch.randn(3, 5), torch.randn(2, 5, 2), None); print(torch.get_num_threads())")
+    env = os.environ | {"NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"

@@ -27,6 +27,21 @@ _NO_BIAS = {torch.float32: np.empty((0, 0), np.float32), torch.float64: np.empty
 compile_seconds: dict[torch.dtype, float] = {}
 
 
+def _launch_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count.
+
+    With numba's OpenMP layer both libraries share one libgomp, and numba's pool sets the process's
+    OpenMP thread count to its own size when it starts: a ``torch.set_num_threads`` made before
+    would be silently undone.
+    """
+    threads = torch.get_num_threads()
+    numba.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+_launch_threads()
+
+
 def unavailable_reason() -> str | None:
     return None
 
