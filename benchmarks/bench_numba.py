@@ -40,6 +40,8 @@ def _contenders(args, train: bool):
             if not train:
                 with torch.no_grad():
                     return fn(*args)
+            for t in args:
+                t.grad = None
             out = fn(*args)
             out.backward(dm)
             return out
