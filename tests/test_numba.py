@@ -1,0 +1,221 @@
+"""The numba backend equals the float64 loop reference, forward and every gradient, and is what auto
+picks on CPU without the C++ extension. Each kernel compiles once per dtype per process (or loads from
+numba's cache), so every test here reuses the same few signatures."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numba
+import pytest
+import torch
+from mmoe_fast.kernels import numba_kernels
+
+import mmoe_fast as mf
+from mmoe_fast import backends, ops, reference
+from mmoe_fast.activations import ACTIVATIONS
+from mmoe_fast.backends import numba as numba_backend
+from mmoe_fast.data.synthetic import make_synthetic
+from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs
+
+DTYPES = (torch.float32, torch.float64)
+
+
+def _seed(shape, dtype, activation, hidden=(), **bias):
+    """Inputs whose ReLU pre-activations all keep 1e-5 clear of 0 in float32.
+
+    ReLU's derivative jumps at 0: a float32 sum within rounding of 0 may land on either side, and
+    then one unit's gradient flips whatever the backend (seed 0 of B130-D5-E8-H33-T1 has a
+    pre-activation of 3e-8). Away from the kink float32 must meet the 1e-5 contract.
+    """
+    if activation != "relu" or dtype == torch.float64:
+        return 0
+    for seed in range(100):
+        inp = make_inputs(shape, dtype=torch.float64, hidden=hidden, seed=seed, **bias)
+        h, clear = inp["x"], True
+        for w, b in zip(inp["weights"], inp["biases"]):
+            pre = reference.grouped_linear(h, w, b, "identity")
+            clear = clear and (pre.numel() == 0 or pre.abs().min().item() > 1e-5)
+            h = pre.relu()
+        if clear:
+            return seed
+    raise AssertionError(f"no seed keeps the ReLU kink clear for {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_numba_matches_loop_reference(shape, activation, dtype):
+    check_layer("numba", shape, dtype=dtype, activation=activation, seed=_seed(shape, dtype, activation))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_numba_two_layer_experts(shape, activation, dtype):
+    """Hidden layers run grouped_linear (shared input), the last one expert_mixture on a[B, E, K]."""
+    seed = _seed(shape, dtype, activation, hidden=(9,))
+    check_layer("numba", shape, dtype=dtype, activation=activation, hidden=(9,), seed=seed)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
+@pytest.mark.parametrize("bias,gate_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+def test_numba_without_biases(shape, bias, gate_bias, split):
+    check_layer("numba", shape, dtype=torch.float64, activation="silu", bias=bias, gate_bias=gate_bias, split=split)
+
+
+def _op_cases():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=torch.float64)
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = mf.gate_softmax(x, wg, bg, backend="reference")
+    a3 = (x[:, None, :] * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None]).contiguous()
+    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "numba")
+    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "numba")
+    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "numba")
+    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "identity", "numba")
+    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "numba")
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_numba_gradcheck_float64(name, op, args):
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_numba_opcheck(name, op, args):
+    """Outputs agree with the fake (exact-stride) implementations the compiler traces with."""
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, args)
+
+
+def _train_step_grads(inp, dm):
+    leaves = [t.detach().clone().requires_grad_() for t in
+              (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])]
+    out = mf.mmoe(*leaves, activation="gelu", backend="numba")
+    out.backward(dm)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def test_numba_is_bitwise_deterministic_across_calls_and_thread_counts():
+    """Every output element has one owner summing in a fixed order: no dependence on thread timing."""
+    inp = make_inputs(Shape(300, 33, 8, 40, 3), dtype=torch.float32)
+    dm = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(3))
+    first, again = _train_step_grads(inp, dm), _train_step_grads(inp, dm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = _train_step_grads(inp, dm)
+        assert numba.get_num_threads() == 1  # the backend follows torch's thread count
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, one_thread):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_auto_picks_numba_on_cpu_without_cpp_and_trains(monkeypatch):
+    monkeypatch.setitem(backends._loaded, "cpp", "backend 'cpp': mmoe_fast._C was not built")
+    monkeypatch.setattr(backends, "_resolved", {})
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu, torch.float32) is numba_backend
+    assert backends.resolve("auto", cpu, torch.float64) is numba_backend
+    assert backends.backend_name(backends.resolve("auto", cpu, torch.bfloat16)) == "reference"
+    assert "auto on cpu float32: numba" in backends.describe()
+
+    calls = []
+    real_backward = numba_backend.expert_mixture_backward
+    monkeypatch.setattr(numba_backend, "expert_mixture_backward", lambda *a: calls.append(1) or real_backward(*a))
+    torch.manual_seed(0)
+    x, y = make_synthetic(256, d=16, correlation=0.5, seed=0)
+    model = mf.MMoE(16, 2, num_experts=4, expert_hidden=8, task_types=("regression", "regression"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert calls, "the numba backend did not run"
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _bad_calls():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2))
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = mf.gate_softmax(x, wg, bg, backend="numba")
+    kw = dict(backend="numba")
+    yield "x", lambda: mf.mmoe(x[0], w, b, wg, bg, **kw), ValueError
+    yield "x", lambda: mf.gate_softmax(x.to(torch.int64), wg, bg, **kw), TypeError
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:, :-1], bg, **kw), ValueError
+    yield "expert_weight", lambda: mf.mmoe(x, w[:, :-1], b, wg, bg, **kw), ValueError
+    yield "expert_bias", lambda: mf.mmoe(x, w, b[:, :-1], wg, bg, **kw), ValueError
+    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:, :, :2], **kw), ValueError
+    yield "activation", lambda: mf.mmoe(x, w, b, wg, bg, activation="tanh", **kw), ValueError
+    yield "numba", lambda: mf.mmoe(*(t.bfloat16() for t in (x, w, b, wg, bg)), **kw), ValueError
+
+
+@pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_numba_bad_input_names_the_argument(name, call, exc):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_numba_nan_in_nan_out_and_huge_logits():
+    inp = make_inputs(Shape(4, 5, 3, 6, 2))
+    inp["x"][1, 2] = float("nan")
+    out = mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="numba")
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
+    g = mf.gate_softmax(torch.tensor([[1e4, -1e4]]), torch.eye(2).reshape(1, 2, 2), backend="numba")
+    torch.testing.assert_close(g, torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_warmup_reports_the_compile_time_once():
+    numba_backend.warmup()  # compiles, or finds compiled, both dtypes
+    assert set(numba_backend.compile_seconds) == set(DTYPES)
+    assert numba_backend.warmup() == 0.0  # nothing left to compile
+
+
+_IMPORT_COPY = textwrap.dedent("""
+    import numba_kernels as nk
+    print(type(nk.expert_mixture._cache).__name__, nk._cdiv(7, 2))
+""")
+
+
+def _import_copy(tmp_path, env):
+    """Import a copy of the kernels module whose own __pycache__ cannot be created (a file is in the way)."""
+    pkg = tmp_path / "readonly_install"
+    pkg.mkdir()
+    shutil.copy(numba_kernels.__file__, pkg / "numba_kernels.py")
+    (pkg / "__pycache__").write_text("not a directory")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE")} | env
+    done = subprocess.run([sys.executable, "-c", _IMPORT_COPY], cwd=pkg, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_cache_moves_to_the_user_cache_dir_when_the_install_is_read_only(tmp_path):
+    cache, result = _import_copy(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert (cache, result) == ("FunctionCache", "4")
+    assert (tmp_path / "cache" / "numba").is_dir()
+
+
+def test_kernels_still_import_and_run_when_no_cache_dir_is_writable(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, so nothing can be created below it")
+    cache, result = _import_copy(tmp_path, {"XDG_CACHE_HOME": str(blocker / "cache"), "HOME": str(blocker)})
+    assert (cache, result) == ("NullCache", "4")
+
+
+def test_loading_the_backend_keeps_torchs_thread_count():
+    """numba's OpenMP pool shares libgomp with torch and would reset its thread count on start."""
+    code = ("import torch; torch.set_num_threads(1); from mmoe_fast.backends import numba as nb; "
+            "nb.gate_softmax(torch.randn(3, 5), torch.randn(2, 5, 2), None); print(torch.get_num_threads())")
+    env = os.environ | {"NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
