@@ -105,11 +105,38 @@ def run_layer(inputs: dict, activation: str, backend: str, split: bool = False) 
     return ops.expert_mixture(h, ws[-1], bs[-1], gates, activation=activation, backend=backend)
 
 
+def kink_free_seed(shape: Shape, *, dtype=torch.float32, activation: str = "relu", hidden: tuple[int, ...] = (),
+                   bias: bool = True, gate_bias: bool = True) -> int:
+    """The first input seed whose ReLU pre-activations all keep 1e-5 clear of 0 (0 when that does not matter).
+
+    ReLU's derivative jumps at 0: a float32 sum within rounding of 0 may land on either side and flip
+    one unit's gradient whatever the backend (seed 0 of B130-D5-E8-H33-T1 has a pre-activation of 3e-8).
+    Away from the kink, float32 must meet the 1e-5 contract; float64 is compared as it comes.
+    """
+    if activation != "relu" or dtype == torch.float64:
+        return 0
+    for seed in range(100):
+        inp = make_inputs(shape, dtype=torch.float64, hidden=hidden, seed=seed, bias=bias, gate_bias=gate_bias)
+        h, clear = inp["x"], True
+        for w, b in zip(inp["weights"], inp["biases"]):
+            pre = reference.grouped_linear(h, w, b, "identity")
+            clear = clear and (pre.numel() == 0 or pre.abs().min().item() > 1e-5)
+            h = pre.relu()
+        if clear:
+            return seed
+    raise AssertionError(f"no seed keeps the ReLU kink clear for {shape}")
+
+
 def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu", activation: str = "relu",
                 bias: bool = True, gate_bias: bool = True, hidden: tuple[int, ...] = (), split: bool = False,
-                tol: float | None = None, seed: int = 0) -> None:
-    """Forward and every gradient of a layer on ``backend`` against the float64 loop reference."""
+                tol: float | None = None, seed: int | None = None) -> None:
+    """Forward and every gradient of a layer on ``backend`` against the float64 loop reference.
+
+    ``seed=None`` takes ``kink_free_seed``, so that float32 ReLU comparisons are well posed.
+    """
     tol = TOLERANCE[dtype] if tol is None else tol
+    if seed is None:
+        seed = kink_free_seed(shape, dtype=dtype, activation=activation, hidden=hidden, bias=bias, gate_bias=gate_bias)
     inputs = make_inputs(shape, dtype=dtype, device=device, bias=bias, gate_bias=gate_bias, hidden=hidden, seed=seed)
     mine, oracle = _with_grad(inputs), _with_grad(inputs, torch.float64)
     out = run_layer(mine, activation, backend, split)

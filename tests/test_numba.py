@@ -14,7 +14,7 @@ import torch
 from mmoe_fast.kernels import numba_kernels
 
 import mmoe_fast as mf
-from mmoe_fast import backends, ops, reference
+from mmoe_fast import backends, ops
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.backends import numba as numba_backend
 from mmoe_fast.data.synthetic import make_synthetic
@@ -23,32 +23,11 @@ from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs
 DTYPES = (torch.float32, torch.float64)
 
 
-def _seed(shape, dtype, activation, hidden=(), **bias):
-    """Inputs whose ReLU pre-activations all keep 1e-5 clear of 0 in float32.
-
-    ReLU's derivative jumps at 0: a float32 sum within rounding of 0 may land on either side, and
-    then one unit's gradient flips whatever the backend (seed 0 of B130-D5-E8-H33-T1 has a
-    pre-activation of 3e-8). Away from the kink float32 must meet the 1e-5 contract.
-    """
-    if activation != "relu" or dtype == torch.float64:
-        return 0
-    for seed in range(100):
-        inp = make_inputs(shape, dtype=torch.float64, hidden=hidden, seed=seed, **bias)
-        h, clear = inp["x"], True
-        for w, b in zip(inp["weights"], inp["biases"]):
-            pre = reference.grouped_linear(h, w, b, "identity")
-            clear = clear and (pre.numel() == 0 or pre.abs().min().item() > 1e-5)
-            h = pre.relu()
-        if clear:
-            return seed
-    raise AssertionError(f"no seed keeps the ReLU kink clear for {shape}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_numba_matches_loop_reference(shape, activation, dtype):
-    check_layer("numba", shape, dtype=dtype, activation=activation, seed=_seed(shape, dtype, activation))
+    check_layer("numba", shape, dtype=dtype, activation=activation)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,8 +35,7 @@ def test_numba_matches_loop_reference(shape, activation, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_numba_two_layer_experts(shape, activation, dtype):
     """Hidden layers run grouped_linear (shared input), the last one expert_mixture on a[B, E, K]."""
-    seed = _seed(shape, dtype, activation, hidden=(9,))
-    check_layer("numba", shape, dtype=dtype, activation=activation, hidden=(9,), seed=seed)
+    check_layer("numba", shape, dtype=dtype, activation=activation, hidden=(9,))
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
