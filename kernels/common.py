@@ -11,6 +11,8 @@ import triton.language as tl
 
 # Triton reads this when a kernel is decorated, so the kernels' mode is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# MMOE_FAST_TRITON_AUTOTUNE=0: each kernel's first GPU config only (quick start: a correctness run).
+AUTOTUNE = os.environ.get("MMOE_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
@@ -21,7 +23,7 @@ def autotune(gpu_configs, interpret_config, key, prune=None):
 
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
-    configs = [interpret_config] if INTERPRET else gpu_configs
+    configs = [interpret_config] if INTERPRET else gpu_configs if AUTOTUNE else gpu_configs[:1]
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"

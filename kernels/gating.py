@@ -15,8 +15,7 @@ from .common import autotune, cfg
 
 
 @autotune(
-    [cfg(BLOCK_M=64, BLOCK_K=32), cfg(BLOCK_M=128, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=64),
-     cfg(BLOCK_M=32, BLOCK_K=64, num_warps=2)],
+    [cfg(BLOCK_M=64, BLOCK_K=32), cfg(BLOCK_M=128, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_K=64, num_warps=2)],
     cfg(BLOCK_M=64, BLOCK_K=32),
     key=["B_BUCKET", "D", "T", "E"],  # B is bucketed to a power of two: batches vary, weights do not
 )
@@ -52,8 +51,7 @@ def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, B, D, T, E, B_BUCKET,
 
 
 @autotune(
-    [cfg(BLOCK_M=64, BLOCK_D=64), cfg(BLOCK_M=128, BLOCK_D=64, num_warps=8), cfg(BLOCK_M=64, BLOCK_D=128),
-     cfg(BLOCK_M=32, BLOCK_D=64, num_warps=2)],
+    [cfg(BLOCK_M=64, BLOCK_D=64), cfg(BLOCK_M=128, BLOCK_D=64, num_warps=8), cfg(BLOCK_M=32, BLOCK_D=64, num_warps=2)],
     cfg(BLOCK_M=64, BLOCK_D=32),
     key=["B_BUCKET", "D", "T", "E"],
 )

@@ -16,7 +16,6 @@ from .common import act, act_grad, autotune, cfg, pre_tile
 _TILE_CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
     cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8),
-    cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=4),
 ]
@@ -88,8 +87,7 @@ def input_grad(dy_ptr, w_ptr, da_ptr, B, K, N, E, E_PER_PROGRAM, stride_yb, stri
 
 @autotune(
     [cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=64), cfg(BLOCK_B=64, BLOCK_K=64, BLOCK_N=64, num_stages=4),
-     cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8), cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=128, num_warps=8),
-     cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)],
+     cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8), cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)],
     cfg(BLOCK_B=32, BLOCK_K=32, BLOCK_N=32),
     key=["B_BUCKET", "K", "N", "E", "ROWS_PER_SPLIT"],
 )

@@ -20,7 +20,6 @@ _CONFIGS = [
     cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
-    cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64),
 ]
 _INTERPRET_CONFIG = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
 
