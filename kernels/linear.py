@@ -5,7 +5,8 @@
 ``input_grad``:  da = sum_e dpre_e @ W[e]^T, summed over the experts for a shared input.
 ``weight_grad``: dW[e] = a_e^T @ dy_e and db[e] = sum_b dy_e without atomics: a program owns one
                  weight tile of one slice of the batch and loops over its rows; the slices' partial sums
-                 land in a ``[S, E, K, N]`` buffer that the launcher sums in a fixed order.
+                 land in a ``[S, E, K, N]`` buffer that the launcher sums in a fixed order (S = 1: the
+                 program writes the gradient itself, in the output dtype).
 """
 
 import triton
@@ -22,15 +23,25 @@ _TILE_CONFIGS = [
 _KEY = ["B_BUCKET", "K", "N", "E"]  # B bucketed to a power of two; the weight shapes are exact
 
 
+@triton.jit
+def _tile(E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(expert, rows, cols) of this program; the column tiles, then the experts, of a row block are
+    neighbours in launch order, so they share a's rows in L2."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    e = (pid // n_tiles) % E
+    rows = (pid // (n_tiles * E)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, rows, cols
+
+
 @autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY)
 @triton.jit
 def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, stride_ae, B_BUCKET,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[B, E, N] = act(a_e @ W[e] + b[e]); grid (row blocks, column blocks, E)."""
-    e = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[B, E, N] = act(a_e @ W[e] + b[e]); 1-D grid over (rows, experts, cols)."""
+    e, rows, cols = _tile(E, N, BLOCK_M, BLOCK_N)
     y = act(pre_tile(a_ptr, w_ptr, bias_ptr, e, rows, cols, B, K, N, stride_ab, stride_ae,
                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT, ACC, PREC), ACT)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (E * N) + e * N + cols[None, :], y.to(out_ptr.dtype.element_ty),
@@ -43,10 +54,8 @@ def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
                             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
-    """dpre[B, E, N] = dout * act'(a_e @ W[e] + b[e]); grid (row blocks, column blocks, E)."""
-    e = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """dpre[B, E, N] = dout * act'(a_e @ W[e] + b[e]); 1-D grid over (rows, experts, cols)."""
+    e, rows, cols = _tile(E, N, BLOCK_M, BLOCK_N)
     offs = rows.to(tl.int64)[:, None] * (E * N) + e * N + cols[None, :]
     mask = (rows < B)[:, None] & (cols < N)[None, :]
     dpre = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -56,19 +65,29 @@ def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N,
     tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY)
+# input_grad's output tile is [BLOCK_M, BLOCK_K]; BLOCK_N steps through its long reduction (E * N for
+# a shared input).
+@autotune(
+    [cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32), cfg(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, num_warps=8),
+     cfg(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_stages=4)],
+    cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),
+    key=_KEY,
+)
 @triton.jit
 def input_grad(dy_ptr, w_ptr, da_ptr, B, K, N, E, E_PER_PROGRAM, stride_yb, stride_ye, stride_db, stride_de,
                B_BUCKET, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """da[b, j, k] = sum over the experts e of group j of dy[b, e, :] @ W[e, k, :].
 
-    A shared input has one group of all E experts (grid dim 2 = 1, E_PER_PROGRAM = E); a per-expert
-    input has E groups of one. ``da`` is written at ``b * stride_db + j * stride_de + k``.
+    A shared input has one group of all E experts (E_PER_PROGRAM = E); a per-expert input has E groups
+    of one. ``da`` is written at ``b * stride_db + j * stride_de + k``. 1-D grid over (rows, groups, k).
     """
-    j = tl.program_id(2)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    groups = E // E_PER_PROGRAM
+    pid = tl.program_id(0)
+    j = (pid // k_tiles) % groups
+    rows = (pid // (k_tiles * groups)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = (pid % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows64 = rows.to(tl.int64)
     row_ok = rows < B
     acc = tl.zeros((BLOCK_M, BLOCK_K), ACC)
@@ -120,7 +139,7 @@ def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, strid
         acc = tl.dot(at.to(DOT), dy.to(DOT), acc, input_precision=PREC)
         dbias += tl.sum(dy.to(ACC), axis=0)
     slot = s * E + e
-    tl.store(dw_ptr + (slot * K + ks[:, None]).to(tl.int64) * N + ns[None, :], acc,
+    tl.store(dw_ptr + (slot * K + ks[:, None]).to(tl.int64) * N + ns[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=(ks < K)[:, None] & (ns < N)[None, :])
     if pid_k == 0:  # one owner for each db element
-        tl.store(db_ptr + slot * N + ns, dbias, mask=ns < N)
+        tl.store(db_ptr + slot * N + ns, dbias.to(db_ptr.dtype.element_ty), mask=ns < N)

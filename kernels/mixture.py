@@ -37,9 +37,11 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, T_PAD: tl.constexpr,
                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """m[T, B, N] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e]); G is [B, T, E]."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """m[T, B, N] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e]); G is [B, T, E]. 1-D grid over (rows, cols)."""
+    # The column tiles of one row block are neighbours in launch order: they share a's rows in L2.
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     ts = tl.arange(0, T_PAD)
     row_ok = rows < B
     g_rows = g_ptr + rows.to(tl.int64)[:, None] * (T * E) + ts[None, :] * E
@@ -50,7 +52,7 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
                          HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT, ACC, PREC), ACT)
         g = tl.load(g_rows + e, mask=g_ok, other=0.0).to(ACC)
         acc += g[:, :, None] * f[:, None, :]
-    out = m_ptr + ts[None, :, None] * (B * N) + rows.to(tl.int64)[:, None, None] * N + cols[None, None, :]
+    out = m_ptr + (ts.to(tl.int64)[None, :, None] * B + rows[:, None, None]) * N + cols[None, None, :]
     mask = g_ok[:, :, None] & (cols < N)[None, None, :]
     tl.store(out, acc.to(m_ptr.dtype.element_ty), mask=mask)
 
@@ -62,9 +64,10 @@ def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, T_PAD: tl.constexpr,
                             DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dpre[B, E, N] and dG[B, T, E] from dm[T, B, N]; grid (row blocks, E): one owner per element."""
-    e = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dpre[B, E, N] and dG[B, T, E] from dm[T, B, N]; 1-D grid over (rows, experts): one owner per element."""
+    # The experts of one row block are neighbours in launch order: they share dm's and a's rows in L2.
+    e = tl.program_id(0) % E
+    rows = (tl.program_id(0) // E) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     ts = tl.arange(0, T_PAD)
     row_ok = rows < B
@@ -77,7 +80,7 @@ def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_
         col_ok = cols < N
         pre = pre_tile(a_ptr, w_ptr, bias_ptr, e, rows, cols, B, K, N, stride_ab, stride_ae,
                        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT, ACC, PREC)
-        dm = tl.load(dm_ptr + ts[None, :, None] * (B * N) + rows64[:, None, None] * N + cols[None, None, :],
+        dm = tl.load(dm_ptr + (ts.to(tl.int64)[None, :, None] * B + rows[:, None, None]) * N + cols[None, None, :],
                      mask=g_ok[:, :, None] & col_ok[None, None, :], other=0.0).to(ACC)
         dg += tl.sum(dm * act(pre, ACT)[:, None, :], axis=2)
         dpre = tl.sum(g[:, :, None] * dm, axis=1) * act_grad(pre, ACT)

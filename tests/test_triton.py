@@ -146,9 +146,9 @@ def test_layer_under_torch_compile_matches_eager(hidden):
 
 
 def test_weight_gradients_are_deterministic(sliced_weight_grads):
-    inp = make_inputs(Shape(130, 33, 8, 33, 3))
+    inp = make_inputs(Shape(70, 17, 3, 20, 2))
     args = (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
-    dm = torch.randn(3, 130, 33)
+    dm = torch.randn(2, 70, 20)
     first, second = (ops._mmoe_backward(dm, *args, "relu", "triton") for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)

@@ -115,22 +115,24 @@ def _weight_grad_splits(B: int, tiles: int, device: torch.device) -> int:
 
 
 def _weight_grad(a: torch.Tensor, dy: torch.Tensor, E: int, K: int, N: int, dtype: torch.dtype):
-    """(dW[E, K, N], db[E, N]) in ACC dtype from a[B, K] or [B, E, K] and dy[B, E, N] ([B, N] when E = 1)."""
+    """(dW[E, K, N], db[E, N]) in ``dtype`` from a[B, K] or [B, E, K] and dy[B, E, N] ([B, N] when E = 1)."""
     B, device = a.shape[0], a.device
     splits = _weight_grad_splits(B, triton.cdiv(K, 64) * triton.cdiv(N, 64) * E, device)
     rows = triton.cdiv(B, splits)
     splits = triton.cdiv(B, rows)
-    acc = _acc_dtype(dtype)
-    dw = _new((splits, E, K, N), acc, device)
-    db = _new((splits, E, N), acc, device)
+    part = dtype if splits == 1 else _acc_dtype(dtype)  # one slice: no partials to sum, write the result
+    dw = _new((splits, E, K, N), part, device)
+    db = _new((splits, E, N), part, device)
     s_ab, s_ae = _strides(a, K)
     kinds = _kinds(dtype)
     if dy.dtype != a.dtype:  # dlogit is kept in ACC dtype: run that dot in ACC precision
         kinds["DOT"] = kinds["ACC"]
     grid = lambda META: (triton.cdiv(K, META["BLOCK_K"]), triton.cdiv(N, META["BLOCK_N"]), splits * E)  # noqa: E731
     linear.weight_grad[grid](a, dy, dw, db, B, K, N, E, rows, s_ab, s_ae, E * N, N, _bucket(B), **kinds)
+    if splits == 1:
+        return dw[0], db[0]
     # A fixed-order sum over the slices: the same bits on every run.
-    return dw.sum(0), db.sum(0)
+    return dw.sum(0).to(dtype), db.sum(0).to(dtype)
 
 
 def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -138,7 +140,7 @@ def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tens
     B, (E, K, N) = dpre.shape[0], W.shape
     da = _new((B, K) if shared else (B, E, K), W.dtype, W.device)
     groups, per = (1, E) if shared else (E, 1)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), triton.cdiv(K, META["BLOCK_K"]), groups)  # noqa: E731
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) * groups,)  # noqa: E731
     linear.input_grad[grid](dpre, W, da, B, K, N, E, per, E * N, N, da.stride(0), 0 if shared else K, _bucket(B),
                             **_kinds(W.dtype))
     return da
@@ -178,8 +180,7 @@ def gate_softmax_backward(dG, G, x, Wg):
     T, D, E = Wg.shape
     dx, dlogit = _gate_backward(dG, G, x, Wg)
     dwg, dbg = _weight_grad(x, dlogit, 1, D, T * E, x.dtype)
-    dwg = dwg.view(D, T, E).permute(1, 0, 2).to(x.dtype).contiguous()
-    return dx, dwg, dbg.view(T, E).to(x.dtype)
+    return dx, dwg.view(D, T, E).permute(1, 0, 2).contiguous(), dbg.view(T, E)
 
 
 def expert_mixture(a, W, b, G, activation):
@@ -189,7 +190,7 @@ def expert_mixture(a, W, b, G, activation):
     T = G.shape[1]
     m = _new((T, B, N), a.dtype, a.device)
     s_ab, s_ae = _strides(a, K)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))  # noqa: E731
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     mixture.expert_mixture_fwd[grid](a, W, W if b is None else b, G, m, B, K, N, E, T, s_ab, s_ae, _bucket(B),
                                      ACT=activation, HAS_BIAS=b is not None, T_PAD=triton.next_power_of_2(T),
                                      **_kinds(a.dtype))
@@ -204,13 +205,13 @@ def expert_mixture_backward(dm, a, W, b, G, activation):
     dpre = _new((B, E, N), a.dtype, a.device)
     dG = _new((B, T, E), a.dtype, a.device)
     s_ab, s_ae = _strides(a, K)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), E)  # noqa: E731
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * E,)  # noqa: E731
     mixture.expert_mixture_bwd_rows[grid](dm, a, W, W if b is None else b, G, dpre, dG, B, K, N, E, T, s_ab, s_ae,
                                           _bucket(B), ACT=activation, HAS_BIAS=b is not None,
                                           T_PAD=triton.next_power_of_2(T), **_kinds(a.dtype))
     da = _input_grad(dpre, W, a.dim() == 2)
     dW, db = _weight_grad(a, dpre, E, K, N, a.dtype)
-    return da, dW.to(a.dtype), db.to(a.dtype), dG
+    return da, dW, db, dG
 
 
 def grouped_linear(a, W, b, activation):
@@ -219,7 +220,7 @@ def grouped_linear(a, W, b, activation):
     E, K, N = W.shape
     out = _new((B, E, N), a.dtype, a.device)
     s_ab, s_ae = _strides(a, K)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]), E)  # noqa: E731
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]) * E,)  # noqa: E731
     linear.grouped_linear_fwd[grid](a, W, W if b is None else b, out, B, K, N, E, s_ab, s_ae, _bucket(B),
                                     ACT=activation, HAS_BIAS=b is not None, **_kinds(a.dtype))
     return out
@@ -231,9 +232,9 @@ def grouped_linear_backward(dout, a, W, b, activation):
     E, K, N = W.shape
     dpre = _new((B, E, N), a.dtype, a.device)
     s_ab, s_ae = _strides(a, K)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]), E)  # noqa: E731
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]) * E,)  # noqa: E731
     linear.grouped_linear_bwd_rows[grid](dout, a, W, W if b is None else b, dpre, B, K, N, E, s_ab, s_ae,
                                          _bucket(B), ACT=activation, HAS_BIAS=b is not None, **_kinds(a.dtype))
     da = _input_grad(dpre, W, a.dim() == 2)
     dW, db = _weight_grad(a, dpre, E, K, N, a.dtype)
-    return da, dW.to(a.dtype), db.to(a.dtype)
+    return da, dW, db
