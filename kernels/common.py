@@ -14,8 +14,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # MMOE_FAST_TRITON_AUTOTUNE=0: each kernel's first GPU config only (quick start: a correctness run).
 AUTOTUNE = os.environ.get("MMOE_FAST_TRITON_AUTOTUNE", "1") != "0"
 
-_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_A = 0.044715
 
 
 def autotune(gpu_configs, interpret_config, key, prune=None):
@@ -41,6 +39,15 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _gelu_2u(x):
+    """2u of gelu's tanh form 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    The constants are literals: a compiled kernel reads only constexpr globals, and constexpr arithmetic
+    with tensors breaks the interpreter."""
+    return 1.5957691216057308 * (x + 0.044715 * x * x * x)
+
+
+@triton.jit
 def act(pre, ACT: tl.constexpr):
     """act(pre) for ACT in relu, silu, gelu (tanh form), identity; NaN stays NaN."""
     if ACT == "relu":
@@ -48,8 +55,7 @@ def act(pre, ACT: tl.constexpr):
     elif ACT == "silu":
         out = pre * _sigmoid(pre)
     elif ACT == "gelu":
-        # 0.5 x (1 + tanh(u)) == x * sigmoid(2u): no tanh needed
-        out = pre * _sigmoid(2.0 * _GELU_C * (pre + _GELU_A * pre * pre * pre))
+        out = pre * _sigmoid(_gelu_2u(pre))
     else:
         out = pre
     return out
@@ -64,8 +70,9 @@ def act_grad(pre, ACT: tl.constexpr):
         s = _sigmoid(pre)
         out = s * (1.0 + pre * (1.0 - s))
     elif ACT == "gelu":
-        s = _sigmoid(2.0 * _GELU_C * (pre + _GELU_A * pre * pre * pre))
-        out = s + 2.0 * pre * s * (1.0 - s) * _GELU_C * (1.0 + 3.0 * _GELU_A * pre * pre)
+        s = _sigmoid(_gelu_2u(pre))
+        # d/dx x * sigmoid(2u) = s + x * s * (1 - s) * 2u', with 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        out = s + pre * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * pre * pre))
     else:
         out = tl.full(pre.shape, 1.0, pre.dtype)
     return out

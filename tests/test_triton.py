@@ -4,6 +4,7 @@ Every output and scratch buffer the backend allocates is filled with NaN first (
 so an element no program writes fails ``assert_close``'s finiteness check.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -83,6 +84,12 @@ def test_two_layer_experts(shape, activation, sliced_weight_grads):
 def test_three_layer_experts(activation):
     """A per-expert input into grouped_linear, and identity's no-recompute backward path."""
     check_layer("triton", Shape(19, 6, 3, 5, 2), dtype=torch.float64, activation=activation, hidden=(9, 17))
+
+
+@pytest.mark.parametrize("T", [5, 8])
+def test_more_tasks_than_one_program_holds(T):
+    """T > MAX_TASKS: the forward splits the tasks into groups (T = 5: a group with an unused slot)."""
+    check_layer("triton", Shape(9, 6, 3, 5, T), dtype=torch.float32, activation="gelu")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -246,3 +253,15 @@ def test_gpu_benchmark_smoke_mode_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "correctness: all passed" in proc.stdout
+
+
+def test_kernels_compile_for_a_gpu_without_spills():
+    """The interpreter never compiles: lower each kernel to an sm_90 cubin (Triton's bundled ptxas)."""
+    bin_dir = Path(importlib.import_module("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "ptxas").exists():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--quick",
+                           "--dtypes", "fp32,bf16"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all compiled" in proc.stdout

@@ -190,10 +190,12 @@ def expert_mixture(a, W, b, G, activation):
     T = G.shape[1]
     m = _new((T, B, N), a.dtype, a.device)
     s_ab, s_ae = _strides(a, K)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    # Up to MAX_TASKS accumulators a program; more tasks split evenly into groups that recompute f.
+    groups = triton.cdiv(T, mixture.MAX_TASKS)
+    tasks = triton.cdiv(T, groups)
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * groups * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     mixture.expert_mixture_fwd[grid](a, W, W if b is None else b, G, m, B, K, N, E, T, s_ab, s_ae, _bucket(B),
-                                     ACT=activation, HAS_BIAS=b is not None, T_PAD=triton.next_power_of_2(T),
-                                     **_kinds(a.dtype))
+                                     ACT=activation, HAS_BIAS=b is not None, TASKS=tasks, **_kinds(a.dtype))
     return m
 
 
