@@ -20,7 +20,6 @@ _CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
     cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8),
-    cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
 ]
 # The backward holds more tiles (pre, f, df, dm, act'): narrower column tiles or more warps.
 _BWD_CONFIGS = [

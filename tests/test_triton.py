@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,6 +232,15 @@ def test_precision_setting(monkeypatch):
     monkeypatch.setenv(tb.PRECISION_ENV, "fast")
     with pytest.raises(ValueError, match=tb.PRECISION_ENV):
         tb.precision()
+
+
+def test_weight_gradient_slices_fill_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert tb._weight_grad_splits(65536, 16, cuda) == 17  # 16 weight tiles: slices fill 2 x 132 SMs
+    assert tb._weight_grad_splits(65536, 1024, cuda) == 1  # enough weight tiles already
+    assert tb._weight_grad_splits(3000, 16, cuda) == 2  # >= 1024 rows a slice
+    assert tb._weight_grad_splits(65536, 16, torch.device("cpu")) == 1
 
 
 def test_gate_columns_are_padded_for_tl_dot():
