@@ -64,10 +64,11 @@ def _variants(quick: bool):
             yield mixture.expert_mixture_bwd_rows, dict(ACT=act, HAS_BIAS=True, T_PAD=t_pad)
         yield linear.grouped_linear_fwd, dict(ACT=act, HAS_BIAS=True)
         yield linear.grouped_linear_bwd_rows, dict(ACT=act, HAS_BIAS=True)
-    yield linear.input_grad, {}
+    for gate in (False, True):
+        yield linear.input_grad, dict(GATE=gate)
+        yield gating.gate_softmax_bwd, dict(WRITE_DX=not gate, T_PAD=4, E_PAD=16)
     yield linear.weight_grad, {}
     yield gating.gate_softmax_fwd, dict(HAS_BIAS=True, T_PAD=4, E_PAD=16)
-    yield gating.gate_softmax_bwd, dict(T_PAD=4, E_PAD=16)
 
 
 def _resources(cubin: bytes) -> tuple[int, int]:
@@ -92,6 +93,8 @@ def compile_one(fn, cfg, flags: dict, dtype_name: str, target) -> tuple[bool, st
     consts = dict(flags, **cfg.kwargs, ACC=acc, PREC="tf32")
     if "DOT" in fn.arg_names:
         consts["DOT"] = dtype
+    missing = [a for a, p in zip(fn.arg_names, fn.params) if p.is_constexpr and a not in consts]
+    assert not missing, f"{fn.__name__}: no value for constexpr {missing}"
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:

@@ -74,13 +74,16 @@ def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N,
     key=_KEY,
 )
 @triton.jit
-def input_grad(dy_ptr, w_ptr, da_ptr, B, K, N, E, E_PER_PROGRAM, stride_yb, stride_ye, stride_db, stride_de,
-               B_BUCKET, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_PROGRAM,
+               stride_yb, stride_ye, stride_db, stride_de, B_BUCKET,
+               GATE: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """da[b, j, k] = sum over the experts e of group j of dy[b, e, :] @ W[e, k, :].
 
     A shared input has one group of all E experts (E_PER_PROGRAM = E); a per-expert input has E groups
     of one. ``da`` is written at ``b * stride_db + j * stride_de + k``. 1-D grid over (rows, groups, k).
+    GATE (shared input only): also add the gate's share of dx, ``dlogit[b] @ Wg^T`` (dlogit is
+    [B, T * E] in ACC dtype, Wg is [T, K, E]), so dx is written once.
     """
     k_tiles = tl.cdiv(K, BLOCK_K)
     groups = E // E_PER_PROGRAM
@@ -100,6 +103,15 @@ def input_grad(dy_ptr, w_ptr, da_ptr, B, K, N, E, E_PER_PROGRAM, stride_yb, stri
             wt = tl.load(w_ptr + e * K * N + ks[None, :] * N + ns[:, None],
                          mask=(ns < N)[:, None] & (ks < K)[None, :], other=0.0)
             acc = tl.dot(dy.to(DOT), wt.to(DOT), acc, input_precision=PREC)
+    if GATE:
+        for c0 in range(0, T * E, BLOCK_N):
+            c = c0 + tl.arange(0, BLOCK_N)
+            c_ok = c < T * E
+            dl = tl.load(dlogit_ptr + rows64[:, None] * (T * E) + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+            wgt = tl.load(wg_ptr + (c // E)[:, None] * (K * E) + ks[None, :] * E + (c % E)[:, None],
+                          mask=c_ok[:, None] & (ks < K)[None, :], other=0.0)
+            acc = tl.dot(dl.to(ACC), wgt.to(ACC), acc, input_precision=PREC)
     tl.store(da_ptr + rows64[:, None] * stride_db + j * stride_de + ks[None, :], acc.to(da_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (ks < K)[None, :])
 

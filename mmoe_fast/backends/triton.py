@@ -5,6 +5,7 @@ Forward:  ``gate_softmax`` is one GEMM for all tasks with the softmax in its epi
 Backward: one row-parallel kernel recomputes ``pre`` (the backward ops get only the inputs) and writes
           ``dG`` and ``dpre``; two GEMM kernels give ``da`` and ``dW``/``db``. Weight gradients are
           reduced without atomics (per-slice partial buffers summed in a fixed order): deterministic.
+          ``mmoe_backward`` fuses the gate's backward in (one dx, fp32 dG).
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 fp32, fp64, fp16 and bf16 inputs; fp32 accumulation (fp64 for fp64); outputs in the input dtype.
 fp32 ``tl.dot`` precision: ``precision()``.
@@ -135,14 +136,18 @@ def _weight_grad(a: torch.Tensor, dy: torch.Tensor, E: int, K: int, N: int, dtyp
     return dw.sum(0).to(dtype), db.sum(0).to(dtype)
 
 
-def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tensor:
-    """da = sum_e dpre_e @ W[e]^T: [B, K] for a shared input, else [B, E, K]."""
+def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool, gate=None) -> torch.Tensor:
+    """da = sum_e dpre_e @ W[e]^T: [B, K] for a shared input, else [B, E, K].
+
+    ``gate = (dlogit[B, T, E] in ACC dtype, Wg[T, K, E])`` adds the gate's share, dlogit @ Wg^T (shared only).
+    """
     B, (E, K, N) = dpre.shape[0], W.shape
     da = _new((B, K) if shared else (B, E, K), W.dtype, W.device)
     groups, per = (1, E) if shared else (E, 1)
+    dlogit, wg = gate if gate is not None else (dpre, W)
     grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]) * groups,)  # noqa: E731
-    linear.input_grad[grid](dpre, W, da, B, K, N, E, per, E * N, N, da.stride(0), 0 if shared else K, _bucket(B),
-                            **_kinds(W.dtype))
+    linear.input_grad[grid](dpre, W, da, dlogit, wg, B, K, N, E, wg.shape[0] if gate else 0, per, E * N, N,
+                            da.stride(0), 0 if shared else K, _bucket(B), GATE=gate is not None, **_kinds(W.dtype))
     return da
 
 
@@ -161,26 +166,32 @@ def gate_softmax(x, Wg, bg):
     return G
 
 
-def _gate_backward(dG, G, x, Wg):
-    """(dx[B, D], dlogit[B, T, E] in ACC dtype)."""
+def _gate_backward(dG, G, x, Wg, with_dx: bool):
+    """(dx[B, D] | None, dlogit[B, T, E] in ACC dtype)."""
     B, D = x.shape
     T, _, E = Wg.shape
     t_pad, e_pad = _pads(T, E)
-    dx = _new((B, D), x.dtype, x.device)
+    dx = _new((B, D), x.dtype, x.device) if with_dx else None
     dlogit = _new((B, T, E), _acc_dtype(x.dtype), x.device)
     kinds = _kinds(x.dtype)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), triton.cdiv(D, META["BLOCK_D"]))  # noqa: E731
-    gating.gate_softmax_bwd[grid](dG, G, Wg, dx, dlogit, B, D, T, E, _bucket(B), T_PAD=t_pad, E_PAD=e_pad,
-                                  ACC=kinds["ACC"], PREC=kinds["PREC"])
+    d_blocks = (lambda META: triton.cdiv(D, META["BLOCK_D"])) if with_dx else (lambda META: 1)
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), d_blocks(META))  # noqa: E731
+    gating.gate_softmax_bwd[grid](dG, G, Wg, dlogit if dx is None else dx, dlogit, B, D, T, E, _bucket(B),
+                                  WRITE_DX=with_dx, T_PAD=t_pad, E_PAD=e_pad, ACC=kinds["ACC"], PREC=kinds["PREC"])
     return dx, dlogit
+
+
+def _gate_weight_grads(x, dlogit, T, D, E):
+    """(dWg[T, D, E], dbg[T, E]) from dlogit[B, T, E]."""
+    dwg, dbg = _weight_grad(x, dlogit, 1, D, T * E, x.dtype)
+    return dwg.view(D, T, E).permute(1, 0, 2).contiguous(), dbg.view(T, E)
 
 
 def gate_softmax_backward(dG, G, x, Wg):
     """(dx[B, D], dWg[T, D, E], dbg[T, E]) from dG[B, T, E] and the forward's G."""
     T, D, E = Wg.shape
-    dx, dlogit = _gate_backward(dG, G, x, Wg)
-    dwg, dbg = _weight_grad(x, dlogit, 1, D, T * E, x.dtype)
-    return dx, dwg.view(D, T, E).permute(1, 0, 2).contiguous(), dbg.view(T, E)
+    dx, dlogit = _gate_backward(dG, G, x, Wg, with_dx=True)
+    return dx, *_gate_weight_grads(x, dlogit, T, D, E)
 
 
 def expert_mixture(a, W, b, G, activation):
@@ -199,21 +210,42 @@ def expert_mixture(a, W, b, G, activation):
     return m
 
 
-def expert_mixture_backward(dm, a, W, b, G, activation):
-    """(da, dW[E, K, H], db[E, H], dG[B, T, E]) from dm[T, B, H]; da has a's shape."""
+def _mixture_rows(dm, a, W, b, G, activation, dg_dtype):
+    """(dpre[B, E, H], dG[B, T, E] in dg_dtype): the row-parallel half of the mixture backward."""
     B = a.shape[0]
     E, K, N = W.shape
     T = G.shape[1]
     dpre = _new((B, E, N), a.dtype, a.device)
-    dG = _new((B, T, E), a.dtype, a.device)
+    dG = _new((B, T, E), dg_dtype, a.device)
     s_ab, s_ae = _strides(a, K)
     grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * E,)  # noqa: E731
     mixture.expert_mixture_bwd_rows[grid](dm, a, W, W if b is None else b, G, dpre, dG, B, K, N, E, T, s_ab, s_ae,
                                           _bucket(B), ACT=activation, HAS_BIAS=b is not None,
                                           T_PAD=triton.next_power_of_2(T), **_kinds(a.dtype))
+    return dpre, dG
+
+
+def expert_mixture_backward(dm, a, W, b, G, activation):
+    """(da, dW[E, K, H], db[E, H], dG[B, T, E]) from dm[T, B, H]; da has a's shape."""
+    E, K, N = W.shape
+    dpre, dG = _mixture_rows(dm, a, W, b, G, activation, a.dtype)
     da = _input_grad(dpre, W, a.dim() == 2)
-    dW, db = _weight_grad(a, dpre, E, K, N, a.dtype)
-    return da, dW, db, dG
+    return da, *_weight_grad(a, dpre, E, K, N, a.dtype), dG
+
+
+def mmoe_backward(dm, x, W, b, Wg, bg, activation):
+    """(dx, dW, db, dWg, dbg) of a single-layer MMoE from dm[T, B, H], fused across the gate and the mixture.
+
+    Against composing the two backward ops: dG stays in fp32, and the gate's share of dx is added inside
+    the experts' input-gradient kernel, so dx is written once (no separate [B, D] pass and add).
+    """
+    T, D, E = Wg.shape
+    _, _, N = W.shape
+    G = gate_softmax(x, Wg, bg)  # recomputed: the backward op gets only the inputs
+    dpre, dG = _mixture_rows(dm, x, W, b, G, activation, _acc_dtype(x.dtype))
+    _, dlogit = _gate_backward(dG, G, x, Wg, with_dx=False)
+    dx = _input_grad(dpre, W, True, gate=(dlogit, Wg))
+    return dx, *_weight_grad(x, dpre, E, D, N, x.dtype), *_gate_weight_grads(x, dlogit, T, D, E)
 
 
 def grouped_linear(a, W, b, activation):
@@ -237,6 +269,4 @@ def grouped_linear_backward(dout, a, W, b, activation):
     grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]) * E,)  # noqa: E731
     linear.grouped_linear_bwd_rows[grid](dout, a, W, W if b is None else b, dpre, B, K, N, E, s_ab, s_ae,
                                          _bucket(B), ACT=activation, HAS_BIAS=b is not None, **_kinds(a.dtype))
-    da = _input_grad(dpre, W, a.dim() == 2)
-    dW, db = _weight_grad(a, dpre, E, K, N, a.dtype)
-    return da, dW, db
+    return _input_grad(dpre, W, a.dim() == 2), *_weight_grad(a, dpre, E, K, N, a.dtype)
