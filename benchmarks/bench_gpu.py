@@ -55,7 +55,6 @@ from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs  # noqa: E
 MODES = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None), (torch.float16, None)]
 BIG = (512, 16, 512, 3)  # D, E, H, T of the timing shape
 PAPER = (100, 8, 16, 2)  # the paper's synthetic-data layer
-INTERPRETER_HALF_TOLERANCE = 3e-2  # the interpreter rounds half stores toward zero (tests/test_triton.py)
 
 
 def _set_precision(precision: str | None) -> None:
@@ -79,8 +78,6 @@ def correctness(device: str, smoke: bool) -> list[str]:
     for i, (dtype, prec, shape) in enumerate(cases):
         _set_precision(prec)
         tol = tb.tolerance(dtype)
-        if tb.INTERPRET and dtype in (torch.bfloat16, torch.float16):
-            tol = INTERPRETER_HALF_TOLERANCE
         activation = ("relu", "gelu", "silu")[i % 3]
         hidden = (33,) if i % 2 else ()
         what = f"{str(dtype)[6:]:9s} {prec or '':5s} {shape} {activation} hidden={hidden} tol={tol:.0e}"
