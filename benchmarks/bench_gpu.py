@@ -161,13 +161,19 @@ def time_layer(device, dtype, B, dims, bench, peak, compiled) -> list[str]:
     lines = []
     for name, (fwd, fwdbwd) in times.items():
         cells = [f"{B:6d}", f"{name:14s}"]
-        for kind, ms in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        for i, (kind, ms) in enumerate((("fwd", fwd), ("fwdbwd", fwdbwd))):
             flops, nbytes = costs[kind]
             roof = max(flops / peak[0], nbytes / peak[1]) * 1e3
-            ratio = times["triton"][0 if kind == "fwd" else 1]
             cells.append(f"{ms:9.3f} ms {flops / ms / 1e9:7.1f} TF/s {nbytes / ms / 1e6:7.1f} GB/s "
-                         f"{100 * roof / ms:5.1f}% roof  x{ms / ratio:5.2f}")
+                         f"{100 * roof / ms:5.1f}% roof  x{ms / times['triton'][i]:5.2f}")
         lines.append(" | ".join(cells))
+    if (B, dims) == (8192, BIG) and "torch.compile" in times:
+        flops, nbytes = costs["fwd"]
+        roof = max(flops / peak[0], nbytes / peak[1]) * 1e3
+        tri = times["triton"]
+        lines.append(f"  issue targets at B=8192: fwd+bwd {times['batched eager'][1] / tri[1]:.2f}x batched eager "
+                     f"(>= 2), {times['torch.compile'][1] / tri[1]:.2f}x torch.compile (>= 1.3); forward at "
+                     f"{100 * roof / tri[0]:.0f}% of the roof that binds (>= 70%)")
     return lines
 
 
