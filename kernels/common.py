@@ -11,7 +11,7 @@ import triton.language as tl
 
 # Triton reads this when a kernel is decorated, so the kernels' mode is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# MMOE_FAST_TRITON_AUTOTUNE=0: each kernel's first GPU config only (quick start: a correctness run).
+# MMOE_FAST_TRITON_AUTOTUNE=0: each kernel's first GPU config that fits (quick start: a correctness run).
 AUTOTUNE = os.environ.get("MMOE_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
@@ -21,12 +21,18 @@ def autotune(gpu_configs, interpret_config, key, prune=None):
 
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
-    configs = [interpret_config] if INTERPRET else gpu_configs if AUTOTUNE else gpu_configs[:1]
+    configs = [interpret_config] if INTERPRET else gpu_configs
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"
-    by = {"early_config_prune": prune} if prune is not None and not INTERPRET else None
-    return triton.autotune(configs, key=key, prune_configs_by=by)
+    if INTERPRET:
+        return triton.autotune(configs, key=key)
+
+    def keep(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune is not None else configs
+        return kept if AUTOTUNE else kept[:1]  # without tuning: the first config that fits
+
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": keep})
 
 
 def cfg(num_warps=4, num_stages=3, **blocks):
