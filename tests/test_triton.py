@@ -1,0 +1,277 @@
+"""The triton backend against the float64 loop reference, run on CPU tensors through Triton's interpreter.
+
+Every output and scratch buffer the backend allocates is filled with NaN first (the ``poisoned`` fixture),
+so an element no program writes fails ``assert_close``'s finiteness check.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mmoe_fast as mf
+from mmoe_fast import backends, ops, reference
+from mmoe_fast.activations import ACTIVATIONS
+from mmoe_fast.models import MMoELayer
+from mmoe_fast.testing import SHAPES, Shape, assert_close, check_layer, make_inputs
+
+tb = pytest.importorskip("mmoe_fast.backends.triton")
+if tb.unavailable_reason() is not None:
+    pytest.skip(f"triton backend unavailable: {tb.unavailable_reason()}", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """NaN in every buffer the backend allocates: unwritten elements cannot pass."""
+    made = []
+
+    def nan_filled(shape, dtype, device):
+        made.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(tb, "_new", nan_filled)
+    return made
+
+
+@pytest.fixture
+def sliced_weight_grads(monkeypatch):
+    """Three batch slices in the weight-gradient reduction (a GPU picks several; the CPU picks one)."""
+    monkeypatch.setattr(tb, "_weight_grad_splits", lambda B, tiles, device: 3)
+
+
+# Every shape with one activation each (cycled), and every activation on two shapes: each axis covered
+# without the whole cross product, which the interpreter is too slow for.
+@pytest.mark.parametrize("shape,activation", [(s, ACTIVATIONS[i % 4]) for i, s in enumerate(SHAPES)],
+                         ids=lambda v: str(v))
+def test_layer_matches_reference_float32(shape, activation, poisoned):
+    check_layer("triton", shape, dtype=torch.float32, activation=activation)
+    assert poisoned or shape.B == 0  # the kernels ran (B = 0 never reaches a backend)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[5]], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation(shape, activation):
+    check_layer("triton", shape, dtype=torch.float32, activation=activation)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:7:2], ids=str)
+def test_layer_matches_reference_float64(shape, sliced_weight_grads):
+    check_layer("triton", shape, dtype=torch.float64, activation="gelu")
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=str)
+@pytest.mark.parametrize("bias,gate_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("split", [True, False], ids=["split-ops", "fused-mmoe"])
+def test_without_biases(shape, bias, gate_bias, split):
+    check_layer("triton", shape, dtype=torch.float32, bias=bias, gate_bias=gate_bias, split=split, activation="silu")
+
+
+@pytest.mark.parametrize("shape,activation", [(s, ("relu", "gelu")[i % 2]) for i, s in enumerate(SHAPES)],
+                         ids=lambda v: str(v))
+def test_two_layer_experts(shape, activation, sliced_weight_grads):
+    check_layer("triton", shape, dtype=torch.float32, activation=activation, hidden=(9,))
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+def test_three_layer_experts(activation):
+    """A per-expert input into grouped_linear, and identity's no-recompute backward path."""
+    check_layer("triton", Shape(19, 6, 3, 5, 2), dtype=torch.float64, activation=activation, hidden=(9, 17))
+
+
+@pytest.mark.parametrize("T", [5, 8])
+def test_more_tasks_than_one_program_holds(T):
+    """T > MAX_TASKS: the forward splits the tasks into groups (T = 5: a group with an unused slot)."""
+    check_layer("triton", Shape(9, 6, 3, 5, T), dtype=torch.float32, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_path_runs(dtype):
+    """Loose here (tb.tolerance: the interpreter truncates half stores); the 1e-2 contract is checked on a GPU."""
+    check_layer("triton", SHAPES[3], dtype=dtype, activation="gelu", hidden=(9,), tol=tb.tolerance(dtype))
+
+
+def test_half_outputs_keep_the_input_dtype():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=torch.bfloat16)
+    x, w, b = inp["x"], inp["weights"][0], inp["biases"][0]
+    gates = mf.gate_softmax(x, inp["gate_weight"], inp["gate_bias"], backend="triton")
+    m = mf.expert_mixture(x, w, b, gates, backend="triton")
+    h = mf.grouped_linear(x, w, b, backend="triton")
+    assert gates.dtype == m.dtype == h.dtype == torch.bfloat16
+    assert m.is_contiguous() and h.is_contiguous() and gates.is_contiguous()
+
+
+OP_SHAPE = Shape(5, 6, 3, 4, 2)
+
+
+def _op_cases(dtype=torch.float32, shape=OP_SHAPE):
+    inp = make_inputs(shape, dtype=dtype)
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = reference.gate_softmax(x, wg, bg)
+    a3 = torch.randn(shape.B, shape.E, shape.D, dtype=dtype)
+    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "triton")
+    yield "gate_softmax_nobias", ops._gate_softmax, (x, wg, None, "triton")
+    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "triton")
+    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "triton")
+    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "relu", "triton")
+    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "triton")
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name,op,args", [c for c in _op_cases(torch.float64, Shape(3, 4, 2, 3, 2))
+                                         if c[0] in ("grouped_linear", "mmoe")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_gradcheck_float64(name, op, args):
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden", [16, (9, 16)], ids=["one-layer", "two-layer"])
+def test_layer_under_torch_compile_matches_eager(hidden):
+    torch.manual_seed(0)
+    layer = MMoELayer(12, 4, hidden, 3, activation="silu", backend="triton")
+    x = torch.randn(21, 12)
+    eager = layer(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(layer.parameters()))
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_weight_gradients_are_deterministic(sliced_weight_grads):
+    inp = make_inputs(Shape(70, 17, 3, 20, 2))
+    args = (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
+    dm = torch.randn(2, 70, 20)
+    first, second = (ops._mmoe_backward(dm, *args, "relu", "triton") for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_softmax_is_stable_for_huge_logits():
+    x = torch.tensor([[1e4, -1e4]], dtype=torch.float32)
+    g = mf.gate_softmax(x, torch.eye(2).reshape(1, 2, 2), backend="triton")
+    torch.testing.assert_close(g, torch.tensor([[[1.0, 0.0]]]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_in_nan_out(activation):
+    inp = make_inputs(Shape(4, 5, 3, 6, 2))
+    inp["x"][1, 2] = float("nan")
+    out = mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"],
+                  activation=activation, backend="triton")
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
+
+
+def test_non_contiguous_inputs():
+    inp = make_inputs(Shape(9, 6, 3, 5, 2))
+    x_t = inp["x"].t().contiguous().t()
+    w_nc = inp["weights"][0].transpose(1, 2).contiguous().transpose(1, 2)
+    out = mf.mmoe(x_t, w_nc, inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="triton")
+    ref = reference.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
+    assert_close(out, ref, 1e-5, "non-contiguous forward")
+
+
+def test_bad_input_is_rejected_before_the_kernels():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2))
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    with pytest.raises(ValueError, match="expert_weight"):
+        mf.mmoe(x, w[:, :-1], b, wg, bg, backend="triton")
+    with pytest.raises(ValueError, match="activation"):
+        mf.mmoe(x, w, b, wg, bg, activation="tanh", backend="triton")
+    with pytest.raises(ValueError, match="triton"):  # a device the backend cannot run on
+        mf.mmoe(*(t.to("meta") for t in (x, w, b, wg, bg)), backend="triton")
+
+
+def test_supports_and_availability(monkeypatch):
+    cpu = torch.device("cpu")
+    assert tb.supports(cpu, torch.float32) and tb.supports(cpu, torch.bfloat16) and tb.supports(cpu, torch.float64)
+    assert not tb.supports(cpu, torch.int32)
+    assert tb.supports(torch.device("cuda"), torch.float16)
+    assert not tb.supports(torch.device("meta"), torch.float32)
+    assert "triton" in backends.available_backends()
+    monkeypatch.setattr(tb, "INTERPRET", False)
+    assert not tb.supports(cpu, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA" in tb.unavailable_reason()
+    monkeypatch.setattr(tb, "triton", None)
+    assert "not installed" in tb.unavailable_reason()
+    assert not tb.supports(torch.device("cuda"), torch.float32)
+
+
+def test_precision_setting(monkeypatch):
+    monkeypatch.delenv(tb.PRECISION_ENV, raising=False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert tb.precision() == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert tb.precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    monkeypatch.setenv(tb.PRECISION_ENV, "ieee")
+    assert tb.precision() == "ieee" and tb.tolerance(torch.float32) == 1e-5
+    assert tb.tolerance(torch.bfloat16) == tb.INTERPRETER_HALF_TOLERANCE
+    monkeypatch.setenv(tb.PRECISION_ENV, "tf32")
+    monkeypatch.setattr(tb, "INTERPRET", False)  # on a GPU, tf32 loosens the fp32 promise
+    assert tb.tolerance(torch.float32) == tb.TF32_TOLERANCE and tb.tolerance(torch.bfloat16) == 1e-2
+    monkeypatch.setenv(tb.PRECISION_ENV, "fast")
+    with pytest.raises(ValueError, match=tb.PRECISION_ENV):
+        tb.precision()
+
+
+def test_weight_gradient_slices_fill_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert tb._weight_grad_splits(65536, 16, cuda) == 17  # 16 weight tiles: slices fill 2 x 132 SMs
+    assert tb._weight_grad_splits(65536, 1024, cuda) == 1  # enough weight tiles already
+    assert tb._weight_grad_splits(3000, 16, cuda) == 2  # >= 1024 rows a slice
+    assert tb._weight_grad_splits(65536, 16, torch.device("cpu")) == 1
+
+
+def test_gate_columns_are_padded_for_tl_dot():
+    for T, E in [(1, 1), (3, 1), (1, 3), (2, 8), (3, 16), (5, 33)]:
+        t_pad, e_pad = tb._pads(T, E)
+        assert t_pad * e_pad >= 16 and t_pad >= T and e_pad >= E
+
+
+def test_autotune_configs_refuse_small_dot_blocks():
+    from mmoe_fast.kernels import common
+
+    with pytest.raises(AssertionError, match=">= 16"):
+        common.autotune([common.cfg(BLOCK_M=8)], common.cfg(BLOCK_M=8), key=[])
+
+
+def test_gpu_benchmark_smoke_mode_runs():
+    """benchmarks/bench_gpu.py --smoke: the GPU script's correctness pass, tiny, on the interpreter."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "correctness: all passed" in proc.stdout
+
+
+def test_kernels_compile_for_a_gpu_without_spills():
+    """The interpreter never compiles: lower each kernel to an sm_90 cubin (Triton's bundled ptxas)."""
+    bin_dir = Path(importlib.import_module("triton").__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bin_dir / "ptxas").exists():
+        pytest.skip("this triton has no bundled NVIDIA toolchain")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--quick",
+                           "--dtypes", "fp32,bf16"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all compiled" in proc.stdout
