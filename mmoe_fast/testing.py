@@ -152,3 +152,42 @@ def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu"
              *[f"b{i}" for i, b in enumerate(inputs["biases"]) if b is not None], "gate_weight", "gate_bias"]
     for name, g, r in zip(names, grads, ref_grads):
         assert_close(g, r, tol, f"{backend} grad {name}")
+
+
+OP_SHAPE = Shape(5, 6, 3, 4, 2)
+
+
+def op_cases(backend: str, *, dtype=torch.float64, shape: Shape = OP_SHAPE, biases=(True, False)):
+    """``(id, op, args)`` for ``opcheck`` and ``gradcheck``: every registered op on ``backend``.
+
+    Shared and per-expert inputs, with and without biases, a different activation per op.
+    """
+    for bias in biases:
+        inp = make_inputs(shape, dtype=dtype, bias=bias, gate_bias=bias, seed=1)
+        x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+        gates = reference.gate_softmax(x, wg, bg)
+        a3 = torch.randn(shape.B, shape.E, shape.D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        a3 = a3.to(dtype)
+        tag = "" if bias else "-nobias"
+        yield f"gate_softmax{tag}", ops._gate_softmax, (x, wg, bg, backend)
+        yield f"expert_mixture{tag}", ops._expert_mixture, (x, w, b, gates, "silu", backend)
+        yield f"expert_mixture-per-expert{tag}", ops._expert_mixture, (a3, w, b, gates, "gelu", backend)
+        yield f"grouped_linear{tag}", ops._grouped_linear, (x, w, b, "relu", backend)
+        yield f"grouped_linear-per-expert{tag}", ops._grouped_linear, (a3, w, b, "identity", backend)
+        yield f"mmoe{tag}", ops._mmoe, (x, w, b, wg, bg, "gelu", backend)
+
+
+def case_id(value) -> str:
+    """pytest ids for ``op_cases`` rows: the name, nothing for the op and its arguments."""
+    return value if isinstance(value, str) else ""
+
+
+def run_opcheck(op, args) -> None:
+    """``torch.library.opcheck`` with gradients wanted on every tensor argument."""
+    torch.library.opcheck(op, tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+
+
+def run_gradcheck(op, args) -> None:
+    """``torch.autograd.gradcheck`` (float64 arguments) of ``op`` with respect to every tensor argument."""
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)

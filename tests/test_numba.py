@@ -14,11 +14,11 @@ import torch
 from mmoe_fast.kernels import numba_kernels
 
 import mmoe_fast as mf
-from mmoe_fast import backends, ops
+from mmoe_fast import backends
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.backends import numba as numba_backend
 from mmoe_fast.data.synthetic import make_synthetic
-from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs
+from mmoe_fast.testing import SHAPES, Shape, case_id, check_layer, make_inputs, op_cases, run_gradcheck, run_opcheck
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -45,29 +45,15 @@ def test_numba_without_biases(shape, bias, gate_bias, split):
     check_layer("numba", shape, dtype=torch.float64, activation="silu", bias=bias, gate_bias=gate_bias, split=split)
 
 
-def _op_cases():
-    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=torch.float64)
-    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
-    gates = mf.gate_softmax(x, wg, bg, backend="reference")
-    a3 = (x[:, None, :] * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None]).contiguous()
-    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "numba")
-    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "numba")
-    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "numba")
-    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "identity", "numba")
-    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "numba")
-
-
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("numba")), ids=case_id)
 def test_numba_gradcheck_float64(name, op, args):
-    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+    run_gradcheck(op, args)
 
 
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("numba")), ids=case_id)
 def test_numba_opcheck(name, op, args):
     """Outputs agree with the fake (exact-stride) implementations the compiler traces with."""
-    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    torch.library.opcheck(op, args)
+    run_opcheck(op, args)
 
 
 def _train_step_grads(inp, dm):

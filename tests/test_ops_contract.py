@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import backends, ops
-from mmoe_fast.testing import Shape, make_inputs
+from mmoe_fast import backends
+from mmoe_fast.testing import Shape, case_id, make_inputs, op_cases, run_gradcheck, run_opcheck
 
 
 def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
@@ -16,26 +16,14 @@ def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
     return x, w, b, wg, bg, gates, a
 
 
-def _op_cases(dtype=torch.float64):
-    for bias in (True, False):
-        x, w, b, wg, bg, gates, a3 = _args(dtype, bias=bias, per_expert=True)
-        yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "reference")
-        yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "reference")
-        yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, b, gates, "gelu", "reference")
-        yield "grouped_linear", ops._grouped_linear, (x, w, b, "relu", "reference")
-        yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "reference")
-
-
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("reference")), ids=case_id)
 def test_opcheck(name, op, args):
-    args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    torch.library.opcheck(op, args)
+    run_opcheck(op, args)
 
 
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("reference")), ids=case_id)
 def test_gradcheck_float64(name, op, args):
-    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+    run_gradcheck(op, args)
 
 
 def test_empty_batch_returns_empty_outputs():

@@ -18,7 +18,17 @@ import mmoe_fast as mf
 from mmoe_fast import backends, ops, reference
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.models import MMoELayer
-from mmoe_fast.testing import SHAPES, Shape, assert_close, check_layer, make_inputs
+from mmoe_fast.testing import (
+    SHAPES,
+    Shape,
+    assert_close,
+    case_id,
+    check_layer,
+    make_inputs,
+    op_cases,
+    run_gradcheck,
+    run_opcheck,
+)
 
 tb = pytest.importorskip("mmoe_fast.backends.triton")
 if tb.unavailable_reason() is not None:
@@ -107,34 +117,16 @@ def test_half_outputs_keep_the_input_dtype():
     assert m.is_contiguous() and h.is_contiguous() and gates.is_contiguous()
 
 
-OP_SHAPE = Shape(5, 6, 3, 4, 2)
-
-
-def _op_cases(dtype=torch.float32, shape=OP_SHAPE):
-    inp = make_inputs(shape, dtype=dtype)
-    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
-    gates = reference.gate_softmax(x, wg, bg)
-    a3 = torch.randn(shape.B, shape.E, shape.D, dtype=dtype)
-    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "triton")
-    yield "gate_softmax_nobias", ops._gate_softmax, (x, wg, None, "triton")
-    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "triton")
-    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "triton")
-    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "relu", "triton")
-    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "triton")
-
-
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("triton", dtype=torch.float32, biases=(True,))),
+                         ids=case_id)
 def test_opcheck(name, op, args):
-    args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    torch.library.opcheck(op, args)
+    run_opcheck(op, args)
 
 
-@pytest.mark.parametrize("name,op,args", [c for c in _op_cases(torch.float64, Shape(3, 4, 2, 3, 2))
-                                         if c[0] in ("grouped_linear", "mmoe")],
-                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", [c for c in op_cases("triton", shape=Shape(3, 4, 2, 3, 2))
+                                         if c[0].startswith(("grouped_linear-per", "mmoe"))], ids=case_id)
 def test_gradcheck_float64(name, op, args):
-    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+    run_gradcheck(op, args)
 
 
 @pytest.mark.parametrize("hidden", [16, (9, 16)], ids=["one-layer", "two-layer"])
