@@ -1,4 +1,8 @@
-"""Triton kernel bodies (``@triton.jit``), installed as ``mmoe_fast.kernels``.
+"""Kernel bodies, installed as ``mmoe_fast.kernels``: pure functions of buffers and sizes.
 
-Pure kernels: buffers and sizes in, buffers out. Launchers live in ``mmoe_fast/backends/triton.py``.
+- Triton (``@triton.jit``): ``common.py`` (activations, the expert GEMM tile), ``gating.py``,
+  ``mixture.py``, ``linear.py``; launched from ``mmoe_fast/backends/triton.py``.
+- Numba (``@njit(parallel=True, cache=True)``): ``numba_kernels.py``, on NumPy arrays; wrapped by
+  ``mmoe_fast/backends/numba.py``.
+Nothing here knows autograd or nn.Modules.
 """
