@@ -1,0 +1,493 @@
+// The CPU kernels, written once and compiled once per instruction set: kernels.cpp includes this file
+// inside a namespace under `#pragma GCC target(...)`, after defining kVecBytes (vector width) and kTileRows
+// (rows of the register tile). No include guard and no includes here, on purpose.
+//
+// The expert GEMM runs on a register tile of kTileRows rows x NR = 2 vectors of columns (a "panel"),
+// K accumulated in registers; everything after it (bias, activation, gated mixture, or the backward's
+// dpre and dG) is an epilogue on that tile, so [B, E, H] is never written in the forward pass.
+// Work is split into fixed row blocks (RB rows) x panels: the split does not depend on the thread count,
+// so every reduction runs in the same order whatever OMP_NUM_THREADS is (deterministic results).
+
+template <typename T>
+struct Kern {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = kVecBytes / static_cast<int>(sizeof(T));  // lanes per vector
+  static constexpr int NR = 2 * L;                                     // panel width (columns)
+  static constexpr int MR = kTileRows;                                 // rows per register tile
+  static constexpr int64_t RB = 8 * MR;                                // rows per work block
+
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+
+  // out[M][NR] = a[M rows, stride lda][K] @ w[K rows, stride ldw][NR]. Short tiles run S independent
+  // chains over k so FMA latency does not serialize them.
+  template <int M>
+  static void tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out) {
+    constexpr int S = M <= 2 ? 4 / M : 1;
+    V acc[S][M][2] = {};
+    int64_t k = 0;
+    for (; k + S <= Kd; k += S) {
+      for (int s = 0; s < S; ++s) {
+        const T* wk = w + (k + s) * ldw;
+        const V w0 = load(wk), w1 = load(wk + L);
+        for (int i = 0; i < M; ++i) {
+          const T ai = a[i * lda + k + s];
+          acc[s][i][0] += ai * w0;
+          acc[s][i][1] += ai * w1;
+        }
+      }
+    }
+    for (; k < Kd; ++k) {
+      const T* wk = w + k * ldw;
+      const V w0 = load(wk), w1 = load(wk + L);
+      for (int i = 0; i < M; ++i) {
+        const T ai = a[i * lda + k];
+        acc[0][i][0] += ai * w0;
+        acc[0][i][1] += ai * w1;
+      }
+    }
+    for (int s = 1; s < S; ++s)
+      for (int i = 0; i < M; ++i) {
+        acc[0][i][0] += acc[s][i][0];
+        acc[0][i][1] += acc[s][i][1];
+      }
+    for (int i = 0; i < M; ++i) {
+      std::memcpy(out + i * NR, &acc[0][i][0], sizeof(V));
+      std::memcpy(out + i * NR + L, &acc[0][i][1], sizeof(V));
+    }
+  }
+
+  template <int M = MR>
+  static void tile_rows(int m, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out) {
+    if constexpr (M > 1) {
+      if (m < M) return tile_rows<M - 1>(m, a, lda, w, ldw, Kd, out);
+    }
+    tile<M>(a, lda, w, ldw, Kd, out);
+  }
+
+  // ---- activations on one panel row: f = act(z), d = act'(z) -------------------------------------
+  static void act_fwd(int act, const T* z, T* f) {
+    switch (act) {
+      case kRelu:
+        for (int j = 0; j < NR; ++j) f[j] = z[j] < T(0) ? T(0) : z[j];  // NaN stays NaN
+        break;
+      case kSilu:
+        for (int j = 0; j < NR; ++j) f[j] = z[j] / (T(1) + std::exp(-z[j]));
+        break;
+      case kGelu:
+        for (int j = 0; j < NR; ++j)
+          f[j] = T(0.5) * z[j] * (T(1) + std::tanh(T(kGeluC) * (z[j] + T(kGeluA) * z[j] * z[j] * z[j])));
+        break;
+      default:
+        for (int j = 0; j < NR; ++j) f[j] = z[j];
+    }
+  }
+
+  static void act_both(int act, const T* z, T* f, T* d) {
+    switch (act) {
+      case kRelu:
+        for (int j = 0; j < NR; ++j) {
+          f[j] = z[j] < T(0) ? T(0) : z[j];
+          d[j] = z[j] > T(0) ? T(1) : T(0);
+        }
+        break;
+      case kSilu:
+        for (int j = 0; j < NR; ++j) {
+          const T s = T(1) / (T(1) + std::exp(-z[j]));
+          f[j] = z[j] * s;
+          d[j] = s * (T(1) + z[j] * (T(1) - s));
+        }
+        break;
+      case kGelu:
+        for (int j = 0; j < NR; ++j) {
+          const T x = z[j], th = std::tanh(T(kGeluC) * (x + T(kGeluA) * x * x * x));
+          f[j] = T(0.5) * x * (T(1) + th);
+          d[j] = T(0.5) * (T(1) + th) +
+                 T(0.5) * x * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3) * T(kGeluA) * x * x);
+        }
+        break;
+      default:
+        for (int j = 0; j < NR; ++j) {
+          f[j] = z[j];
+          d[j] = T(1);
+        }
+    }
+  }
+
+  // ---- weights as panels ------------------------------------------------------------------------
+  // Expert weights W[E, K, N] seen as panels of NR columns. Packed (an InferenceSession, packed once):
+  // [E][P][K][NR], zero-padded. Unpacked (the ops): full panels read in place with stride N; the last,
+  // partial panel of each expert is copied once per call into a zero-padded buffer.
+  struct Panels {
+    const T* w;
+    const T* tail;  // [E][K][NR] or null
+    const T* bias;  // [E][P*NR] zero-padded, or null
+    int64_t E, Kd, N, P;
+    bool packed;
+
+    const T* get(int64_t e, int64_t p, int64_t* ldw) const {
+      if (packed) {
+        *ldw = NR;
+        return w + (e * P + p) * Kd * NR;
+      }
+      if ((p + 1) * NR > N) {
+        *ldw = NR;
+        return tail + e * Kd * NR;
+      }
+      *ldw = N;
+      return w + e * Kd * N + p * NR;
+    }
+  };
+
+  static int64_t panels(int64_t n) { return (n + NR - 1) / NR; }
+
+  static void pack(const T* w, int64_t E, int64_t Kd, int64_t N, T* out) {
+    const int64_t P = panels(N);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t k = 0; k < Kd; ++k) {
+          T* o = out + ((e * P + p) * Kd + k) * NR;
+          const T* src = w + (e * Kd + k) * N + p * NR;
+          const int64_t n = std::min<int64_t>(NR, N - p * NR);
+          for (int64_t j = 0; j < NR; ++j) o[j] = j < n ? src[j] : T(0);
+        }
+  }
+
+  static void pack_bias(const T* b, int64_t E, int64_t N, T* out) {
+    const int64_t W = panels(N) * NR;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t j = 0; j < W; ++j) out[e * W + j] = (b && j < N) ? b[e * N + j] : T(0);
+  }
+
+  // Unpacked panels for one call; `buf` owns the tail panels and the padded bias.
+  static Panels view(const T* w, const T* b, int64_t E, int64_t Kd, int64_t N, std::vector<T>& buf) {
+    const int64_t P = panels(N), rem = N % NR;
+    buf.assign(static_cast<size_t>(E * (rem ? Kd * NR : 0) + E * P * NR), T(0));
+    T* tail = buf.data();
+    if (rem)
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t k = 0; k < Kd; ++k)
+          for (int64_t j = 0; j < rem; ++j) tail[(e * Kd + k) * NR + j] = w[(e * Kd + k) * N + (P - 1) * NR + j];
+    T* bias = buf.data() + E * (rem ? Kd * NR : 0);
+    pack_bias(b, E, N, bias);
+    return Panels{w, rem ? tail : nullptr, bias, E, Kd, N, P, false};
+  }
+
+  // a's rows for expert e: a[B, K] shared (stride K) or a[B, E, K] (stride E*K, offset e*K).
+  static const T* rows_of(const T* a, bool shared, int64_t e, int64_t Kd) { return shared ? a : a + e * Kd; }
+  static int64_t lda_of(bool shared, int64_t E, int64_t Kd) { return shared ? Kd : E * Kd; }
+
+  // ---- forward ------------------------------------------------------------------------------------
+  // m[t, b, :] = sum_e G[b, t, e] act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p.
+  static void mixture_item(const T* a, bool shared, const Panels& w, const T* G, T* m, int64_t B, int64_t nT,
+                           int act, int64_t r0, int64_t r1, int64_t p) {
+    alignas(64) T pre[MR * NR];
+    alignas(64) T f[NR];
+    const int64_t E = w.E, Kd = w.Kd, H = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, H - h0);
+    const int64_t lda = lda_of(shared, E, Kd);
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t ldw;
+      const T* wp = w.get(e, p, &ldw);
+      const T* bp = w.bias + e * w.P * NR + h0;
+      for (int64_t r = r0; r < r1; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+        tile_rows(mr, rows_of(a, shared, e, Kd) + r * lda, lda, wp, ldw, Kd, pre);
+        for (int i = 0; i < mr; ++i) {
+          T* z = pre + i * NR;
+          for (int j = 0; j < NR; ++j) z[j] += bp[j];
+          act_fwd(act, z, f);
+          for (int64_t t = 0; t < nT; ++t) {
+            const T g = G[((r + i) * nT + t) * E + e];
+            T* o = m + (t * B + r + i) * H + h0;
+            if (e == 0)
+              for (int64_t j = 0; j < nh; ++j) o[j] = g * f[j];
+            else
+              for (int64_t j = 0; j < nh; ++j) o[j] += g * f[j];
+          }
+        }
+      }
+    }
+  }
+
+  // out[b, e, :] = act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p.
+  static void grouped_item(const T* a, bool shared, const Panels& w, T* out, int act, int64_t r0, int64_t r1,
+                           int64_t p) {
+    alignas(64) T pre[MR * NR];
+    alignas(64) T f[NR];
+    const int64_t E = w.E, Kd = w.Kd, N = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
+    const int64_t lda = lda_of(shared, E, Kd);
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t ldw;
+      const T* wp = w.get(e, p, &ldw);
+      const T* bp = w.bias + e * w.P * NR + h0;
+      for (int64_t r = r0; r < r1; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+        tile_rows(mr, rows_of(a, shared, e, Kd) + r * lda, lda, wp, ldw, Kd, pre);
+        for (int i = 0; i < mr; ++i) {
+          T* z = pre + i * NR;
+          for (int j = 0; j < NR; ++j) z[j] += bp[j];
+          act_fwd(act, z, f);
+          T* o = out + ((r + i) * E + e) * N + h0;
+          for (int64_t j = 0; j < nh; ++j) o[j] = f[j];
+        }
+      }
+    }
+  }
+
+  // G[b, t, :] = softmax(x[b] @ Wg[t] + bg[t]) for rows [r0, r1); max-subtracted.
+  static void gate_rows(const T* x, const T* wg, const T* bg, T* G, int64_t D, int64_t nT, int64_t E, int64_t r0,
+                        int64_t r1, T* logits) {
+    for (int64_t b = r0; b < r1; ++b) {
+      const T* xb = x + b * D;
+      for (int64_t t = 0; t < nT; ++t) {
+        const T* w = wg + t * D * E;
+        for (int64_t e = 0; e < E; ++e) logits[e] = bg ? bg[t * E + e] : T(0);
+        for (int64_t d = 0; d < D; ++d) {
+          const T xv = xb[d];
+          for (int64_t e = 0; e < E; ++e) logits[e] += xv * w[d * E + e];
+        }
+        T mx = logits[0];
+        for (int64_t e = 1; e < E; ++e) mx = logits[e] > mx ? logits[e] : mx;
+        if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
+        T sum = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          logits[e] = std::exp(logits[e] - mx);
+          sum += logits[e];
+        }
+        T* out = G + (b * nT + t) * E;
+        for (int64_t e = 0; e < E; ++e) out[e] = logits[e] / sum;
+      }
+    }
+  }
+
+  static int threads_for(int64_t items) {
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), items)));
+  }
+
+  // The forward of one layer: optional gates (x, wg -> G), then the mixture (a, w, G -> m).
+  static void mixture_forward(const T* a, bool shared, const Panels& w, const T* x, const T* wg, const T* bg,
+                              T* G, T* m, int64_t B, int64_t D, int64_t nT, int act) {
+    const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
+#pragma omp parallel num_threads(threads_for(items))
+    {
+      if (wg) {
+        T* logits = scratch<T>(0, static_cast<size_t>(w.E));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b += MR) gate_rows(x, wg, bg, G, D, nT, w.E, b, std::min(B, b + MR), logits);
+      }
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t r0 = (it / w.P) * RB;
+        mixture_item(a, shared, w, G, m, B, nT, act, r0, std::min(B, r0 + RB), it % w.P);
+      }
+    }
+  }
+
+  static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act) {
+    const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
+#pragma omp parallel for schedule(static) num_threads(threads_for(items))
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t r0 = (it / w.P) * RB;
+      grouped_item(a, shared, w, out, act, r0, std::min(B, r0 + RB), it % w.P);
+    }
+  }
+
+  // ---- backward -----------------------------------------------------------------------------------
+  // Recomputes pre = a_e W[e] + b[e] block by block and writes dpre[B, E, N] = df * act'(pre), where
+  // df = sum_t G[b,t,e] dm[t,b,:] (mixture) or df = dout[b,e,:] (grouped linear, G null). The mixture
+  // also gets dG[b,t,e] = <dm[t,b,:], act(pre)>, summed lane-wise over panels and then across lanes.
+  // db[e, :] = sum_b dpre: one partial per row block, added in block order.
+  static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* dpre,
+                       T* dG, T* db, int64_t B, int64_t nT, int act) {
+    const int64_t E = w.E, Kd = w.Kd, N = w.N, P = w.P, NP = P * NR, lda = lda_of(shared, E, Kd);
+    const int64_t nblocks = (B + RB - 1) / RB;
+    std::vector<T> partial(static_cast<size_t>(nblocks * E * NP));
+#pragma omp parallel num_threads(threads_for(nblocks))
+    {
+      std::vector<T> lanes(static_cast<size_t>(G ? RB * nT * NR : 0));
+      alignas(64) T pre[MR * NR];
+      alignas(64) T f[NR];
+      alignas(64) T d[NR];
+      alignas(64) T df[NR];
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t r0 = blk * RB, r1 = std::min(B, r0 + RB);
+        T* dbp = partial.data() + blk * E * NP;
+        std::fill(dbp, dbp + E * NP, T(0));
+        for (int64_t e = 0; e < E; ++e) {
+          std::fill(lanes.begin(), lanes.end(), T(0));
+          for (int64_t p = 0; p < P; ++p) {
+            int64_t ldw;
+            const T* wp = w.get(e, p, &ldw);
+            const int64_t h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
+            const T* bp = w.bias + e * NP + h0;
+            for (int64_t r = r0; r < r1; r += MR) {
+              const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+              tile_rows(mr, rows_of(a, shared, e, Kd) + r * lda, lda, wp, ldw, Kd, pre);
+              for (int i = 0; i < mr; ++i) {
+                const int64_t b = r + i;
+                T* z = pre + i * NR;
+                for (int j = 0; j < NR; ++j) z[j] += bp[j];
+                act_both(act, z, f, d);
+                std::fill(df, df + NR, T(0));
+                if (G) {
+                  for (int64_t t = 0; t < nT; ++t) {
+                    const T* g = dm + (t * B + b) * N + h0;
+                    const T gte = G[(b * nT + t) * E + e];
+                    T* ln = lanes.data() + ((b - r0) * nT + t) * NR;
+                    for (int64_t j = 0; j < nh; ++j) {
+                      df[j] += gte * g[j];
+                      ln[j] += g[j] * f[j];
+                    }
+                  }
+                } else {
+                  const T* g = dout + (b * E + e) * N + h0;
+                  for (int64_t j = 0; j < nh; ++j) df[j] = g[j];
+                }
+                T* o = dpre + (b * E + e) * N + h0;
+                T* dbe = dbp + e * NP + h0;
+                for (int64_t j = 0; j < nh; ++j) {
+                  o[j] = df[j] * d[j];
+                  dbe[j] += o[j];
+                }
+              }
+            }
+          }
+          if (G)
+            for (int64_t b = r0; b < r1; ++b)
+              for (int64_t t = 0; t < nT; ++t) {
+                const T* ln = lanes.data() + ((b - r0) * nT + t) * NR;
+                T s = 0;
+                for (int j = 0; j < NR; ++j) s += ln[j];
+                dG[(b * nT + t) * E + e] = s;
+              }
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < E * N; ++c) {
+        const int64_t off = (c / N) * NP + c % N;
+        T s = 0;
+        for (int64_t blk = 0; blk < nblocks; ++blk) s += partial[blk * E * NP + off];
+        db[c] = s;
+      }
+    }
+  }
+
+  // ---- an InferenceSession's whole model ----------------------------------------------------------
+  static void dense_row(const Dense<T>& l, const T* in, T* out) {
+    for (int64_t j = 0; j < l.out; ++j) out[j] = l.b.empty() ? T(0) : l.b[j];
+    for (int64_t i = 0; i < l.in; ++i) {
+      const T v = in[i];
+      const T* w = l.wt.data() + i * l.out;
+      for (int64_t j = 0; j < l.out; ++j) out[j] += v * w[j];
+    }
+    if (l.relu)
+      for (int64_t j = 0; j < l.out; ++j) out[j] = out[j] < T(0) ? T(0) : out[j];
+  }
+
+  static Panels session_panels(const Grouped<T>& g) {
+    return Panels{g.w.data(), nullptr, g.b.data(), g.E, g.K, g.N, panels(g.N), true};
+  }
+
+  // x[B, D] -> out[B, T]; scratch: hidden outputs, G and m, owned by the calling thread.
+  static void session_run(const Model<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
+    const size_t nh = s.hidden.size();
+    sc.h.resize(nh);
+    for (size_t l = 0; l < nh; ++l) sc.h[l].resize(static_cast<size_t>(B * s.hidden[l].E * s.hidden[l].N));
+    const bool mix = s.has_mixture;
+    if (mix) {
+      sc.G.resize(static_cast<size_t>(B * s.gates * s.mixture.E));
+      sc.m.resize(static_cast<size_t>(s.gates * B * s.mixture.N));
+    }
+    const int64_t nblocks = (B + RB - 1) / RB;
+    int64_t most = nblocks;
+    for (const auto& g : s.hidden) most = std::max(most, nblocks * panels(g.N));
+    if (mix) most = std::max(most, nblocks * panels(s.mixture.N));
+#pragma omp parallel num_threads(threads_for(most))
+    {
+      if (mix) {
+        T* logits = scratch<T>(0, static_cast<size_t>(s.mixture.E));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b += MR)
+          gate_rows(x, s.gate_w.data(), s.gate_b.empty() ? nullptr : s.gate_b.data(), sc.G.data(), s.in_features,
+                    s.gates, s.mixture.E, b, std::min(B, b + MR), logits);
+      }
+      const T* a = x;
+      bool shared = true;
+      for (size_t l = 0; l < nh; ++l) {
+        const Panels w = session_panels(s.hidden[l]);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < nblocks * w.P; ++it) {
+          const int64_t r0 = (it / w.P) * RB;
+          grouped_item(a, shared, w, sc.h[l].data(), s.hidden[l].act, r0, std::min(B, r0 + RB), it % w.P);
+        }
+        a = sc.h[l].data();
+        shared = false;
+      }
+      const T* feat = a;  // shared bottom: the last hidden layer (one "expert"), [B, N]
+      int64_t width = nh ? s.hidden.back().N : s.in_features;
+      if (mix) {
+        const Panels w = session_panels(s.mixture);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < nblocks * w.P; ++it) {
+          const int64_t r0 = (it / w.P) * RB;
+          mixture_item(a, shared, w, sc.G.data(), sc.m.data(), B, s.gates, s.mixture.act, r0, std::min(B, r0 + RB),
+                       it % w.P);
+        }
+        feat = sc.m.data();
+        width = s.mixture.N;
+      }
+      T* t0 = scratch<T>(1, static_cast<size_t>(s.widest));
+      T* t1 = scratch<T>(2, static_cast<size_t>(s.widest));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < s.tasks; ++t) {
+          const int64_t src = (mix && s.gates > 1) ? t : 0;
+          const T* in = mix ? feat + (src * B + b) * width : feat + b * width;
+          for (const Dense<T>& l : s.towers[t]) {
+            dense_row(l, in, t0);
+            std::swap(t0, t1);
+            in = t1;
+          }
+          out[b * s.tasks + t] = in[0];
+        }
+    }
+  }
+};
+
+// ---- entry points on unpacked weights (the ops) ---------------------------------------------------
+template <typename T>
+void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* x, const T* wg, const T* bg, T* G, T* m,
+                   int64_t B, int64_t D, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
+  std::vector<T> buf;
+  const auto pw = Kern<T>::view(w, b, E, Kd, H, buf);
+  Kern<T>::mixture_forward(a, shared, pw, x, wg, bg, G, m, B, D, nT, act);
+}
+
+template <typename T>
+void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t Kd,
+                   int64_t N, int act) {
+  std::vector<T> buf;
+  const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
+  Kern<T>::grouped_forward(a, shared, pw, out, B, act);
+}
+
+template <typename T>
+void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* dpre,
+                    T* dG, T* db, int64_t B, int64_t E, int64_t Kd, int64_t N, int64_t nT, int act) {
+  std::vector<T> buf;
+  const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
+  Kern<T>::backward(a, shared, pw, G, dm, dout, dpre, dG, db, B, nT, act);
+}
+
+template <typename T>
+void pack_entry(const T* w, const T* b, Grouped<T>& out) {
+  using Kt = Kern<T>;
+  out.w.assign(static_cast<size_t>(out.E * Kt::panels(out.N) * out.K * Kt::NR), T(0));
+  out.b.assign(static_cast<size_t>(out.E * Kt::panels(out.N) * Kt::NR), T(0));
+  Kt::pack(w, out.E, out.K, out.N, out.w.data());
+  Kt::pack_bias(b, out.E, out.N, out.b.data());
+}
