@@ -37,6 +37,7 @@ if Pybind11Extension is not None:
         Pybind11Extension(
             "mmoe_fast._C",
             ["csrc/mmoe_cpu.cpp", "csrc/kernels.cpp"],
+            depends=["csrc/kernels.h", "csrc/kernels_body.h"],
             cxx_std=17,
             # fp-contract: a * b + c as one FMA (ISO C++ mode turns that off); no -march: see kernels.cpp
             extra_compile_args=["-O3", "-ffp-contract=fast", *OPENMP],

@@ -73,9 +73,9 @@ const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 
 #endif
 
 template <typename T>
-void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* x, const T* wg, const T* bg, T* G,
-                     T* m, int64_t B, int64_t D, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), mixture_entry<T>(a, shared, w, b, x, wg, bg, G, m, B, D, E, K, N, nT, act))
+void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
+                     int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), mixture_entry<T>(a, shared, w, b, wg, bg, G, m, B, E, K, N, nT, act))
 }
 
 template <typename T>
@@ -100,19 +100,25 @@ void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t
 }
 
 template <typename T>
+void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out) {
+  MMOE_DISPATCH(isa, pack_gate_entry<T>(wg, bg, D, nT, E, out))
+}
+
+template <typename T>
 void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   thread_local Scratch<T> sc;  // per calling thread: concurrent runs share nothing writable
   MMOE_DISPATCH(model.isa, Kern<T>::session_run(model, x, out, B, sc))
 }
 
 #define MMOE_INSTANTIATE(T)                                                                                      \
-  template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*,      \
-                                   int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);                   \
+  template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, int64_t, \
+                                   int64_t, int64_t, int64_t, int64_t, int);                                     \
   template void grouped_forward<T>(const T*, bool, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,    \
                                    int);                                                                         \
   template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*,          \
                             int64_t, int64_t, int64_t, int64_t, int64_t, int);                                   \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
+  template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);
 
 MMOE_INSTANTIATE(float)

@@ -35,7 +35,7 @@ inline int max_threads() {
 // Per-thread buffers that grow and are kept: a call allocates nothing once a thread has warmed up.
 template <typename T>
 T* scratch(int slot, size_t n) {
-  thread_local std::vector<T> bufs[3];
+  thread_local std::vector<T> bufs[4];
   if (bufs[slot].size() < n) bufs[slot].resize(n);
   return bufs[slot].data();
 }
@@ -65,21 +65,22 @@ struct Model {
   bool has_mixture = false;
   std::vector<Grouped<T>> hidden;
   Grouped<T> mixture;
-  std::vector<T> gate_w, gate_b;  // [G, D, E], [G, E] or empty
+  Grouped<T> gate;  // every gate's weights as one layer of gates * E columns
   std::vector<std::vector<Dense<T>>> towers;
 };
 
 template <typename T>
 struct Scratch {
   std::vector<std::vector<T>> h;
-  std::vector<T> G, m;
+  std::vector<T> m;
 };
 
 // Entry points (T = float or double). Pointers are row-major contiguous; b, bg may be null.
 // a is x[B, K] when shared, else a[B, E, K]; W[E, K, N]; G[B, nT, E]; m[nT, B, N].
+// With wg (gate weights [nT, D, E], a = x shared) the gates are computed on the way; else G is given.
 template <typename T>
-void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* x, const T* wg, const T* bg, T* G,
-                     T* m, int64_t B, int64_t D, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
+                     int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
 template <typename T>
 void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t K,
                      int64_t N, int act);
@@ -88,6 +89,8 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const
               T* db, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
+template <typename T>
+void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out);
 template <typename T>
 void session_run(const Model<T>& model, const T* x, T* out, int64_t B);
 

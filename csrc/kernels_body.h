@@ -181,7 +181,8 @@ struct Kern {
   static int64_t lda_of(bool shared, int64_t E, int64_t Kd) { return shared ? Kd : E * Kd; }
 
   // ---- forward ------------------------------------------------------------------------------------
-  // m[t, b, :] = sum_e G[b, t, e] act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p.
+  // m[t, b, :] = sum_e G[b, t, e] act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p;
+  // G points at row r0's gates.
   static void mixture_item(const T* a, bool shared, const Panels& w, const T* G, T* m, int64_t B, int64_t nT,
                            int act, int64_t r0, int64_t r1, int64_t p) {
     alignas(64) T pre[MR * NR];
@@ -200,7 +201,7 @@ struct Kern {
           for (int j = 0; j < NR; ++j) z[j] += bp[j];
           act_fwd(act, z, f);
           for (int64_t t = 0; t < nT; ++t) {
-            const T g = G[((r + i) * nT + t) * E + e];
+            const T g = G[((r - r0 + i) * nT + t) * E + e];
             T* o = m + (t * B + r + i) * H + h0;
             if (e == 0)
               for (int64_t j = 0; j < nh; ++j) o[j] = g * f[j];
@@ -237,29 +238,64 @@ struct Kern {
     }
   }
 
-  // G[b, t, :] = softmax(x[b] @ Wg[t] + bg[t]) for rows [r0, r1); max-subtracted.
-  static void gate_rows(const T* x, const T* wg, const T* bg, T* G, int64_t D, int64_t nT, int64_t E, int64_t r0,
-                        int64_t r1, T* logits) {
-    for (int64_t b = r0; b < r1; ++b) {
-      const T* xb = x + b * D;
-      for (int64_t t = 0; t < nT; ++t) {
-        const T* w = wg + t * D * E;
-        for (int64_t e = 0; e < E; ++e) logits[e] = bg ? bg[t * E + e] : T(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const T xv = xb[d];
-          for (int64_t e = 0; e < E; ++e) logits[e] += xv * w[d * E + e];
+  // The gates' weights Wg[T, D, E] as one layer of N = T*E columns (all tasks' logits in one tile),
+  // packed into panels like an expert: w[P][D][NR], b[P*NR], zero-padded.
+  static void pack_gate(const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, T* w, T* b) {
+    const int64_t N = nT * E, P = panels(N);
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < NR; ++j) {
+          const int64_t c = p * NR + j;
+          w[(p * D + d) * NR + j] = c < N ? wg[((c / E) * D + d) * E + c % E] : T(0);
         }
-        T mx = logits[0];
-        for (int64_t e = 1; e < E; ++e) mx = logits[e] > mx ? logits[e] : mx;
-        if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
-        T sum = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          logits[e] = std::exp(logits[e] - mx);
-          sum += logits[e];
-        }
-        T* out = G + (b * nT + t) * E;
-        for (int64_t e = 0; e < E; ++e) out[e] = logits[e] / sum;
+    for (int64_t c = 0; c < P * NR; ++c) b[c] = (bg && c < N) ? bg[c] : T(0);
+  }
+
+  // G[b, t, :] = softmax(x[b] @ Wg[t] + bg[t]) for rows [r0, r1), written from G's row r0 on;
+  // max-subtracted. gw: pack_gate's panels.
+  static void gate_block(const T* x, const Panels& gw, T* G, int64_t nT, int64_t E, int64_t r0, int64_t r1) {
+    alignas(64) T pre[MR * NR];
+    const int64_t D = gw.Kd, W = gw.P * NR;
+    T* logits = scratch<T>(0, static_cast<size_t>(MR * W));
+    for (int64_t r = r0; r < r1; r += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+      for (int64_t p = 0; p < gw.P; ++p) {
+        tile_rows(mr, x + r * D, D, gw.w + p * D * NR, NR, D, pre);
+        for (int i = 0; i < mr; ++i)
+          for (int j = 0; j < NR; ++j) logits[i * W + p * NR + j] = pre[i * NR + j] + gw.bias[p * NR + j];
       }
+      for (int i = 0; i < mr; ++i)
+        for (int64_t t = 0; t < nT; ++t) {
+          T* z = logits + i * W + t * E;
+          T mx = z[0];
+          for (int64_t e = 1; e < E; ++e) mx = z[e] > mx ? z[e] : mx;
+          if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
+          T sum = 0;
+          for (int64_t e = 0; e < E; ++e) {
+            z[e] = std::exp(z[e] - mx);
+            sum += z[e];
+          }
+          T* out = G + ((r - r0 + i) * nT + t) * E;
+          for (int64_t e = 0; e < E; ++e) out[e] = z[e] / sum;
+        }
+    }
+  }
+
+  // The mixture over items (row block, panel). With gates (gw, on x) every thread computes the gates of
+  // the row blocks it works on into its own buffer, once per block: no barrier, no shared write.
+  static void mixture_items(const T* a, bool shared, const Panels& w, const T* x, const Panels* gw, const T* G, T* m,
+                            int64_t B, int64_t nT, int act) {
+    const int64_t items = ((B + RB - 1) / RB) * w.P, GE = nT * w.E;
+    T* local = gw ? scratch<T>(1, static_cast<size_t>(RB * GE)) : nullptr;
+    int64_t cached = -1;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t rb = it / w.P, r0 = rb * RB, r1 = std::min(B, r0 + RB);
+      if (gw && rb != cached) {
+        gate_block(x, *gw, local, nT, w.E, r0, r1);
+        cached = rb;
+      }
+      mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, B, nT, act, r0, r1, it % w.P);
     }
   }
 
@@ -267,23 +303,11 @@ struct Kern {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), items)));
   }
 
-  // The forward of one layer: optional gates (x, wg -> G), then the mixture (a, w, G -> m).
-  static void mixture_forward(const T* a, bool shared, const Panels& w, const T* x, const T* wg, const T* bg,
-                              T* G, T* m, int64_t B, int64_t D, int64_t nT, int act) {
-    const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
-#pragma omp parallel num_threads(threads_for(items))
-    {
-      if (wg) {
-        T* logits = scratch<T>(0, static_cast<size_t>(w.E));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b += MR) gate_rows(x, wg, bg, G, D, nT, w.E, b, std::min(B, b + MR), logits);
-      }
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t r0 = (it / w.P) * RB;
-        mixture_item(a, shared, w, G, m, B, nT, act, r0, std::min(B, r0 + RB), it % w.P);
-      }
-    }
+  // The forward of one layer: m from a, W and the gates G, or from gates computed here (gw, on a = x).
+  static void mixture_forward(const T* a, bool shared, const Panels& w, const Panels* gw, const T* G, T* m, int64_t B,
+                              int64_t nT, int act) {
+#pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * w.P))
+    mixture_items(a, shared, w, a, gw, G, m, B, nT, act);
   }
 
   static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act) {
@@ -399,7 +423,6 @@ struct Kern {
     for (size_t l = 0; l < nh; ++l) sc.h[l].resize(static_cast<size_t>(B * s.hidden[l].E * s.hidden[l].N));
     const bool mix = s.has_mixture;
     if (mix) {
-      sc.G.resize(static_cast<size_t>(B * s.gates * s.mixture.E));
       sc.m.resize(static_cast<size_t>(s.gates * B * s.mixture.N));
     }
     const int64_t nblocks = (B + RB - 1) / RB;
@@ -408,13 +431,6 @@ struct Kern {
     if (mix) most = std::max(most, nblocks * panels(s.mixture.N));
 #pragma omp parallel num_threads(threads_for(most))
     {
-      if (mix) {
-        T* logits = scratch<T>(0, static_cast<size_t>(s.mixture.E));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b += MR)
-          gate_rows(x, s.gate_w.data(), s.gate_b.empty() ? nullptr : s.gate_b.data(), sc.G.data(), s.in_features,
-                    s.gates, s.mixture.E, b, std::min(B, b + MR), logits);
-      }
       const T* a = x;
       bool shared = true;
       for (size_t l = 0; l < nh; ++l) {
@@ -430,18 +446,13 @@ struct Kern {
       const T* feat = a;  // shared bottom: the last hidden layer (one "expert"), [B, N]
       int64_t width = nh ? s.hidden.back().N : s.in_features;
       if (mix) {
-        const Panels w = session_panels(s.mixture);
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < nblocks * w.P; ++it) {
-          const int64_t r0 = (it / w.P) * RB;
-          mixture_item(a, shared, w, sc.G.data(), sc.m.data(), B, s.gates, s.mixture.act, r0, std::min(B, r0 + RB),
-                       it % w.P);
-        }
+        const Panels w = session_panels(s.mixture), gw = session_panels(s.gate);
+        mixture_items(a, shared, w, x, &gw, nullptr, sc.m.data(), B, s.gates, s.mixture.act);
         feat = sc.m.data();
         width = s.mixture.N;
       }
-      T* t0 = scratch<T>(1, static_cast<size_t>(s.widest));
-      T* t1 = scratch<T>(2, static_cast<size_t>(s.widest));
+      T* t0 = scratch<T>(2, static_cast<size_t>(s.widest));
+      T* t1 = scratch<T>(3, static_cast<size_t>(s.widest));
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < B; ++b)
         for (int64_t t = 0; t < s.tasks; ++t) {
@@ -460,11 +471,17 @@ struct Kern {
 
 // ---- entry points on unpacked weights (the ops) ---------------------------------------------------
 template <typename T>
-void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* x, const T* wg, const T* bg, T* G, T* m,
-                   int64_t B, int64_t D, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
-  std::vector<T> buf;
-  const auto pw = Kern<T>::view(w, b, E, Kd, H, buf);
-  Kern<T>::mixture_forward(a, shared, pw, x, wg, bg, G, m, B, D, nT, act);
+void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
+                   int64_t B, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
+  using Kt = Kern<T>;
+  std::vector<T> buf, gbuf;
+  const auto pw = Kt::view(w, b, E, Kd, H, buf);
+  if (!wg) return Kt::mixture_forward(a, shared, pw, nullptr, G, m, B, nT, act);
+  const int64_t P = Kt::panels(nT * E);
+  gbuf.resize(static_cast<size_t>(P * Kd * Kt::NR + P * Kt::NR));
+  Kt::pack_gate(wg, bg, Kd, nT, E, gbuf.data(), gbuf.data() + P * Kd * Kt::NR);
+  const typename Kt::Panels gw{gbuf.data(), nullptr, gbuf.data() + P * Kd * Kt::NR, 1, Kd, nT * E, P, true};
+  Kt::mixture_forward(a, shared, pw, &gw, nullptr, m, B, nT, act);
 }
 
 template <typename T>
@@ -481,6 +498,17 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* G,
   std::vector<T> buf;
   const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
   Kern<T>::backward(a, shared, pw, G, dm, dout, dpre, dG, db, B, nT, act);
+}
+
+template <typename T>
+void pack_gate_entry(const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out) {
+  using Kt = Kern<T>;
+  out.E = 1;
+  out.K = D;
+  out.N = nT * E;
+  out.w.assign(static_cast<size_t>(Kt::panels(out.N) * D * Kt::NR), T(0));
+  out.b.assign(static_cast<size_t>(Kt::panels(out.N) * Kt::NR), T(0));
+  Kt::pack_gate(wg, bg, D, nT, E, out.w.data(), out.b.data());
 }
 
 template <typename T>

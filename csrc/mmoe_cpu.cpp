@@ -88,9 +88,7 @@ class Session {
   void set_mixture(uintptr_t w, uintptr_t b, int64_t E, int64_t K, int64_t N, int act, uintptr_t wg, uintptr_t bg,
                    int64_t gates) {
     mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.mixture);
-    const int64_t D = model_.in_features;
-    model_.gate_w.assign(cp<T>(wg), cp<T>(wg) + gates * D * E);
-    if (bg) model_.gate_b.assign(cp<T>(bg), cp<T>(bg) + gates * E);
+    mmoe::pack_gate<T>(model_.isa, cp<T>(wg), cp<T>(bg), model_.in_features, gates, E, model_.gate);
     model_.gates = gates;
     model_.has_mixture = true;
   }
@@ -138,14 +136,14 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "dlogit[B,T,E] = G * (dG - sum_e G dG); dbg[T,E] = sum_b dlogit.");
   m.def(("mixture_forward" + sfx).c_str(),
-        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t x, uintptr_t wg, uintptr_t bg, uintptr_t G,
-           uintptr_t out, int64_t B, int64_t D, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t wg, uintptr_t bg, uintptr_t G,
+           uintptr_t out, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
           py::gil_scoped_release release;
-          mmoe::mixture_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(x), cp<T>(wg), cp<T>(bg), mp<T>(G),
-                                   mp<T>(out), B, D, E, K, N, nT, act);
+          mmoe::mixture_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(wg), cp<T>(bg), cp<T>(G),
+                                   mp<T>(out), B, E, K, N, nT, act);
         },
-        "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 the "
-        "gates are computed first into G from x[B,D], wg[T,D,E], bg.");
+        "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 "
+        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused.");
   m.def(("grouped_forward" + sfx).c_str(),
         [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t out, int64_t B, int64_t E, int64_t K,
            int64_t N, int act) {

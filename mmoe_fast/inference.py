@@ -109,35 +109,53 @@ class InferenceSession:
                 session.add_tower_layer(t, ptr(w), ptr(b), lin.in_features, lin.out_features, relu)
         return session
 
-    def _check(self, shape, dtype_ok: bool, dtype) -> None:
-        if len(shape) != 2 or shape[1] != self.in_features:
-            raise ValueError(f"x must have shape [B, D] = [?, {self.in_features}], got {tuple(shape)}")
-        if not dtype_ok:
-            raise TypeError(f"x has dtype {dtype} but the session runs {self.dtype}")
-
-    def run(self, x):
-        """Every task's output ``[B, T]`` for ``x[B, D]`` (torch tensor or numpy array, the model's dtype)."""
-        if isinstance(x, np.ndarray):
-            self._check(x.shape, x.dtype == _NUMPY.get(self.dtype), x.dtype)
-            if not self._native:
-                return self.run(torch.from_numpy(x)).numpy()
-            x = np.ascontiguousarray(x)
-            out = np.empty((x.shape[0], self.num_tasks), dtype=x.dtype)
-            if x.shape[0]:
-                self._session.run(x.ctypes.data, out.ctypes.data, x.shape[0])
-            return out
-        if not isinstance(x, torch.Tensor):
+    def _reject(self, x) -> None:
+        """Raise the error that says what is wrong with ``x``."""
+        if not isinstance(x, (torch.Tensor, np.ndarray)):
             raise TypeError(f"x must be a torch.Tensor or a numpy.ndarray, got {type(x).__name__}")
-        self._check(x.shape, x.dtype == self.dtype, x.dtype)
-        if not self._native:
-            with self._lock, torch.inference_mode():
-                return self._model(x)
-        if x.device.type != "cpu":
+        if len(x.shape) != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must have shape [B, D] = [?, {self.in_features}], got {tuple(x.shape)}")
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
             raise ValueError(f"x is on device {x.device} but the session runs on the CPU")
-        x = x.contiguous()
-        out = torch.empty((x.shape[0], self.num_tasks), dtype=x.dtype)
+        raise TypeError(f"x has dtype {x.dtype} but the session runs {self.dtype}")
+
+    def run(self, x, out=None):
+        """Every task's output ``[B, T]`` for ``x[B, D]`` (torch tensor or numpy array, the model's dtype).
+
+        ``out``: an optional contiguous ``[B, T]`` buffer of the same kind and dtype to write into
+        (then nothing at all is allocated).
+        """
+        if isinstance(x, torch.Tensor):  # checks kept few and cheap: at B = 1 they are part of the latency
+            shape = x.shape
+            if len(shape) != 2 or shape[1] != self.in_features or x.dtype != self.dtype or not x.is_cpu:
+                self._reject(x)
+            if not self._native:
+                with self._lock, torch.inference_mode():
+                    return self._model(x) if out is None else out.copy_(self._model(x))
+            if not x.is_contiguous():
+                x = x.contiguous()
+            B = shape[0]
+            if out is None:
+                out = torch.empty(B, self.num_tasks, dtype=self.dtype)
+            elif out.shape != (B, self.num_tasks) or out.dtype != self.dtype or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {(B, self.num_tasks)}")
+            if B:
+                self._session.run(x.data_ptr(), out.data_ptr(), B)
+            return out
+        if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[1] != self.in_features \
+                or x.dtype != _NUMPY.get(self.dtype):
+            self._reject(x)
+        if out is not None and (out.shape != (x.shape[0], self.num_tasks) or out.dtype != x.dtype
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a contiguous {x.dtype} array of shape {(x.shape[0], self.num_tasks)}")
+        if not self._native:
+            y = self.run(torch.from_numpy(x)).numpy()
+            return y if out is None else np.copyto(out, y) or out
+        x = np.ascontiguousarray(x)
+        if out is None:
+            out = np.empty((x.shape[0], self.num_tasks), dtype=x.dtype)
         if x.shape[0]:
-            self._session.run(x.data_ptr(), out.data_ptr(), x.shape[0])
+            self._session.run(x.ctypes.data, out.ctypes.data, x.shape[0])
         return out
 
     __call__ = run

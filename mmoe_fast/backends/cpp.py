@@ -75,25 +75,20 @@ def gate_softmax_backward(dG, G, x, Wg):
     return _gate_backward(dG, G, x, Wg)
 
 
-def _mixture(a, W, b, G, activation, x=None, Wg=None, bg=None):
+def expert_mixture(a, W, b, G, activation):
     E, K, H = W.shape
-    B = a.shape[0]
-    T = Wg.shape[0] if Wg is not None else G.shape[1]
-    if Wg is not None:
-        G = a.new_empty((B, T, E))
-    m = a.new_empty((T, B, H))
-    D = x.shape[1] if x is not None else 0
-    _kernel("mixture_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(x), _ptr(Wg), _ptr(bg),
-                                        _ptr(G), _ptr(m), B, D, E, K, H, T, _ACT[activation])
+    m = a.new_empty((G.shape[1], a.shape[0], H))
+    _kernel("mixture_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), 0, 0, _ptr(G), _ptr(m), a.shape[0],
+                                        E, K, H, G.shape[1], _ACT[activation])
     return m
 
 
-def expert_mixture(a, W, b, G, activation):
-    return _mixture(a, W, b, G, activation)
-
-
 def mmoe(x, W, b, Wg, bg, activation):
-    return _mixture(x, W, b, None, activation, x, Wg, bg)
+    E, K, H = W.shape
+    m = x.new_empty((Wg.shape[0], x.shape[0], H))
+    _kernel("mixture_forward", x.dtype)(_ptr(x), True, _ptr(W), _ptr(b), _ptr(Wg), _ptr(bg), 0, _ptr(m), x.shape[0],
+                                        E, K, H, Wg.shape[0], _ACT[activation])
+    return m
 
 
 def _backward(a, W, b, activation, G=None, dm=None, dout=None):
