@@ -85,9 +85,9 @@ void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, in
 }
 
 template <typename T>
-void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* dpre, T* dG,
-              T* db, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), backward_entry<T>(a, shared, w, b, G, dm, dout, dpre, dG, db, B, E, K, N, nT, act))
+void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da, T* dW,
+              T* db, T* dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), backward_entry<T>(a, shared, w, b, G, dm, dout, da, dW, db, dG, B, E, K, N, nT, act))
 }
 
 template <typename T>
@@ -115,7 +115,7 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
                                    int64_t, int64_t, int64_t, int64_t, int);                                     \
   template void grouped_forward<T>(const T*, bool, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,    \
                                    int);                                                                         \
-  template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*,          \
+  template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, T*,      \
                             int64_t, int64_t, int64_t, int64_t, int64_t, int);                                   \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \

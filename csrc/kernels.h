@@ -84,9 +84,11 @@ void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* w
 template <typename T>
 void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t K,
                      int64_t N, int act);
+// The backward of a mixture (G, dm[nT, B, N]) or of a grouped linear (dout[B, E, N], G null), recomputing
+// the pre-activations: da (a's shape), dW[E, K, N], db[E, N] and, for a mixture, dG[B, nT, E].
 template <typename T>
-void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* dpre, T* dG,
-              T* db, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da, T* dW,
+              T* db, T* dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

@@ -320,82 +320,157 @@ struct Kern {
   }
 
   // ---- backward -----------------------------------------------------------------------------------
-  // Recomputes pre = a_e W[e] + b[e] block by block and writes dpre[B, E, N] = df * act'(pre), where
-  // df = sum_t G[b,t,e] dm[t,b,:] (mixture) or df = dout[b,e,:] (grouped linear, G null). The mixture
-  // also gets dG[b,t,e] = <dm[t,b,:], act(pre)>, summed lane-wise over panels and then across lanes.
-  // db[e, :] = sum_b dpre: one partial per row block, added in block order.
-  static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* dpre,
-                       T* dG, T* db, int64_t B, int64_t nT, int act) {
+  // Per-row epilogue pieces on whole panels (NR columns, a compile-time count, restrict: vectorized);
+  // a partial panel goes through a zero-padded copy.
+  static const T* padded(const T* src, int64_t n, T* tmp) {
+    if (n == NR) return src;
+    std::memcpy(tmp, src, static_cast<size_t>(n) * sizeof(T));
+    std::fill(tmp + n, tmp + NR, T(0));
+    return tmp;
+  }
+
+  // df += g_te * dm_t;  lanes_t += dm_t * f  (dG's partial sums, one per lane)
+  static void mix_back_row(const T* __restrict g, T gte, const T* __restrict f, T* __restrict df,
+                           T* __restrict ln) {
+    for (int j = 0; j < NR; ++j) {
+      df[j] += gte * g[j];
+      ln[j] += g[j] * f[j];
+    }
+  }
+
+  // dpre = df * act'(pre); db's partial += dpre
+  static void dpre_row(const T* __restrict df, const T* __restrict d, T* __restrict o, T* __restrict dbe) {
+    for (int j = 0; j < NR; ++j) {
+      const T v = df[j] * d[j];
+      o[j] = v;
+      dbe[j] += v;
+    }
+  }
+
+  // ---- backward (one pass) ------------------------------------------------------------------------
+  // For each row block and expert e, on the block's rows only:
+  //   pre = a_e W[e] + b[e] (recomputed on the register tile), f = act(pre), d = act'(pre);
+  //   df = sum_t G[b,t,e] dm[t,b,:] (mixture) or dout[b,e,:] (grouped linear, G null);
+  //   dp = df * d, kept in a block buffer [rows, N] (dpre is never written to memory);
+  //   dG[b,t,e] = <dm[t,b,:], f> (lane-wise partial sums, then across lanes);
+  //   dW[e] += a_e^T dp and db[e] += column sums of dp, into this thread's partial sums;
+  //   da += dp W[e]^T (shared a: one [rows, K] buffer over all experts; else written per expert).
+  // The partial sums are added in thread order at the end: bitwise reproducible for a thread count.
+  static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* da,
+                       T* dW, T* db, T* dG, int64_t B, int64_t nT, int act) {
     const int64_t E = w.E, Kd = w.Kd, N = w.N, P = w.P, NP = P * NR, lda = lda_of(shared, E, Kd);
-    const int64_t nblocks = (B + RB - 1) / RB;
-    std::vector<T> partial(static_cast<size_t>(nblocks * E * NP));
-#pragma omp parallel num_threads(threads_for(nblocks))
+    const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + RB - 1) / RB;
+    const int nthreads = threads_for(nblocks);
+    // W[e]^T, zero-padded: wt[e][h][k] for h < NP, k < KW (the dx GEMM's panels)
+    std::vector<T> wt(static_cast<size_t>(E * NP * KW), T(0));
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t p = 0; p < P; ++p) {
+        int64_t ldw;
+        const T* wp = w.get(e, p, &ldw);
+        for (int64_t k = 0; k < Kd; ++k)
+          for (int64_t j = 0; j < NR; ++j) wt[(e * NP + p * NR + j) * KW + k] = wp[k * ldw + j];
+      }
+    // per thread: dW partial [E][Kd][NP], db partial [E][NP]
+    const int64_t part = E * Kd * NP + E * NP;
+    std::vector<T> partial(static_cast<size_t>(nthreads * part), T(0));
+#pragma omp parallel num_threads(nthreads)
     {
-      std::vector<T> lanes(static_cast<size_t>(G ? RB * nT * NR : 0));
+#ifdef _OPENMP
+      T* mine = partial.data() + omp_get_thread_num() * part;
+#else
+      T* mine = partial.data();
+#endif
+      std::vector<T> lanes(static_cast<size_t>(G ? RB * nT * NR : 0)), dp(static_cast<size_t>(RB * NP)),
+          xt(static_cast<size_t>(Kd * RB)), dxb(static_cast<size_t>(RB * KW));
       alignas(64) T pre[MR * NR];
       alignas(64) T f[NR];
       alignas(64) T d[NR];
       alignas(64) T df[NR];
+      alignas(64) T gt[NR];
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t r0 = blk * RB, r1 = std::min(B, r0 + RB);
-        T* dbp = partial.data() + blk * E * NP;
-        std::fill(dbp, dbp + E * NP, T(0));
+        const int64_t r0 = blk * RB, r1 = std::min(B, r0 + RB), rn = r1 - r0;
         for (int64_t e = 0; e < E; ++e) {
+          const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
+          if (e == 0 || !shared) {  // a_e's rows transposed (the dW GEMM's left operand); a fresh da block
+            for (int64_t i = 0; i < rn; ++i)
+              for (int64_t k = 0; k < Kd; ++k) xt[k * RB + i] = ae[i * lda + k];
+            std::fill(dxb.begin(), dxb.end(), T(0));
+          }
           std::fill(lanes.begin(), lanes.end(), T(0));
           for (int64_t p = 0; p < P; ++p) {
             int64_t ldw;
             const T* wp = w.get(e, p, &ldw);
             const int64_t h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
             const T* bp = w.bias + e * NP + h0;
-            for (int64_t r = r0; r < r1; r += MR) {
-              const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
-              tile_rows(mr, rows_of(a, shared, e, Kd) + r * lda, lda, wp, ldw, Kd, pre);
+            for (int64_t r = 0; r < rn; r += MR) {
+              const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
+              tile_rows(mr, ae + r * lda, lda, wp, ldw, Kd, pre);
               for (int i = 0; i < mr; ++i) {
-                const int64_t b = r + i;
+                const int64_t b = r0 + r + i;
                 T* z = pre + i * NR;
                 for (int j = 0; j < NR; ++j) z[j] += bp[j];
                 act_both(act, z, f, d);
                 std::fill(df, df + NR, T(0));
                 if (G) {
                   for (int64_t t = 0; t < nT; ++t) {
-                    const T* g = dm + (t * B + b) * N + h0;
-                    const T gte = G[(b * nT + t) * E + e];
-                    T* ln = lanes.data() + ((b - r0) * nT + t) * NR;
-                    for (int64_t j = 0; j < nh; ++j) {
-                      df[j] += gte * g[j];
-                      ln[j] += g[j] * f[j];
-                    }
+                    const T* g = padded(dm + (t * B + b) * N + h0, nh, gt);
+                    mix_back_row(g, G[(b * nT + t) * E + e], f, df, lanes.data() + ((r + i) * nT + t) * NR);
                   }
                 } else {
-                  const T* g = dout + (b * E + e) * N + h0;
-                  for (int64_t j = 0; j < nh; ++j) df[j] = g[j];
+                  std::memcpy(df, dout + (b * E + e) * N + h0, static_cast<size_t>(nh) * sizeof(T));
                 }
-                T* o = dpre + (b * E + e) * N + h0;
-                T* dbe = dbp + e * NP + h0;
-                for (int64_t j = 0; j < nh; ++j) {
-                  o[j] = df[j] * d[j];
-                  dbe[j] += o[j];
-                }
+                dpre_row(df, d, dp.data() + (r + i) * NP + h0, mine + E * Kd * NP + e * NP + h0);
               }
             }
           }
+          // dW[e] += a_e^T dp: rows of dW are a's features k, the reduction runs over the block's rows
+          for (int64_t k = 0; k < Kd; k += MR) {
+            const int mk = static_cast<int>(std::min<int64_t>(MR, Kd - k));
+            for (int64_t p = 0; p < P; ++p) {
+              tile_rows(mk, xt.data() + k * RB, RB, dp.data() + p * NR, NP, rn, pre);
+              for (int i = 0; i < mk; ++i) {
+                T* o = mine + (e * Kd + k + i) * NP + p * NR;
+                for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
+              }
+            }
+          }
+          // da += dp W[e]^T: the reduction runs over the expert's N outputs
+          for (int64_t r = 0; r < rn; r += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
+            for (int64_t q = 0; q < KP; ++q) {
+              tile_rows(mr, dp.data() + r * NP, NP, wt.data() + e * NP * KW + q * NR, KW, NP, pre);
+              for (int i = 0; i < mr; ++i) {
+                T* o = dxb.data() + (r + i) * KW + q * NR;
+                for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
+              }
+            }
+          }
+          if (!shared)
+            for (int64_t i = 0; i < rn; ++i)
+              std::memcpy(da + ((r0 + i) * E + e) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
           if (G)
-            for (int64_t b = r0; b < r1; ++b)
+            for (int64_t i = 0; i < rn; ++i)
               for (int64_t t = 0; t < nT; ++t) {
-                const T* ln = lanes.data() + ((b - r0) * nT + t) * NR;
+                const T* ln = lanes.data() + (i * nT + t) * NR;
                 T s = 0;
                 for (int j = 0; j < NR; ++j) s += ln[j];
-                dG[(b * nT + t) * E + e] = s;
+                dG[((r0 + i) * nT + t) * E + e] = s;
               }
         }
+        if (shared)
+          for (int64_t i = 0; i < rn; ++i)
+            std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
       }
+      // the partial sums, added in thread order, columns split over the threads
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < E * N; ++c) {
-        const int64_t off = (c / N) * NP + c % N;
+      for (int64_t c = 0; c < E * Kd * N + E * N; ++c) {
+        const bool is_db = c >= E * Kd * N;
+        const int64_t cc = is_db ? c - E * Kd * N : c;
+        const int64_t off = (is_db ? E * Kd * NP : 0) + (cc / N) * NP + cc % N;
         T s = 0;
-        for (int64_t blk = 0; blk < nblocks; ++blk) s += partial[blk * E * NP + off];
-        db[c] = s;
+        for (int th = 0; th < nthreads; ++th) s += partial[th * part + off];
+        (is_db ? db[cc] : dW[c]) = s;
       }
     }
   }
@@ -493,11 +568,11 @@ void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, int6
 }
 
 template <typename T>
-void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* dpre,
-                    T* dG, T* db, int64_t B, int64_t E, int64_t Kd, int64_t N, int64_t nT, int act) {
+void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da,
+                    T* dW, T* db, T* dG, int64_t B, int64_t E, int64_t Kd, int64_t N, int64_t nT, int act) {
   std::vector<T> buf;
   const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
-  Kern<T>::backward(a, shared, pw, G, dm, dout, dpre, dG, db, B, nT, act);
+  Kern<T>::backward(a, shared, pw, G, dm, dout, da, dW, db, dG, B, nT, act);
 }
 
 template <typename T>

@@ -152,14 +152,15 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "out[B,E,N] = act(a_e @ W[e] + b[e]).");
   m.def(("backward" + sfx).c_str(),
-        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t G, uintptr_t dm, uintptr_t dout,
-           uintptr_t dpre, uintptr_t dG, uintptr_t db, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT,
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t G, uintptr_t dm, uintptr_t dout, uintptr_t da,
+           uintptr_t dW, uintptr_t db, uintptr_t dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT,
            int act) {
           py::gil_scoped_release release;
-          mmoe::backward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(dpre),
-                            mp<T>(dG), mp<T>(db), B, E, K, N, nT, act);
+          mmoe::backward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(da),
+                            mp<T>(dW), mp<T>(db), mp<T>(dG), B, E, K, N, nT, act);
         },
-        "dpre[B,E,N], db[E,N] (and dG[B,T,E] for a mixture: G, dm[T,B,N]; else dout[B,E,N]), recomputing pre.");
+        "da (a's shape), dW[E,K,N], db[E,N] (and dG[B,T,E] for a mixture: G, dm[T,B,N]; else dout[B,E,N]), "
+        "recomputing the pre-activations; one pass, dpre never written.");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)

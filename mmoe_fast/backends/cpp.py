@@ -2,8 +2,9 @@
 
 Forward: one C++ pass over row blocks x column panels computes the gates, the expert GEMM on register
 tiles, bias, activation and the gated mixture; ``[B, E, H]`` is never written.
-Backward: one C++ pass recomputes the expert pre-activations and writes ``dpre``, ``db`` and ``dG``
-(nothing is saved by the forward); the weight and input gradients are then plain GEMMs (``torch.mm``).
+Backward: one C++ pass per row block recomputes the expert pre-activations and forms ``dpre`` in a
+block buffer, then ``dW``, ``db``, ``da`` and ``dG`` from it on the same register tiles (``dpre`` is
+never written to memory; nothing is saved by the forward). Only the gate's small GEMMs use ``torch.mm``.
 The kernels release the GIL and keep no state, so concurrent calls are safe.
 """
 
@@ -34,22 +35,6 @@ def _kernel(name: str, dtype: torch.dtype):
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tensor:
-    """da = sum_e dpre_e @ W[e]^T: [B, K] for a shared input (one GEMM over all experts), else [B, E, K]."""
-    E, K, N = W.shape
-    if shared:
-        return torch.mm(dpre.view(-1, E * N), W.transpose(1, 2).reshape(E * N, K))
-    return torch.bmm(dpre.transpose(0, 1), W.transpose(1, 2)).transpose(0, 1).contiguous()
-
-
-def _weight_grad(a: torch.Tensor, dpre: torch.Tensor) -> torch.Tensor:
-    """dW[e] = a_e^T @ dpre_e: [E, K, N] (one GEMM over all experts for a shared input)."""
-    B, E, N = dpre.shape
-    if a.dim() == 2:
-        return torch.mm(a.t(), dpre.view(B, E * N)).view(-1, E, N).transpose(0, 1).contiguous()
-    return torch.bmm(a.permute(1, 2, 0), dpre.transpose(0, 1))
 
 
 def gate_softmax(x, Wg, bg):
@@ -92,28 +77,25 @@ def mmoe(x, W, b, Wg, bg, activation):
 
 
 def _backward(a, W, b, activation, G=None, dm=None, dout=None):
-    """(dpre[B, E, N], db[E, N], dG[B, T, E] or None) from the C++ recompute-and-epilogue pass."""
+    """(da, dW, db, dG or None) from the one C++ pass (pre-activations recomputed, dpre never stored)."""
     E, K, N = W.shape
-    B = a.shape[0]
-    dpre, db = a.new_empty((B, E, N)), a.new_empty((E, N))
+    da, dW, db = torch.empty_like(a), torch.empty_like(W), a.new_empty((E, N))
     dG = None if G is None else torch.empty_like(G)
     T = 0 if G is None else G.shape[1]
-    _kernel("backward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(G), _ptr(dm), _ptr(dout),
-                                 _ptr(dpre), _ptr(dG), _ptr(db), B, E, K, N, T, _ACT[activation])
-    return dpre, db, dG
+    _kernel("backward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(G), _ptr(dm), _ptr(dout), _ptr(da),
+                                 _ptr(dW), _ptr(db), _ptr(dG), a.shape[0], E, K, N, T, _ACT[activation])
+    return da, dW, db, dG
 
 
 def expert_mixture_backward(dm, a, W, b, G, activation):
-    dpre, db, dG = _backward(a, W, b, activation, G=G, dm=dm)
-    return _input_grad(dpre, W, a.dim() == 2), _weight_grad(a, dpre), db, dG
+    return _backward(a, W, b, activation, G=G, dm=dm)
 
 
 def mmoe_backward(dm, x, W, b, Wg, bg, activation):
     G = gate_softmax(x, Wg, bg)  # recomputed: cheaper than saving [B, T, E] through autograd
-    dpre, db, dG = _backward(x, W, b, activation, G=G, dm=dm)
+    dx, dW, db, dG = _backward(x, W, b, activation, G=G, dm=dm)
     dx_gate, dWg, dbg = _gate_backward(dG, G, x, Wg)
-    dx = _input_grad(dpre, W, True).add_(dx_gate)
-    return dx, _weight_grad(x, dpre), db, dWg, dbg
+    return dx.add_(dx_gate), dW, db, dWg, dbg
 
 
 def grouped_linear(a, W, b, activation):
@@ -125,5 +107,4 @@ def grouped_linear(a, W, b, activation):
 
 
 def grouped_linear_backward(dout, a, W, b, activation):
-    dpre, db, _ = _backward(a, W, b, activation, dout=dout)
-    return _input_grad(dpre, W, a.dim() == 2), _weight_grad(a, dpre), db
+    return _backward(a, W, b, activation, dout=dout)[:3]
