@@ -5,8 +5,8 @@ the eager loop form (mmoe_fast.reference, the peers' design), every CPU backend 
 mmoe_fast.available_backends() (the model with backend=<name>, no grad; "reference" is the batched eager
 form), torch.compile of the batched eager form, the cpp InferenceSession, onnxruntime on export_onnx
 (when installed), and the floor: the one [B, D] x [D, E*H] GEMM the layer cannot avoid (torch.mm).
-Training step (forward + backward + Adam) at B = 1024 for the same contenders. Medians of repeated runs
-after warm-up, all in this one process; ratios against the cpp InferenceSession (inference) and against
+Training step (forward + backward + Adam) at B = 1024 for the same contenders. Medians of interleaved
+rounds after warm-up, all in this one process; ratios against the cpp InferenceSession (inference) and against
 the batched eager form (training).
 
 Run: python benchmarks/bench_cpu.py [--write benchmarks/RESULTS.md] [--no-compile] [--min-time 0.5]
@@ -19,8 +19,11 @@ import datetime
 import os
 import platform
 import re
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,13 +31,29 @@ import torch
 import mmoe_fast as mf
 from mmoe_fast import reference
 from mmoe_fast.backends import reference as batched
-from mmoe_fast.bench import time_median
 
 D, E, H, T, TOWER = 128, 8, 256, 2, (8,)
 BATCHES = (1, 8, 64, 512, 4096)
 TRAIN_B = 1024
 CPU = torch.device("cpu")
 MARK = ("<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->")
+
+
+def interleaved(fns: dict[str, Callable[[], object]], min_time: float, passes: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn over ``passes`` passes; each pass times every fn in turn for
+    min_time / passes after a few discarded calls. A slow spell of this shared machine then hits every
+    contender alike, and thread pools that spin after a call (OpenMP, onnxruntime) settle before timing."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(passes):
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn()
+            start = time.perf_counter()
+            while len(times[name]) < 5 or time.perf_counter() - start < min_time / passes:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def make_model(backend: str) -> mf.MMoE:
@@ -88,6 +107,22 @@ def onnx_session(model: mf.MMoE, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def contenders(x, base, models, compiled, ort_session, session, w_flat) -> dict[str, Callable[[], object]]:
+    """Every inference contender on the batch x."""
+    fns = {"eager loop form (mmoe_fast.reference)": lambda: loop_forward(base, x)}
+    for name, model in models.items():
+        fns[_label(name)] = lambda model=model: model(x)
+    if compiled is not None:
+        compiled(x)  # compile outside the timing
+        fns["torch.compile(batched eager)"] = lambda: compiled(x)
+    if ort_session is not None:
+        xn = x.numpy()
+        fns["onnxruntime (export_onnx)"] = lambda: ort_session.run(None, {"x": xn})
+    fns["cpp InferenceSession.run"] = lambda: session.run(x)
+    fns["floor: torch.mm [B,D]x[D,E*H]"] = lambda: torch.mm(x, w_flat)
+    return fns
+
+
 def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, dict[int, float]]:
     base = make_model("reference").eval()
     session = mf.InferenceSession(base)
@@ -96,33 +131,19 @@ def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, 
     compiled = torch.compile(lambda x: batched_forward(base, x), dynamic=False) if compile_ else None
     w_flat = base.mixture.expert_weights[0].detach().permute(1, 0, 2).reshape(D, E * H).contiguous()
     rows: dict[str, dict[int, float]] = {}
-
-    def put(name, B, fn):
-        rows.setdefault(name, {})[B] = time_median(fn, device=CPU, min_time=min_time)
-
     for B in BATCHES:
         x = torch.randn(B, D)
-        xn = x.numpy()
-        ref = base(x).detach()
-        assert torch.allclose(session.run(x), ref, rtol=1e-4, atol=1e-5), "session disagrees with the model"
+        assert torch.allclose(session.run(x), base(x).detach(), rtol=1e-4, atol=1e-5), "session disagrees with model"
+        fns = contenders(x, base, models, compiled, ort_session, session, w_flat)
         with torch.no_grad():
-            put("eager loop form (mmoe_fast.reference)", B, lambda: loop_forward(base, x))
-            for name, model in models.items():
-                put(_label(name), B, lambda model=model: model(x))
-            if compiled is not None:
-                compiled(x)  # compile outside the timing
-                put("torch.compile(batched eager)", B, lambda: compiled(x))
-        if ort_session is not None:
-            put("onnxruntime (export_onnx)", B, lambda: ort_session.run(None, {"x": xn}))
-        put("cpp InferenceSession.run", B, lambda: session.run(x))
-        put("floor: torch.mm [B,D]x[D,E*H]", B, lambda: torch.mm(x, w_flat))
+            for name, t in interleaved(fns, min_time).items():
+                rows.setdefault(name, {})[B] = t
         print(f"  inference B={B} done", file=sys.stderr, flush=True)
     return rows
 
 
 def bench_train(min_time: float, compile_: bool) -> dict[str, float]:
     x, y = torch.randn(TRAIN_B, D), torch.randn(TRAIN_B, T)
-    results = {}
 
     def step_fn(model, forward):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -136,16 +157,16 @@ def bench_train(min_time: float, compile_: bool) -> dict[str, float]:
         return step
 
     loop_model = make_model("reference")
-    results["eager loop form (mmoe_fast.reference)"] = time_median(
-        step_fn(loop_model, lambda v: loop_forward(loop_model, v)), device=CPU, min_time=min_time)
+    fns = {"eager loop form (mmoe_fast.reference)": step_fn(loop_model, lambda v: loop_forward(loop_model, v))}
     for name in cpu_backends():
         model = make_model(name)
-        results[_label(name)] = time_median(step_fn(model, model), device=CPU, min_time=min_time)
+        fns[_label(name)] = step_fn(model, model)
     if compile_:
         model = make_model("reference")
         fwd = torch.compile(lambda v: batched_forward(model, v), dynamic=False)
-        results["torch.compile(batched eager)"] = time_median(step_fn(model, fwd), device=CPU, min_time=min_time)
-    return results
+        fns["torch.compile(batched eager)"] = step_fn(model, fwd)
+        fns["torch.compile(batched eager)"]()  # compile outside the timing
+    return interleaved(fns, min_time)
 
 
 def _fmt(s: float) -> str:
@@ -195,7 +216,7 @@ def write_section(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per row and batch size")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per contender and batch size")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section of that markdown file")
     args = parser.parse_args(argv)

@@ -40,14 +40,6 @@ T* scratch(int slot, size_t n) {
   return bufs[slot].data();
 }
 
-// A tower layer (nn.Linear, optionally followed by ReLU): wt[in][out] (transposed), b[out] or empty.
-template <typename T>
-struct Dense {
-  int64_t in = 0, out = 0;
-  bool relu = false;
-  std::vector<T> wt, b;
-};
-
 // One layer of every expert, packed into panels for the session's instruction set.
 template <typename T>
 struct Grouped {
@@ -61,12 +53,12 @@ struct Grouped {
 template <typename T>
 struct Model {
   int isa = kBase;
-  int64_t in_features = 0, tasks = 0, gates = 0, widest = 1;
+  int64_t in_features = 0, tasks = 0, gates = 0, widest = 1;  // widest: a tower layer's padded width
   bool has_mixture = false;
   std::vector<Grouped<T>> hidden;
   Grouped<T> mixture;
   Grouped<T> gate;  // every gate's weights as one layer of gates * E columns
-  std::vector<std::vector<Dense<T>>> towers;
+  std::vector<std::vector<Grouped<T>>> towers;  // per task: nn.Linear layers as one-expert layers
 };
 
 template <typename T>

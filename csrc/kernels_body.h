@@ -476,15 +476,33 @@ struct Kern {
   }
 
   // ---- an InferenceSession's whole model ----------------------------------------------------------
-  static void dense_row(const Dense<T>& l, const T* in, T* out) {
-    for (int64_t j = 0; j < l.out; ++j) out[j] = l.b.empty() ? T(0) : l.b[j];
-    for (int64_t i = 0; i < l.in; ++i) {
-      const T v = in[i];
-      const T* w = l.wt.data() + i * l.out;
-      for (int64_t j = 0; j < l.out; ++j) out[j] += v * w[j];
+  // Task t's tower on rows [r0, r1) of its input (stride lda): each nn.Linear on the register tile,
+  // through two buffers of RB rows x the widest padded layer; out[b, t] is the last layer's column 0.
+  static void tower_block(const std::vector<Grouped<T>>& tower, const T* in, int64_t lda, int64_t r0, int64_t r1,
+                          int64_t tasks, int64_t t, T* out, T* buf0, T* buf1) {
+    alignas(64) T pre[MR * NR];
+    alignas(64) T f[NR];
+    const int64_t rn = r1 - r0;
+    for (const Grouped<T>& l : tower) {
+      const Panels w = session_panels(l);
+      const int64_t ldo = w.P * NR;
+      for (int64_t r = 0; r < rn; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
+        for (int64_t p = 0; p < w.P; ++p) {
+          tile_rows(mr, in + r * lda, lda, w.w + p * l.K * NR, NR, l.K, pre);
+          for (int i = 0; i < mr; ++i) {
+            T* z = pre + i * NR;
+            for (int j = 0; j < NR; ++j) z[j] += w.bias[p * NR + j];
+            act_fwd(l.act, z, f);
+            std::memcpy(buf0 + (r + i) * ldo + p * NR, f, sizeof f);
+          }
+        }
+      }
+      in = buf0;
+      lda = ldo;
+      std::swap(buf0, buf1);
     }
-    if (l.relu)
-      for (int64_t j = 0; j < l.out; ++j) out[j] = out[j] < T(0) ? T(0) : out[j];
+    for (int64_t i = 0; i < rn; ++i) out[(r0 + i) * tasks + t] = in[i * lda];
   }
 
   static Panels session_panels(const Grouped<T>& g) {
@@ -526,20 +544,17 @@ struct Kern {
         feat = sc.m.data();
         width = s.mixture.N;
       }
-      T* t0 = scratch<T>(2, static_cast<size_t>(s.widest));
-      T* t1 = scratch<T>(3, static_cast<size_t>(s.widest));
+      T* buf0 = scratch<T>(2, static_cast<size_t>(RB * s.widest));
+      T* buf1 = scratch<T>(3, static_cast<size_t>(RB * s.widest));
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t rb = 0; rb < nblocks; ++rb) {
+        const int64_t r0 = rb * RB, r1 = std::min(B, r0 + RB);
         for (int64_t t = 0; t < s.tasks; ++t) {
           const int64_t src = (mix && s.gates > 1) ? t : 0;
-          const T* in = mix ? feat + (src * B + b) * width : feat + b * width;
-          for (const Dense<T>& l : s.towers[t]) {
-            dense_row(l, in, t0);
-            std::swap(t0, t1);
-            in = t1;
-          }
-          out[b * s.tasks + t] = in[0];
+          const T* in = mix ? feat + (src * B + r0) * width : feat + r0 * width;
+          tower_block(s.towers[t], in, width, r0, r1, s.tasks, t, out, buf0, buf1);
         }
+      }
     }
   }
 };

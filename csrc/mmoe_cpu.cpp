@@ -93,19 +93,17 @@ class Session {
     model_.has_mixture = true;
   }
 
-  // An nn.Linear: weight[out, in] (stored transposed), bias[out] or 0.
+  // An nn.Linear: weight[out, in], bias[out] or 0; packed as a one-expert layer W[1, in, out].
   void add_tower_layer(int64_t task, uintptr_t w, uintptr_t b, int64_t in, int64_t out, bool relu) {
     if (task < 0 || task >= model_.tasks) throw std::invalid_argument("task out of range");
-    mmoe::Dense<T> l;
-    l.in = in;
-    l.out = out;
-    l.relu = relu;
-    l.wt.resize(static_cast<size_t>(in * out));
+    std::vector<T> wt(static_cast<size_t>(in * out));
     for (int64_t o = 0; o < out; ++o)
-      for (int64_t i = 0; i < in; ++i) l.wt[i * out + o] = cp<T>(w)[o * in + i];
-    if (b) l.b.assign(cp<T>(b), cp<T>(b) + out);
-    model_.widest = std::max(model_.widest, out);
-    model_.towers[static_cast<size_t>(task)].push_back(std::move(l));
+      for (int64_t i = 0; i < in; ++i) wt[i * out + o] = cp<T>(w)[o * in + i];
+    auto& tower = model_.towers[static_cast<size_t>(task)];
+    tower.emplace_back();
+    mmoe::pack_grouped<T>(model_.isa, wt.data(), cp<T>(b), 1, in, out, relu ? mmoe::kRelu : mmoe::kIdentity,
+                          tower.back());
+    model_.widest = std::max<int64_t>(model_.widest, static_cast<int64_t>(tower.back().b.size()));
   }
 
   void run(uintptr_t x, uintptr_t out, int64_t B) const {
