@@ -39,7 +39,7 @@ CPU = torch.device("cpu")
 MARK = ("<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->")
 
 
-def interleaved(fns: dict[str, Callable[[], object]], min_time: float, passes: int = 3) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], min_time: float, passes: int = 5) -> dict[str, float]:
     """Median seconds per call of each fn over ``passes`` passes; each pass times every fn in turn for
     min_time / passes after a few discarded calls. A slow spell of this shared machine then hits every
     contender alike, and thread pools that spin after a call (OpenMP, onnxruntime) settle before timing."""
@@ -134,8 +134,8 @@ def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, 
     for B in BATCHES:
         x = torch.randn(B, D)
         assert torch.allclose(session.run(x), base(x).detach(), rtol=1e-4, atol=1e-5), "session disagrees with model"
-        fns = contenders(x, base, models, compiled, ort_session, session, w_flat)
-        with torch.no_grad():
+        with torch.no_grad():  # also while compiling: a change of grad mode would recompile
+            fns = contenders(x, base, models, compiled, ort_session, session, w_flat)
             for name, t in interleaved(fns, min_time).items():
                 rows.setdefault(name, {})[B] = t
         print(f"  inference B={B} done", file=sys.stderr, flush=True)

@@ -141,3 +141,17 @@ def test_onnx_export_without_onnx_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ModuleNotFoundError, match=r"mmoe-fast\[onnx\]"):
         mf.export_onnx(_model("mmoe"), tmp_path / "m.onnx")
+
+
+def test_run_into_a_given_output_buffer():
+    model = _model("mmoe")
+    session = mf.InferenceSession(model)
+    x = torch.randn(5, 13)
+    out = torch.full((5, 2), float("nan"))
+    assert session.run(x, out=out) is out
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-5, atol=1e-6)
+    out_np = np.full((5, 2), np.nan, dtype=np.float32)
+    assert session.run(x.numpy(), out=out_np) is out_np
+    np.testing.assert_allclose(out_np, out.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        session.run(x, out=torch.empty(4, 2))
