@@ -39,11 +39,11 @@ CPU = torch.device("cpu")
 MARK = ("<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->")
 
 
-def interleaved(fns: dict[str, Callable[[], object]], min_time: float, passes: int = 5) -> dict[str, float]:
+def interleaved(fns: dict, min_time: float, passes: int = 5) -> dict:
     """Median seconds per call of each fn over ``passes`` passes; each pass times every fn in turn for
     min_time / passes after a few discarded calls. A slow spell of this shared machine then hits every
     contender alike, and thread pools that spin after a call (OpenMP, onnxruntime) settle before timing."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict = {name: [] for name in fns}
     for _ in range(passes):
         for name, fn in fns.items():
             for _ in range(3):
@@ -130,15 +130,18 @@ def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, 
     models = {name: make_model(name).eval() for name in cpu_backends()}
     compiled = torch.compile(lambda x: batched_forward(base, x), dynamic=False) if compile_ else None
     w_flat = base.mixture.expert_weights[0].detach().permute(1, 0, 2).reshape(D, E * H).contiguous()
+    fns = {}
+    with torch.no_grad():  # also while compiling: a change of grad mode would recompile
+        for B in BATCHES:
+            x = torch.randn(B, D)
+            assert torch.allclose(session.run(x), base(x), rtol=1e-4, atol=1e-5), "session disagrees with the model"
+            for name, fn in contenders(x, base, models, compiled, ort_session, session, w_flat).items():
+                fns[name, B] = fn
+        # every pass goes over every batch size: a slow spell of the machine spoils one pass, not one column
+        times = interleaved(fns, min_time)
     rows: dict[str, dict[int, float]] = {}
-    for B in BATCHES:
-        x = torch.randn(B, D)
-        assert torch.allclose(session.run(x), base(x).detach(), rtol=1e-4, atol=1e-5), "session disagrees with model"
-        with torch.no_grad():  # also while compiling: a change of grad mode would recompile
-            fns = contenders(x, base, models, compiled, ort_session, session, w_flat)
-            for name, t in interleaved(fns, min_time).items():
-                rows.setdefault(name, {})[B] = t
-        print(f"  inference B={B} done", file=sys.stderr, flush=True)
+    for (name, B), t in times.items():
+        rows.setdefault(name, {})[B] = t
     return rows
 
 

@@ -44,8 +44,8 @@ def gate_softmax(x, Wg, bg):
     return G
 
 
-def _gate_backward(dG, G, x, Wg):
-    """(dx[B, D], dWg, dbg) through the softmax: dlogit in C++, then two GEMMs."""
+def gate_softmax_backward(dG, G, x, Wg):
+    """(dx[B, D], dWg, dbg) through the softmax: dlogit in C++, then two small GEMMs."""
     T, D, E = Wg.shape
     B = x.shape[0]
     dlogit, dbg = torch.empty_like(G), G.new_empty((T, E))
@@ -54,10 +54,6 @@ def _gate_backward(dG, G, x, Wg):
     dx = torch.mm(flat, Wg.transpose(1, 2).reshape(T * E, D))
     dWg = torch.mm(x.t(), flat).view(D, T, E).transpose(0, 1).contiguous()
     return dx, dWg, dbg
-
-
-def gate_softmax_backward(dG, G, x, Wg):
-    return _gate_backward(dG, G, x, Wg)
 
 
 def expert_mixture(a, W, b, G, activation):
@@ -94,7 +90,7 @@ def expert_mixture_backward(dm, a, W, b, G, activation):
 def mmoe_backward(dm, x, W, b, Wg, bg, activation):
     G = gate_softmax(x, Wg, bg)  # recomputed: cheaper than saving [B, T, E] through autograd
     dx, dW, db, dG = _backward(x, W, b, activation, G=G, dm=dm)
-    dx_gate, dWg, dbg = _gate_backward(dG, G, x, Wg)
+    dx_gate, dWg, dbg = gate_softmax_backward(dG, G, x, Wg)
     return dx.add_(dx_gate), dW, db, dWg, dbg
 
 
