@@ -15,6 +15,7 @@ struct Kern {
   static constexpr int NR = 2 * L;                                     // panel width (columns)
   static constexpr int MR = kTileRows;                                 // rows per register tile
   static constexpr int64_t RB = 8 * MR;                                // rows per work block
+  static constexpr int64_t BB = 4 * RB;  // rows per backward block: longer reductions for dW, fewer partial sums
 
   static V load(const T* p) {
     V v;
@@ -359,7 +360,7 @@ struct Kern {
   static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* da,
                        T* dW, T* db, T* dG, int64_t B, int64_t nT, int act) {
     const int64_t E = w.E, Kd = w.Kd, N = w.N, P = w.P, NP = P * NR, lda = lda_of(shared, E, Kd);
-    const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + RB - 1) / RB;
+    const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + BB - 1) / BB;
     const int nthreads = threads_for(nblocks);
     // W[e]^T, zero-padded: wt[e][h][k] for h < NP, k < KW (the dx GEMM's panels)
     std::vector<T> wt(static_cast<size_t>(E * NP * KW), T(0));
@@ -380,8 +381,8 @@ struct Kern {
 #else
       T* mine = partial.data();
 #endif
-      std::vector<T> lanes(static_cast<size_t>(G ? RB * nT * NR : 0)), dp(static_cast<size_t>(RB * NP)),
-          xt(static_cast<size_t>(Kd * RB)), dxb(static_cast<size_t>(RB * KW));
+      std::vector<T> lanes(static_cast<size_t>(G ? BB * nT * NR : 0)), dp(static_cast<size_t>(BB * NP)),
+          xt(static_cast<size_t>(Kd * BB)), dxb(static_cast<size_t>(BB * KW));
       alignas(64) T pre[MR * NR];
       alignas(64) T f[NR];
       alignas(64) T d[NR];
@@ -389,12 +390,12 @@ struct Kern {
       alignas(64) T gt[NR];
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t r0 = blk * RB, r1 = std::min(B, r0 + RB), rn = r1 - r0;
+        const int64_t r0 = blk * BB, r1 = std::min(B, r0 + BB), rn = r1 - r0;
         for (int64_t e = 0; e < E; ++e) {
           const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
           if (e == 0 || !shared) {  // a_e's rows transposed (the dW GEMM's left operand); a fresh da block
             for (int64_t i = 0; i < rn; ++i)
-              for (int64_t k = 0; k < Kd; ++k) xt[k * RB + i] = ae[i * lda + k];
+              for (int64_t k = 0; k < Kd; ++k) xt[k * BB + i] = ae[i * lda + k];
             std::fill(dxb.begin(), dxb.end(), T(0));
           }
           std::fill(lanes.begin(), lanes.end(), T(0));
@@ -428,7 +429,7 @@ struct Kern {
           for (int64_t k = 0; k < Kd; k += MR) {
             const int mk = static_cast<int>(std::min<int64_t>(MR, Kd - k));
             for (int64_t p = 0; p < P; ++p) {
-              tile_rows(mk, xt.data() + k * RB, RB, dp.data() + p * NR, NP, rn, pre);
+              tile_rows(mk, xt.data() + k * BB, BB, dp.data() + p * NR, NP, rn, pre);
               for (int i = 0; i < mk; ++i) {
                 T* o = mine + (e * Kd + k + i) * NP + p * NR;
                 for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
