@@ -55,7 +55,8 @@ def test_cpp_two_layer_experts(shape, activation):
     check_layer("cpp", shape, activation=activation, hidden=(9,))
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], Shape(75, 40, 5, 70, 2)], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], Shape(75, 40, 5, 70, 2), Shape(600, 9, 3, 40, 2)],
+                         ids=str)  # the last: several row blocks in the backward
 def test_every_instruction_set(isa, shape):
     for activation in ACTIVATIONS:
         check_layer("cpp", shape, activation=activation, hidden=(19,) if activation == "silu" else ())
