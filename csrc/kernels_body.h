@@ -16,6 +16,7 @@ struct Kern {
   static constexpr int MR = kTileRows;                                 // rows per register tile
   static constexpr int64_t RB = 8 * MR;                                // rows per work block
   static constexpr int64_t BB = 4 * RB;  // rows per backward block: longer reductions for dW, fewer partial sums
+  static constexpr int64_t kChunks = 8;  // most partial sums of dW the backward keeps (memory: kChunks x |W|)
 
   static V load(const T* p) {
     V v;
@@ -282,6 +283,20 @@ struct Kern {
     }
   }
 
+  // Work items over the team (inside a parallel region; a barrier at the end). A single row block's
+  // items go to fixed threads, so its weights stay in their caches from call to call; several blocks
+  // are handed out on demand, so a thread the OS preempts on a busy machine holds nobody up.
+  template <typename F>
+  static void for_items(int64_t n, bool dynamic, F&& fn) {
+    if (dynamic) {
+#pragma omp for schedule(dynamic)
+      for (int64_t i = 0; i < n; ++i) fn(i);
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) fn(i);
+    }
+  }
+
   // The mixture over items (row block, panel). With gates (gw, on x) every thread computes the gates of
   // the row blocks it works on into its own buffer, once per block: no barrier, no shared write.
   static void mixture_items(const T* a, bool shared, const Panels& w, const T* x, const Panels* gw, const T* G, T* m,
@@ -289,15 +304,14 @@ struct Kern {
     const int64_t items = ((B + RB - 1) / RB) * w.P, GE = nT * w.E;
     T* local = gw ? scratch<T>(1, static_cast<size_t>(RB * GE)) : nullptr;
     int64_t cached = -1;
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
+    for_items(items, B > RB, [&](int64_t it) {
       const int64_t rb = it / w.P, r0 = rb * RB, r1 = std::min(B, r0 + RB);
       if (gw && rb != cached) {
         gate_block(x, *gw, local, nT, w.E, r0, r1);
         cached = rb;
       }
       mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, B, nT, act, r0, r1, it % w.P);
-    }
+    });
   }
 
   static int threads_for(int64_t items) {
@@ -313,11 +327,11 @@ struct Kern {
 
   static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act) {
     const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
-#pragma omp parallel for schedule(static) num_threads(threads_for(items))
-    for (int64_t it = 0; it < items; ++it) {
+#pragma omp parallel num_threads(threads_for(items))
+    for_items(items, nblocks > 1, [&](int64_t it) {
       const int64_t r0 = (it / w.P) * RB;
       grouped_item(a, shared, w, out, act, r0, std::min(B, r0 + RB), it % w.P);
-    }
+    });
   }
 
   // ---- backward -----------------------------------------------------------------------------------
@@ -354,14 +368,15 @@ struct Kern {
   //   df = sum_t G[b,t,e] dm[t,b,:] (mixture) or dout[b,e,:] (grouped linear, G null);
   //   dp = df * d, kept in a block buffer [rows, N] (dpre is never written to memory);
   //   dG[b,t,e] = <dm[t,b,:], f> (lane-wise partial sums, then across lanes);
-  //   dW[e] += a_e^T dp and db[e] += column sums of dp, into this thread's partial sums;
+  //   dW[e] += a_e^T dp and db[e] += column sums of dp, into the partial sums of the block's chunk;
   //   da += dp W[e]^T (shared a: one [rows, K] buffer over all experts; else written per expert).
-  // The partial sums are added in thread order at the end: bitwise reproducible for a thread count.
+  // Blocks form at most kChunks fixed chunks, handed out on demand; the chunks' partial sums are added
+  // in chunk order at the end: bitwise the same result whatever the thread count or timing.
   static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* da,
                        T* dW, T* db, T* dG, int64_t B, int64_t nT, int act) {
     const int64_t E = w.E, Kd = w.Kd, N = w.N, P = w.P, NP = P * NR, lda = lda_of(shared, E, Kd);
     const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + BB - 1) / BB;
-    const int nthreads = threads_for(nblocks);
+    const int64_t per = (nblocks + kChunks - 1) / kChunks, nchunks = (nblocks + per - 1) / per;
     // W[e]^T, zero-padded: wt[e][h][k] for h < NP, k < KW (the dx GEMM's panels)
     std::vector<T> wt(static_cast<size_t>(E * NP * KW), T(0));
     for (int64_t e = 0; e < E; ++e)
@@ -371,16 +386,11 @@ struct Kern {
         for (int64_t k = 0; k < Kd; ++k)
           for (int64_t j = 0; j < NR; ++j) wt[(e * NP + p * NR + j) * KW + k] = wp[k * ldw + j];
       }
-    // per thread: dW partial [E][Kd][NP], db partial [E][NP]
+    // per chunk: dW partial [E][Kd][NP], db partial [E][NP]
     const int64_t part = E * Kd * NP + E * NP;
-    std::vector<T> partial(static_cast<size_t>(nthreads * part), T(0));
-#pragma omp parallel num_threads(nthreads)
+    std::vector<T> partial(static_cast<size_t>(nchunks * part), T(0));
+#pragma omp parallel num_threads(threads_for(nchunks))
     {
-#ifdef _OPENMP
-      T* mine = partial.data() + omp_get_thread_num() * part;
-#else
-      T* mine = partial.data();
-#endif
       std::vector<T> lanes(static_cast<size_t>(G ? BB * nT * NR : 0)), dp(static_cast<size_t>(BB * NP)),
           xt(static_cast<size_t>(Kd * BB)), dxb(static_cast<size_t>(BB * KW));
       alignas(64) T pre[MR * NR];
@@ -388,8 +398,10 @@ struct Kern {
       alignas(64) T d[NR];
       alignas(64) T df[NR];
       alignas(64) T gt[NR];
-#pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
+#pragma omp for schedule(dynamic)
+      for (int64_t ch = 0; ch < nchunks; ++ch)
+      for (int64_t blk = ch * per; blk < std::min(nblocks, (ch + 1) * per); ++blk) {
+        T* mine = partial.data() + ch * part;
         const int64_t r0 = blk * BB, r1 = std::min(B, r0 + BB), rn = r1 - r0;
         for (int64_t e = 0; e < E; ++e) {
           const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
@@ -463,14 +475,14 @@ struct Kern {
           for (int64_t i = 0; i < rn; ++i)
             std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
       }
-      // the partial sums, added in thread order, columns split over the threads
+      // the partial sums, added in chunk order, columns split over the threads
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < E * Kd * N + E * N; ++c) {
         const bool is_db = c >= E * Kd * N;
         const int64_t cc = is_db ? c - E * Kd * N : c;
         const int64_t off = (is_db ? E * Kd * NP : 0) + (cc / N) * NP + cc % N;
         T s = 0;
-        for (int th = 0; th < nthreads; ++th) s += partial[th * part + off];
+        for (int64_t ch = 0; ch < nchunks; ++ch) s += partial[ch * part + off];
         (is_db ? db[cc] : dW[c]) = s;
       }
     }
@@ -529,11 +541,10 @@ struct Kern {
       bool shared = true;
       for (size_t l = 0; l < nh; ++l) {
         const Panels w = session_panels(s.hidden[l]);
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < nblocks * w.P; ++it) {
+        for_items(nblocks * w.P, nblocks > 1, [&](int64_t it) {
           const int64_t r0 = (it / w.P) * RB;
           grouped_item(a, shared, w, sc.h[l].data(), s.hidden[l].act, r0, std::min(B, r0 + RB), it % w.P);
-        }
+        });
         a = sc.h[l].data();
         shared = false;
       }
@@ -547,15 +558,14 @@ struct Kern {
       }
       T* buf0 = scratch<T>(2, static_cast<size_t>(RB * s.widest));
       T* buf1 = scratch<T>(3, static_cast<size_t>(RB * s.widest));
-#pragma omp for schedule(static)
-      for (int64_t rb = 0; rb < nblocks; ++rb) {
+      for_items(nblocks, true, [&](int64_t rb) {
         const int64_t r0 = rb * RB, r1 = std::min(B, r0 + RB);
         for (int64_t t = 0; t < s.tasks; ++t) {
           const int64_t src = (mix && s.gates > 1) ? t : 0;
           const T* in = mix ? feat + (src * B + r0) * width : feat + r0 * width;
           tower_block(s.towers[t], in, width, r0, r1, s.tasks, t, out, buf0, buf1);
         }
-      }
+      });
     }
   }
 };

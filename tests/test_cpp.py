@@ -100,6 +100,23 @@ def test_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_backward_is_the_same_for_any_thread_count():
+    inp = make_inputs(Shape(2100, 9, 3, 40, 2))  # several chunks of row blocks
+    x, w, b = inp["x"], inp["weights"][0], inp["biases"][0]
+    gates = cpp.gate_softmax(x, inp["gate_weight"], inp["gate_bias"])
+    dm = torch.randn(2, 2100, 40)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(cpp.expert_mixture_backward(dm, x, w, b, gates, "silu"))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
 def test_concurrent_calls_equal_serial_calls():
     inputs = [make_inputs(Shape(40 + i, 33, 8, 70, 3), seed=i) for i in range(8)]
     dms = [torch.randn(3, 40 + i, 70, generator=torch.Generator().manual_seed(i)) for i in range(8)]
