@@ -64,6 +64,8 @@ class InferenceSession:
         self.num_tasks = model.num_tasks
         self.in_features = self._in_features(model)
         device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"InferenceSession runs on the CPU; the model is on {device} (use model.cpu())")
         self._native = cpp.unavailable_reason() is None and cpp.supports(device, self.dtype)
         if self._native:
             with torch.no_grad():

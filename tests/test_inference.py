@@ -115,6 +115,8 @@ def test_bad_input_is_a_clear_error():
         session.run([[0.0] * 13])
     with pytest.raises(TypeError, match="MMoE, OMoE or SharedBottom"):
         mf.InferenceSession(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        mf.InferenceSession(_model("mmoe").to("meta"))
 
 
 def _onnxruntime():
