@@ -73,6 +73,11 @@ const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 
 #endif
 
 template <typename T>
+void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E) {
+  MMOE_DISPATCH(active_isa(), gate_entry<T>(x, wg, bg, G, B, D, nT, E))
+}
+
+template <typename T>
 void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
                      int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
   MMOE_DISPATCH(active_isa(), mixture_entry<T>(a, shared, w, b, wg, bg, G, m, B, E, K, N, nT, act))
@@ -111,6 +116,7 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
 }
 
 #define MMOE_INSTANTIATE(T)                                                                                      \
+  template void gate_softmax<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);            \
   template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, int64_t, \
                                    int64_t, int64_t, int64_t, int64_t, int);                                     \
   template void grouped_forward<T>(const T*, bool, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,    \

@@ -69,6 +69,9 @@ struct Scratch {
 
 // Entry points (T = float or double). Pointers are row-major contiguous; b, bg may be null.
 // a is x[B, K] when shared, else a[B, E, K]; W[E, K, N]; G[B, nT, E]; m[nT, B, N].
+// G[B, nT, E] = softmax_e(x[B, D] @ wg[t] + bg[t]) (wg[nT, D, E], bg[nT, E] or null), max-subtracted.
+template <typename T>
+void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E);
 // With wg (gate weights [nT, D, E], a = x shared) the gates are computed on the way; else G is given.
 template <typename T>
 void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,

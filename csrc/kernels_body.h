@@ -586,6 +586,20 @@ void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* wg,
 }
 
 template <typename T>
+void gate_entry(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E) {
+  using Kt = Kern<T>;
+  const int64_t P = Kt::panels(nT * E), nblocks = (B + Kt::RB - 1) / Kt::RB;
+  std::vector<T> buf(static_cast<size_t>(P * D * Kt::NR + P * Kt::NR));
+  Kt::pack_gate(wg, bg, D, nT, E, buf.data(), buf.data() + P * D * Kt::NR);
+  const typename Kt::Panels gw{buf.data(), nullptr, buf.data() + P * D * Kt::NR, 1, D, nT * E, P, true};
+#pragma omp parallel num_threads(Kt::threads_for(nblocks))
+  Kt::for_items(nblocks, true, [&](int64_t rb) {
+    const int64_t r0 = rb * Kt::RB;
+    Kt::gate_block(x, gw, G + r0 * nT * E, nT, E, r0, std::min(B, r0 + Kt::RB));
+  });
+}
+
+template <typename T>
 void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t Kd,
                    int64_t N, int act) {
   std::vector<T> buf;

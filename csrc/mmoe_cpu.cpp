@@ -21,38 +21,6 @@ T* mp(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// G[b, t, :] = softmax(x[b, :] @ wg[t] + bg[t]): x[B, D], wg[T, D, E], bg[T, E] or null, g[B, T, E].
-// Accumulates in Acc (float for float inputs, double for double); the softmax is max-subtracted.
-template <typename T, typename Acc>
-void gate_softmax(const T* x, const T* wg, const T* bg, T* g, int64_t B, int64_t D, int64_t nT, int64_t E) {
-#pragma omp parallel
-  {
-    std::vector<Acc> logits(static_cast<size_t>(E));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const T* xb = x + b * D;
-      for (int64_t t = 0; t < nT; ++t) {
-        const T* w = wg + t * D * E;
-        for (int64_t e = 0; e < E; ++e) logits[e] = bg ? static_cast<Acc>(bg[t * E + e]) : Acc(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const Acc xv = xb[d];
-          const T* wrow = w + d * E;
-          for (int64_t e = 0; e < E; ++e) logits[e] += xv * static_cast<Acc>(wrow[e]);
-        }
-        Acc mx = logits[0];
-        for (int64_t e = 1; e < E; ++e) mx = std::max(mx, logits[e]);
-        Acc sum = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          logits[e] = std::exp(logits[e] - mx);
-          sum += logits[e];
-        }
-        T* out = g + (b * nT + t) * E;
-        for (int64_t e = 0; e < E; ++e) out[e] = static_cast<T>(logits[e] / sum);
-      }
-    }
-  }
-}
-
 // The softmax's backward: dlogit = G * (dG - sum_e G dG); dbg[t, e] = sum_b dlogit, summed in row order.
 template <typename T>
 void gate_backward(const T* G, const T* dG, T* dlogit, T* dbg, int64_t B, int64_t nT, int64_t E) {
@@ -117,12 +85,12 @@ class Session {
   mmoe::Model<T> model_;
 };
 
-template <typename T, typename Acc>
+template <typename T>
 void bind(py::module_& m, const std::string& sfx) {
   m.def(("gate_softmax" + sfx).c_str(),
         [](uintptr_t x, uintptr_t wg, uintptr_t bg, uintptr_t g, int64_t B, int64_t D, int64_t nT, int64_t E) {
           py::gil_scoped_release release;
-          gate_softmax<T, Acc>(cp<T>(x), cp<T>(wg), cp<T>(bg), mp<T>(g), B, D, nT, E);
+          mmoe::gate_softmax<T>(cp<T>(x), cp<T>(wg), cp<T>(bg), mp<T>(g), B, D, nT, E);
         },
         py::arg("x"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("out"), py::arg("B"), py::arg("D"),
         py::arg("T"), py::arg("E"),
@@ -172,8 +140,8 @@ void bind(py::module_& m, const std::string& sfx) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmoe_fast CPU kernels on raw contiguous buffers";
-  bind<float, float>(m, "_f32");
-  bind<double, double>(m, "_f64");
+  bind<float>(m, "_f32");
+  bind<double>(m, "_f64");
   m.def("openmp_threads", []() { return mmoe::max_threads(); },
         "OpenMP's thread count (1 when the extension was built without OpenMP).");
   m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },
