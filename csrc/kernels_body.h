@@ -378,19 +378,22 @@ struct Kern {
     const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + BB - 1) / BB;
     const int64_t per = (nblocks + kChunks - 1) / kChunks, nchunks = (nblocks + per - 1) / per;
     // W[e]^T, zero-padded: wt[e][h][k] for h < NP, k < KW (the dx GEMM's panels)
-    std::vector<T> wt(static_cast<size_t>(E * NP * KW), T(0));
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t p = 0; p < P; ++p) {
-        int64_t ldw;
-        const T* wp = w.get(e, p, &ldw);
-        for (int64_t k = 0; k < Kd; ++k)
-          for (int64_t j = 0; j < NR; ++j) wt[(e * NP + p * NR + j) * KW + k] = wp[k * ldw + j];
-      }
-    // per chunk: dW partial [E][Kd][NP], db partial [E][NP]
+    std::vector<T> wt(static_cast<size_t>(E * NP * KW));
+    // per chunk: dW partial [E][Kd][NP], db partial [E][NP] (zeroed by the chunk's thread)
     const int64_t part = E * Kd * NP + E * NP;
-    std::vector<T> partial(static_cast<size_t>(nchunks * part), T(0));
+    std::vector<T> partial(static_cast<size_t>(nchunks * part));
 #pragma omp parallel num_threads(threads_for(nchunks))
     {
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < E; ++e) {
+        std::fill(wt.begin() + e * NP * KW, wt.begin() + (e + 1) * NP * KW, T(0));
+        for (int64_t p = 0; p < P; ++p) {
+          int64_t ldw;
+          const T* wp = w.get(e, p, &ldw);
+          for (int64_t k = 0; k < Kd; ++k)
+            for (int64_t j = 0; j < NR; ++j) wt[(e * NP + p * NR + j) * KW + k] = wp[k * ldw + j];
+        }
+      }
       std::vector<T> lanes(static_cast<size_t>(G ? BB * nT * NR : 0)), dp(static_cast<size_t>(BB * NP)),
           xt(static_cast<size_t>(Kd * BB)), dxb(static_cast<size_t>(BB * KW));
       alignas(64) T pre[MR * NR];
@@ -399,81 +402,83 @@ struct Kern {
       alignas(64) T df[NR];
       alignas(64) T gt[NR];
 #pragma omp for schedule(dynamic)
-      for (int64_t ch = 0; ch < nchunks; ++ch)
-      for (int64_t blk = ch * per; blk < std::min(nblocks, (ch + 1) * per); ++blk) {
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
         T* mine = partial.data() + ch * part;
-        const int64_t r0 = blk * BB, r1 = std::min(B, r0 + BB), rn = r1 - r0;
-        for (int64_t e = 0; e < E; ++e) {
-          const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
-          if (e == 0 || !shared) {  // a_e's rows transposed (the dW GEMM's left operand); a fresh da block
-            for (int64_t i = 0; i < rn; ++i)
-              for (int64_t k = 0; k < Kd; ++k) xt[k * BB + i] = ae[i * lda + k];
-            std::fill(dxb.begin(), dxb.end(), T(0));
-          }
-          std::fill(lanes.begin(), lanes.end(), T(0));
-          for (int64_t p = 0; p < P; ++p) {
-            int64_t ldw;
-            const T* wp = w.get(e, p, &ldw);
-            const int64_t h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
-            const T* bp = w.bias + e * NP + h0;
+        std::fill(mine, mine + part, T(0));
+        for (int64_t blk = ch * per; blk < std::min(nblocks, (ch + 1) * per); ++blk) {
+          const int64_t r0 = blk * BB, r1 = std::min(B, r0 + BB), rn = r1 - r0;
+          for (int64_t e = 0; e < E; ++e) {
+            const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
+            if (e == 0 || !shared) {  // a_e's rows transposed (the dW GEMM's left operand); a fresh da block
+              for (int64_t i = 0; i < rn; ++i)
+                for (int64_t k = 0; k < Kd; ++k) xt[k * BB + i] = ae[i * lda + k];
+              std::fill(dxb.begin(), dxb.end(), T(0));
+            }
+            std::fill(lanes.begin(), lanes.end(), T(0));
+            for (int64_t p = 0; p < P; ++p) {
+              int64_t ldw;
+              const T* wp = w.get(e, p, &ldw);
+              const int64_t h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
+              const T* bp = w.bias + e * NP + h0;
+              for (int64_t r = 0; r < rn; r += MR) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
+                tile_rows(mr, ae + r * lda, lda, wp, ldw, Kd, pre);
+                for (int i = 0; i < mr; ++i) {
+                  const int64_t b = r0 + r + i;
+                  T* z = pre + i * NR;
+                  for (int j = 0; j < NR; ++j) z[j] += bp[j];
+                  act_both(act, z, f, d);
+                  std::fill(df, df + NR, T(0));
+                  if (G) {
+                    for (int64_t t = 0; t < nT; ++t) {
+                      const T* g = padded(dm + (t * B + b) * N + h0, nh, gt);
+                      mix_back_row(g, G[(b * nT + t) * E + e], f, df, lanes.data() + ((r + i) * nT + t) * NR);
+                    }
+                  } else {
+                    std::memcpy(df, dout + (b * E + e) * N + h0, static_cast<size_t>(nh) * sizeof(T));
+                  }
+                  dpre_row(df, d, dp.data() + (r + i) * NP + h0, mine + E * Kd * NP + e * NP + h0);
+                }
+              }
+            }
+            // dW[e] += a_e^T dp: rows of dW are a's features k, the reduction runs over the block's rows
+            for (int64_t k = 0; k < Kd; k += MR) {
+              const int mk = static_cast<int>(std::min<int64_t>(MR, Kd - k));
+              for (int64_t p = 0; p < P; ++p) {
+                tile_rows(mk, xt.data() + k * BB, BB, dp.data() + p * NR, NP, rn, pre);
+                for (int i = 0; i < mk; ++i) {
+                  T* o = mine + (e * Kd + k + i) * NP + p * NR;
+                  for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
+                }
+              }
+            }
+            // da += dp W[e]^T: the reduction runs over the expert's N outputs
             for (int64_t r = 0; r < rn; r += MR) {
               const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
-              tile_rows(mr, ae + r * lda, lda, wp, ldw, Kd, pre);
-              for (int i = 0; i < mr; ++i) {
-                const int64_t b = r0 + r + i;
-                T* z = pre + i * NR;
-                for (int j = 0; j < NR; ++j) z[j] += bp[j];
-                act_both(act, z, f, d);
-                std::fill(df, df + NR, T(0));
-                if (G) {
-                  for (int64_t t = 0; t < nT; ++t) {
-                    const T* g = padded(dm + (t * B + b) * N + h0, nh, gt);
-                    mix_back_row(g, G[(b * nT + t) * E + e], f, df, lanes.data() + ((r + i) * nT + t) * NR);
-                  }
-                } else {
-                  std::memcpy(df, dout + (b * E + e) * N + h0, static_cast<size_t>(nh) * sizeof(T));
+              for (int64_t q = 0; q < KP; ++q) {
+                tile_rows(mr, dp.data() + r * NP, NP, wt.data() + e * NP * KW + q * NR, KW, NP, pre);
+                for (int i = 0; i < mr; ++i) {
+                  T* o = dxb.data() + (r + i) * KW + q * NR;
+                  for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
                 }
-                dpre_row(df, d, dp.data() + (r + i) * NP + h0, mine + E * Kd * NP + e * NP + h0);
               }
             }
+            if (!shared)
+              for (int64_t i = 0; i < rn; ++i)
+                std::memcpy(da + ((r0 + i) * E + e) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
+            if (G)
+              for (int64_t i = 0; i < rn; ++i)
+                for (int64_t t = 0; t < nT; ++t) {
+                  const T* ln = lanes.data() + (i * nT + t) * NR;
+                  T s = 0;
+                  for (int j = 0; j < NR; ++j) s += ln[j];
+                  dG[((r0 + i) * nT + t) * E + e] = s;
+                }
           }
-          // dW[e] += a_e^T dp: rows of dW are a's features k, the reduction runs over the block's rows
-          for (int64_t k = 0; k < Kd; k += MR) {
-            const int mk = static_cast<int>(std::min<int64_t>(MR, Kd - k));
-            for (int64_t p = 0; p < P; ++p) {
-              tile_rows(mk, xt.data() + k * BB, BB, dp.data() + p * NR, NP, rn, pre);
-              for (int i = 0; i < mk; ++i) {
-                T* o = mine + (e * Kd + k + i) * NP + p * NR;
-                for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
-              }
-            }
-          }
-          // da += dp W[e]^T: the reduction runs over the expert's N outputs
-          for (int64_t r = 0; r < rn; r += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
-            for (int64_t q = 0; q < KP; ++q) {
-              tile_rows(mr, dp.data() + r * NP, NP, wt.data() + e * NP * KW + q * NR, KW, NP, pre);
-              for (int i = 0; i < mr; ++i) {
-                T* o = dxb.data() + (r + i) * KW + q * NR;
-                for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
-              }
-            }
-          }
-          if (!shared)
+          if (shared)
             for (int64_t i = 0; i < rn; ++i)
-              std::memcpy(da + ((r0 + i) * E + e) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
-          if (G)
-            for (int64_t i = 0; i < rn; ++i)
-              for (int64_t t = 0; t < nT; ++t) {
-                const T* ln = lanes.data() + (i * nT + t) * NR;
-                T s = 0;
-                for (int j = 0; j < NR; ++j) s += ln[j];
-                dG[((r0 + i) * nT + t) * E + e] = s;
-              }
+              std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
         }
-        if (shared)
-          for (int64_t i = 0; i < rn; ++i)
-            std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
       }
       // the partial sums, added in chunk order, columns split over the threads
 #pragma omp for schedule(static)
