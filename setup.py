@@ -36,9 +36,11 @@ if Pybind11Extension is not None:
     ext_modules.append(
         Pybind11Extension(
             "mmoe_fast._C",
-            ["csrc/mmoe_cpu.cpp"],
+            ["csrc/mmoe_cpu.cpp", "csrc/kernels.cpp"],
+            depends=["csrc/kernels.h", "csrc/kernels_body.h"],
             cxx_std=17,
-            extra_compile_args=["-O3", *OPENMP],
+            # fp-contract: a * b + c as one FMA (ISO C++ mode turns that off); no -march: see kernels.cpp
+            extra_compile_args=["-O3", "-ffp-contract=fast", *OPENMP],
             extra_link_args=OPENMP,
         )
     )

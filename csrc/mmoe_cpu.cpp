@@ -1,78 +1,155 @@
 // mmoe_fast._C: CPU kernels on raw buffers (no torch headers), bound with pybind11.
-// Pointers arrive as integers (tensor.data_ptr()), row-major and contiguous; sizes as int64.
-// The GIL is released while a kernel runs.
+// Pointers arrive as integers (tensor.data_ptr()), row-major and contiguous, 0 for an absent bias;
+// sizes as int64. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
+#include <stdexcept>
+#include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "kernels.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// G[b, t, :] = softmax(x[b, :] @ wg[t] + bg[t]): x[B, D], wg[T, D, E], bg[T, E] or null, g[B, T, E].
-// Accumulates in Acc (float for float inputs, double for double); the softmax is max-subtracted.
-template <typename T, typename Acc>
-void gate_softmax(const T* x, const T* wg, const T* bg, T* g, int64_t B, int64_t D, int64_t nT, int64_t E) {
-#pragma omp parallel
-  {
-    std::vector<Acc> logits(static_cast<size_t>(E));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const T* xb = x + b * D;
-      for (int64_t t = 0; t < nT; ++t) {
-        const T* w = wg + t * D * E;
-        for (int64_t e = 0; e < E; ++e) logits[e] = bg ? static_cast<Acc>(bg[t * E + e]) : Acc(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const Acc xv = xb[d];
-          const T* wrow = w + d * E;
-          for (int64_t e = 0; e < E; ++e) logits[e] += xv * static_cast<Acc>(wrow[e]);
-        }
-        Acc mx = logits[0];
-        for (int64_t e = 1; e < E; ++e) mx = std::max(mx, logits[e]);
-        Acc sum = 0;
-        for (int64_t e = 0; e < E; ++e) {
-          logits[e] = std::exp(logits[e] - mx);
-          sum += logits[e];
-        }
-        T* out = g + (b * nT + t) * E;
-        for (int64_t e = 0; e < E; ++e) out[e] = static_cast<T>(logits[e] / sum);
-      }
-    }
-  }
+template <typename T>
+const T* cp(uintptr_t p) {
+  return reinterpret_cast<const T*>(p);
+}
+template <typename T>
+T* mp(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
 }
 
-template <typename T, typename Acc>
-void bind_gate_softmax(py::module_& m, const char* name) {
-  m.def(
-      name,
-      [](uintptr_t x, uintptr_t wg, uintptr_t bg, uintptr_t g, int64_t B, int64_t D, int64_t nT, int64_t E) {
-        py::gil_scoped_release release;
-        gate_softmax<T, Acc>(reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(wg),
-                             reinterpret_cast<const T*>(bg), reinterpret_cast<T*>(g), B, D, nT, E);
-      },
-      py::arg("x"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("out"), py::arg("B"), py::arg("D"),
-      py::arg("T"), py::arg("E"),
-      "G[B,T,E] = softmax(x[B,D] @ Wg[T,D,E] + bg[T,E]); pointers as integers, gate_bias 0 for none.");
+// The softmax's backward: dlogit = G * (dG - sum_e G dG); dbg[t, e] = sum_b dlogit, summed in row order.
+template <typename T>
+void gate_backward(const T* G, const T* dG, T* dlogit, T* dbg, int64_t B, int64_t nT, int64_t E) {
+  std::fill(dbg, dbg + nT * E, T(0));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < nT; ++t) {
+      const int64_t o = (b * nT + t) * E;
+      T s = 0;
+      for (int64_t e = 0; e < E; ++e) s += G[o + e] * dG[o + e];
+      for (int64_t e = 0; e < E; ++e) {
+        dlogit[o + e] = G[o + e] * (dG[o + e] - s);
+        dbg[t * E + e] += dlogit[o + e];
+      }
+    }
+}
+
+// A packed model answering run(x) -> out[B, T]; built by the add_* calls (which copy the weights).
+template <typename T>
+class Session {
+ public:
+  Session(int64_t in_features, int64_t tasks) {
+    model_.isa = mmoe::active_isa();
+    model_.in_features = in_features;
+    model_.tasks = tasks;
+    model_.towers.resize(static_cast<size_t>(tasks));
+  }
+
+  void add_hidden(uintptr_t w, uintptr_t b, int64_t E, int64_t K, int64_t N, int act) {
+    model_.hidden.emplace_back();
+    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.hidden.back());
+  }
+
+  void set_mixture(uintptr_t w, uintptr_t b, int64_t E, int64_t K, int64_t N, int act, uintptr_t wg, uintptr_t bg,
+                   int64_t gates) {
+    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.mixture);
+    mmoe::pack_gate<T>(model_.isa, cp<T>(wg), cp<T>(bg), model_.in_features, gates, E, model_.gate);
+    model_.gates = gates;
+    model_.has_mixture = true;
+  }
+
+  // An nn.Linear: weight[out, in], bias[out] or 0; packed as a one-expert layer W[1, in, out].
+  void add_tower_layer(int64_t task, uintptr_t w, uintptr_t b, int64_t in, int64_t out, bool relu) {
+    if (task < 0 || task >= model_.tasks) throw std::invalid_argument("task out of range");
+    std::vector<T> wt(static_cast<size_t>(in * out));
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) wt[i * out + o] = cp<T>(w)[o * in + i];
+    auto& tower = model_.towers[static_cast<size_t>(task)];
+    tower.emplace_back();
+    mmoe::pack_grouped<T>(model_.isa, wt.data(), cp<T>(b), 1, in, out, relu ? mmoe::kRelu : mmoe::kIdentity,
+                          tower.back());
+    model_.widest = std::max<int64_t>(model_.widest, static_cast<int64_t>(tower.back().b.size()));
+  }
+
+  void run(uintptr_t x, uintptr_t out, int64_t B) const {
+    py::gil_scoped_release release;
+    mmoe::session_run<T>(model_, cp<T>(x), mp<T>(out), B);
+  }
+
+  std::string isa() const { return mmoe::isa_name(model_.isa); }
+
+ private:
+  mmoe::Model<T> model_;
+};
+
+template <typename T>
+void bind(py::module_& m, const std::string& sfx) {
+  m.def(("gate_softmax" + sfx).c_str(),
+        [](uintptr_t x, uintptr_t wg, uintptr_t bg, uintptr_t g, int64_t B, int64_t D, int64_t nT, int64_t E) {
+          py::gil_scoped_release release;
+          mmoe::gate_softmax<T>(cp<T>(x), cp<T>(wg), cp<T>(bg), mp<T>(g), B, D, nT, E);
+        },
+        py::arg("x"), py::arg("gate_weight"), py::arg("gate_bias"), py::arg("out"), py::arg("B"), py::arg("D"),
+        py::arg("T"), py::arg("E"),
+        "G[B,T,E] = softmax(x[B,D] @ Wg[T,D,E] + bg[T,E]); pointers as integers, gate_bias 0 for none.");
+  m.def(("gate_backward" + sfx).c_str(),
+        [](uintptr_t G, uintptr_t dG, uintptr_t dlogit, uintptr_t dbg, int64_t B, int64_t nT, int64_t E) {
+          py::gil_scoped_release release;
+          gate_backward<T>(cp<T>(G), cp<T>(dG), mp<T>(dlogit), mp<T>(dbg), B, nT, E);
+        },
+        "dlogit[B,T,E] = G * (dG - sum_e G dG); dbg[T,E] = sum_b dlogit.");
+  m.def(("mixture_forward" + sfx).c_str(),
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t wg, uintptr_t bg, uintptr_t G,
+           uintptr_t out, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+          py::gil_scoped_release release;
+          mmoe::mixture_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(wg), cp<T>(bg), cp<T>(G),
+                                   mp<T>(out), B, E, K, N, nT, act);
+        },
+        "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 "
+        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused.");
+  m.def(("grouped_forward" + sfx).c_str(),
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t out, int64_t B, int64_t E, int64_t K,
+           int64_t N, int act) {
+          py::gil_scoped_release release;
+          mmoe::grouped_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), mp<T>(out), B, E, K, N, act);
+        },
+        "out[B,E,N] = act(a_e @ W[e] + b[e]).");
+  m.def(("backward" + sfx).c_str(),
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t G, uintptr_t dm, uintptr_t dout, uintptr_t da,
+           uintptr_t dW, uintptr_t db, uintptr_t dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT,
+           int act) {
+          py::gil_scoped_release release;
+          mmoe::backward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(da),
+                            mp<T>(dW), mp<T>(db), mp<T>(dG), B, E, K, N, nT, act);
+        },
+        "da (a's shape), dW[E,K,N], db[E,N] (and dG[B,T,E] for a mixture: G, dm[T,B,N]; else dout[B,E,N]), "
+        "recomputing the pre-activations; one pass, dpre never written.");
+  py::class_<Session<T>>(m, ("Session" + sfx).c_str())
+      .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
+      .def("add_hidden", &Session<T>::add_hidden)
+      .def("set_mixture", &Session<T>::set_mixture)
+      .def("add_tower_layer", &Session<T>::add_tower_layer)
+      .def("run", &Session<T>::run, "out[B,T] from x[B,D]; releases the GIL; safe from many threads at once.")
+      .def_property_readonly("isa", &Session<T>::isa);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mmoe_fast CPU kernels on raw contiguous buffers";
-  bind_gate_softmax<float, float>(m, "gate_softmax_f32");
-  bind_gate_softmax<double, double>(m, "gate_softmax_f64");
-  m.def("openmp_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 0;
-#endif
-  }, "OpenMP's thread count, or 0 when the extension was built without OpenMP.");
+  bind<float>(m, "_f32");
+  bind<double>(m, "_f64");
+  m.def("openmp_threads", []() { return mmoe::max_threads(); },
+        "OpenMP's thread count (1 when the extension was built without OpenMP).");
+  m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },
+        "The instruction set new calls use: avx512, avx2 or base.");
+  m.def("best_isa", []() { return std::string(mmoe::isa_name(mmoe::best_isa())); });
+  m.def("set_isa", [](const std::string& name) {
+    const int isa = name == "avx512" ? mmoe::kAvx512 : name == "avx2" ? mmoe::kAvx2 : name == "base" ? mmoe::kBase : -1;
+    if (isa < 0) throw std::invalid_argument("isa must be avx512, avx2 or base");
+    mmoe::set_isa(isa);
+  }, "Lower the instruction set (tests run every path); sessions keep the one they were packed for.");
 }

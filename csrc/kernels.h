@@ -1,0 +1,94 @@
+// Shared declarations of the CPU kernels: the model an InferenceSession packs, and the entry points,
+// each dispatched at run time to the widest instruction set this CPU has (kernels.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace mmoe {
+
+enum Act { kIdentity = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluA = 0.044715;
+
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+int best_isa();               // what this CPU runs
+int active_isa();             // what new calls use (best_isa unless set_isa lowered it)
+void set_isa(int isa);        // tests run every path; raises std::invalid_argument above best_isa
+const char* isa_name(int isa);
+
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Per-thread buffers that grow and are kept: a call allocates nothing once a thread has warmed up.
+template <typename T>
+T* scratch(int slot, size_t n) {
+  thread_local std::vector<T> bufs[4];
+  if (bufs[slot].size() < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
+// One layer of every expert, packed into panels for the session's instruction set.
+template <typename T>
+struct Grouped {
+  int64_t E = 0, K = 0, N = 0;
+  int act = kRelu;
+  std::vector<T> w, b;  // [E][P][K][NR], [E][P*NR]
+};
+
+// A whole model: hidden expert layers (first one on x, shared), then a gated mixture (MMoE/OMoE),
+// then one tower per task. Shared-Bottom is hidden layers with E = 1 and no mixture.
+template <typename T>
+struct Model {
+  int isa = kBase;
+  int64_t in_features = 0, tasks = 0, gates = 0, widest = 1;  // widest: a tower layer's padded width
+  bool has_mixture = false;
+  std::vector<Grouped<T>> hidden;
+  Grouped<T> mixture;
+  Grouped<T> gate;  // every gate's weights as one layer of gates * E columns
+  std::vector<std::vector<Grouped<T>>> towers;  // per task: nn.Linear layers as one-expert layers
+};
+
+template <typename T>
+struct Scratch {
+  std::vector<std::vector<T>> h;
+  std::vector<T> m;
+};
+
+// Entry points (T = float or double). Pointers are row-major contiguous; b, bg may be null.
+// a is x[B, K] when shared, else a[B, E, K]; W[E, K, N]; G[B, nT, E]; m[nT, B, N].
+// G[B, nT, E] = softmax_e(x[B, D] @ wg[t] + bg[t]) (wg[nT, D, E], bg[nT, E] or null), max-subtracted.
+template <typename T>
+void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E);
+// With wg (gate weights [nT, D, E], a = x shared) the gates are computed on the way; else G is given.
+template <typename T>
+void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
+                     int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+template <typename T>
+void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t K,
+                     int64_t N, int act);
+// The backward of a mixture (G, dm[nT, B, N]) or of a grouped linear (dout[B, E, N], G null), recomputing
+// the pre-activations: da (a's shape), dW[E, K, N], db[E, N] and, for a mixture, dG[B, nT, E].
+template <typename T>
+void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da, T* dW,
+              T* db, T* dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+template <typename T>
+void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
+template <typename T>
+void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out);
+template <typename T>
+void session_run(const Model<T>& model, const T* x, T* out, int64_t B);
+
+}  // namespace mmoe

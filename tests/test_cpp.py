@@ -1,0 +1,226 @@
+"""The C++ backend equals the float64 loop reference, forward and every gradient, on every instruction set."""
+
+import threading
+
+import pytest
+import torch
+
+import mmoe_fast as mf
+from mmoe_fast import backends, ops
+from mmoe_fast.activations import ACTIVATIONS
+from mmoe_fast.backends import cpp
+from mmoe_fast.testing import SHAPES, Shape, assert_close, check_layer, make_inputs
+
+pytestmark = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="mmoe_fast._C not built")
+
+
+def _isas():
+    if cpp._C is None:
+        return ["none"]
+    order = ["base", "avx2", "avx512"]
+    return order[: order.index(cpp._C.best_isa()) + 1]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs the test on one instruction set's kernels (this CPU's best is the default)."""
+    before = cpp._C.isa()
+    cpp._C.set_isa(request.param)
+    yield request.param
+    cpp._C.set_isa(before)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cpp_matches_loop_float32(shape, activation):
+    check_layer("cpp", shape, activation=activation)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("split", [False, True])
+def test_cpp_matches_loop_float64(shape, split):
+    check_layer("cpp", shape, dtype=torch.float64, activation="gelu", split=split)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+@pytest.mark.parametrize("bias,gate_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("split", [False, True])
+def test_cpp_without_biases(shape, bias, gate_bias, split):
+    check_layer("cpp", shape, bias=bias, gate_bias=gate_bias, split=split, activation="silu")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cpp_two_layer_experts(shape, activation):
+    check_layer("cpp", shape, activation=activation, hidden=(9,))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], Shape(75, 40, 5, 70, 2), Shape(600, 9, 3, 40, 2)],
+                         ids=str)  # the last: several row blocks in the backward
+def test_every_instruction_set(isa, shape):
+    for activation in ACTIVATIONS:
+        check_layer("cpp", shape, activation=activation, hidden=(19,) if activation == "silu" else ())
+    check_layer("cpp", shape, dtype=torch.float64, activation="relu", split=True)
+
+
+def _op_cases():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=torch.float64)
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = mf.gate_softmax(x, wg, bg)
+    a3 = x[:, None, :].expand(-1, 3, -1).contiguous()
+    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "cpp")
+    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "cpp")
+    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "cpp")
+    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "gelu", "cpp")
+    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "cpp")
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_gradcheck_float64(name, op, args):
+    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,op,args", list(_op_cases())[-2:], ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+
+
+def _layer_grads(inp, dm):
+    leaves = [t.detach().requires_grad_() for t in
+              (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])]
+    out = mf.mmoe(*leaves, backend="cpp")
+    return [out, *torch.autograd.grad(out, leaves, dm)]
+
+
+def test_backward_is_deterministic():
+    inp = make_inputs(Shape(300, 33, 8, 70, 3))
+    dm = torch.randn(3, 300, 70)
+    first, second = _layer_grads(inp, dm), _layer_grads(inp, dm)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backward_is_the_same_for_any_thread_count():
+    inp = make_inputs(Shape(2100, 9, 3, 40, 2))  # several chunks of row blocks
+    x, w, b = inp["x"], inp["weights"][0], inp["biases"][0]
+    gates = cpp.gate_softmax(x, inp["gate_weight"], inp["gate_bias"])
+    dm = torch.randn(2, 2100, 40)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(cpp.expert_mixture_backward(dm, x, w, b, gates, "silu"))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
+def test_concurrent_calls_equal_serial_calls():
+    inputs = [make_inputs(Shape(40 + i, 33, 8, 70, 3), seed=i) for i in range(8)]
+    dms = [torch.randn(3, 40 + i, 70, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    serial = [_layer_grads(inp, dm) for inp, dm in zip(inputs, dms)]
+    results = [None] * 8
+
+    def work(i):
+        for _ in range(3):
+            results[i] = _layer_grads(inputs[i], dms[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, serial):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_stable_softmax_and_nan_propagation():
+    x = torch.tensor([[1e4, -1e4]], dtype=torch.float32)
+    torch.testing.assert_close(mf.gate_softmax(x, torch.eye(2).reshape(1, 2, 2), backend="cpp"),
+                               torch.tensor([[[1.0, 0.0]]]))
+    inp = make_inputs(Shape(4, 5, 3, 6, 2))
+    inp["x"][1, 2] = float("nan")
+    out = mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="cpp")
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
+
+
+def test_empty_batch():
+    inp = make_inputs(Shape(0, 5, 3, 7, 2))
+    x = inp["x"].requires_grad_()
+    out = mf.mmoe(x, inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="cpp")
+    assert out.shape == (2, 0, 7)
+    out.sum().backward()
+    assert x.grad.shape == (0, 5)
+
+
+def test_auto_picks_cpp_on_cpu_and_reference_for_half():
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) is cpp
+    assert backends.resolve("auto", torch.device("cpu"), torch.float64) is cpp
+    assert backends.resolve("auto", torch.device("cpu"), torch.bfloat16) is not cpp
+    assert not cpp.supports(torch.device("cpu"), torch.float16)
+    assert not cpp.supports(torch.device("cuda"), torch.float32)
+
+
+def _bad_calls():
+    inp = make_inputs(Shape(5, 6, 3, 4, 2))
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = mf.gate_softmax(x, wg, bg, backend="cpp")
+    yield "x", lambda: mf.mmoe(x[0], w, b, wg, bg, backend="cpp"), ValueError
+    yield "x", lambda: mf.gate_softmax(x.to(torch.int64), wg, bg, backend="cpp"), TypeError
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:, :-1], bg, backend="cpp"), ValueError
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg.double(), bg, backend="cpp"), TypeError
+    yield "gate_bias", lambda: mf.gate_softmax(x, wg, bg[:1], backend="cpp"), ValueError
+    yield "expert_weight", lambda: mf.mmoe(x, w[:, :-1], b, wg, bg, backend="cpp"), ValueError
+    yield "expert_bias", lambda: mf.mmoe(x, w, b[:, :-1], wg, bg, backend="cpp"), ValueError
+    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:, :, :2], backend="cpp"), ValueError
+    yield "activation", lambda: mf.mmoe(x, w, b, wg, bg, activation="tanh", backend="cpp"), ValueError
+    yield "cpp", lambda: mf.mmoe(x.half(), w.half(), b.half(), wg.half(), bg.half(), backend="cpp"), ValueError
+
+
+@pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_names_the_argument(name, call, exc):
+    with pytest.raises(exc, match=name):
+        call()
+
+
+def test_package_works_without_the_extension(monkeypatch):
+    monkeypatch.setattr(cpp, "_C", None)
+    assert "not built" in cpp.unavailable_reason()
+    monkeypatch.setitem(backends._loaded, "cpp", f"backend 'cpp': {cpp.unavailable_reason()}")
+    monkeypatch.setattr(backends, "_resolved", {})
+    assert "cpp" not in mf.available_backends()
+    assert backends.resolve("auto", torch.device("cpu"), torch.float32) is not cpp
+    inp = make_inputs(Shape(6, 5, 3, 7, 2))
+    out = mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
+    assert out.shape == (2, 6, 7)
+    with pytest.raises(ValueError, match="_C was not built"):
+        mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="cpp")
+    model = mf.MMoE(5, 2, num_experts=3, expert_hidden=7)
+    session = mf.InferenceSession(model)
+    assert session.backend == "eager"
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(session.run(x), model.eval()(x))
+
+
+def test_model_trains_with_cpp():
+    torch.manual_seed(0)
+    model = mf.MMoE(12, 2, num_experts=4, expert_hidden=(10, 16), backend="cpp")
+    x, y = torch.randn(64, 12), torch.randn(64, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_matches_reference_backend_at_a_realistic_size():
+    inp = make_inputs(Shape(257, 128, 8, 256, 2))
+    args = (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
+    assert_close(mf.mmoe(*args, backend="cpp"), mf.mmoe(*[a.double() for a in args], backend="reference"), 1e-5,
+                 "cpp at D=128, E=8, H=256")
