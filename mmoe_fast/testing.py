@@ -7,6 +7,8 @@ form) evaluated in float64 on the same inputs, with gradients from autograd.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -191,3 +193,21 @@ def run_gradcheck(op, args) -> None:
     """``torch.autograd.gradcheck`` (float64 arguments) of ``op`` with respect to every tensor argument."""
     args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
     assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+
+
+def run_concurrently(calls: list[Callable[[], object]], repeats: int = 1) -> list[list]:
+    """Each call ``repeats`` times in its own thread, all released at once; the results per call."""
+    results: list[list] = [[] for _ in calls]
+    start = threading.Barrier(len(calls))
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(repeats):
+            results[i].append(calls[i]())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

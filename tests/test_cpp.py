@@ -1,15 +1,25 @@
 """The C++ backend equals the float64 loop reference, forward and every gradient, on every instruction set."""
 
-import threading
 
 import pytest
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import backends, ops
+from mmoe_fast import backends
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.backends import cpp
-from mmoe_fast.testing import SHAPES, Shape, assert_close, check_layer, make_inputs
+from mmoe_fast.testing import (
+    SHAPES,
+    Shape,
+    assert_close,
+    case_id,
+    check_layer,
+    make_inputs,
+    op_cases,
+    run_concurrently,
+    run_gradcheck,
+    run_opcheck,
+)
 
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="mmoe_fast._C not built")
 
@@ -63,27 +73,14 @@ def test_every_instruction_set(isa, shape):
     check_layer("cpp", shape, dtype=torch.float64, activation="relu", split=True)
 
 
-def _op_cases():
-    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=torch.float64)
-    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
-    gates = mf.gate_softmax(x, wg, bg)
-    a3 = x[:, None, :].expand(-1, 3, -1).contiguous()
-    yield "gate_softmax", ops._gate_softmax, (x, wg, bg, "cpp")
-    yield "expert_mixture", ops._expert_mixture, (x, w, b, gates, "silu", "cpp")
-    yield "expert_mixture_per_expert", ops._expert_mixture, (a3, w, None, gates, "gelu", "cpp")
-    yield "grouped_linear", ops._grouped_linear, (a3, w, b, "gelu", "cpp")
-    yield "mmoe", ops._mmoe, (x, w, b, wg, bg, "gelu", "cpp")
-
-
-@pytest.mark.parametrize("name,op,args", list(_op_cases()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("cpp")), ids=case_id)
 def test_gradcheck_float64(name, op, args):
-    args = tuple(t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in args)
-    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-7)
+    run_gradcheck(op, args)
 
 
-@pytest.mark.parametrize("name,op,args", list(_op_cases())[-2:], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,op,args", list(op_cases("cpp")), ids=case_id)
 def test_opcheck(name, op, args):
-    torch.library.opcheck(op, tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args))
+    run_opcheck(op, args)
 
 
 def _layer_grads(inp, dm):
@@ -121,19 +118,9 @@ def test_concurrent_calls_equal_serial_calls():
     inputs = [make_inputs(Shape(40 + i, 33, 8, 70, 3), seed=i) for i in range(8)]
     dms = [torch.randn(3, 40 + i, 70, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     serial = [_layer_grads(inp, dm) for inp, dm in zip(inputs, dms)]
-    results = [None] * 8
-
-    def work(i):
-        for _ in range(3):
-            results[i] = _layer_grads(inputs[i], dms[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for got, want in zip(results, serial):
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    results = run_concurrently([lambda i=i: _layer_grads(inputs[i], dms[i]) for i in range(8)], repeats=3)
+    for runs, want in zip(results, serial):
+        assert all(torch.equal(a, b) for got in runs for a, b in zip(got, want))
 
 
 def test_stable_softmax_and_nan_propagation():

@@ -1,6 +1,5 @@
 """InferenceSession equals model.eval()(x); export_onnx writes the same model (checked with onnxruntime)."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 import mmoe_fast as mf
 from mmoe_fast.backends import cpp
+from mmoe_fast.testing import run_concurrently
 
 NATIVE = cpp.unavailable_reason() is None
 
@@ -78,19 +78,7 @@ def test_eight_threads_equal_serial_calls():
     session = mf.InferenceSession(model)
     xs = [torch.randn(1 + 37 * i, 13, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     serial = [session.run(x) for x in xs]
-    results = [[] for _ in xs]
-    start = threading.Barrier(8)
-
-    def work(i):
-        start.wait()
-        for _ in range(20):
-            results[i].append(session.run(xs[i]))
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_concurrently([lambda x=x: session.run(x) for x in xs], repeats=20)
     for got, want in zip(results, serial):
         assert len(got) == 20 and all(torch.equal(g, want) for g in got)
 
