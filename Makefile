@@ -27,7 +27,7 @@ $(VENV)/.census-data: $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 test: setup census-data
-	MMOE_FAST_REQUIRE_EXT=1 $(PY) -m pytest -q; rc=$$?; \
+	MMOE_FAST_REQUIRE_EXT=1 MMOE_FAST_REQUIRE_CENSUS=1 $(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: setup

@@ -8,6 +8,7 @@ and the floor (the one [B, D] x [D, E*H] GEMM the layer cannot avoid, timed with
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from . import backends, ops, reference
+from .argtypes import positive_int
 from .testing import Shape, make_inputs
 
 DEFAULT_SHAPES = (Shape(1, 128, 8, 256, 2), Shape(64, 128, 8, 256, 2), Shape(1024, 128, 8, 256, 2),
@@ -122,11 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", metavar="B,D,E,H,T",
                         help="a shape to time (repeatable); default: a small table")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per shape and row")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                        help="intra-op CPU threads (default: torch's); on shared cores more threads are noisier")
     args = parser.parse_args(argv)
+    try:
+        shapes = [Shape(*_shape(s)) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
+    except ValueError:
+        parser.error(f"--shape takes five positive integers B,D,E,H,T, got {args.shape}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    shapes = [Shape(*map(int, s.split(","))) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
-    print(f"mmoe-fast bench on {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"medians; 'floor/fwd' = time of the one [B,D]x[D,E*H] GEMM / time of the layer (1.00x = at the floor)")
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"mmoe-fast bench on {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {load:.1f}; medians; 'floor/fwd' = time of the one [B,D]x[D,E*H] GEMM / time of the layer "
+          f"(1.00x = at the floor)")
     for shape in shapes:
         print(report(shape, bench_shape(shape, device=device, dtype=dtype, min_time=args.min_time)), flush=True)
     return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    sizes = tuple(int(v) for v in text.split(","))
+    if len(sizes) != 5 or min(sizes[1:]) < 1 or sizes[0] < 0:
+        raise ValueError(text)
+    return sizes

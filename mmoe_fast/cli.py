@@ -9,15 +9,9 @@ import time
 import torch
 
 from . import backends, bench, distributed, experiments, models
+from .argtypes import correlation, floats, positive_int
 from .data import make_synthetic
 from .train import OPTIMIZERS, fit
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -37,13 +31,11 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     x, y = make_synthetic(args.n_train + args.n_val, d=args.d, correlation=args.correlation, seed=args.seed)
     x_tr, y_tr, x_val, y_val = x[: args.n_train], y[: args.n_train], x[args.n_train :], y[args.n_train :]
     task_types = ("regression", "regression")
-    try:
-        model = models.build_model(args.model, args.d, 2, task_types=task_types, num_experts=args.experts,
-                                   expert_hidden=args.expert_hidden, bottom_hidden=args.bottom_hidden,
-                                   backend=args.backend)
-    except ValueError as exc:  # e.g. ESMM on the synthetic regression tasks
-        print(f"mmoe-fast train: error: --model {args.model}: {exc}", file=sys.stderr)
-        return 2
+    # Only the options the user gave: a model that has no use for one refuses it by name.
+    chosen = {"num_experts": args.experts, "expert_hidden": args.expert_hidden, "bottom_hidden": args.bottom_hidden,
+              "backend": None if args.backend == "auto" else args.backend}
+    options = {key: value for key, value in chosen.items() if value is not None}
+    model = models.build_model(args.model, args.d, 2, task_types=task_types, **options)
     model.to(device)
     setting = models.fused_backend(model)
     used = "none (no fused op in this model)" if setting is None else backends.backend_name(
@@ -69,33 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a multi-task model on the paper's synthetic data "
                         "(under torchrun: DDP, gloo on CPU, nccl on CUDA)")
     tr.add_argument("--data", choices=["synthetic"], default="synthetic")
-    tr.add_argument("--correlation", type=float, default=0.5, help="task correlation p in [-1, 1]")
+    tr.add_argument("--correlation", type=correlation, default=0.5, help="task correlation p in [-1, 1]")
     tr.add_argument("--model", choices=sorted(models.MODELS), default="mmoe")
     tr.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
-    tr.add_argument("--n-train", type=int, default=10000)
-    tr.add_argument("--n-val", type=int, default=2000)
+    tr.add_argument("--n-train", type=positive_int, default=10000)
+    tr.add_argument("--n-val", type=positive_int, default=2000)
     # --dim too: torchrun rejects "--d" as an ambiguous abbreviation of its own options.
-    tr.add_argument("--d", "--dim", dest="d", type=int, default=100, help="input dimension")
-    tr.add_argument("--experts", type=int, default=8)
-    tr.add_argument("--expert-hidden", type=int, default=16)
-    tr.add_argument("--bottom-hidden", type=int, default=113, help="Shared-Bottom width (size-matched to MMoE)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--steps", type=int, default=None, help="train this many optimizer steps instead of epochs")
-    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--d", "--dim", dest="d", type=positive_int, default=100, help="input dimension")
+    tr.add_argument("--experts", type=positive_int, default=None, help="MMoE/OMoE experts (model default: 8)")
+    tr.add_argument("--expert-hidden", type=positive_int, default=None,
+                    help="MMoE/OMoE units per expert (model default: 16)")
+    tr.add_argument("--bottom-hidden", type=positive_int, default=None,
+                    help="Shared-Bottom width (model default: 113, size-matched to MMoE)")
+    tr.add_argument("--epochs", type=positive_int, default=10)
+    tr.add_argument("--steps", type=positive_int, default=None,
+                    help="train this many optimizer steps instead of epochs")
+    tr.add_argument("--batch-size", type=positive_int, default=128)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--loss-weights", type=_floats, default=None, help="per-task loss weights, e.g. 1,0.5")
-    tr.add_argument("--patience", type=int, default=None,
+    tr.add_argument("--loss-weights", type=floats, default=None, help="per-task loss weights, e.g. 1,0.5")
+    tr.add_argument("--patience", type=positive_int, default=None,
                     help="early stopping: epochs without a better task-0 validation metric")
     tr.add_argument("--log-dir", default=None, help="write train.jsonl and train.csv here")
     tr.add_argument("--checkpoint-dir", default=None, help="write step-*.pt checkpoints and model.pt here")
-    tr.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every this many steps")
+    tr.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every this many steps")
     tr.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its latest checkpoint)")
     tr.add_argument("--seed", type=int, default=0)
     # One thread by default: the paper-sized model's ops are too small to gain from more, and on shared cores
     # a second intra-op thread stalls every op (benchmarks/bench_train_threads.py).
-    tr.add_argument("--threads", type=int, default=1, help="intra-op CPU threads per process")
+    tr.add_argument("--threads", type=positive_int, default=1, help="intra-op CPU threads per process")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)
 
@@ -113,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # bad input: a message, not a traceback
+        print(f"mmoe-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

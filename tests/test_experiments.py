@@ -88,14 +88,14 @@ def test_gates_from_a_census_checkpoint(census_run, tmp_path):
 
 
 def test_gates_refuses_a_model_without_gates_or_other_data(census_run, tmp_path, capsys):
-    assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 1
-    assert "has no MMoE gates" in capsys.readouterr().out
+    assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 2
+    assert "has no MMoE gates" in capsys.readouterr().err
     model = models.MMoE(3, 2)
     experiments.save_checkpoint(tmp_path / "small.pt", model, {
         "model": "mmoe", "in_features": 3, "task_types": ["binary", "binary"], "data": {
             "name": "census", "group": 1, "path": FIXTURE}})
-    assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 1
-    assert "checkpoint's model takes 3" in capsys.readouterr().out
+    assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 2
+    assert "checkpoint's model takes 3" in capsys.readouterr().err
 
 
 def test_tune_skips_oversized_configs_and_saves_the_best(tmp_path, capsys):
@@ -124,8 +124,8 @@ def test_tune_on_synthetic_selects_on_validation_mse(tmp_path):
 
 
 def test_missing_census_data_says_what_to_run(tmp_path, capsys):
-    assert cli.main(["reproduce", "census", "--census-path", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-    assert "make census-data" in capsys.readouterr().out
+    assert cli.main(["reproduce", "census", "--census-path", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "make census-data" in capsys.readouterr().err
 
 
 def test_models_option_takes_registry_names_only():
