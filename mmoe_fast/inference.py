@@ -22,7 +22,7 @@ from .models import MMoE, SharedBottom
 
 __all__ = ["InferenceSession", "export_onnx"]
 
-_ACT = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3}
+_ACT = cpp._ACT
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -102,9 +102,9 @@ class InferenceSession:
             wg, bg = c(layer.gate_weight), c(layer.gate_bias)
             session.set_mixture(ptr(ws[-1]), ptr(bs[-1]), *ws[-1].shape, act, ptr(wg), ptr(bg), wg.shape[0])
         else:
-            for lin, _ in _linears(model.bottom):
+            for lin, relu in _linears(model.bottom):
                 w, b = c(lin.weight.t()[None]), c(None if lin.bias is None else lin.bias[None])
-                session.add_hidden(ptr(w), ptr(b), *w.shape, _ACT["relu"])
+                session.add_hidden(ptr(w), ptr(b), *w.shape, _ACT["relu"] if relu else _ACT["identity"])
         for t, tower in enumerate(model.towers.towers):
             for lin, relu in _linears(tower):
                 w, b = c(lin.weight), c(lin.bias)

@@ -28,10 +28,12 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _impl(backend: str, t: Tensor):
-    """The backend module for these tensors; empty batches go to the reference, which handles them."""
-    if t.shape[0] == 0:
-        return _reference
-    return backends.resolve(backend, t.device, t.dtype)
+    """The backend module for these tensors; empty batches go to the reference, which handles them.
+
+    The backend is resolved first in any case, so that one that cannot run is an error even at B = 0.
+    """
+    module = backends.resolve(backend, t.device, t.dtype)
+    return _reference if t.shape[0] == 0 else module
 
 
 def _direct(*tensors: Optional[Tensor]) -> bool:
@@ -215,7 +217,7 @@ def grouped_linear(
 
     ``a[B, K]`` (shared input) or ``a[B, E, K]``, ``weight[E, K, N]``, ``bias[E, N] | None``.
     """
-    _checks.check_experts(a, weight, bias)
+    _checks.check_experts(a, weight, bias, weight_name="weight", bias_name="bias")
     activations.check_activation(activation)
     backends.check_backend_name(backend)
     if _direct(a, weight, bias):

@@ -196,18 +196,27 @@ def run_gradcheck(op, args) -> None:
 
 
 def run_concurrently(calls: list[Callable[[], object]], repeats: int = 1) -> list[list]:
-    """Each call ``repeats`` times in its own thread, all released at once; the results per call."""
+    """Each call ``repeats`` times in its own thread, all released at once; the results per call.
+
+    An exception in any thread is raised here, after every thread has ended.
+    """
     results: list[list] = [[] for _ in calls]
+    errors: list[BaseException] = []
     start = threading.Barrier(len(calls))
 
     def work(i: int) -> None:
         start.wait()
-        for _ in range(repeats):
-            results[i].append(calls[i]())
+        try:
+            for _ in range(repeats):
+                results[i].append(calls[i]())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return results

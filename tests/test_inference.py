@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import mmoe_fast as mf
 from mmoe_fast.backends import cpp
@@ -60,6 +61,14 @@ def test_session_on_narrower_instruction_sets(isa):
         cpp._C.set_isa(before)
     x = torch.randn(50, 13)
     torch.testing.assert_close(session.run(x), model(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_session_keeps_a_bottom_layer_without_relu_linear():
+    torch.manual_seed(0)
+    model = mf.SharedBottom(13, 2, bottom_hidden=(20, 7)).eval()
+    model.bottom = nn.Sequential(nn.Linear(13, 20), nn.ReLU(), nn.Linear(20, 7))  # no ReLU after the last
+    x = torch.randn(30, 13)
+    torch.testing.assert_close(mf.InferenceSession(model).run(x), model(x).detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_session_is_a_snapshot_and_has_no_autograd():

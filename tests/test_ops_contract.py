@@ -49,10 +49,11 @@ def test_env_var_overrides_auto(monkeypatch):
         backends.resolve("auto", torch.device("cpu"), torch.float32)
 
 
-def test_unavailable_backend_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("B", [5, 0])
+def test_unavailable_backend_is_a_clear_error(monkeypatch, B):
     monkeypatch.setitem(backends._loaded, "numba", "backend 'numba' needs 'numba', which is not installed")
     monkeypatch.setattr(backends, "_resolved", {})
-    x, w, b, wg, bg, _, _ = _args()
+    x, w, b, wg, bg, _, _ = _args(B=B)
     with pytest.raises(ValueError, match="numba"):
         mf.mmoe(x, w, b, wg, bg, backend="numba")
 
@@ -75,9 +76,25 @@ def _bad_calls():
     yield "activation", lambda: mf.mmoe(x, w, b, wg, bg, activation="tanh"), ValueError
     yield "backend", lambda: mf.mmoe(x, w, b, wg, bg, backend="cuda-magic"), ValueError
     yield "device", lambda: mf.gate_softmax(x, wg.to("meta"), bg), ValueError
+    yield "expert_weight", lambda: mf.expert_mixture(x, w[:0], b[:0], gates[:, :, :0]), ValueError  # E = 0
+    yield "gate_weight", lambda: mf.mmoe(x, w[:0], b[:0], wg[:, :, :0], bg[:, :0]), ValueError  # E = 0
+    yield "x", lambda: mf.mmoe(x[:, :0], w[:, :0], b, wg[:, :0], bg), ValueError  # D = 0
+    yield "expert_weight", lambda: mf.expert_mixture(x, w[:, :, :0], None, gates), ValueError  # H = 0
+    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:0], bg[:0]), ValueError  # T = 0
+    yield "bias", lambda: mf.grouped_linear(x, w, b[:, :2]), ValueError
 
 
 @pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input_names_the_argument(name, call, exc):
     with pytest.raises(exc, match=name):
         call()
+
+
+def test_run_concurrently_raises_what_a_thread_raised():
+    from mmoe_fast.testing import run_concurrently
+
+    def boom():
+        raise RuntimeError("in a thread")
+
+    with pytest.raises(RuntimeError, match="in a thread"):
+        run_concurrently([boom, lambda: 1])

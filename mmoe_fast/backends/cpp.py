@@ -87,13 +87,6 @@ def expert_mixture_backward(dm, a, W, b, G, activation):
     return _backward(a, W, b, activation, G=G, dm=dm)
 
 
-def mmoe_backward(dm, x, W, b, Wg, bg, activation):
-    G = gate_softmax(x, Wg, bg)  # recomputed: cheaper than saving [B, T, E] through autograd
-    dx, dW, db, dG = _backward(x, W, b, activation, G=G, dm=dm)
-    dx_gate, dWg, dbg = gate_softmax_backward(dG, G, x, Wg)
-    return dx.add_(dx_gate), dW, db, dWg, dbg
-
-
 def grouped_linear(a, W, b, activation):
     E, K, N = W.shape
     out = a.new_empty((a.shape[0], E, N))
