@@ -220,3 +220,32 @@ def run_concurrently(calls: list[Callable[[], object]], repeats: int = 1) -> lis
     if errors:
         raise errors[0]
     return results
+
+
+def bad_calls(backend: str = "auto"):
+    """``(argument, call, exception)``: calls with one bad input each; the message must name ``argument``."""
+    inp = make_inputs(Shape(5, 6, 3, 4, 2))
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    gates = reference.gate_softmax(x, wg, bg)
+    kw = {"backend": backend}
+    yield "x", lambda: ops.mmoe(x[0], w, b, wg, bg, **kw), ValueError
+    yield "x", lambda: ops.gate_softmax(x.to(torch.int64), wg, bg, **kw), TypeError
+    yield "x", lambda: ops.gate_softmax([[1.0]], wg, bg, **kw), TypeError
+    yield "gate_weight", lambda: ops.gate_softmax(x, wg[:, :-1], bg, **kw), ValueError
+    yield "gate_weight", lambda: ops.gate_softmax(x, wg.double(), bg, **kw), TypeError
+    yield "gate_bias", lambda: ops.gate_softmax(x, wg, bg[:1], **kw), ValueError
+    yield "expert_weight", lambda: ops.mmoe(x, w[:, :-1], b, wg, bg, **kw), ValueError
+    yield "expert_weight", lambda: ops.expert_mixture(x, w.reshape(-1, 4), b, gates, **kw), ValueError
+    yield "expert_bias", lambda: ops.mmoe(x, w, b[:, :-1], wg, bg, **kw), ValueError
+    yield "gate_weight", lambda: ops.mmoe(x, w[:2], b[:2], wg, bg, **kw), ValueError
+    yield "gates", lambda: ops.expert_mixture(x, w, b, gates[:, :, :2], **kw), ValueError
+    yield "gates", lambda: ops.expert_mixture(x, w, b, gates[:3], **kw), ValueError
+    yield "a", lambda: ops.expert_mixture(x[None, None], w, b, gates, **kw), ValueError
+    yield "activation", lambda: ops.mmoe(x, w, b, wg, bg, activation="tanh", **kw), ValueError
+    yield "device", lambda: ops.gate_softmax(x, wg.to("meta"), bg, **kw), ValueError
+    yield "expert_weight", lambda: ops.expert_mixture(x, w[:0], b[:0], gates[:, :, :0], **kw), ValueError  # E = 0
+    yield "gate_weight", lambda: ops.mmoe(x, w[:0], b[:0], wg[:, :, :0], bg[:, :0], **kw), ValueError  # E = 0
+    yield "x", lambda: ops.mmoe(x[:, :0], w[:, :0], b, wg[:, :0], bg, **kw), ValueError  # D = 0
+    yield "expert_weight", lambda: ops.expert_mixture(x, w[:, :, :0], None, gates, **kw), ValueError  # H = 0
+    yield "gate_weight", lambda: ops.gate_softmax(x, wg[:0], bg[:0], **kw), ValueError  # T = 0
+    yield "bias", lambda: ops.grouped_linear(x, w, b[:, :2], **kw), ValueError

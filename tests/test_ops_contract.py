@@ -5,7 +5,7 @@ import torch
 
 import mmoe_fast as mf
 from mmoe_fast import backends
-from mmoe_fast.testing import Shape, case_id, make_inputs, op_cases, run_gradcheck, run_opcheck
+from mmoe_fast.testing import Shape, bad_calls, case_id, make_inputs, op_cases, run_gradcheck, run_opcheck
 
 
 def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
@@ -59,29 +59,9 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch, B):
 
 
 def _bad_calls():
-    x, w, b, wg, bg, gates, _ = _args(torch.float32)
-    yield "x", lambda: mf.mmoe(x[0], w, b, wg, bg), ValueError
-    yield "x", lambda: mf.gate_softmax(x.to(torch.int64), wg, bg), TypeError
-    yield "x", lambda: mf.gate_softmax([[1.0]], wg, bg), TypeError
-    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:, :-1], bg), ValueError
-    yield "gate_weight", lambda: mf.gate_softmax(x, wg.double(), bg), TypeError
-    yield "gate_bias", lambda: mf.gate_softmax(x, wg, bg[:1]), ValueError
-    yield "expert_weight", lambda: mf.mmoe(x, w[:, :-1], b, wg, bg), ValueError
-    yield "expert_weight", lambda: mf.expert_mixture(x, w.reshape(-1, 4), b, gates), ValueError
-    yield "expert_bias", lambda: mf.mmoe(x, w, b[:, :-1], wg, bg), ValueError
-    yield "gate_weight", lambda: mf.mmoe(x, w[:2], b[:2], wg, bg), ValueError
-    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:, :, :2]), ValueError
-    yield "gates", lambda: mf.expert_mixture(x, w, b, gates[:3]), ValueError
-    yield "a", lambda: mf.expert_mixture(x[None, None], w, b, gates), ValueError
-    yield "activation", lambda: mf.mmoe(x, w, b, wg, bg, activation="tanh"), ValueError
+    yield from bad_calls()
+    x, w, b, wg, bg, _, _ = _args(torch.float32)
     yield "backend", lambda: mf.mmoe(x, w, b, wg, bg, backend="cuda-magic"), ValueError
-    yield "device", lambda: mf.gate_softmax(x, wg.to("meta"), bg), ValueError
-    yield "expert_weight", lambda: mf.expert_mixture(x, w[:0], b[:0], gates[:, :, :0]), ValueError  # E = 0
-    yield "gate_weight", lambda: mf.mmoe(x, w[:0], b[:0], wg[:, :, :0], bg[:, :0]), ValueError  # E = 0
-    yield "x", lambda: mf.mmoe(x[:, :0], w[:, :0], b, wg[:, :0], bg), ValueError  # D = 0
-    yield "expert_weight", lambda: mf.expert_mixture(x, w[:, :, :0], None, gates), ValueError  # H = 0
-    yield "gate_weight", lambda: mf.gate_softmax(x, wg[:0], bg[:0]), ValueError  # T = 0
-    yield "bias", lambda: mf.grouped_linear(x, w, b[:, :2]), ValueError
 
 
 @pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
