@@ -10,7 +10,6 @@ import torch
 
 from . import backends, bench, distributed, experiments, models
 from .argtypes import correlation, floats, positive_int
-from .data import make_synthetic
 from .train import OPTIMIZERS, fit
 
 
@@ -28,9 +27,9 @@ def _train(args: argparse.Namespace) -> int:
 def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_: None)
     torch.manual_seed(args.seed)
-    x, y = make_synthetic(args.n_train + args.n_val, d=args.d, correlation=args.correlation, seed=args.seed)
-    x_tr, y_tr, x_val, y_val = x[: args.n_train], y[: args.n_train], x[args.n_train :], y[args.n_train :]
-    task_types = ("regression", "regression")
+    data = experiments.load_splits({"name": "synthetic", "n_train": args.n_train, "n_val": args.n_val, "d": args.d,
+                                    "correlation": args.correlation, "seed": args.seed})
+    task_types = data["task_types"]
     # Only the options the user gave: a model that has no use for one refuses it by name.
     chosen = {"num_experts": args.experts, "expert_hidden": args.expert_hidden, "bottom_hidden": args.bottom_hidden,
               "backend": None if args.backend == "auto" else args.backend}
@@ -46,10 +45,11 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
         say(f"DDP: {distributed.world_size()} ranks ({torch.distributed.get_backend()}), "
             f"{args.batch_size} rows per global batch")
     start = time.perf_counter()
-    fit(model, x_tr, y_tr, x_val=x_val, y_val=y_val, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, progress=not args.no_progress, steps=args.steps, loss_weights=args.loss_weights,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, log_dir=args.log_dir,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    fit(model, data["x_train"], data["y_train"], x_val=data["x_val"], y_val=data["y_val"], epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress, steps=args.steps,
+        loss_weights=args.loss_weights, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        patience=args.patience, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume)
     say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
