@@ -37,7 +37,7 @@ bench: setup
 	$(PY) benchmarks/bench_ops.py
 
 lint: setup
-	$(VENV)/bin/ruff check mmoe_fast kernels tests benchmarks
+	$(VENV)/bin/ruff check mmoe_fast tests benchmarks
 
 clean:
 	rm -rf build *.egg-info mmoe_fast/_C*.so

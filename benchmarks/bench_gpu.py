@@ -18,7 +18,7 @@ kernels); the timings part autotunes.
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -31,17 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_package():
-    """mmoe_fast from an install, or from this source tree (``kernels/`` is installed as mmoe_fast.kernels)."""
-    try:
-        import mmoe_fast.kernels  # noqa: F401
-    except ModuleNotFoundError:
+    """mmoe_fast from an install, or from this source tree (a lent GPU runs it without installing)."""
+    if importlib.util.find_spec("mmoe_fast") is None:
         sys.path.insert(0, str(ROOT))
-        import mmoe_fast
-
-        kernels = importlib.import_module("kernels")
-        for name in ("common", "gating", "linear", "mixture"):
-            importlib.import_module(f"kernels.{name}")
-        sys.modules["mmoe_fast.kernels"] = mmoe_fast.kernels = kernels
 
 
 _import_package()

@@ -11,13 +11,13 @@ import textwrap
 import numba
 import pytest
 import torch
-from mmoe_fast.kernels import numba_kernels
 
 import mmoe_fast as mf
 from mmoe_fast import backends
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.backends import numba as numba_backend
 from mmoe_fast.data.synthetic import make_synthetic
+from mmoe_fast.kernels import numba_kernels
 from mmoe_fast.testing import (
     SHAPES,
     Shape,
