@@ -142,8 +142,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "mmoe_fast CPU kernels on raw contiguous buffers";
   bind<float>(m, "_f32");
   bind<double>(m, "_f64");
-  m.def("openmp_threads", []() { return mmoe::max_threads(); },
-        "OpenMP's thread count (1 when the extension was built without OpenMP).");
+  // The integers the kernels take for activations; mmoe_fast.contract.ACTIVATION_CODES must equal them.
+  m.attr("activation_codes") = py::dict(py::arg("identity") = static_cast<int>(mmoe::kIdentity),
+                                        py::arg("relu") = static_cast<int>(mmoe::kRelu),
+                                        py::arg("silu") = static_cast<int>(mmoe::kSilu),
+                                        py::arg("gelu") = static_cast<int>(mmoe::kGelu));
   m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },
         "The instruction set new calls use: avx512, avx2 or base.");
   m.def("best_isa", []() { return std::string(mmoe::isa_name(mmoe::best_isa())); });

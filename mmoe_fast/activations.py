@@ -1,4 +1,4 @@
-"""The contract's activations and their derivatives, in plain PyTorch.
+"""The contract's activations and their derivatives, in plain PyTorch (names and codes: ``contract``).
 
 One place for the formulas: the batched reference backend uses them, and fused backends
 are tested against the loop reference (which uses ``torch.nn.functional`` instead), so a
@@ -11,16 +11,12 @@ import math
 
 import torch
 
-ACTIVATIONS = ("relu", "silu", "gelu", "identity")
+from .contract import ACTIVATIONS, check_activation
+
+__all__ = ["ACTIVATIONS", "apply", "check_activation", "grad"]
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
-
-
-def check_activation(activation: str) -> str:
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    return activation
 
 
 def apply(pre: torch.Tensor, activation: str) -> torch.Tensor:

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .backends import cpp
+from .contract import ACTIVATION_CODES
 from .models import MMoE, SharedBottom
 
 __all__ = ["InferenceSession", "export_onnx"]
 
-_ACT = cpp._ACT
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -92,10 +92,10 @@ class InferenceSession:
         def ptr(t):
             return 0 if t is None else t.data_ptr()
 
-        session = getattr(cpp._C, "Session" + cpp._SUFFIX[self.dtype])(self.in_features, self.num_tasks)
+        session = cpp.session_class(self.dtype)(self.in_features, self.num_tasks)
         if isinstance(model, MMoE):
             layer = model.mixture
-            act = _ACT[layer.activation]
+            act = ACTIVATION_CODES[layer.activation]
             ws, bs = [c(w) for w in layer.expert_weights], [c(b) for b in layer.expert_biases]
             for w, b in zip(ws[:-1], bs[:-1]):
                 session.add_hidden(ptr(w), ptr(b), *w.shape, act)
@@ -104,7 +104,7 @@ class InferenceSession:
         else:
             for lin, relu in _linears(model.bottom):
                 w, b = c(lin.weight.t()[None]), c(None if lin.bias is None else lin.bias[None])
-                session.add_hidden(ptr(w), ptr(b), *w.shape, _ACT["relu"] if relu else _ACT["identity"])
+                session.add_hidden(ptr(w), ptr(b), *w.shape, ACTIVATION_CODES["relu" if relu else "identity"])
         for t, tower in enumerate(model.towers.towers):
             for lin, relu in _linears(tower):
                 w, b = c(lin.weight), c(lin.bias)

@@ -1,8 +1,8 @@
-"""The conformance suite every backend must pass: shapes, tolerances and the check against the oracle.
+"""The test harness: awkward shapes, the check against the oracle, op and bad-input tables.
 
-One place for the awkward-shape table and the tolerance table, imported by every backend's tests
-(and by benchmarks for their correctness pass). The oracle is ``mmoe_fast.reference`` (the loop
-form) evaluated in float64 on the same inputs, with gradients from autograd.
+Imported by the tests (``tests/test_conformance.py`` runs every backend through it) and by benchmarks for
+their correctness pass; no module below ``ops.py`` imports it (tolerances live in ``contract``). The oracle
+is ``mmoe_fast.reference`` (the loop form) evaluated in float64 on the same inputs, with gradients from autograd.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops, reference
+from .contract import TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,6 @@ SHAPES = (
     Shape(16, 16, 4, 16, 2),
     Shape(0, 5, 3, 7, 2),
 )
-
-# Relative error ||out - ref|| / ||ref|| against the float64 oracle (DESIGN.md, numerical contract).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,6 +81,40 @@ def make_inputs(shape: Shape, *, dtype=torch.float32, device="cpu", bias: bool =
 def _leaves(inputs: dict) -> list[torch.Tensor]:
     ts = [inputs["x"], *inputs["weights"], *inputs["biases"], inputs["gate_weight"], inputs["gate_bias"]]
     return [t for t in ts if t is not None]
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values with reversed strides (column-major)."""
+    return t if t.dim() < 2 else t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def _offset(t: torch.Tensor) -> torch.Tensor:
+    """The same values at a storage offset of 3 elements."""
+    return torch.cat([t.new_zeros(3), t.reshape(-1)])[3:].view(t.shape)
+
+
+def _expanded(t: torch.Tensor) -> torch.Tensor:
+    """The first slice along dimension -2 repeated with stride 0 (values change, as they do for the oracle).
+
+    Not along the experts of ``W[E, K, H]``: equal experts make the gates' gradient vanish (nothing to compare).
+    """
+    dim = t.dim() - 2 if t.dim() > 1 else 0
+    return t if t.shape[dim] == 0 else t.narrow(dim, 0, 1).expand(t.shape)
+
+
+# Differentiable re-layouts applied alike to a backend's inputs and the oracle's (``check_layer(layout=)``).
+LAYOUTS = {"transposed": _transposed, "offset": _offset, "expanded": _expanded}
+
+
+def _relayout(inputs: dict, layout: Callable[[torch.Tensor], torch.Tensor] | None) -> dict:
+    if layout is None:
+        return inputs
+
+    def f(t):
+        return None if t is None else layout(t)
+
+    return dict(x=f(inputs["x"]), weights=[f(w) for w in inputs["weights"]], biases=[f(b) for b in inputs["biases"]],
+                gate_weight=f(inputs["gate_weight"]), gate_bias=f(inputs["gate_bias"]))
 
 
 def _with_grad(inputs: dict, dtype=None) -> dict:
@@ -131,19 +163,22 @@ def kink_free_seed(shape: Shape, *, dtype=torch.float32, activation: str = "relu
 
 def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu", activation: str = "relu",
                 bias: bool = True, gate_bias: bool = True, hidden: tuple[int, ...] = (), split: bool = False,
-                tol: float | None = None, seed: int | None = None) -> None:
+                tol: float | None = None, seed: int | None = None,
+                layout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Forward and every gradient of a layer on ``backend`` against the float64 loop reference.
 
-    ``seed=None`` takes ``kink_free_seed``, so that float32 ReLU comparisons are well posed.
+    ``seed=None`` takes ``kink_free_seed``, so that float32 ReLU comparisons are well posed. ``layout``
+    (one of ``LAYOUTS``) re-lays every input out before the call, for the backend and the oracle alike.
     """
     tol = TOLERANCE[dtype] if tol is None else tol
     if seed is None:
         seed = kink_free_seed(shape, dtype=dtype, activation=activation, hidden=hidden, bias=bias, gate_bias=gate_bias)
     inputs = make_inputs(shape, dtype=dtype, device=device, bias=bias, gate_bias=gate_bias, hidden=hidden, seed=seed)
     mine, oracle = _with_grad(inputs), _with_grad(inputs, torch.float64)
-    out = run_layer(mine, activation, backend, split)
-    ref = reference.mmoe_layer(oracle["x"], oracle["weights"], oracle["biases"], oracle["gate_weight"],
-                               oracle["gate_bias"], activation)
+    out = run_layer(_relayout(mine, layout), activation, backend, split)
+    theirs = _relayout(oracle, layout)
+    ref = reference.mmoe_layer(theirs["x"], theirs["weights"], theirs["biases"], theirs["gate_weight"],
+                               theirs["gate_bias"], activation)
     assert_close(out, ref, tol, f"{backend} forward")
     if shape.B == 0:
         return

@@ -1,25 +1,20 @@
-"""The C++ backend equals the float64 loop reference, forward and every gradient, on every instruction set."""
+"""What is the C++ backend's own (test_conformance.py checks it against the oracle): every instruction set,
+bitwise results for any thread count, the package without the extension, one activation encoding."""
 
 
 import pytest
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import backends
+from mmoe_fast import backends, contract
 from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.backends import cpp
 from mmoe_fast.testing import (
     SHAPES,
     Shape,
     assert_close,
-    bad_calls,
-    case_id,
     check_layer,
     make_inputs,
-    op_cases,
-    run_concurrently,
-    run_gradcheck,
-    run_opcheck,
 )
 
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="mmoe_fast._C not built")
@@ -41,61 +36,12 @@ def isa(request):
     cpp._C.set_isa(before)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_cpp_matches_loop_float32(shape, activation):
-    check_layer("cpp", shape, activation=activation)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("split", [False, True])
-def test_cpp_matches_loop_float64(shape, split):
-    check_layer("cpp", shape, dtype=torch.float64, activation="gelu", split=split)
-
-
-@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
-@pytest.mark.parametrize("bias,gate_bias", [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize("split", [False, True])
-def test_cpp_without_biases(shape, bias, gate_bias, split):
-    check_layer("cpp", shape, bias=bias, gate_bias=gate_bias, split=split, activation="silu")
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_cpp_two_layer_experts(shape, activation):
-    check_layer("cpp", shape, activation=activation, hidden=(9,))
-
-
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], Shape(75, 40, 5, 70, 2), Shape(600, 9, 3, 40, 2)],
                          ids=str)  # the last: several row blocks in the backward
 def test_every_instruction_set(isa, shape):
     for activation in ACTIVATIONS:
         check_layer("cpp", shape, activation=activation, hidden=(19,) if activation == "silu" else ())
     check_layer("cpp", shape, dtype=torch.float64, activation="relu", split=True)
-
-
-@pytest.mark.parametrize("name,op,args", list(op_cases("cpp")), ids=case_id)
-def test_gradcheck_float64(name, op, args):
-    run_gradcheck(op, args)
-
-
-@pytest.mark.parametrize("name,op,args", list(op_cases("cpp")), ids=case_id)
-def test_opcheck(name, op, args):
-    run_opcheck(op, args)
-
-
-def _layer_grads(inp, dm):
-    leaves = [t.detach().requires_grad_() for t in
-              (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])]
-    out = mf.mmoe(*leaves, backend="cpp")
-    return [out, *torch.autograd.grad(out, leaves, dm)]
-
-
-def test_backward_is_deterministic():
-    inp = make_inputs(Shape(300, 33, 8, 70, 3))
-    dm = torch.randn(3, 300, 70)
-    first, second = _layer_grads(inp, dm), _layer_grads(inp, dm)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_backward_is_the_same_for_any_thread_count():
@@ -115,53 +61,12 @@ def test_backward_is_the_same_for_any_thread_count():
         assert all(torch.equal(a, c) for a, c in zip(results[0], other))
 
 
-def test_concurrent_calls_equal_serial_calls():
-    inputs = [make_inputs(Shape(40 + i, 33, 8, 70, 3), seed=i) for i in range(8)]
-    dms = [torch.randn(3, 40 + i, 70, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    serial = [_layer_grads(inp, dm) for inp, dm in zip(inputs, dms)]
-    results = run_concurrently([lambda i=i: _layer_grads(inputs[i], dms[i]) for i in range(8)], repeats=3)
-    for runs, want in zip(results, serial):
-        assert len(runs) == 3 and all(torch.equal(a, b) for got in runs for a, b in zip(got, want))
-
-
-def test_stable_softmax_and_nan_propagation():
-    x = torch.tensor([[1e4, -1e4]], dtype=torch.float32)
-    torch.testing.assert_close(mf.gate_softmax(x, torch.eye(2).reshape(1, 2, 2), backend="cpp"),
-                               torch.tensor([[[1.0, 0.0]]]))
-    inp = make_inputs(Shape(4, 5, 3, 6, 2))
-    inp["x"][1, 2] = float("nan")
-    out = mf.mmoe(inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="cpp")
-    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
-
-
-def test_empty_batch():
-    inp = make_inputs(Shape(0, 5, 3, 7, 2))
-    x = inp["x"].requires_grad_()
-    out = mf.mmoe(x, inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"], backend="cpp")
-    assert out.shape == (2, 0, 7)
-    out.sum().backward()
-    assert x.grad.shape == (0, 5)
-
-
 def test_auto_picks_cpp_on_cpu_and_reference_for_half():
     assert backends.resolve("auto", torch.device("cpu"), torch.float32) is cpp
     assert backends.resolve("auto", torch.device("cpu"), torch.float64) is cpp
     assert backends.resolve("auto", torch.device("cpu"), torch.bfloat16) is not cpp
     assert not cpp.supports(torch.device("cpu"), torch.float16)
     assert not cpp.supports(torch.device("cuda"), torch.float32)
-
-
-def _bad_calls():
-    yield from bad_calls("cpp")
-    inp = make_inputs(Shape(5, 6, 3, 4, 2))
-    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
-    yield "cpp", lambda: mf.mmoe(x.half(), w.half(), b.half(), wg.half(), bg.half(), backend="cpp"), ValueError
-
-
-@pytest.mark.parametrize("name,call,exc", list(_bad_calls()), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_input_names_the_argument(name, call, exc):
-    with pytest.raises(exc, match=name):
-        call()
 
 
 def test_package_works_without_the_extension(monkeypatch):
@@ -181,6 +86,10 @@ def test_package_works_without_the_extension(monkeypatch):
     assert session.backend == "eager"
     x = torch.randn(4, 5)
     torch.testing.assert_close(session.run(x), model.eval()(x))
+
+
+def test_the_extension_takes_the_contracts_activation_codes():
+    assert cpp._C.activation_codes == contract.ACTIVATION_CODES
 
 
 def test_model_trains_with_cpp():

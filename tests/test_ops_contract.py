@@ -1,11 +1,16 @@
-"""The op contract: opcheck, gradcheck, backend selection and clear errors for bad input."""
+"""The backend table and contract: selection, the environment override, registration, clear errors.
+
+opcheck, gradcheck and the bad-input table run per backend in test_conformance.py.
+"""
+
+import types
 
 import pytest
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import backends
-from mmoe_fast.testing import Shape, bad_calls, case_id, make_inputs, op_cases, run_gradcheck, run_opcheck
+from mmoe_fast import backends, contract
+from mmoe_fast.testing import Shape, bad_calls, make_inputs
 
 
 def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
@@ -14,26 +19,6 @@ def _args(dtype=torch.float64, B=5, bias=True, per_expert=False):
     gates = mf.gate_softmax(x, wg, bg)
     a = x[:, None, :].expand(-1, 3, -1).contiguous() if per_expert else x
     return x, w, b, wg, bg, gates, a
-
-
-@pytest.mark.parametrize("name,op,args", list(op_cases("reference")), ids=case_id)
-def test_opcheck(name, op, args):
-    run_opcheck(op, args)
-
-
-@pytest.mark.parametrize("name,op,args", list(op_cases("reference")), ids=case_id)
-def test_gradcheck_float64(name, op, args):
-    run_gradcheck(op, args)
-
-
-def test_empty_batch_returns_empty_outputs():
-    x, w, b, wg, bg, gates, _ = _args(B=0)
-    assert mf.gate_softmax(x, wg, bg).shape == (0, 2, 3)
-    x.requires_grad_()
-    out = mf.mmoe(x, w, b, wg, bg)
-    assert out.shape == (2, 0, 4)
-    out.sum().backward()
-    assert x.grad.shape == (0, 6)
 
 
 def test_available_backends_lists_reference():
@@ -68,6 +53,29 @@ def _bad_calls():
 def test_bad_input_names_the_argument(name, call, exc):
     with pytest.raises(exc, match=name):
         call()
+
+
+def test_register_refuses_a_module_missing_required_members():
+    half = types.ModuleType("half_backend")
+    half.unavailable_reason = lambda: None
+    with pytest.raises(ValueError, match="gate_softmax_backward"):
+        backends.register("half_backend", half)
+    with pytest.raises(ValueError, match="identifier"):
+        backends.register("auto", half)
+    assert "half_backend" not in backends.BACKENDS
+
+
+def test_tolerance_is_the_backends_own_when_it_has_one():
+    strict, loose = types.ModuleType("strict"), types.ModuleType("loose")
+    loose.tolerance = lambda dtype: 1e-3
+    assert contract.tolerance(strict, torch.float32) == contract.TOLERANCE[torch.float32] == 1e-5
+    assert contract.tolerance(loose, torch.float32) == 1e-3
+
+
+def test_status_names_every_backend_and_why_not():
+    status = backends.status()
+    assert set(status) == set(backends.BACKENDS) and status["reference"] is None
+    assert all(reason is None or name in reason for name, reason in status.items())
 
 
 def test_run_concurrently_raises_what_a_thread_raised():

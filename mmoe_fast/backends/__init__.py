@@ -1,14 +1,9 @@
 """The backend table: which implementation of the fused ops runs for a given device and dtype.
 
-A backend is a module ``mmoe_fast.backends.<name>`` that exposes
-
-- ``unavailable_reason() -> str | None``: why it cannot run on this machine (None: it can);
-- ``supports(device: torch.device, dtype: torch.dtype) -> bool``;
-- the kernels, on validated tensors (see ``reference.py`` for the exact signatures):
-  ``gate_softmax``, ``gate_softmax_backward``, ``expert_mixture``, ``expert_mixture_backward``,
-  ``grouped_linear``, ``grouped_linear_backward``.
-
-A new backend registers by adding its module and its name to ``BACKENDS``; ``ops.py`` needs no change.
+A backend is a module ``mmoe_fast.backends.<name>`` implementing ``mmoe_fast.contract.Backend`` (required
+and optional members, with shapes, are listed there). A new backend is that module plus its name in
+``BACKENDS`` (or ``register(name, module)`` for one that lives elsewhere); ``ops.py`` needs no change,
+and ``tests/test_conformance.py`` runs the whole conformance suite on it.
 """
 
 from __future__ import annotations
@@ -18,6 +13,8 @@ import os
 from types import ModuleType
 
 import torch
+
+from .. import contract
 
 # Every known name; the order of ``_AUTO_ORDER`` is auto's preference per device type.
 BACKENDS = ("reference", "triton", "cpp", "numba")
@@ -41,9 +38,35 @@ def _load(name: str) -> ModuleType | str:
         except ImportError as exc:
             _loaded[name] = f"backend {name!r} failed to import: {exc}"
         else:
-            reason = module.unavailable_reason()
-            _loaded[name] = module if reason is None else f"backend {name!r}: {reason}"
+            _loaded[name] = _checked(name, module)
     return _loaded[name]
+
+
+def _checked(name: str, module: ModuleType) -> ModuleType | str:
+    missing = contract.missing_members(module)
+    if missing:
+        return f"backend {name!r} does not implement {', '.join(missing)} (see mmoe_fast.contract)"
+    reason = module.unavailable_reason()
+    return module if reason is None else f"backend {name!r}: {reason}"
+
+
+def register(name: str, module: ModuleType, *, auto: tuple[str, ...] = ()) -> None:
+    """Add a backend module under ``name``; ``auto``: device types where ``auto`` tries it before the others.
+
+    A module that misses a required member of ``contract.Backend`` is a ValueError naming them.
+    """
+    global BACKENDS
+    if not isinstance(name, str) or not name.isidentifier() or name == "auto":
+        raise ValueError(f"backend name must be an identifier other than 'auto', got {name!r}")
+    missing = contract.missing_members(module)
+    if missing:
+        raise ValueError(f"backend {name!r} does not implement {', '.join(missing)} (see mmoe_fast.contract)")
+    if name not in BACKENDS:
+        BACKENDS = (*BACKENDS, name)
+    for device_type in auto:
+        _AUTO_ORDER[device_type] = (name, *(n for n in _AUTO_ORDER.get(device_type, ("reference",)) if n != name))
+    _loaded[name] = _checked(name, module)
+    _resolved.clear()
 
 
 def check_backend_name(backend: str) -> str:
@@ -52,9 +75,23 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+def status() -> dict[str, str | None]:
+    """Every backend's name and why it cannot run here (None: it can, for some device and dtype)."""
+    return {name: None if isinstance(_load(name), ModuleType) else _load(name) for name in BACKENDS}
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine (for some device and dtype)."""
-    return [name for name in BACKENDS if isinstance(_load(name), ModuleType)]
+    return [name for name, reason in status().items() if reason is None]
+
+
+def load(name: str) -> ModuleType:
+    """The backend module ``name``; ValueError saying why when it cannot run here."""
+    check_backend_name(name)
+    loaded = _load(name)
+    if isinstance(loaded, str):
+        raise ValueError(loaded)
+    return loaded
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
@@ -81,9 +118,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleTyp
         else:
             raise ValueError(f"no backend supports device {device} and dtype {dtype}")
     else:
-        module = _load(backend)
-        if isinstance(module, str):
-            raise ValueError(module)
+        module = load(backend)
         if not module.supports(device, dtype):
             raise ValueError(f"backend {backend!r} cannot run on device {device} with dtype {dtype}")
     _resolved[key] = module
@@ -96,10 +131,7 @@ def backend_name(module: ModuleType) -> str:
 
 def describe() -> str:
     """A few lines: every backend, whether it can run and why not, and what ``auto`` picks."""
-    lines = []
-    for name in BACKENDS:
-        module = _load(name)
-        lines.append(f"{name:10s} {'available' if isinstance(module, ModuleType) else module}")
+    lines = [f"{name:10s} {reason or 'available'}" for name, reason in status().items()]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in devices:
         for dtype in (torch.float32, torch.float64, torch.bfloat16):

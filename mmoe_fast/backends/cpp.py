@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from ..contract import ACTIVATION_CODES
+
 try:
     from .. import _C
 except ImportError:  # built without a compiler: the package still works, auto picks another backend
     _C = None
 
-_ACT = {"identity": 0, "relu": 1, "silu": 2, "gelu": 3}
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -31,6 +32,16 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _kernel(name: str, dtype: torch.dtype):
     return getattr(_C, name + _SUFFIX[dtype])
+
+
+def session_class(dtype: torch.dtype):
+    """The packed-model class of ``_C`` for ``dtype`` (``InferenceSession``'s engine)."""
+    return _kernel("Session", dtype)
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run (``"avx512"``, ``"avx2"``, ``"base"``); None without ``_C``."""
+    return None if _C is None else _C.isa()
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -60,7 +71,7 @@ def expert_mixture(a, W, b, G, activation):
     E, K, H = W.shape
     m = a.new_empty((G.shape[1], a.shape[0], H))
     _kernel("mixture_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), 0, 0, _ptr(G), _ptr(m), a.shape[0],
-                                        E, K, H, G.shape[1], _ACT[activation])
+                                        E, K, H, G.shape[1], ACTIVATION_CODES[activation])
     return m
 
 
@@ -68,7 +79,7 @@ def mmoe(x, W, b, Wg, bg, activation):
     E, K, H = W.shape
     m = x.new_empty((Wg.shape[0], x.shape[0], H))
     _kernel("mixture_forward", x.dtype)(_ptr(x), True, _ptr(W), _ptr(b), _ptr(Wg), _ptr(bg), 0, _ptr(m), x.shape[0],
-                                        E, K, H, Wg.shape[0], _ACT[activation])
+                                        E, K, H, Wg.shape[0], ACTIVATION_CODES[activation])
     return m
 
 
@@ -79,7 +90,7 @@ def _backward(a, W, b, activation, G=None, dm=None, dout=None):
     dG = None if G is None else torch.empty_like(G)
     T = 0 if G is None else G.shape[1]
     _kernel("backward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(G), _ptr(dm), _ptr(dout), _ptr(da),
-                                 _ptr(dW), _ptr(db), _ptr(dG), a.shape[0], E, K, N, T, _ACT[activation])
+                                 _ptr(dW), _ptr(db), _ptr(dG), a.shape[0], E, K, N, T, ACTIVATION_CODES[activation])
     return da, dW, db, dG
 
 
@@ -91,7 +102,7 @@ def grouped_linear(a, W, b, activation):
     E, K, N = W.shape
     out = a.new_empty((a.shape[0], E, N))
     _kernel("grouped_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(out), a.shape[0], E, K, N,
-                                        _ACT[activation])
+                                        ACTIVATION_CODES[activation])
     return out
 
 

@@ -17,11 +17,11 @@ import numba
 import numpy as np
 import torch
 
+from ..contract import ACTIVATION_CODES
 from ..kernels import numba_kernels as nk
 
 _log = logging.getLogger(__name__)
 _DTYPES = (torch.float32, torch.float64)
-_CODES = {"relu": nk.RELU, "silu": nk.SILU, "gelu": nk.GELU, "identity": nk.IDENTITY}
 # The kernels take a (0, 0) array and a flag for a missing bias: one compiled signature, not two.
 _NO_BIAS = {torch.float32: np.empty((0, 0), np.float32), torch.float64: np.empty((0, 0), np.float64)}
 compile_seconds: dict[torch.dtype, float] = {}
@@ -124,7 +124,7 @@ def expert_mixture(a, W, b, G, activation):
     """m[T, B, H] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e])."""
     _ready(a.dtype)
     m = torch.empty(G.shape[1], a.shape[0], W.shape[2], dtype=a.dtype)
-    nk.expert_mixture(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _np(G), _CODES[activation], _np(m))
+    nk.expert_mixture(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _np(G), ACTIVATION_CODES[activation], _np(m))
     return m
 
 
@@ -134,7 +134,7 @@ def expert_mixture_backward(dm, a, W, b, G, activation):
     da, dW, dG = torch.empty_like(a), torch.empty_like(W), torch.empty_like(G)
     db = torch.empty(W.shape[0], W.shape[2], dtype=a.dtype)
     nk.expert_mixture_backward(_np(dm), _np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _np(G),
-                               _CODES[activation], _np(_per_expert(da)), _np(dW), _np(db), _np(dG))
+                               ACTIVATION_CODES[activation], _np(_per_expert(da)), _np(dW), _np(db), _np(dG))
     return da, dW, db, dG
 
 
@@ -142,7 +142,7 @@ def grouped_linear(a, W, b, activation):
     """out[B, E, N] = act(a_e @ W[e] + b[e])."""
     _ready(a.dtype)
     out = torch.empty(a.shape[0], W.shape[0], W.shape[2], dtype=a.dtype)
-    nk.grouped_linear(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _CODES[activation], _np(out))
+    nk.grouped_linear(_np(_per_expert(a)), _np(W), *_bias(b, a.dtype), ACTIVATION_CODES[activation], _np(out))
     return out
 
 
@@ -151,7 +151,7 @@ def grouped_linear_backward(dout, a, W, b, activation):
     _ready(a.dtype)
     da, dW = torch.empty_like(a), torch.empty_like(W)
     db = torch.empty(W.shape[0], W.shape[2], dtype=a.dtype)
-    nk.grouped_linear_backward(_np(dout), _np(_per_expert(a)), _np(W), *_bias(b, a.dtype), _CODES[activation],
+    nk.grouped_linear_backward(_np(dout), _np(_per_expert(a)), _np(W), *_bias(b, a.dtype), ACTIVATION_CODES[activation],
                                _np(_per_expert(da)), _np(dW), _np(db))
     return da, dW, db
 
@@ -160,5 +160,5 @@ def mmoe(x, W, b, Wg, bg, activation):
     """m[T, B, H] of one layer, gates and experts in one kernel."""
     _ready(x.dtype)
     m = torch.empty(Wg.shape[0], x.shape[0], W.shape[2], dtype=x.dtype)
-    nk.mmoe(_np(x), _np(W), *_bias(b, x.dtype), _np(Wg), *_bias(bg, x.dtype), _CODES[activation], _np(m))
+    nk.mmoe(_np(x), _np(W), *_bias(b, x.dtype), _np(Wg), *_bias(bg, x.dtype), ACTIVATION_CODES[activation], _np(m))
     return m

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .. import testing
+from ..contract import TF32_TOLERANCE, TOLERANCE
 
 try:
     import triton
@@ -30,7 +30,6 @@ if triton is not None:
     from ..kernels.common import INTERPRET
 
 PRECISION_ENV = "MMOE_FAST_TRITON_PRECISION"
-TF32_TOLERANCE = 1e-3  # DESIGN.md: relative error of fp32 through tf32 tensor cores
 # The interpreter rounds fp32 -> bf16/fp16 stores toward zero (a GPU rounds to nearest), which about
 # doubles the error of half-precision outputs there; half numerics are checked on a GPU (gpu_check.sh).
 INTERPRETER_HALF_TOLERANCE = 3e-2
@@ -73,7 +72,7 @@ def tolerance(dtype: torch.dtype) -> float:
         return TF32_TOLERANCE
     if dtype in _HALF and INTERPRET:
         return INTERPRETER_HALF_TOLERANCE
-    return testing.TOLERANCE[dtype]
+    return TOLERANCE[dtype]
 
 
 def _new(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,9 @@ import numba
 import numpy as np
 from numba import prange
 
-RELU, SILU, GELU, IDENTITY = 0, 1, 2, 3
+# Absolute: a test imports a copy of this file on its own, outside the package.
+from mmoe_fast.contract import GELU, RELU, SILU  # identity: the fall-through case
+
 # No nnan/ninf: NaN in must stay NaN out. reassoc lets LLVM vectorize the reductions.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 ROWS = 8  # rows of the batch (or of a weight) per parallel work item

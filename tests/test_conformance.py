@@ -1,0 +1,268 @@
+"""The conformance suite: every backend that runs here passes the same checks against the float64 loop oracle.
+
+Forward and every gradient over the awkward shapes, activations, dtypes, biases and expert depths; strided,
+offset and expanded inputs; NaN in / NaN out and huge logits; empty batches; bad input; opcheck and
+gradcheck of every registered op; determinism and concurrent calls; ``torch.compile`` and ``torch.jit.trace``.
+A backend in ``mmoe_fast.backends.BACKENDS`` (or ``register``-ed) is collected here with no change to this
+file: ``copycat``, a copy of the reference backend registered below, proves it. A backend's own test file
+keeps only what is its own (instruction sets, caches, poisoned buffers, thread counts).
+"""
+
+import types
+
+import pytest
+import torch
+
+import mmoe_fast as mf
+from mmoe_fast import backends, contract, reference
+from mmoe_fast.backends import reference as batched
+from mmoe_fast.models import MMoELayer
+from mmoe_fast.testing import (
+    LAYOUTS,
+    SHAPES,
+    Shape,
+    assert_close,
+    bad_calls,
+    check_layer,
+    make_inputs,
+    op_cases,
+    run_concurrently,
+    run_gradcheck,
+    run_opcheck,
+)
+
+CPU = torch.device("cpu")
+FULL = (torch.float32, torch.float64)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _copycat() -> types.ModuleType:
+    """A throwaway backend: the batched reference's required members under another name, nothing else."""
+    module = types.ModuleType("copycat", "the batched reference under another name")
+    for name in contract.REQUIRED:
+        setattr(module, name, getattr(batched, name))
+    return module
+
+
+backends.register("copycat", _copycat())
+NAMES = [name for name in backends.available_backends() if backends.load(name).supports(CPU, torch.float32)]
+
+
+def _dtypes(name: str, wanted=FULL) -> list[torch.dtype]:
+    return [d for d in wanted if backends.load(name).supports(CPU, d)]
+
+
+def _tol(name: str, dtype: torch.dtype) -> float:
+    return contract.tolerance(backends.load(name), dtype)
+
+
+def _cases(wanted=FULL):
+    return [pytest.param(n, d, id=f"{n}-{str(d)[6:]}") for n in NAMES for d in _dtypes(n, wanted)]
+
+
+def _layer_args(inp):
+    return inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+
+
+def test_the_throwaway_backend_is_collected():
+    assert "copycat" in NAMES and set(backends.available_backends()) >= {"reference", "copycat"}
+
+
+# ---- against the oracle ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", contract.ACTIVATIONS)
+@pytest.mark.parametrize("name,dtype", _cases())
+def test_layer_matches_the_oracle(name, dtype, activation, shape):
+    check_layer(name, shape, dtype=dtype, activation=activation, tol=_tol(name, dtype))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("name,dtype", _cases())
+def test_two_layer_experts(name, dtype, activation, shape):
+    """Hidden layers run grouped_linear (shared input), the last one expert_mixture on a[B, E, K]."""
+    check_layer(name, shape, dtype=dtype, activation=activation, hidden=(9,), tol=_tol(name, dtype))
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+@pytest.mark.parametrize("name,dtype", _cases((torch.float64,)))
+def test_three_layer_experts(name, dtype, activation):
+    """A per-expert input into grouped_linear."""
+    check_layer(name, Shape(19, 6, 3, 5, 2), dtype=dtype, activation=activation, hidden=(9, 17))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
+@pytest.mark.parametrize("bias,gate_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_without_biases(name, shape, bias, gate_bias, split):
+    check_layer(name, shape, activation="silu", bias=bias, gate_bias=gate_bias, split=split,
+                tol=_tol(name, torch.float32))
+
+
+@pytest.mark.parametrize("T", [5, 8])
+@pytest.mark.parametrize("name", NAMES)
+def test_many_tasks(name, T):
+    check_layer(name, Shape(9, 6, 3, 5, T), activation="gelu", tol=_tol(name, torch.float32))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
+@pytest.mark.parametrize("name,dtype", _cases((torch.float64,)))
+def test_strided_offset_and_expanded_inputs(name, dtype, split, layout):
+    check_layer(name, Shape(9, 6, 3, 5, 2), dtype=dtype, activation="gelu", hidden=(4,) if split else (),
+                split=split, layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("name,dtype", _cases(HALF))
+def test_half_precision(name, dtype):
+    check_layer(name, SHAPES[3], dtype=dtype, activation="gelu", hidden=(9,), tol=_tol(name, dtype))
+    inp = make_inputs(Shape(5, 6, 3, 4, 2), dtype=dtype)
+    x, w, b, wg, bg = _layer_args(inp)
+    gates = mf.gate_softmax(x, wg, bg, backend=name)
+    outs = (gates, mf.expert_mixture(x, w, b, gates, backend=name), mf.grouped_linear(x, w, b, backend=name))
+    assert all(t.dtype == dtype and t.is_contiguous() for t in outs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mmoe_equals_gate_softmax_then_expert_mixture(name):
+    dtype = _dtypes(name)[-1]
+    x, w, b, wg, bg = _layer_args(make_inputs(Shape(11, 7, 4, 6, 3), dtype=dtype))
+    split = mf.expert_mixture(x, w, b, mf.gate_softmax(x, wg, bg, backend=name), activation="gelu", backend=name)
+    fused = mf.mmoe(x, w, b, wg, bg, activation="gelu", backend=name)
+    assert_close(fused, split, _tol(name, dtype), f"{name} mmoe vs split")
+
+
+# ---- edge values and shapes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_softmax_is_stable_for_huge_logits(name):
+    g = mf.gate_softmax(torch.tensor([[1e4, -1e4]]), torch.eye(2).reshape(1, 2, 2), backend=name)
+    torch.testing.assert_close(g, torch.tensor([[[1.0, 0.0]]]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, inside Triton's interpreter
+@pytest.mark.parametrize("activation", contract.ACTIVATIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_in_nan_out(name, activation):
+    inp = make_inputs(Shape(4, 5, 3, 6, 2))
+    inp["x"][1, 2] = float("nan")
+    out = mf.mmoe(*_layer_args(inp), activation=activation, backend=name)
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty_batch(name):
+    inp = make_inputs(Shape(0, 5, 3, 7, 2))
+    x = inp["x"].requires_grad_()
+    out = mf.mmoe(x, *_layer_args(inp)[1:], backend=name)
+    assert out.shape == (2, 0, 7)
+    out.sum().backward()
+    assert x.grad.shape == (0, 5)
+    assert mf.gate_softmax(inp["x"], inp["gate_weight"], backend=name).shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_only_the_inputs_that_want_them(name):
+    x, w, b, wg, _ = _layer_args(make_inputs(Shape(5, 4, 3, 6, 2)))
+    x.requires_grad_()
+    wg.requires_grad_()
+    mf.mmoe(x, w, b, wg, None, backend=name).sum().backward()
+    assert x.grad is not None and wg.grad is not None and w.grad is None and b.grad is None
+
+
+def _bad_calls():
+    for name in NAMES:
+        for argument, call, exc in bad_calls(name):
+            yield pytest.param(argument, call, exc, id=f"{name}-{argument}")
+        lacking = [d for d in (*HALF, *FULL) if not backends.load(name).supports(CPU, d)]
+        if lacking:
+            x, w, b, wg, bg = (t.to(lacking[0]) for t in _layer_args(make_inputs(Shape(5, 6, 3, 4, 2))))
+            yield pytest.param(name, lambda x=x, w=w, b=b, wg=wg, bg=bg, n=name: mf.mmoe(x, w, b, wg, bg, backend=n),
+                               ValueError, id=f"{name}-{str(lacking[0])[6:]}")
+
+
+@pytest.mark.parametrize("argument,call,exc", list(_bad_calls()))
+def test_bad_input_is_an_error_naming_the_argument(argument, call, exc):
+    with pytest.raises(exc, match=argument):
+        call()
+
+
+# ---- the registered ops ------------------------------------------------------------------------
+
+
+def _op_cases():
+    for name in NAMES:
+        for case, op, args in op_cases(name, dtype=_dtypes(name)[-1]):
+            yield pytest.param(op, args, id=f"{name}-{case}")
+
+
+@pytest.mark.parametrize("op,args", list(_op_cases()))
+def test_opcheck(op, args):
+    """Outputs agree with the exact-stride fakes that torch.compile traces with; autograd registration is sound."""
+    run_opcheck(op, args)
+
+
+@pytest.mark.parametrize("op,args", [c for c in _op_cases() if c.values[1][0].dtype == torch.float64])
+def test_gradcheck_float64(op, args):
+    run_gradcheck(op, args)
+
+
+# ---- determinism, threads, compilers -------------------------------------------------------------
+
+
+def _layer_grads(name, inp, dm):
+    leaves = [t.detach().requires_grad_() for t in _layer_args(inp)]
+    out = mf.mmoe(*leaves, activation="silu", backend=name)
+    return [out, *torch.autograd.grad(out, leaves, dm)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_calls_are_bitwise_deterministic(name):
+    inp = make_inputs(Shape(70, 17, 3, 20, 2))
+    dm = torch.randn(2, 70, 20, generator=torch.Generator().manual_seed(1))
+    first, second = _layer_grads(name, inp, dm), _layer_grads(name, inp, dm)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_concurrent_calls_equal_serial_calls(name):
+    inputs = [make_inputs(Shape(20 + i, 13, 3, 9, 2), seed=i) for i in range(4)]
+    dms = [torch.randn(2, 20 + i, 9, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    serial = [_layer_grads(name, inp, dm) for inp, dm in zip(inputs, dms)]
+    results = run_concurrently([lambda i=i: _layer_grads(name, inputs[i], dms[i]) for i in range(4)], repeats=2)
+    for runs, want in zip(results, serial):
+        assert len(runs) == 2 and all(torch.equal(a, b) for got in runs for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_under_torch_compile_matches_eager(name):
+    torch.manual_seed(0)
+    layer = MMoELayer(12, 4, (9, 16), 3, activation="silu", backend=name)
+    x = torch.randn(21, 12)
+    eager = layer(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), list(layer.parameters()))
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("hidden", [16, (9, 16)], ids=["one-layer", "two-layer"])
+@pytest.mark.parametrize("name", NAMES)
+def test_traced_layer_equals_eager_on_another_batch(name, hidden):
+    """Tracing under no_grad records the registered ops (not the kernels' raw buffers)."""
+    torch.manual_seed(0)
+    layer = MMoELayer(12, 4, hidden, 3, activation="gelu", backend=name)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(5, 12))
+        x = torch.randn(8, 12, dtype=torch.float64)
+        assert_close(traced(x.float()), reference.mmoe_layer(
+            x, [w.double() for w in layer.expert_weights], [b.double() for b in layer.expert_biases],
+            layer.gate_weight.double(), layer.gate_bias.double(), "gelu"), 1e-5, f"{name} traced")
