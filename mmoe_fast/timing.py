@@ -131,7 +131,11 @@ def kernel_time(fn: Callable[[], object], *, device: torch.device | str, cpu_rep
 def raise_priority() -> bool:
     """Set this process's autogroup to nice -20; whether it worked. The scheduler shares the CPU between
     autogroups (sessions) first, so ``nice`` alone does not shield a benchmark from another session's
-    jobs. Needs the right to raise priority (root or CAP_SYS_NICE); for benchmarks, never tests."""
+    jobs. Needs the right to raise priority (root or CAP_SYS_NICE); for benchmarks, never tests.
+
+    The autogroup is the session's: the whole session keeps nice -20 after this process ends, so start a
+    benchmark in a session of its own (``setsid -w python benchmarks/...``) unless that is what you want.
+    """
     try:
         AUTOGROUP.write_text("-20")
     except OSError:
