@@ -6,7 +6,7 @@ mmoe_fast.available_backends() (the model with backend=<name>, no grad; "referen
 form), torch.compile of the batched eager form, the cpp InferenceSession, onnxruntime on export_onnx
 (when installed), and the floor: the one [B, D] x [D, E*H] GEMM the layer cannot avoid (torch.mm).
 Training step (forward + backward + Adam) at B = 1024 for the same contenders. Each figure is the best of
-5 interleaved passes' medians (see interleaved()), all in this one process; ratios against the cpp
+5 interleaved passes' medians (see best_of_passes()), all in this one process; ratios against the cpp
 InferenceSession (inference) and against the batched eager form (training).
 
 Run: python benchmarks/bench_cpu.py [--write benchmarks/RESULTS.md] [--no-compile] [--min-time 0.5]
@@ -19,44 +19,33 @@ import datetime
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import reference
+from mmoe_fast import reference, timing
 from mmoe_fast.backends import reference as batched
+from mmoe_fast.bench import contenders
+from mmoe_fast.timing import format_ratio, format_time
 
 D, E, H, T, TOWER = 128, 8, 256, 2, (8,)
 BATCHES = (1, 8, 64, 512, 4096)
 TRAIN_B = 1024
 CPU = torch.device("cpu")
 MARK = ("<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->")
+PASSES = 5
 
 
-def interleaved(fns: dict, min_time: float, passes: int = 5) -> dict:
-    """Seconds per call of each fn: the best of ``passes`` medians. Each pass times every fn in turn for
-    min_time / passes, after a few discarded calls (so thread pools that spin after a call, OpenMP's and
-    onnxruntime's, settle first). This machine is shared: a busy spell can spoil a whole pass, so
-    the best pass's median is the figure, as in DESIGN.md's table ("best medians of interleaved runs")."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(passes):
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            times = []
-            start = time.perf_counter()
-            while len(times) < 3 or time.perf_counter() - start < min_time / passes:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best[name], statistics.median(times))
-    return best
+def best_of_passes(fns: dict, min_time: float) -> dict:
+    """Seconds per call of each fn: the best of PASSES interleaved passes' medians, each pass timing every fn
+    in turn for min_time / PASSES. This machine is shared: a busy spell can spoil a whole pass, so the best
+    pass's median is the figure, as in DESIGN.md's table ("best medians of interleaved runs")."""
+    times = timing.interleaved(fns, passes=PASSES, min_time=min_time / PASSES, min_reps=3)
+    return {name: t.best for name, t in times.items()}
 
 
 def make_model(backend: str) -> mf.MMoE:
@@ -80,20 +69,6 @@ def batched_forward(model: mf.MMoE, x: torch.Tensor) -> torch.Tensor:
     return model.towers(m)
 
 
-def cpu_backends() -> list[str]:
-    """Every backend that runs float32 on this CPU, except the Triton interpreter (a correctness tool)."""
-    names = []
-    for name in mf.available_backends():
-        if name == "triton":
-            continue
-        try:
-            mf.backends.resolve(name, CPU, torch.float32)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
-
 def _label(name: str) -> str:
     return "batched eager (reference)" if name == "reference" else f"{name} (model, backend={name})"
 
@@ -110,7 +85,7 @@ def onnx_session(model: mf.MMoE, threads: int):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def contenders(x, base, models, compiled, ort_session, session, w_flat) -> dict[str, Callable[[], object]]:
+def inference_contenders(x, base, models, compiled, ort_session, session, w_flat) -> dict[str, Callable[[], object]]:
     """Every inference contender on the batch x."""
     fns = {"eager loop form (mmoe_fast.reference)": lambda: loop_forward(base, x)}
     for name, model in models.items():
@@ -130,7 +105,7 @@ def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, 
     base = make_model("reference").eval()
     session = mf.InferenceSession(base)
     ort_session = onnx_session(base, threads)
-    models = {name: make_model(name).eval() for name in cpu_backends()}
+    models = {name: make_model(name).eval() for name in contenders(CPU, torch.float32)}
     compiled = torch.compile(lambda x: batched_forward(base, x), dynamic=False) if compile_ else None
     w_flat = base.mixture.expert_weights[0].detach().permute(1, 0, 2).reshape(D, E * H).contiguous()
     fns = {}
@@ -138,10 +113,10 @@ def bench_inference(min_time: float, compile_: bool, threads: int) -> dict[str, 
         for B in BATCHES:
             x = torch.randn(B, D)
             assert torch.allclose(session.run(x), base(x), rtol=1e-4, atol=1e-5), "session disagrees with the model"
-            for name, fn in contenders(x, base, models, compiled, ort_session, session, w_flat).items():
+            for name, fn in inference_contenders(x, base, models, compiled, ort_session, session, w_flat).items():
                 fns[name, B] = fn
         # every pass goes over every batch size: a slow spell of the machine spoils one pass, not one column
-        times = interleaved(fns, min_time)
+        times = best_of_passes(fns, min_time)
     rows: dict[str, dict[int, float]] = {}
     for (name, B), t in times.items():
         rows.setdefault(name, {})[B] = t
@@ -164,7 +139,7 @@ def bench_train(min_time: float, compile_: bool) -> dict[str, float]:
 
     loop_model = make_model("reference")
     fns = {"eager loop form (mmoe_fast.reference)": step_fn(loop_model, lambda v: loop_forward(loop_model, v))}
-    for name in cpu_backends():
+    for name in contenders(CPU, torch.float32):
         model = make_model(name)
         fns[_label(name)] = step_fn(model, model)
     if compile_:
@@ -172,11 +147,7 @@ def bench_train(min_time: float, compile_: bool) -> dict[str, float]:
         fwd = torch.compile(lambda v: batched_forward(model, v), dynamic=False)
         fns["torch.compile(batched eager)"] = step_fn(model, fwd)
         fns["torch.compile(batched eager)"]()  # compile outside the timing
-    return interleaved(fns, min_time)
-
-
-def _fmt(s: float) -> str:
-    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+    return best_of_passes(fns, min_time)
 
 
 def render(inf: dict[str, dict[int, float]], train: dict[str, float], command: str, threads: int) -> str:
@@ -186,9 +157,10 @@ def render(inf: dict[str, dict[int, float]], train: dict[str, float], command: s
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {threads} threads; torch {torch.__version__}, "
-        f"_C instruction set: {mf.backends.cpp._C.isa() if mf.backends.cpp._C else 'not built'}.  ",
+        f"_C instruction set: {mf.backends.cpp._C.isa() if mf.backends.cpp._C else 'not built'}; "
+        f"{timing.conditions()}.  ",
         f"Model: MMoE D={D}, E={E}, H={H}, T={T}, towers {TOWER}, float32. One run, one process; each figure is "
-        "the best of 5 interleaved passes' medians (the machine is shared with other jobs).",
+        f"the best of {PASSES} interleaved passes' medians (the machine is shared with other jobs).",
         "",
         "Inference, whole model x[B, D] -> [B, T] (the floor is the layer's one GEMM alone):",
         "",
@@ -196,18 +168,18 @@ def render(inf: dict[str, dict[int, float]], train: dict[str, float], command: s
         "|---|" + "---:|" * len(BATCHES),
     ]
     for name, times in inf.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(times[B]) for B in BATCHES) + " |")
+        lines.append(f"| {name} | " + " | ".join(format_time(times[B], us_digits=1) for B in BATCHES) + " |")
     lines += ["", "The cpp InferenceSession's speed-up over each (x > 1: the session is faster; for the floor, "
               "floor / session: 1.00x = at the floor):", "",
               "| vs | " + " | ".join(f"B={B}" for B in BATCHES) + " |", "|---|" + "---:|" * len(BATCHES)]
     for name, times in inf.items():
         if name != "cpp InferenceSession.run":
-            lines.append(f"| {name} | " + " | ".join(f"{times[B] / session[B]:.2f}x" for B in BATCHES) + " |")
+            lines.append(f"| {name} | " + " | ".join(format_ratio(times[B], session[B]) for B in BATCHES) + " |")
     eager = train.get(_label("reference"))
     lines += ["", f"Training step (forward + backward + Adam) at B={TRAIN_B}:", "",
               "| contender | step | batched eager / contender |", "|---|---:|---:|"]
     for name, t in train.items():
-        lines.append(f"| {name} | {_fmt(t)} | {eager / t:.2f}x |")
+        lines.append(f"| {name} | {format_time(t, us_digits=1)} | {format_ratio(eager, t)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section of that markdown file")
     args = parser.parse_args(argv)
+    timing.raise_priority()
     torch.set_num_threads(args.threads)  # OpenMP is shared with _C, so this sets the kernels' threads too
     command = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     inf = bench_inference(args.min_time, not args.no_compile, args.threads)

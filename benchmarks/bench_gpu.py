@@ -2,10 +2,11 @@
 
 Correctness: forward and every gradient of a layer against the float64 loop reference, for fp32 with
 tf32 and with ieee dots, bf16, fp16 (and fp64 on small shapes), at the tolerance the backend promises.
-Timings (``triton.testing.do_bench`` medians, one process, ratios): one MMoE layer, forward (no_grad)
-and forward+backward, for the triton backend, the loop form (``mmoe_fast.reference``), the batched eager
-form (``backend="reference"``) and ``torch.compile`` of the batched math, next to the ceilings measured
-in the same run (a big ``torch.mm`` for FLOP/s, a big copy for bytes/s).
+Timings (``triton.testing.do_bench`` medians through ``mmoe_fast.timing.kernel_time``, one process, ratios):
+one MMoE layer, forward (no_grad) and forward+backward, for the triton backend, the loop form
+(``mmoe_fast.reference``), the batched eager form (``backend="reference"``) and ``torch.compile`` of the
+batched math, next to the ceilings measured in the same run (a big ``torch.mm`` for FLOP/s, a big copy
+for bytes/s).
 
     benchmarks/gpu_check.sh           # on a GPU: the two parts below, within 5 minutes on an H200
     MMOE_FAST_TRITON_AUTOTUNE=0 python benchmarks/bench_gpu.py --part correctness
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +38,7 @@ def _import_package():
 
 _import_package()
 import mmoe_fast as mf  # noqa: E402
-from mmoe_fast import reference  # noqa: E402
+from mmoe_fast import reference, timing  # noqa: E402
 from mmoe_fast.backends import reference as batched  # noqa: E402
 from mmoe_fast.backends import triton as tb  # noqa: E402
 from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs  # noqa: E402
@@ -85,33 +85,14 @@ def correctness(device: str, smoke: bool) -> list[str]:
     return failures
 
 
-def _timer(device: str):
-    """Median milliseconds of fn(): CUDA events through do_bench on a GPU, perf_counter on the CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return lambda fn: triton.testing.do_bench(fn, return_mode="median")
-
-    def cpu_median(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_median
-
-
-def ceilings(device: str, dtype: torch.dtype, bench, smoke: bool) -> tuple[float, float]:
+def ceilings(device: str, dtype: torch.dtype, smoke: bool) -> tuple[float, float]:
     """(FLOP/s of a big torch.mm in dtype, bytes/s of a big copy), measured now."""
     n = 256 if smoke else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    flops = 2 * n**3 / (bench(lambda: torch.mm(a, b)) * 1e-3)
+    flops = 2 * n**3 / timing.kernel_time(lambda: torch.mm(a, b), device=device)
     src = torch.empty(2**22 if smoke else 2**28, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / (bench(lambda: dst.copy_(src)) * 1e-3)
+    bandwidth = 2 * src.numel() * 4 / timing.kernel_time(lambda: dst.copy_(src), device=device)
     return flops, bandwidth
 
 
@@ -130,7 +111,7 @@ def layer_costs(B, D, E, H, T, itemsize) -> dict:
     return dict(fwd=(flops, fwd_bytes), fwdbwd=(3 * flops, fwd_bytes + bwd_bytes))
 
 
-def time_layer(device, dtype, B, dims, bench, peak, compiled) -> list[str]:
+def time_layer(device, dtype, B, dims, peak, compiled) -> list[str]:
     D, E, H, T = dims
     inp = make_inputs(Shape(B, D, E, H, T), dtype=dtype, device=device, seed=1)
     params = [inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]]
@@ -147,21 +128,21 @@ def time_layer(device, dtype, B, dims, bench, peak, compiled) -> list[str]:
     times = {}
     for name, fn in impls.items():
         with torch.no_grad():
-            fwd = bench(lambda fn=fn: fn(*params))
-        fwdbwd = bench(lambda fn=fn: torch.autograd.grad(fn(*grads), grads, dm))
+            fwd = timing.kernel_time(lambda fn=fn: fn(*params), device=device)
+        fwdbwd = timing.kernel_time(lambda fn=fn: torch.autograd.grad(fn(*grads), grads, dm), device=device)
         times[name] = (fwd, fwdbwd)
     lines = []
     for name, (fwd, fwdbwd) in times.items():
         cells = [f"{B:6d}", f"{name:14s}"]
-        for i, (kind, ms) in enumerate((("fwd", fwd), ("fwdbwd", fwdbwd))):
+        for i, (kind, sec) in enumerate((("fwd", fwd), ("fwdbwd", fwdbwd))):
             flops, nbytes = costs[kind]
-            roof = max(flops / peak[0], nbytes / peak[1]) * 1e3
-            cells.append(f"{ms:9.3f} ms {flops / ms / 1e9:7.1f} TF/s {nbytes / ms / 1e6:7.1f} GB/s "
-                         f"{100 * roof / ms:5.1f}% roof  x{ms / times['triton'][i]:5.2f}")
+            roof = max(flops / peak[0], nbytes / peak[1])
+            cells.append(f"{sec * 1e3:9.3f} ms {flops / sec / 1e12:7.1f} TF/s {nbytes / sec / 1e9:7.1f} GB/s "
+                         f"{100 * roof / sec:5.1f}% roof  x{sec / times['triton'][i]:5.2f}")
         lines.append(" | ".join(cells))
     if (B, dims) == (8192, BIG) and "torch.compile" in times:
         flops, nbytes = costs["fwd"]
-        roof = max(flops / peak[0], nbytes / peak[1]) * 1e3
+        roof = max(flops / peak[0], nbytes / peak[1])
         tri = times["triton"]
         lines.append(f"  issue targets at B=8192: fwd+bwd {times['batched eager'][1] / tri[1]:.2f}x batched eager "
                      f"(>= 2), {times['torch.compile'][1] / tri[1]:.2f}x torch.compile (>= 1.3); forward at "
@@ -170,7 +151,6 @@ def time_layer(device, dtype, B, dims, bench, peak, compiled) -> list[str]:
 
 
 def timings(device: str, smoke: bool, deadline: float) -> None:
-    bench = _timer(device)
     if smoke:
         plan = [(torch.float32, None, (16, 3, 16, 2), [17])]
     else:
@@ -185,7 +165,7 @@ def timings(device: str, smoke: bool, deadline: float) -> None:
     for dtype, prec, dims, batches in plan:
         _set_precision(prec)
         torch.set_float32_matmul_precision("high" if prec == "tf32" else "highest")  # torch.mm's fp32 too
-        peak = ceilings(device, dtype, bench, smoke)
+        peak = ceilings(device, dtype, smoke)
         print(f"\n{str(dtype)[6:]} {prec or ''} D,E,H,T={dims}: torch.mm {peak[0] / 1e12:.1f} TFLOP/s, "
               f"copy {peak[1] / 1e9:.0f} GB/s", flush=True)
         print(f"{'B':>6s} | {'impl':14s} | {'forward':^55s} | {'forward + backward':^55s}")
@@ -193,7 +173,7 @@ def timings(device: str, smoke: bool, deadline: float) -> None:
             if time.monotonic() > deadline:
                 print(f"time budget spent: skipped B={B} and what follows", flush=True)
                 return
-            for line in time_layer(device, dtype, B, dims, bench, peak, compiled):
+            for line in time_layer(device, dtype, B, dims, peak, compiled):
                 print(line, flush=True)
             print(f"  ({time.monotonic() - start:.0f} s into the timings: autotuning and compiling included)")
     _set_precision(None)
@@ -212,8 +192,9 @@ def main() -> int:
         print("no CUDA device: run with --smoke (and TRITON_INTERPRET=1) to check this script on the CPU")
         return 2
     if device == "cuda":
+        timing.raise_priority()  # not in --smoke: the test suite runs that
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"triton {importlib.import_module('triton').__version__}", flush=True)
+              f"triton {importlib.import_module('triton').__version__}, host {timing.conditions()}", flush=True)
     failures = correctness(device, args.smoke) if args.part in ("all", "correctness") else []
     if args.part in ("all", "timings"):
         timings(device, args.smoke, start + args.budget)

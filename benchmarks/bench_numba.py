@@ -11,7 +11,6 @@ numba's cache) before any timing, and that one-time cost is printed on its own.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -19,9 +18,10 @@ import numba
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import reference
+from mmoe_fast import reference, timing
 from mmoe_fast.backends import numba as numba_backend
 from mmoe_fast.testing import Shape, assert_close, make_inputs
+from mmoe_fast.timing import format_ratio
 
 D, E, H, T = 128, 8, 256, 2
 
@@ -54,22 +54,17 @@ def _contenders(args, train: bool):
     }
 
 
-def _time(fns: dict, repeats: int) -> dict:
-    """Median seconds per call; the contenders take turns so that noise hits them alike."""
-    times = {name: [] for name in fns}
+def _median(fns: dict, repeats: int) -> dict:
+    """Median seconds per call; the contenders take turns, one call each, so that noise hits them alike."""
     for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        fn()  # once, outside the timing: first-call costs (allocations, autograd graph) are not the figure
+    times = timing.interleaved(fns, passes=repeats, min_time=0.0, min_reps=1, max_reps=1, warmup=0)
+    return {name: t.median for name, t in times.items()}
 
 
 def _row(label: str, med: dict) -> str:
     base = med["numba"]
-    cells = "  ".join(f"{name} {sec * 1e3:9.3f} ms ({sec / base:5.1f}x)" for name, sec in med.items())
+    cells = "  ".join(f"{name} {sec * 1e3:9.3f} ms ({format_ratio(sec, base):>6s})" for name, sec in med.items())
     return f"{label:22s} {cells}"
 
 
@@ -78,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per contender (default: by size)")
     parser.add_argument("--threads", type=int, default=0, help="threads (default: all cores)")
     opts = parser.parse_args()
+    timing.raise_priority()
     if opts.threads:
         torch.set_num_threads(opts.threads)  # the numba backend follows torch's thread count
     print("command: python " + " ".join(sys.argv))
@@ -85,14 +81,14 @@ def main() -> None:
     numba_backend.warmup()
     print(f"numba compile (or cache load), float32 + float64, once per process: {time.perf_counter() - start:.1f} s")
     print(f"torch {torch.__version__}, numba {numba.__version__} ({numba.threading_layer()} threading layer), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {timing.conditions()}")
     print(f"MMoE layer D={D} E={E} H={H} T={T} relu float32; median time, (x) = time / numba's time")
     for B, train, repeats in ((1, False, 400), (64, False, 200), (4096, False, 15), (1024, True, 20)):
         args = _layer(B, train)
         fns = _contenders(args, train)
         with torch.no_grad():
             assert_close(mf.mmoe(*args, backend="numba"), reference.mmoe(*args), 1e-5, "numba forward")
-        med = _time(fns, opts.repeats or repeats)
+        med = _median(fns, opts.repeats or repeats)
         print(_row(f"{'train fwd+bwd' if train else 'inference'} B={B}", med), flush=True)
 
 

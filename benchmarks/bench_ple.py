@@ -12,13 +12,12 @@ Run: python benchmarks/bench_ple.py [--device cuda] [--min-time 0.3] [--rounds 3
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-from mmoe_fast import PLE, backends
-from mmoe_fast.bench import time_median
+from mmoe_fast import PLE, timing
+from mmoe_fast.bench import contenders
 
 # (B, D, num_levels, num_specific_experts, num_shared_experts, expert_hidden, T)
 SHAPES = (
@@ -31,20 +30,8 @@ SHAPES = (
 )
 
 
-def _contenders(device: torch.device) -> list[str]:
-    names = []
-    for name in backends.available_backends():
-        if name == "triton" and device.type == "cpu":
-            continue  # the interpreter is a correctness tool, not a contender
-        try:
-            backends.resolve(name, device, torch.float32)
-        except ValueError:
-            continue
-        names.append(name)
-    return names
-
-
 def bench(shape: tuple, backend: str, device: torch.device, min_time: float, rounds: int) -> dict:
+    """Median over ``rounds`` interleaved passes of each pass's median seconds, keyed (mixture, phase)."""
     B, D, levels, S, Sh, H, T = shape
     torch.manual_seed(0)
     models = {}
@@ -53,19 +40,19 @@ def bench(shape: tuple, backend: str, device: torch.device, min_time: float, rou
         models[mixture] = PLE(D, T, num_levels=levels, num_specific_experts=S, num_shared_experts=Sh,
                               expert_hidden=H, backend=backend, mixture=mixture).to(device)
     x = torch.randn(B, D, device=device)
-    times: dict[tuple[str, str], list[float]] = {}
-    for _ in range(rounds):  # interleaved, so drifts of a noisy machine hit both strategies alike
-        for mixture, model in models.items():
-            def infer(model=model):
-                with torch.no_grad():
-                    return model(x)
+    fns = {}
+    for mixture, model in models.items():
+        def infer(model=model):
+            with torch.no_grad():
+                return model(x)
 
-            def train(model=model):
-                model(x).sum().backward()
+        def train(model=model):
+            model(x).sum().backward()
 
-            times.setdefault((mixture, "infer"), []).append(time_median(infer, device=device, min_time=min_time))
-            times.setdefault((mixture, "train"), []).append(time_median(train, device=device, min_time=min_time))
-    return {key: statistics.median(v) for key, v in times.items()}
+        fns[mixture, "infer"], fns[mixture, "train"] = infer, train
+    # interleaved, so drifts of a noisy machine hit both strategies alike
+    times = timing.interleaved(fns, passes=rounds, device=device, min_time=min_time, min_reps=5, max_reps=200)
+    return {key: t.median for key, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    timing.raise_priority()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"command: python benchmarks/bench_ple.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, float32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, float32, "
+          f"{timing.conditions()}")
     print(f"{'backend':10s} {'B':>5s} {'D':>4s} {'L':>2s} {'S':>2s} {'Sh':>3s} {'H':>4s} {'T':>2s} | "
           f"{'infer 1-call':>12s} {'per-group':>10s} {'ratio':>6s} | {'train 1-call':>12s} {'per-group':>10s} "
           f"{'ratio':>6s}")
-    for backend in _contenders(device):
+    for backend in contenders(device, torch.float32):
         for shape in SHAPES:
             t = bench(shape, backend, device, args.min_time, args.rounds)
             cells = []

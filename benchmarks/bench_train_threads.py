@@ -4,14 +4,13 @@ Run: python benchmarks/bench_train_threads.py [--rounds 6] [--steps 40]
 """
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from mmoe_fast import models
+from mmoe_fast import models, timing
 from mmoe_fast.data import make_synthetic
+from mmoe_fast.timing import format_ratio
 from mmoe_fast.train import task_losses
 
 
@@ -20,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args(argv)
+    timing.raise_priority()
     x, y = make_synthetic(128, d=100, seed=0)  # the CLI's defaults: batch 128, D=100, 8 experts x 16
     model = models.MMoE(100, 2, task_types=("regression", "regression"))
     opt = torch.optim.Adam(model.parameters())
@@ -29,21 +29,25 @@ def main(argv: list[str] | None = None) -> int:
         task_losses(model(x), y, model.task_types).sum().backward()
         opt.step()
 
-    for _ in range(10):
-        step()
-    times: dict[int, list[float]] = {1: [], 2: []}
-    for _ in range(args.rounds):  # interleaved, so both see the same machine load
-        for threads in times:
+    def steps(threads: int):
+        def run() -> None:
             torch.set_num_threads(threads)
-            start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            times[threads].append((time.perf_counter() - start) / args.steps * 1e3)
+
+        return run
+
+    for _ in range(10):
+        step()
+    # one timed call a turn: `steps` steps at that thread count; both see the same machine load
+    times = timing.interleaved({threads: steps(threads) for threads in (1, 2)}, passes=args.rounds, min_time=0.0,
+                               min_reps=1, max_reps=1, warmup=0)
     print(f"command: python benchmarks/bench_train_threads.py --rounds {args.rounds} --steps {args.steps}")
-    for threads, ms in times.items():
-        print(f"{threads} thread(s): median {statistics.median(ms):.2f} ms/step  (rounds: "
-              + ", ".join(f"{v:.1f}" for v in ms) + ")")
-    print(f"2 threads / 1 thread: {statistics.median(times[2]) / statistics.median(times[1]):.2f}x")
+    print(timing.conditions())
+    for threads, t in times.items():
+        print(f"{threads} thread(s): median {t.median / args.steps * 1e3:.2f} ms/step  (rounds: "
+              + ", ".join(f"{v / args.steps * 1e3:.1f}" for v in t.passes) + ")")
+    print(f"2 threads / 1 thread: {format_ratio(times[2].median, times[1].median)}")
     return 0
 
 

@@ -1,47 +1,29 @@
 """Op benchmark harness: every available backend against the loop and batched references, in one run.
 
 For each shape it times ``mmoe`` forward (no grad) and forward+backward, median of repeated runs after
-warm-up, and prints ratios: against the loop reference (the peers' design), the batched reference,
-and the floor (the one [B, D] x [D, E*H] GEMM the layer cannot avoid, timed with torch.mm).
+warm-up (``timing.median_time``), and prints ratios: against the loop reference (the peers' design), the
+batched reference, and the floor (the one [B, D] x [D, E*H] GEMM the layer cannot avoid, timed with torch.mm).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from . import backends, ops, reference
+from . import backends, ops, reference, timing
 from .argtypes import positive_int
 from .testing import Shape, make_inputs
+from .timing import format_ratio, format_time
 
 DEFAULT_SHAPES = (Shape(1, 128, 8, 256, 2), Shape(64, 128, 8, 256, 2), Shape(1024, 128, 8, 256, 2),
                   Shape(1024, 100, 8, 16, 2))
 
 
-def time_median(
-    fn: Callable[[], object], *, device: torch.device, min_time: float = 0.2, max_reps: int = 200
-) -> float:
-    """Median seconds of ``fn()`` over repeated runs (after warm-up), synchronizing CUDA if needed."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < 5 or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _contenders(device: torch.device, dtype: torch.dtype) -> list[str]:
+def contenders(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends worth timing on ``device`` in ``dtype``: every one that runs there, but the Triton
+    interpreter on the CPU."""
     names = []
     for name in backends.available_backends():
         if name == "triton" and device.type == "cpu":
@@ -55,6 +37,8 @@ def _contenders(device: torch.device, dtype: torch.dtype) -> list[str]:
 
 
 def bench_shape(shape: Shape, *, device: torch.device, dtype: torch.dtype, min_time: float) -> list[dict]:
+    """One row a contender: name, median seconds of the forward (``fwd``) and of forward+backward (``train``,
+    None for the GEMM floor), for ``mmoe`` on x[B, D], W[E, D, H], Wg[T, D, E] of ``shape``."""
     inp = make_inputs(shape, dtype=dtype, device=device)
     x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
     params = [t.requires_grad_() for t in (w, b, wg, bg)]
@@ -77,31 +61,23 @@ def bench_shape(shape: Shape, *, device: torch.device, dtype: torch.dtype, min_t
 
         return fwd, train
 
+    def median(fn: Callable[[], object]) -> float:
+        return timing.median_time(fn, device=device, min_time=min_time, max_reps=200)
+
     w_packed = w.detach().permute(1, 0, 2).reshape(shape.D, shape.E * shape.H).contiguous()
-    rows = [dict(name="gemm floor", fwd=time_median(lambda: torch.mm(x, w_packed), device=device, min_time=min_time),
-                 train=None)]
+    rows = [dict(name="gemm floor", fwd=median(lambda: torch.mm(x, w_packed)), train=None)]
     runs = [("loop reference", loop_fwd, loop_train)]
-    for name in _contenders(device, dtype):
+    for name in contenders(device, dtype):
         runs.append(("batched reference" if name == "reference" else name, *fused(name)))
     for name, fwd, train in runs:
-        rows.append(dict(name=name, fwd=time_median(fwd, device=device, min_time=min_time),
-                         train=time_median(train, device=device, min_time=min_time)))
+        rows.append(dict(name=name, fwd=median(fwd), train=median(train)))
         for p in params + [xg]:
             p.grad = None
     return rows
 
 
-def _fmt(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e6:.0f} us" if seconds < 1e-3 else f"{seconds * 1e3:.2f} ms"
-
-
-def _ratio(base: float | None, mine: float | None) -> str:
-    return "-" if base is None or mine is None else f"{base / mine:.2f}x"
-
-
 def report(shape: Shape, rows: list[dict]) -> str:
+    """The printed table of ``bench_shape``'s rows, with the ratios against the loop, batched and floor rows."""
     by = {r["name"]: r for r in rows}
     loop, batched, floor = by["loop reference"], by.get("batched reference"), by["gemm floor"]
     lines = [f"shape {shape} (B, D, E, H, T)",
@@ -109,10 +85,10 @@ def report(shape: Shape, rows: list[dict]) -> str:
              f"{'fwd+bwd':>10s} {'vs loop':>8s} {'vs batch':>8s}"]
     for r in rows:
         lines.append(
-            f"  {r['name']:18s} {_fmt(r['fwd']):>10s} {_ratio(loop['fwd'], r['fwd']):>8s} "
-            f"{_ratio(batched and batched['fwd'], r['fwd']):>8s} {_ratio(floor['fwd'], r['fwd']):>9s} "
-            f"{_fmt(r['train']):>10s} {_ratio(loop['train'], r['train']):>8s} "
-            f"{_ratio(batched and batched['train'], r['train']):>8s}"
+            f"  {r['name']:18s} {format_time(r['fwd']):>10s} {format_ratio(loop['fwd'], r['fwd']):>8s} "
+            f"{format_ratio(batched and batched['fwd'], r['fwd']):>8s} {format_ratio(floor['fwd'], r['fwd']):>9s} "
+            f"{format_time(r['train']):>10s} {format_ratio(loop['train'], r['train']):>8s} "
+            f"{format_ratio(batched and batched['train'], r['train']):>8s}"
         )
     return "\n".join(lines)
 
@@ -135,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device here")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"mmoe-fast bench on {device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load:.1f}; medians; 'floor/fwd' = time of the one [B,D]x[D,E*H] GEMM / time of the layer "
+          f"{timing.conditions()}; medians; 'floor/fwd' = time of the one [B,D]x[D,E*H] GEMM / time of the layer "
           f"(1.00x = at the floor)")
     for shape in shapes:
         print(report(shape, bench_shape(shape, device=device, dtype=dtype, min_time=args.min_time)), flush=True)

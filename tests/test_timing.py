@@ -1,0 +1,91 @@
+"""The timing harness's contract on cheap functions: what it calls, how often, in which order, and what it
+returns. No speed targets: bounds are loose enough for a loaded, shared machine."""
+
+import math
+import time
+
+import pytest
+
+from mmoe_fast import timing
+
+
+def counter():
+    calls = []
+    return calls, lambda: calls.append(None)
+
+
+def test_a_two_millisecond_sleep_measures_about_two_milliseconds():
+    t = timing.median_time(lambda: time.sleep(2e-3), min_time=0.0, min_reps=5, warmup=1)
+    assert 2e-3 <= t < 0.1  # sleep never returns early; a busy machine may wake it late
+
+
+def test_median_time_calls_warmup_then_reps_capped_by_max_reps():
+    calls, fn = counter()
+    timing.median_time(fn, min_time=60.0, min_reps=2, max_reps=4, warmup=3)  # max_reps ends it, not min_time
+    assert len(calls) == 3 + 4
+
+
+def test_median_time_keeps_calling_until_min_time():
+    calls, fn = counter()
+    start = time.perf_counter()
+    timing.median_time(fn, min_time=0.02, min_reps=1, warmup=0)
+    assert time.perf_counter() - start >= 0.02 and len(calls) > 1
+
+
+def test_interleaved_gives_each_contender_one_median_per_pass_in_turn():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    result = timing.interleaved(fns, passes=2, min_time=0.0, min_reps=2, max_reps=2, warmup=1)
+    assert list(result) == ["a", "b", "c"]
+    assert all(len(t.passes) == 2 for t in result.values())
+    # each turn: 1 warm-up + 2 timed calls of one contender, then the next; the whole round twice
+    assert order == (["a"] * 3 + ["b"] * 3 + ["c"] * 3) * 2
+
+
+def test_interleaved_keys_may_be_any_hashable_and_figures_follow_the_work():
+    fns = {("sleep", 1): lambda: time.sleep(3e-3), ("noop", 1): lambda: None}
+    result = timing.interleaved(fns, passes=2, min_time=0.0, min_reps=3, warmup=0)
+    assert result["sleep", 1].best >= 3e-3 > result["noop", 1].best
+
+
+def test_timing_best_and_median_of_the_passes():
+    t = timing.Timing((3.0, 1.0, 2.0, 10.0))
+    assert t.best == 1.0 and t.median == 2.5
+
+
+def test_kernel_time_off_gpu_is_one_warmup_and_cpu_reps_calls():
+    calls, fn = counter()
+    assert timing.kernel_time(fn, device="cpu", cpu_reps=4) >= 0
+    assert len(calls) == 1 + 4
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(min_time=-1.0), "min_time"), (dict(min_time=math.nan), "min_time"),
+                                          (dict(min_reps=0), "min_reps"), (dict(min_reps=3, max_reps=2), "max_reps"),
+                                          (dict(warmup=-1), "warmup")])
+def test_bad_arguments_raise_before_any_call(kwargs, name):
+    calls, fn = counter()
+    with pytest.raises(ValueError, match=name):
+        timing.median_time(fn, **kwargs)
+    with pytest.raises(ValueError):
+        timing.interleaved({"f": fn}, **kwargs)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(passes=0), "passes"), (dict(fns={}), "contender")])
+def test_interleaved_refuses_no_passes_and_no_contenders(kwargs, message):
+    args = dict(fns={"f": lambda: None}, min_time=0.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        timing.interleaved(args.pop("fns"), **args)
+
+
+def test_formatting():
+    assert timing.format_time(12.4e-6) == "12 us"
+    assert timing.format_time(12.44e-6, us_digits=1) == "12.4 us"
+    assert timing.format_time(3.456e-3) == "3.46 ms"
+    assert timing.format_time(None) == "-"
+    assert timing.format_ratio(3.0, 2.0) == "1.50x"
+    assert timing.format_ratio(None, 2.0) == "-" and timing.format_ratio(1.0, None) == "-"
+
+
+def test_conditions_name_the_load_average():
+    assert timing.conditions().startswith("load average ")
