@@ -43,7 +43,7 @@ PASSES = 5
 def best_of_passes(fns: dict, min_time: float) -> dict:
     """Seconds per call of each fn: the best of PASSES interleaved passes' medians, each pass timing every fn
     in turn for min_time / PASSES. This machine is shared: a busy spell can spoil a whole pass, so the best
-    pass's median is the figure, as in DESIGN.md's table ("best medians of interleaved runs")."""
+    pass's median is the figure, as docs/design.md's "Measuring" says."""
     times = timing.interleaved(fns, passes=PASSES, min_time=min_time / PASSES, min_reps=3)
     return {name: t.best for name, t in times.items()}
 

@@ -45,7 +45,7 @@ from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs  # noqa: E
 
 # (dtype, fp32 dot precision) pairs of the correctness pass.
 MODES = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None), (torch.float16, None)]
-BIG = (512, 16, 512, 3)  # D, E, H, T of the timing shape
+BIG = (512, 16, 512, 3)  # D, E, H, T of the headline GPU timing shape
 PAPER = (100, 8, 16, 2)  # the paper's synthetic-data layer
 
 
@@ -154,7 +154,7 @@ def timings(device: str, smoke: bool, deadline: float) -> None:
     if smoke:
         plan = [(torch.float32, None, (16, 3, 16, 2), [17])]
     else:
-        # The target first (bf16, B = 8192), in case the time budget runs out.
+        # The headline target first (bf16, B = 8192), in case the time budget runs out.
         plan = [(torch.bfloat16, None, BIG, [8192, 65536, 1024]), (torch.bfloat16, None, PAPER, [1024, 65536]),
                 (torch.float32, "tf32", BIG, [8192]), (torch.float32, "ieee", BIG, [8192])]
     print("\nlayer timings: medians; TF/s and GB/s are model FLOPs and least bytes over the time; "

@@ -208,7 +208,8 @@ def _mmoe_forward(
     gate_bias: Optional[Tensor], activation: str, backend: str,
 ) -> Tensor:
     be = _impl(backend, x)
-    x, w, b, wg, bg = map(_c, (x, expert_weight, expert_bias, gate_weight, gate_bias))
+    x, w, wg = x.contiguous(), expert_weight.contiguous(), gate_weight.contiguous()
+    b, bg = _c(expert_bias), _c(gate_bias)
     fused, _ = contract.fused_mmoe(be)
     if fused is not None:
         return fused(x, w, b, wg, bg, activation)
@@ -224,7 +225,8 @@ def _mmoe_backward(
     gate_bias: Optional[Tensor], activation: str, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     be = _impl(backend, x)
-    grad, x, w, b, wg, bg = map(_c, (grad, x, expert_weight, expert_bias, gate_weight, gate_bias))
+    grad, x, w, wg = grad.contiguous(), x.contiguous(), expert_weight.contiguous(), gate_weight.contiguous()
+    b, bg = _c(expert_bias), _c(gate_bias)
     _, fused = contract.fused_mmoe(be)
     if fused is not None:
         return fused(grad, x, w, b, wg, bg, activation)

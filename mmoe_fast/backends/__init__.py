@@ -17,7 +17,7 @@ import torch
 from .. import contract
 
 # Every known name; the order of ``_AUTO_ORDER`` is auto's preference per device type.
-BACKENDS = ("reference", "triton", "cpp", "numba")
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cpp", "numba")
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "numba", "reference")}
 ENV_VAR = "MMOE_FAST_BACKEND"
 
@@ -77,7 +77,8 @@ def check_backend_name(backend: str) -> str:
 
 def status() -> dict[str, str | None]:
     """Every backend's name and why it cannot run here (None: it can, for some device and dtype)."""
-    return {name: None if isinstance(_load(name), ModuleType) else _load(name) for name in BACKENDS}
+    loaded = {name: _load(name) for name in BACKENDS}
+    return {name: m if isinstance(m, str) else None for name, m in loaded.items()}
 
 
 def available_backends() -> list[str]:

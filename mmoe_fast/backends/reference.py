@@ -2,7 +2,7 @@
 
 Forward:  G = softmax_t(x @ Wg[t] + bg[t]);  m[t] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e]).
 Backward: recomputes pre = a_e @ W[e] + b[e] (nothing but the inputs is saved), then the
-formulas of DESIGN.md. Half-precision inputs are computed in float32 and cast back.
+formulas of docs/design.md. Half-precision inputs are computed in float32 and cast back.
 This is readable and runs anywhere; ``mmoe_fast.reference`` (the loop form) is its oracle.
 """
 

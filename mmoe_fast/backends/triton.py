@@ -13,7 +13,9 @@ fp32 ``tl.dot`` precision: ``precision()``.
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 
 import torch
 
@@ -274,3 +276,20 @@ def grouped_linear_backward(dout, a, W, b, activation):
     linear.grouped_linear_bwd_rows[grid](dout, a, W, W if b is None else b, dpre, B, K, N, E, s_ab, s_ae,
                                          _bucket(B), ACT=activation, HAS_BIAS=b is not None, **_kinds(a.dtype))
     return _input_grad(dpre, W, a.dim() == 2), *_weight_grad(a, dpre, E, K, N, a.dtype)
+
+
+def _serialized(fn):
+    """Under the interpreter, one launch at a time: it patches ``triton.language`` while a kernel runs, so
+    concurrent launches from several threads would fail (a GPU launches concurrently)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+    return run
+
+
+if triton is not None and INTERPRET:
+    _INTERPRETER_LOCK = threading.RLock()
+    for _name in ("gate_softmax", "gate_softmax_backward", "expert_mixture", "expert_mixture_backward",
+                  "mmoe_backward", "grouped_linear", "grouped_linear_backward"):
+        globals()[_name] = _serialized(globals()[_name])
