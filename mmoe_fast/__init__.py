@@ -1,6 +1,7 @@
 """mmoe_fast: fused Multi-gate Mixture-of-Experts ops, models and training."""
 
 from .backends import describe as describe_backends
+from .checkpoint import CheckpointError, load, save
 from .inference import InferenceSession, export_onnx
 from .models import (
     CGC,
@@ -26,8 +27,8 @@ from .ops import available_backends, expert_mixture, gate_softmax, grouped_linea
 __version__ = "0.1.0"
 
 __all__ = [
-    "CGC", "ESMM", "MODELS", "PLE", "CrossStitch", "ExtractionLayer", "InferenceSession",
+    "CGC", "ESMM", "MODELS", "PLE", "CheckpointError", "CrossStitch", "ExtractionLayer", "InferenceSession",
     "L2Constrained", "MMoE", "MMoELayer", "OMoE", "OMoELayer", "SharedBottom", "SingleTask", "TensorFactorization",
     "Towers", "available_backends", "build_model", "count_parameters", "describe_backends", "expert_mixture",
-    "export_onnx", "gate_softmax", "grouped_linear", "mmoe",
+    "export_onnx", "gate_softmax", "grouped_linear", "load", "mmoe", "save",
 ]
