@@ -40,7 +40,7 @@ def positive(value: int, name: str) -> int:
     return value
 
 
-def count(value: int, name: str) -> int:
+def non_negative(value: int, name: str) -> int:
     """``value`` when it is a non-negative int (a bool is not), else a ValueError naming it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import activations, backends, ops
-from .common import MultiTaskModel, Towers, count, layers, positive, sizes, uniform_
+from .common import MultiTaskModel, Towers, layers, non_negative, positive, sizes, uniform_
 
 # How a CGC/PLE level calls ``expert_mixture``: "one-call" runs every expert in one call with
 # zero gates outside each task's experts; "per-group" calls it once per expert group. One call is
@@ -43,8 +43,8 @@ class ExtractionLayer(nn.Module):
         super().__init__()
         self.in_features = positive(in_features, "in_features")
         self.num_tasks = T = positive(num_tasks, "num_tasks")
-        self.num_specific_experts = S = count(num_specific_experts, "num_specific_experts")
-        self.num_shared_experts = Sh = count(num_shared_experts, "num_shared_experts")
+        self.num_specific_experts = S = non_negative(num_specific_experts, "num_specific_experts")
+        self.num_shared_experts = Sh = non_negative(num_shared_experts, "num_shared_experts")
         if S + Sh == 0:
             raise ValueError("num_specific_experts + num_shared_experts must be at least 1, got 0 and 0")
         self.expert_hidden = layers(expert_hidden, "expert_hidden")
