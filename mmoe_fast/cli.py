@@ -10,6 +10,7 @@ import torch
 
 from . import backends, bench, distributed, experiments, models
 from .argtypes import correlation, floats, positive_int
+from .data import load_splits, synthetic_spec
 from .train import OPTIMIZERS, fit
 
 
@@ -27,8 +28,9 @@ def _train(args: argparse.Namespace) -> int:
 def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_: None)
     torch.manual_seed(args.seed)
-    data = experiments.load_splits({"name": "synthetic", "n_train": args.n_train, "n_val": args.n_val, "d": args.d,
-                                    "correlation": args.correlation, "seed": args.seed})
+    spec = synthetic_spec(correlation=args.correlation, d=args.d, n_train=args.n_train, n_val=args.n_val,
+                          seed=args.seed)
+    data = load_splits(spec)
     task_types = data["task_types"]
     # Only the options the user gave: a model that has no use for one refuses it by name.
     chosen = {"num_experts": args.experts, "expert_hidden": args.expert_hidden, "bottom_hidden": args.bottom_hidden,
@@ -49,7 +51,7 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress, steps=args.steps,
         loss_weights=args.loss_weights, optimizer=args.optimizer, weight_decay=args.weight_decay,
         patience=args.patience, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume)
+        checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_extra={"data": spec})
     say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

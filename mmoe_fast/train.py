@@ -22,12 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import checkpoint, distributed
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-CHECKPOINT_FORMAT = 1
 MODEL_FILE = "model.pt"
-
 
 
 def json_safe(value):
@@ -39,6 +37,7 @@ def json_safe(value):
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
 
 def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], reduction: str = "mean") -> Tensor:
     """Per-task losses ``[T]`` of ``outputs[B, T]``: BCE with logits for binary tasks, MSE for regression.
@@ -149,13 +148,6 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
         raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
 
 
-def _save(path: Path, payload: dict) -> None:
-    # Write then rename, so a run killed mid-write never leaves a truncated checkpoint behind.
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
 def _flatten(record: dict) -> dict:
     """One CSV row: ``train_loss_task0``, ``val_auc_task0``, ..."""
     row = {}
@@ -203,6 +195,7 @@ def fit(
     optimizer: str = "adam", weight_decay: float = 0.0, main_task: int = 0, patience: int | None = None,
     log_dir: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None, resume: str | os.PathLike | None = None,
+    checkpoint_extra: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -215,8 +208,10 @@ def fit(
       regression) has not improved for that many epochs; the best epoch's weights are restored at the end.
     - ``log_dir``: ``train.jsonl`` and ``train.csv``, one row per epoch.
     - ``checkpoint_dir``: ``step-NNNNNNN.pt`` every ``checkpoint_every`` steps, at the last step and when
-      early stopping ends the run, plus ``model.pt`` (the returned model's ``state_dict``) at the end.
-    - ``resume``: a checkpoint file, or a directory (its latest); training continues exactly where it
+      early stopping ends the run, plus ``model.pt`` (the returned model) at the end; all are
+      :mod:`mmoe_fast.checkpoint` files (``mmoe_fast.load`` reads them), the steps with a ``trainer`` entry.
+    - ``checkpoint_extra``: more entries for every checkpoint written, e.g. ``{"data": spec}``.
+    - ``resume``: a ``step-*.pt`` file, or a directory (its latest); training continues exactly where it
       stopped, and the returned history includes the epochs done before.
     Under ``torchrun`` the global batch of ``batch_size`` rows is split across ranks; rank 0 logs and writes.
     """
@@ -247,13 +242,14 @@ def fit(
         p = _load_checkpoint(resume, model, opt, gen, n, batch_size, device)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
 
-    def checkpoint() -> None:
+    entries = dict(checkpoint_extra or {})
+
+    def save_step() -> None:
         if checkpoint_dir is None or not distributed.is_main():
             return
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        _save(checkpoint_dir / f"step-{p.step:07d}.pt", {
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        checkpoint.save(model, checkpoint_dir / f"step-{p.step:07d}.pt", **entries, trainer={
+            "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "n_rows": n, "batch_size": batch_size, "progress": asdict(p)})
 
@@ -281,7 +277,7 @@ def fit(
                 bar.update()
                 bar.set_postfix(loss=f"{sum(sums) / len(rows):.4f}")
                 if p.step == total or (checkpoint_every is not None and p.step % checkpoint_every == 0):
-                    checkpoint()
+                    save_step()
         record = {"epoch": p.epoch, "step": p.step, "train_loss": [s / p.rows for s in p.loss_sum]}
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
@@ -306,12 +302,13 @@ def fit(
         p.epoch, p.batch = p.epoch + 1, 0
         if p.stopped:
             say(f"early stop: task{main_task} validation {main_metric} has not improved for {patience} epochs")
-            checkpoint()
+            save_step()
     if p.best_state is not None:
         model.load_state_dict(p.best_state)
         say(f"restored the weights of epoch {p.best_epoch} (task{main_task} validation {main_metric} {p.best:.4f})")
     if checkpoint_dir is not None and distributed.is_main():
-        _save(checkpoint_dir / MODEL_FILE, model.state_dict())
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(model, checkpoint_dir / MODEL_FILE, **entries)
     return p.history
 
 
@@ -333,19 +330,20 @@ def _backward(net, model, opt, x, y, rows, weights, has_extra, device) -> tuple[
 
 
 def _load_checkpoint(path: Path, model, opt, gen, n, batch_size, device) -> _Progress:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a trainer checkpoint (format {CHECKPOINT_FORMAT})")
-    if (ckpt["n_rows"], ckpt["batch_size"]) != (n, batch_size):
-        raise ValueError(f"{path} was written for {ckpt['n_rows']} rows in batches of {ckpt['batch_size']}; "
+    ckpt = checkpoint.read(path)
+    state = ckpt.get("trainer")
+    if state is None:
+        raise checkpoint.CheckpointError(f"{path} holds no trainer state (resume from a step-*.pt, not {MODEL_FILE})")
+    if (state["n_rows"], state["batch_size"]) != (n, batch_size):
+        raise ValueError(f"{path} was written for {state['n_rows']} rows in batches of {state['batch_size']}; "
                          f"this run has {n} rows in batches of {batch_size}: resuming would not be exact")
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    gen.set_state(ckpt["generator"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-    progress = _Progress(**ckpt["progress"])
+    model.load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    progress = _Progress(**state["progress"])
     if progress.best_state is not None:
         progress.best_state = {k: v.to(device) for k, v in progress.best_state.items()}
     return progress

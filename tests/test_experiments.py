@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmoe_fast import cli, experiments, models
+import mmoe_fast as mf
+from mmoe_fast import checkpoint, cli, experiments, models
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "census")
 SYNTHETIC_TINY = ["--n-train", "200", "--n-val", "60", "--d", "10", "--epochs", "2", "--batch-size", "64",
@@ -90,10 +91,7 @@ def test_gates_from_a_census_checkpoint(census_run, tmp_path):
 def test_gates_refuses_a_model_without_gates_or_other_data(census_run, tmp_path, capsys):
     assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 2
     assert "has no MMoE gates" in capsys.readouterr().err
-    model = models.MMoE(3, 2)
-    experiments.save_checkpoint(tmp_path / "small.pt", model, {
-        "model": "mmoe", "in_features": 3, "task_types": ["binary", "binary"], "data": {
-            "name": "census", "group": 1, "path": FIXTURE}})
+    mf.save(models.MMoE(3, 2), tmp_path / "small.pt", data={"name": "census", "group": 1, "path": FIXTURE})
     assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 2
     assert "checkpoint's model takes 3" in capsys.readouterr().err
 
@@ -109,7 +107,7 @@ def test_tune_skips_oversized_configs_and_saves_the_best(tmp_path, capsys):
     assert sorted((r[1], r[2]) for r in rows) == [("2", "1024"), ("2", "4"), ("4", "4")]
     assert [r[0] for r in rows].count("**best**") == 1 and rows[0][0] == "**best**"
     assert result["best"]["score"] == max(r["score"] for r in result["runs"])
-    model, cfg = experiments.load_checkpoint(out / "best.pt")
+    model = mf.load(out / "best.pt")
     assert (model.mixture.num_experts, model.mixture.expert_hidden) == (
         result["best"]["num_experts"], (result["best"]["expert_hidden"],))
 
@@ -136,12 +134,12 @@ def test_models_option_takes_registry_names_only():
 
 
 def test_every_registered_model_builds_for_the_experiments():
-    for name in experiments.model_names():
+    for name in sorted(models.MODELS):
         kinds = [("binary",) * 2]
         if name != "esmm":
             kinds.append(("regression",) * 2)
         for task_types in kinds:
-            model = experiments.build_model(name, 7, task_types)
+            model = models.build_model(name, 7, 2, task_types=task_types)
             assert model(torch.randn(3, 7)).shape == (3, 2) and tuple(model.task_types) == task_types
 
 
@@ -159,15 +157,27 @@ def test_mean_gate_weights_is_the_mean_softmax(tmp_path):
     torch.testing.assert_close(experiments.mean_gate_weights(model, x, batch_size=7), want, rtol=1e-5, atol=1e-6)
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip_keeps_the_data_spec(tmp_path):
     model = models.MMoE(6, 2, num_experts=3, expert_hidden=4, task_types=("binary", "regression"))
-    config = {"model": "mmoe", "in_features": 6, "task_types": ["binary", "regression"],
-              "model_kwargs": {"num_experts": 3, "expert_hidden": 4}, "data": {"name": "synthetic"}}
-    experiments.save_checkpoint(tmp_path / "m.pt", model, config)
-    loaded, cfg = experiments.load_checkpoint(tmp_path / "m.pt")
+    spec = {"name": "synthetic", "correlation": 0.5, "d": 6, "n_train": 10, "n_val": 5, "seed": 0}
+    mf.save(model, tmp_path / "m.pt", data=spec)
+    ckpt = checkpoint.read(tmp_path / "m.pt")
+    loaded = checkpoint.model_from(ckpt, tmp_path / "m.pt")
     x = torch.randn(5, 6)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
-    assert cfg == config
+    assert ckpt["data"] == spec and ckpt["model"] == "mmoe" and loaded.task_types == ("binary", "regression")
     torch.save({"model": model.state_dict()}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a checkpoint"):
-        experiments.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an mmoe_fast checkpoint"):
+        mf.load(tmp_path / "other.pt")
+
+
+def test_gates_reads_the_model_that_train_writes(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["train", "--n-train", "100", "--n-val", "40", "--d", "6", "--experts", "3", "--epochs", "1",
+                     "--no-progress", "--checkpoint-dir", str(ckpt)]) == 0
+    out = tmp_path / "gates"
+    assert cli.main(["gates", str(ckpt / "model.pt"), "--out", str(out)]) == 0
+    result, table = _outputs(out)
+    assert [r[0] for r in _table_rows(table)] == ["task1", "task2"] and result["rows"] == 40
+    assert np.shape(result["mean_gate_weights"]) == (2, 3)
+    assert cli.main(["gates", str(ckpt / "step-0000001.pt"), "--out", str(tmp_path / "step")]) == 0

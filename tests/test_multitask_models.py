@@ -133,7 +133,7 @@ def test_ple_checkpoints_do_not_depend_on_mixture_or_backend():
 
 @pytest.mark.parametrize("specific,shared", [(1, 3), (3, 1), (2, 2), (0, 2), (2, 0)],
                          ids=["more-shared", "fewer-shared", "equal", "no-specific", "no-shared"])
-@pytest.mark.parametrize("mixture", mf.multitask.MIXTURES)
+@pytest.mark.parametrize("mixture", mf.models.MIXTURES)
 def test_ple_equals_the_plain_loop_form(specific, shared, mixture):
     torch.manual_seed(0)
     model = mf.PLE(6, 3, num_levels=3, num_specific_experts=specific, num_shared_experts=shared,
@@ -150,7 +150,7 @@ def test_ple_equals_the_plain_loop_form(specific, shared, mixture):
 
 @pytest.mark.parametrize("backend", _cpu_backends())
 @pytest.mark.parametrize("cls", [mf.CGC, mf.PLE])
-@pytest.mark.parametrize("mixture", mf.multitask.MIXTURES)
+@pytest.mark.parametrize("mixture", mf.models.MIXTURES)
 def test_cgc_and_ple_on_every_backend_equal_the_plain_form(backend, cls, mixture):
     torch.manual_seed(0)
     levels = dict(num_levels=3) if cls is mf.PLE else {}  # 3: an inner level reads a shared representation

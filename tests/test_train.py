@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoe_fast import cli
+import mmoe_fast as mf
+from mmoe_fast import checkpoint, cli
 from mmoe_fast.models import MMoE
 from mmoe_fast.train import evaluate_metrics, fit, latest_checkpoint, task_losses, task_metrics
 
@@ -150,6 +151,18 @@ def test_resume_refuses_a_different_batch_size_or_an_empty_folder(tmp_path):
         fit(_model(), x[:48], y[:48], batch_size=12, resume=tmp_path / "a" / "ckpt", progress=False)
     with pytest.raises(FileNotFoundError, match="no step-"):
         fit(_model(), x[:48], y[:48], batch_size=10, resume=tmp_path / "a" / "log", progress=False)
+
+
+def test_the_checkpoints_of_fit_load_as_models_and_only_steps_resume(tmp_path):
+    x, y = _data()
+    model = _model()
+    _run(tmp_path, "a", model, x, y, steps=3, checkpoint_extra={"data": {"name": "synthetic"}})
+    for name in ("model.pt", "step-0000003.pt"):
+        loaded = mf.load(tmp_path / "a" / "ckpt" / name)
+        assert torch.equal(loaded(x), model.eval()(x)), name
+        assert checkpoint.read(tmp_path / "a" / "ckpt" / name)["data"] == {"name": "synthetic"}
+    with pytest.raises(checkpoint.CheckpointError, match="no trainer state"):
+        fit(_model(), x[:48], y[:48], batch_size=10, resume=tmp_path / "a" / "ckpt" / "model.pt", progress=False)
 
 
 def test_early_stopping_stops_on_a_plateau():

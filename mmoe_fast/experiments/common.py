@@ -1,0 +1,93 @@
+"""What every experiment shares: one training run, the selection score, and the outputs (JSON, table, plot)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import build_model
+from ..train import evaluate_metrics, fit, json_safe
+
+
+def main_score(metrics: dict) -> float:
+    """Higher is better: AUC for a binary task, minus MSE for a regression one."""
+    return metrics["auc"] if "auc" in metrics else -metrics["mse"]
+
+
+def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: int, lr: float, progress: bool,
+              model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """Build ``name`` for ``splits`` (``load_splits``) with init seed ``seed``, train it, and return it with its record.
+
+    The record holds the per-epoch ``history`` of ``fit``, the final per-task ``val`` and ``test`` metrics
+    and the wall time ``seconds``.
+    """
+    torch.manual_seed(seed)
+    task_types = splits["task_types"]
+    model = build_model(name, splits["x_train"].shape[1], len(task_types), task_types=task_types,
+                        **(model_kwargs or {}))
+    start = time.perf_counter()
+    history = fit(model, splits["x_train"], splits["y_train"], x_val=splits["x_val"], y_val=splits["y_val"],
+                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress, log=lambda _: None)
+    record = {"model": name, "seed": seed, "history": history,
+              "val": evaluate_metrics(model, splits["x_val"], splits["y_val"])}
+    if splits["x_test"] is not None:
+        record["test"] = evaluate_metrics(model, splits["x_test"], splits["y_test"])
+    record["seconds"] = time.perf_counter() - start
+    return model, record
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table of ``header`` and ``rows`` (each cell through ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib  # imported late: it is slow to load, and only the plots need it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_outputs(out: Path, result: dict, table: str, draw: Callable) -> None:
+    """``result.json``, ``table.md`` and ``plot.png`` (drawn by ``draw(plt)``, which returns the figure)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
+    (out / "table.md").write_text(table)
+    plt = _pyplot()
+    fig = draw(plt)
+    fig.savefig(out / "plot.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(table)
+    print(f"wrote {out / 'result.json'}, {out / 'table.md'}, {out / 'plot.png'}")
+
+
+def text_color(image, value: float) -> str:
+    """Black on the bright end of a heatmap's colour scale, white on the dark end."""
+    return "black" if np.isfinite(value) and image.norm(value) > 0.6 else "white"
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals; ``"n/a"`` for None and NaN (an AUC on one-class labels)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population) standard deviation."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def mean_loss(losses: Sequence[float]) -> float:
+    """The mean over tasks of per-task losses (the curves and tables report this)."""
+    return float(np.mean(losses))

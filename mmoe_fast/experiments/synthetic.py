@@ -1,0 +1,138 @@
+"""``reproduce correlation`` (the paper's Figure 4) and ``reproduce trainability`` (Figure 5), on synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import save
+from ..data import load_splits, synthetic_spec
+from .common import fmt, markdown_table, mean_loss, mean_std, train_run, write_outputs
+
+DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
+
+
+def synthetic_data_spec(args: argparse.Namespace, correlation: float, seed: int) -> dict:
+    """The data of one run: ``--data-seed`` when given (one data set for all runs), else the run's ``seed``."""
+    return synthetic_spec(correlation=correlation, d=args.d, n_train=args.n_train, n_val=args.n_val,
+                          seed=seed if args.data_seed is None else args.data_seed)
+
+
+def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seeds: Sequence[int],
+                   save_first: Path | None) -> list[dict]:
+    """One run of every ``args.models`` per correlation and seed; with ``save_first``, the first seed's models
+    are saved there as ``<model>_p<p>.pt``."""
+    runs, total = [], len(args.models) * len(correlations) * len(seeds)
+    for p in correlations:
+        for seed in seeds:
+            spec = synthetic_data_spec(args, p, seed)
+            splits = load_splits(spec)
+            for name in args.models:
+                model, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
+                                       lr=args.lr, progress=args.progress)
+                rec.update(correlation=p, final_train_loss=mean_loss(rec["history"][-1]["train_loss"]),
+                           final_val_loss=mean_loss(rec["history"][-1]["val_loss"]))
+                runs.append(rec)
+                print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: train loss {rec['final_train_loss']:.4f}, "
+                      f"val loss {rec['final_val_loss']:.4f} ({rec['seconds']:.1f} s)", flush=True)
+                if save_first is not None and seed == seeds[0]:
+                    save(model, save_first / f"{name}_p{p}.pt", data=spec)
+    return runs
+
+
+def synthetic_settings(args: argparse.Namespace) -> dict:
+    """The options of a synthetic study, for its ``result.json``."""
+    return {k: getattr(args, k) for k in ("models", "d", "n_train", "n_val", "data_seed", "epochs", "batch_size",
+                                          "lr")}
+
+
+def reproduce_correlation(args: argparse.Namespace) -> int:
+    """``reproduce correlation`` (Figure 4): final training loss per model and task correlation."""
+    out = Path(args.out or "results/correlation")
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    start = time.perf_counter()
+    runs = synthetic_runs(args, args.p, seeds, save_first=out)
+    seconds = time.perf_counter() - start
+
+    def pick(name, p):
+        return [r for r in runs if r["model"] == name and r["correlation"] == p]
+
+    rows, summary = [], {}
+    for name in args.models:
+        cells = []
+        for p in args.p:
+            tr, tr_std = mean_std([r["final_train_loss"] for r in pick(name, p)])
+            va, _ = mean_std([r["final_val_loss"] for r in pick(name, p)])
+            summary[f"{name}@{p}"] = {"train_loss_mean": tr, "train_loss_std": tr_std, "val_loss_mean": va}
+            cells.append(f"{tr:.4f} ± {tr_std:.4f} (val {va:.4f})")
+        rows.append([name, *cells])
+    table = (f"Final training loss (mean over tasks; mean ± std over {len(seeds)} seeds; validation loss in "
+             f"brackets), {args.epochs} epochs of {args.n_train} rows:\n\n"
+             + markdown_table(["model", *[f"p = {p}" for p in args.p]], rows))
+    table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, len(args.p), figsize=(4 * len(args.p), 3.2), squeeze=False, sharey=True)
+        for ax, p in zip(axes[0], args.p):
+            for name in args.models:
+                curves = np.array([[mean_loss(h["train_loss"]) for h in r["history"]] for r in pick(name, p)])
+                ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(axis=0), label=name)
+            ax.set_title(f"correlation p = {p}")
+            ax.set_xlabel("epoch")
+        axes[0][0].set_ylabel(f"training loss (mean of {len(seeds)} seeds)")
+        axes[0][-1].legend()
+        return fig
+
+    result = {"command": "reproduce correlation", "settings": {**synthetic_settings(args), "p": args.p,
+              "seeds": seeds}, "summary": summary, "runs": runs, "seconds": seconds}
+    write_outputs(out, result, table, draw)
+    return 0
+
+
+def reproduce_trainability(args: argparse.Namespace) -> int:
+    """``reproduce trainability`` (Figure 5): the spread of final validation losses over seeded runs."""
+    out = Path(args.out or "results/trainability")
+    seeds = list(range(args.seed, args.seed + args.runs))
+    start = time.perf_counter()
+    runs = synthetic_runs(args, args.p, seeds, save_first=None)
+    seconds = time.perf_counter() - start
+
+    def losses(name, p):
+        return np.array([r["final_val_loss"] for r in runs if r["model"] == name and r["correlation"] == p])
+
+    rows, summary = [], {}
+    for p in args.p:
+        for name in args.models:
+            v = losses(name, p)
+            stats = {"runs": len(v), "mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+                     "median": float(np.median(v)), "max": float(v.max())}
+            summary[f"{name}@{p}"] = stats
+            rows.append([p, name, stats["runs"], *(fmt(stats[k]) for k in ("mean", "std", "min", "median", "max"))])
+    varies = "initialization varies" if args.data_seed is not None else "data and initialization vary"
+    table = (f"Final validation loss (mean over tasks) over seeded runs ({varies} with the seed), "
+             f"{args.epochs} epochs of {args.n_train} rows:\n\n"
+             + markdown_table(["p", "model", "runs", "mean", "std", "min", "median", "max"], rows))
+    table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
+
+    def draw(plt):
+        fig, axes = plt.subplots(len(args.p), len(args.models), figsize=(3.2 * len(args.models), 2.6 * len(args.p)),
+                                 squeeze=False)
+        for i, p in enumerate(args.p):
+            everything = np.concatenate([losses(name, p) for name in args.models])
+            bins = np.linspace(everything.min(), everything.max() + 1e-12, 21)
+            for j, name in enumerate(args.models):
+                axes[i][j].hist(losses(name, p), bins=bins)
+                axes[i][j].set_title(f"{name}, p = {p}", fontsize=9)
+                axes[i][j].set_xlabel("final validation loss", fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    result = {"command": "reproduce trainability", "settings": {**synthetic_settings(args), "p": args.p,
+              "seeds": seeds}, "summary": summary, "runs": runs, "seconds": seconds}
+    write_outputs(out, result, table, draw)
+    return 0
