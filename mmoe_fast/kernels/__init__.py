@@ -1,4 +1,4 @@
-"""Kernel bodies, installed as ``mmoe_fast.kernels``: pure functions of buffers and sizes.
+"""Kernel bodies: pure functions of buffers and sizes (activation codes and tolerances: ``mmoe_fast.contract``).
 
 - Triton (``@triton.jit``): ``common.py`` (activations, the expert GEMM tile), ``gating.py``,
   ``mixture.py``, ``linear.py``; launched from ``mmoe_fast/backends/triton.py``.
