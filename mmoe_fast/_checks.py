@@ -6,6 +6,9 @@ import torch
 
 
 def _tensor(name: str, t, ref: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(t, torch.fx.Proxy):
+        raise TypeError(f"{name} is a torch.fx Proxy: torch.fx.symbolic_trace cannot trace mmoe_fast's fused ops "
+                        "(they check shapes and pick a backend); use torch.export.export or torch.compile")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _checks, backends, contract
@@ -23,10 +24,17 @@ from .backends import reference as _reference
 __all__ = ["gate_softmax", "expert_mixture", "grouped_linear", "mmoe", "available_backends"]
 
 available_backends = backends.available_backends
+# One cheap check before the per-device ones (a private name, so absent in some torch: then always look).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A contiguous tensor whose memory holds its values (a negative-bit view's does not: kernels read memory)."""
+    return t.resolve_neg().contiguous()
 
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+    return None if t is None else _dense(t)
 
 
 def _impl(backend: str, t: Tensor):
@@ -38,28 +46,73 @@ def _impl(backend: str, t: Tensor):
     return _reference if t.shape[0] == 0 else module
 
 
-def _call(op, forward: Callable, *args):
-    """``forward(*args)`` when no autograd is wanted and nothing compiles or traces, else the registered op."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+def _autocast(*tensors):
+    """Under ``torch.autocast`` for the tensors' device: every floating tensor cast to the autocast dtype.
+
+    The fused ops are matmul-like, so they take part in autocast as ``torch.mm`` does; ``backend="auto"`` then
+    picks a backend for that dtype (on CPU, bf16 runs on the reference backend). Checked before the inputs.
+    """
+    first = tensors[0]
+    if not _any_autocast() or not isinstance(first, Tensor) or first.device.type not in ("cpu", "cuda"):
+        return tensors
+    if not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _call(op, transformable, forward: Callable, *args):
+    """``forward(*args)`` when no autograd is wanted and nothing compiles, traces or transforms, else the op.
+
+    Under ``torch.func`` transforms and forward-mode AD the op runs through ``transformable`` (an
+    ``autograd.Function``, which those support: the custom op's own autograd does not). Under
+    ``torch.autocast`` the public functions have cast the inputs already (``_autocast``), and the op runs with
+    autocast off, so its numerics are those of the same inputs outside autocast.
+    """
+    if _any_autocast() and args[0].device.type in ("cpu", "cuda") and torch.is_autocast_enabled(args[0].device.type):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return _call(op, transformable, forward, *args)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: compiled graphs keep the op itself
         return op(*args)
+    if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
+        return transformable.apply(*args)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
         return op(*args)
     return forward(*args)
 
 
-def _define(name: str, forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable, *,
-            tensors: int, save_output: bool = False):
+def _loop_vmap(op):
+    """A vmap rule for ``op``: one call per slice of the vmapped dimension, the results stacked (correct for any
+    backend; a batched kernel may replace it where it pays)."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    op.register_vmap(rule)
+
+
+def _define(name: str, forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable,
+            tangent: Callable, *, tensors: int, save_output: bool = False):
     """Register ``forward`` as ``mmoe_fast::<name>`` and ``backward`` as ``mmoe_fast::<name>_backward``, linked.
 
     The first ``tensors`` arguments of ``forward`` are its tensors: they are saved for the backward (with the
     output when ``save_output``); the others (activation, backend) are passed on. The backward op is called as
     ``backward(grad, *tensors, [output], *others)`` and returns one gradient per tensor argument; a gradient
-    that no input needs (``ctx.needs_input_grad``, a missing bias) is dropped.
+    that no input needs (``ctx.needs_input_grad``, a missing bias) is dropped. Both ops get a vmap rule.
+    Returns ``(op, backward_op, transformable)``: the last is the same op as an ``autograd.Function`` for
+    ``torch.func`` transforms and forward-mode AD, whose tangents come from ``tangent(*args)`` (plain
+    differentiable PyTorch, the reference backend's formulas) through ``torch.func.jvp``.
     """
     op = torch.library.custom_op(f"mmoe_fast::{name}", mutates_args=())(forward)
     op.register_fake(fake)
     backward_op = torch.library.custom_op(f"mmoe_fast::{name}_backward", mutates_args=())(backward)
     backward_op.register_fake(backward_fake)
+    _loop_vmap(op)
+    _loop_vmap(backward_op)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:tensors], *((output,) if save_output else ()))
@@ -70,7 +123,62 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *(None,) * len(ctx.others))
 
     op.register_autograd(grad, setup_context=setup_context)
-    return op, backward_op
+
+    def backward_below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return backward_op(*args)
+
+    def no_second_derivative(ctx, *grads):
+        raise RuntimeError(f"second derivatives of mmoe_fast::{name} are not supported (its backward op is not "
+                           "differentiable)")
+
+    # Regular autograd's double backward (create_graph=True, then grad again) ends at the backward op.
+    backward_op.register_autograd(no_second_derivative)
+    once = type(f"{name}_backward_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(backward_below_autograd), setup_context=staticmethod(lambda ctx, inputs, output: None),
+        backward=staticmethod(no_second_derivative), jvp=staticmethod(no_second_derivative),
+        generate_vmap_rule=True))
+
+    def transform_grad(ctx, grad_output):
+        grads = once.apply(grad_output, *ctx.saved_tensors, *ctx.others)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *(None,) * len(ctx.others))
+
+    def jvp_setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:tensors])
+        ctx.primals = inputs[:tensors]
+
+    def jvp(ctx, *tangents):
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func: nest its jvp
+            primals = [p for p in ctx.primals if p is not None]
+            given = [torch.zeros_like(p) if t is None else t for p, t in zip(ctx.primals, tangents) if p is not None]
+
+            def f(*args):
+                it = iter(args)
+                return tangent(*(None if p is None else next(it) for p in ctx.primals), *ctx.others)
+
+            return torch.func.jvp(f, tuple(primals), tuple(given))[1]
+        # Plain forward-mode AD cannot nest: J v by the double-vjp identity on the differentiable formulas
+        # (u -> J^T u is linear, and its vjp with v is J v).
+        present = [(p.detach().requires_grad_(), t) for p, t in zip(ctx.primals, tangents) if p is not None]
+        with torch.enable_grad():
+            it = iter(present)
+            out = tangent(*(None if p is None else next(it)[0] for p in ctx.primals), *ctx.others)
+            u = torch.zeros_like(out, requires_grad=True)
+            vjps = torch.autograd.grad(out, [p for p, _ in present], u, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, (_, t) in zip(vjps, present) if g is not None and t is not None]
+            if not pairs:
+                return torch.zeros_like(out)
+            return torch.autograd.grad([g for g, _ in pairs], u, [t for _, t in pairs])[0]
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():  # the Function is the autograd node; skip the op's own
+            return op(*args)
+
+    transformable = type(f"{name}_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(below_autograd), setup_context=staticmethod(jvp_setup),
+        backward=staticmethod(transform_grad), jvp=staticmethod(jvp), generate_vmap_rule=True))
+    return op, backward_op, transformable
 
 
 # ---- gate_softmax -------------------------------------------------------------------------------
@@ -95,9 +203,9 @@ def _gate_softmax_backward_fake(grad, x, gate_weight, gate_bias, gates, backend)
     return x.new_empty(x.shape), gate_weight.new_empty(gate_weight.shape), x.new_empty((T, E))
 
 
-_gate_softmax, _gate_softmax_bwd = _define("gate_softmax", _gate_softmax_forward, _gate_softmax_fake,
-                                           _gate_softmax_backward, _gate_softmax_backward_fake, tensors=3,
-                                           save_output=True)
+_gate_softmax, _gate_softmax_bwd, _GateSoftmax = _define(
+    "gate_softmax", _gate_softmax_forward, _gate_softmax_fake, _gate_softmax_backward, _gate_softmax_backward_fake,
+    lambda x, wg, bg, backend: _reference.gate_softmax(x, wg, bg), tensors=3, save_output=True)
 
 
 def gate_softmax(
@@ -107,9 +215,10 @@ def gate_softmax(
 
     ``gate_weight[T, D, E]``, ``gate_bias[T, E] | None``. The softmax is max-subtracted in fp32.
     """
+    x, gate_weight, gate_bias = _autocast(x, gate_weight, gate_bias)
     _checks.check_gate(x, gate_weight, gate_bias)
     backends.check_backend_name(backend)
-    return _call(_gate_softmax, _gate_softmax_forward, x, gate_weight, gate_bias, backend)
+    return _call(_gate_softmax, _GateSoftmax, _gate_softmax_forward, x, gate_weight, gate_bias, backend)
 
 
 # ---- expert_mixture -----------------------------------------------------------------------------
@@ -140,8 +249,10 @@ def _expert_mixture_backward_fake(grad, a, expert_weight, expert_bias, gates, ac
             a.new_empty((E, H)), gates.new_empty(gates.shape))
 
 
-_expert_mixture, _expert_mixture_bwd = _define("expert_mixture", _expert_mixture_forward, _expert_mixture_fake,
-                                               _expert_mixture_backward, _expert_mixture_backward_fake, tensors=4)
+_expert_mixture, _expert_mixture_bwd, _ExpertMixture = _define(
+    "expert_mixture", _expert_mixture_forward, _expert_mixture_fake, _expert_mixture_backward,
+    _expert_mixture_backward_fake, lambda a, w, b, g, act, backend: _reference.expert_mixture(a, w, b, g, act),
+    tensors=4)
 
 
 def expert_mixture(
@@ -154,11 +265,13 @@ def expert_mixture(
     ``a[B, K]`` (one input shared by the experts) or ``a[B, E, K]`` (one per expert),
     ``expert_weight[E, K, H]``, ``expert_bias[E, H] | None``, ``gates[B, T, E]``.
     """
+    a, expert_weight, expert_bias, gates = _autocast(a, expert_weight, expert_bias, gates)
     _checks.check_experts(a, expert_weight, expert_bias)
     _checks.check_gates(gates, a, expert_weight.shape[0])
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_expert_mixture, _expert_mixture_forward, a, expert_weight, expert_bias, gates, activation, backend)
+    return _call(_expert_mixture, _ExpertMixture, _expert_mixture_forward, a, expert_weight, expert_bias, gates,
+                 activation, backend)
 
 
 # ---- grouped_linear (hidden expert layers) ------------------------------------------------------
@@ -183,8 +296,9 @@ def _grouped_linear_backward_fake(grad, a, weight, bias, activation, backend):
     return a.new_empty(a.shape), weight.new_empty(weight.shape), a.new_empty((E, N))
 
 
-_grouped_linear, _grouped_linear_bwd = _define("grouped_linear", _grouped_linear_forward, _grouped_linear_fake,
-                                               _grouped_linear_backward, _grouped_linear_backward_fake, tensors=3)
+_grouped_linear, _grouped_linear_bwd, _GroupedLinear = _define(
+    "grouped_linear", _grouped_linear_forward, _grouped_linear_fake, _grouped_linear_backward,
+    _grouped_linear_backward_fake, lambda a, w, b, act, backend: _reference.grouped_linear(a, w, b, act), tensors=3)
 
 
 def grouped_linear(
@@ -194,10 +308,11 @@ def grouped_linear(
 
     ``a[B, K]`` (shared input) or ``a[B, E, K]``, ``weight[E, K, N]``, ``bias[E, N] | None``.
     """
+    a, weight, bias = _autocast(a, weight, bias)
     _checks.check_experts(a, weight, bias, weight_name="weight", bias_name="bias")
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_grouped_linear, _grouped_linear_forward, a, weight, bias, activation, backend)
+    return _call(_grouped_linear, _GroupedLinear, _grouped_linear_forward, a, weight, bias, activation, backend)
 
 
 # ---- mmoe: gates and mixture in one op ----------------------------------------------------------
@@ -208,8 +323,7 @@ def _mmoe_forward(
     gate_bias: Optional[Tensor], activation: str, backend: str,
 ) -> Tensor:
     be = _impl(backend, x)
-    x, w, wg = x.contiguous(), expert_weight.contiguous(), gate_weight.contiguous()
-    b, bg = _c(expert_bias), _c(gate_bias)
+    x, w, wg, b, bg = _dense(x), _dense(expert_weight), _dense(gate_weight), _c(expert_bias), _c(gate_bias)
     fused, _ = contract.fused_mmoe(be)
     if fused is not None:
         return fused(x, w, b, wg, bg, activation)
@@ -225,7 +339,7 @@ def _mmoe_backward(
     gate_bias: Optional[Tensor], activation: str, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     be = _impl(backend, x)
-    grad, x, w, wg = grad.contiguous(), x.contiguous(), expert_weight.contiguous(), gate_weight.contiguous()
+    grad, x, w, wg = _dense(grad), _dense(x), _dense(expert_weight), _dense(gate_weight)
     b, bg = _c(expert_bias), _c(gate_bias)
     _, fused = contract.fused_mmoe(be)
     if fused is not None:
@@ -243,7 +357,10 @@ def _mmoe_backward_fake(grad, x, expert_weight, expert_bias, gate_weight, gate_b
             gate_weight.new_empty(gate_weight.shape), x.new_empty((T, E)))
 
 
-_mmoe, _mmoe_bwd = _define("mmoe", _mmoe_forward, _mmoe_fake, _mmoe_backward, _mmoe_backward_fake, tensors=5)
+_mmoe, _mmoe_bwd, _MMoE = _define(
+    "mmoe", _mmoe_forward, _mmoe_fake, _mmoe_backward, _mmoe_backward_fake,
+    lambda x, w, b, wg, bg, act, backend: _reference.expert_mixture(x, w, b, _reference.gate_softmax(x, wg, bg), act),
+    tensors=5)
 
 
 def mmoe(
@@ -255,6 +372,8 @@ def mmoe(
     ``x[B, D]``, ``expert_weight[E, D, H]``, ``expert_bias[E, H] | None``, ``gate_weight[T, D, E]``,
     ``gate_bias[T, E] | None``; returns ``m[T, B, H]``.
     """
+    x, expert_weight, expert_bias, gate_weight, gate_bias = _autocast(x, expert_weight, expert_bias, gate_weight,
+                                                                      gate_bias)
     _checks.check_gate(x, gate_weight, gate_bias)
     _checks.check_experts(x, expert_weight, expert_bias, a_name="x")
     if expert_weight.shape[0] != gate_weight.shape[2]:
@@ -264,4 +383,5 @@ def mmoe(
         )
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_mmoe, _mmoe_forward, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend)
+    return _call(_mmoe, _MMoE, _mmoe_forward, x, expert_weight, expert_bias, gate_weight, gate_bias, activation,
+                 backend)

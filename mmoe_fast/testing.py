@@ -102,8 +102,13 @@ def _expanded(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[dim] == 0 else t.narrow(dim, 0, 1).expand(t.shape)
 
 
+def _negative_bit(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a negative-bit view: the memory holds their negation."""
+    return torch._neg_view(-t)
+
+
 # Differentiable re-layouts applied alike to a backend's inputs and the oracle's (``check_layer(layout=)``).
-LAYOUTS = {"transposed": _transposed, "offset": _offset, "expanded": _expanded}
+LAYOUTS = {"transposed": _transposed, "offset": _offset, "expanded": _expanded, "negative-bit": _negative_bit}
 
 
 def _relayout(inputs: dict, layout: Callable[[torch.Tensor], torch.Tensor] | None) -> dict:

@@ -266,3 +266,146 @@ def test_traced_layer_equals_eager_on_another_batch(name, hidden):
         assert_close(traced(x.float()), reference.mmoe_layer(
             x, [w.double() for w in layer.expert_weights], [b.double() for b in layer.expert_biases],
             layer.gate_weight.double(), layer.gate_bias.double(), "gelu"), 1e-5, f"{name} traced")
+
+
+# ---- function transforms, forward-mode AD, other tracers ------------------------------------------
+
+
+def _op_calls(name):
+    """``(id, f, args)``: each public op as a function of its tensors (float64), on backend ``name``."""
+    inp = make_inputs(Shape(4, 5, 3, 6, 2), dtype=torch.float64, seed=3)
+    x, w, b, wg, bg = _layer_args(inp)
+    gates = reference.gate_softmax(x, wg, bg)
+    a3 = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    yield "gate_softmax", lambda x, wg, bg: mf.gate_softmax(x, wg, bg, backend=name), (x, wg, bg)
+    yield "expert_mixture", lambda a, w, b, g: mf.expert_mixture(a, w, b, g, activation="silu", backend=name), \
+        (x, w, b, gates)
+    yield "expert_mixture-per-expert", lambda a, w, b, g: mf.expert_mixture(a, w, b, g, activation="gelu",
+                                                                               backend=name), (a3, w, b, gates)
+    yield "grouped_linear", lambda a, w, b: mf.grouped_linear(a, w, b, activation="gelu", backend=name), (a3, w, b)
+    yield "mmoe", lambda x, w, b, wg, bg: mf.mmoe(x, w, b, wg, bg, activation="silu", backend=name), (x, w, b, wg, bg)
+
+
+def _transform_cases():
+    for name in [n for n in NAMES if torch.float64 in _dtypes(n)]:
+        for op_id, _, _ in _op_calls(name):
+            yield pytest.param(name, op_id, id=f"{name}-{op_id}")
+
+
+def _oracle_call(op_id):
+    return next(f for i, f, _ in _op_calls("reference") if i == op_id)
+
+
+def _all_close(got, want):
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-10, "transform")
+
+
+@pytest.mark.parametrize("name,op_id", list(_transform_cases()))
+def test_function_transforms_equal_the_reference(name, op_id):
+    """vmap, grad, vjp/jacrev, jvp/jacfwd, vmap(grad) and forward-mode AD go through the ops, on every backend."""
+    f, args = next((f, a) for i, f, a in _op_calls(name) if i == op_id)
+    ref = _oracle_call(op_id)
+    func = torch.func
+    stacked = tuple(torch.stack([a, 1.5 * a]) for a in args)
+    _all_close(func.vmap(f)(*stacked), func.vmap(ref)(*stacked))
+    _all_close(func.vmap(f, in_dims=(0,) + (None,) * (len(args) - 1))(stacked[0], *args[1:]),
+               func.vmap(ref, in_dims=(0,) + (None,) * (len(args) - 1))(stacked[0], *args[1:]))
+    argnums = tuple(range(len(args)))
+    _all_close(func.grad(lambda *a: f(*a).square().sum(), argnums)(*args),
+               func.grad(lambda *a: ref(*a).square().sum(), argnums)(*args))
+    _all_close(func.jacrev(f)(*args), func.jacrev(ref)(*args))
+    _all_close(func.jacfwd(f)(*args), func.jacfwd(ref)(*args))
+    tangents = tuple(torch.randn_like(a) for a in args)
+    _all_close(func.jvp(f, args, tangents)[1], func.jvp(ref, args, tangents)[1])
+    _all_close(func.vmap(func.grad(lambda *a: f(*a).square().sum()))(*stacked),  # not .sum(): gates sum to 1
+               func.vmap(func.grad(lambda *a: ref(*a).square().sum()))(*stacked))
+    with torch.autograd.forward_ad.dual_level():
+        dual = [torch.autograd.forward_ad.make_dual(a, t) for a, t in zip(args, tangents)]
+        got = torch.autograd.forward_ad.unpack_dual(f(*dual)).tangent
+        want = torch.autograd.forward_ad.unpack_dual(ref(*dual)).tangent
+    assert got is not None
+    _all_close(got, want)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if torch.float64 in _dtypes(n)])
+def test_stacked_replicas_through_functional_call_equal_the_models_one_by_one(name):
+    """The ensembling idiom: stack_module_state + functional_call + vmap (and vmap of grad)."""
+    torch.manual_seed(0)
+    models = [mf.MMoE(5, 2, num_experts=3, expert_hidden=(4, 6), backend=name).double() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = mf.MMoE(5, 2, num_experts=3, expert_hidden=(4, 6), backend=name).double().to("meta")
+    x = torch.randn(7, 5, dtype=torch.float64)
+
+    def loss(p, bufs):
+        return torch.func.functional_call(base, (p, bufs), (x,)).square().sum()
+
+    outs = torch.func.vmap(lambda p, bufs: torch.func.functional_call(base, (p, bufs), (x,)))(params, buffers)
+    grads = torch.func.vmap(torch.func.grad(loss))(params, buffers)
+    for i, model in enumerate(models):
+        assert_close(outs[i], model(x), 1e-10, f"replica {i}")
+        model(x).square().sum().backward()
+        for key, p in model.named_parameters():
+            assert_close(grads[key][i], p.grad, 1e-10, f"replica {i} grad {key}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_second_derivatives_are_a_clear_error(name):
+    x, w, b, wg, bg = _layer_args(make_inputs(Shape(4, 5, 3, 6, 2), dtype=_dtypes(name)[-1]))
+    f = lambda x: mf.mmoe(x, w, b, wg, bg, backend=name).square().sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match="second derivatives of mmoe_fast::mmoe"):
+        torch.func.hessian(f)(x)
+    with pytest.raises(RuntimeError, match="second derivatives of mmoe_fast::mmoe"):
+        torch.func.grad(lambda x: torch.func.grad(f)(x).sum())(x)
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(xx), xx, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives of mmoe_fast::mmoe"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_export_equals_eager_and_other_tracers_say_what_to_use(name):
+    torch.manual_seed(0)
+    model = mf.MMoE(5, 2, num_experts=3, expert_hidden=(4, 6), backend=name).eval()
+    x = torch.randn(6, 5)
+    assert_close(torch.export.export(model, (x,)).module()(x), model(x), 1e-6, f"{name} exported")
+    with pytest.raises(TypeError, match="symbolic_trace cannot trace"):
+        torch.fx.symbolic_trace(model)
+    with pytest.raises(TypeError, match="torch.jit.script cannot compile MMoE"):
+        torch.jit.script(model)
+
+
+def test_the_ops_take_part_in_autocast():
+    """Under CPU bf16 autocast every floating input is cast to bf16 (as torch.mm's are) before the checks."""
+    x, w, b, wg, bg = _layer_args(make_inputs(Shape(6, 5, 3, 4, 2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mf.mmoe(x, w, b, wg, bg)
+        gates = mf.gate_softmax(x, wg, bg)
+        mixed = mf.expert_mixture(x.bfloat16(), w, b, gates)  # one input already bf16, the others not
+    half = [t.bfloat16() for t in (x, w, b, wg, bg)]
+    assert out.dtype == gates.dtype == mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(out, mf.mmoe(*half), rtol=0, atol=0)
+    torch.testing.assert_close(mixed, mf.expert_mixture(half[0], half[1], half[2], mf.gate_softmax(*half[:1],
+                                                                                                   *half[3:])))
+    assert mf.mmoe(x, w, b, wg, bg).dtype == torch.float32  # outside autocast nothing changes
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("model_name", sorted(mf.MODELS))
+def test_every_model_trains_under_autocast_and_traces_to_its_eager_output(model_name):
+    torch.manual_seed(0)
+    model = mf.build_model(model_name, 6, 2)
+    front = torch.nn.Linear(6, 6)  # a bf16 output under autocast feeds float32 parameters
+    x = torch.randn(9, 6)
+    want = model(front(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(front(x))
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert (out.float() - want).norm() <= 5e-2 * want.norm()
+    model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        other = torch.randn(13, 6)
+        torch.testing.assert_close(traced(other), model(other))

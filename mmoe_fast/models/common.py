@@ -79,7 +79,16 @@ class Towers(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-class MultiTaskModel(nn.Module):
+class FusedModule(nn.Module):
+    """Base of every module that calls the fused ops: TorchScript cannot compile them, so scripting says so."""
+
+    def __prepare_scriptable__(self):
+        raise TypeError(f"torch.jit.script cannot compile {type(self).__name__} (mmoe_fast's fused ops are Python "
+                        "custom ops); use torch.jit.trace, torch.export.export, torch.compile or "
+                        "mmoe_fast.InferenceSession")
+
+
+class MultiTaskModel(FusedModule):
     """Base of the full models: validates ``task_types``, and records the constructor's arguments.
 
     ``config()`` returns those arguments (defaults filled in), so ``type(model)(**model.config())`` builds the

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import activations, backends, ops
-from .common import MultiTaskModel, Towers, positive, sizes, uniform_
+from .common import FusedModule, MultiTaskModel, Towers, positive, sizes, uniform_
 
 
-class MMoELayer(nn.Module):
+class MMoELayer(FusedModule):
     """E experts (MLPs ``in_features -> expert_hidden...``) mixed by one softmax gate per task.
 
     ``forward(x[B, D]) -> m[T, B, H]`` with ``H = expert_hidden[-1]``. Hidden expert layers run as

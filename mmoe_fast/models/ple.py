@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import activations, backends, ops
-from .common import MultiTaskModel, Towers, layers, non_negative, positive, sizes, uniform_
+from .common import FusedModule, MultiTaskModel, Towers, layers, non_negative, positive, sizes, uniform_
 
 # How a CGC/PLE level calls ``expert_mixture``: "one-call" runs every expert in one call with
 # zero gates outside each task's experts; "per-group" calls it once per expert group. One call is
@@ -23,7 +23,7 @@ MIXTURES = ("one-call", "per-group")
 
 
 
-class ExtractionLayer(nn.Module):
+class ExtractionLayer(FusedModule):
     """One level of PLE (all of CGC): each task's own experts plus shared experts, mixed per task.
 
     Experts are ordered task 0's ``num_specific_experts``, task 1's, ..., then the ``num_shared_experts``.
