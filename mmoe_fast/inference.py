@@ -19,6 +19,7 @@ import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ class _Reader:
         kind = f" ({type(module).__name__})" if module is not None else ""
         return UnsupportedModelError(f"{self.who} cannot reproduce {where}{kind}: {why}")
 
-    def module(self, m: nn.Module, path: str, types: tuple[type, ...], children: tuple[str, ...] | None,
+    def module(self, m: Any, path: str, types: tuple[type, ...], children: tuple[str, ...] | None,
                params: tuple[str, ...] = ()) -> None:
         """Check ``m`` is exactly one of ``types`` with nothing changed that its forward would see.
 
@@ -122,7 +123,7 @@ class _Reader:
         if set(m._parameters) != set(params):
             raise self.fail(path, m, f"its parameters are {sorted(m._parameters)}, expected {sorted(params)}")
 
-    def tensor(self, t: object, path: str, shape: tuple[int, ...] | None = None) -> Tensor:
+    def tensor(self, t: Any, path: str, shape: tuple[int, ...] | None = None) -> Tensor:
         """A parameter's value, detached, after checking its kind (and ``shape`` when given)."""
         if type(t) not in _TORCH_TYPES:
             raise self.fail(path, None, f"expected a plain tensor or nn.Parameter, got {type(t).__name__}")
@@ -135,7 +136,7 @@ class _Reader:
         self.tensors.append((path, t))
         return t.detach().resolve_neg()  # a negative-bit view: its memory holds -values
 
-    def dense(self, seq: nn.Module, path: str, width: int | None, out_width: int | None) -> tuple[_Dense, ...]:
+    def dense(self, seq: Any, path: str, width: int | None, out_width: int | None) -> tuple[_Dense, ...]:
         """An ``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU`` from ``width`` (any when None) to ``out_width``
         (any when None)."""
         self.module(seq, path, (nn.Sequential,), None)
@@ -163,7 +164,7 @@ class _Reader:
             raise self.fail(path, seq, f"it ends with {width} outputs, expected {out_width}")
         return tuple(layers)
 
-    def mixture(self, layer: nn.Module, path: str, layer_type: type, num_tasks: int) -> _Mixture:
+    def mixture(self, layer: Any, path: str, layer_type: type, num_tasks: int) -> _Mixture:
         """The MMoE/OMoE layer: exactly ``layer_type``, its gate count that type's, shapes that chain."""
         self.module(layer, path, (layer_type,), ("expert_weights", "expert_biases"), ("gate_weight", "gate_bias"))
         own_tasks, activation = getattr(layer, "num_tasks", None), getattr(layer, "activation", None)
@@ -178,7 +179,8 @@ class _Reader:
             lists.append([plist._parameters[str(i)] for i in range(len(plist))])
         if not lists[0] or len(lists[0]) != len(lists[1]):
             raise self.fail(path, layer, f"it has {len(lists[0])} expert weights and {len(lists[1])} expert biases")
-        weights, biases = [], []
+        weights: list[Tensor] = []
+        biases: list[Tensor] = []
         for i, (w, b) in enumerate(zip(*lists)):
             w = self.tensor(w, f"{path}.expert_weights.{i}")
             if w.dim() != 3 or (weights and w.shape[:2] != (weights[0].shape[0], weights[-1].shape[2])):
@@ -192,7 +194,7 @@ class _Reader:
         bg = None if layer.gate_bias is None else self.tensor(layer.gate_bias, f"{path}.gate_bias", (gates, E))
         return _Mixture(tuple(weights), tuple(biases), wg, bg, activation)
 
-    def towers(self, towers: nn.Module, path: str, width: int, num_tasks: int) -> tuple[tuple[_Dense, ...], ...]:
+    def towers(self, towers: Any, path: str, width: int, num_tasks: int) -> tuple[tuple[_Dense, ...], ...]:
         """One MLP per task, ``width -> ... -> 1``."""
         self.module(towers, path, (Towers,), ("towers",))
         mlist = towers._modules["towers"]
@@ -211,7 +213,7 @@ def _global_hooks() -> bool:
                for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
 
 
-def _read_model(model: nn.Module, who: str) -> _Spec:
+def _read_model(model: Any, who: str) -> _Spec:
     """The model as a ``_Spec``, or an ``UnsupportedModelError`` naming what ``who`` cannot reproduce exactly."""
     if type(model) not in _LAYER_TYPES:
         raise UnsupportedModelError(f"{who} packs MMoE, OMoE or SharedBottom models (exactly those classes: a "
@@ -250,9 +252,11 @@ def _read_model(model: nn.Module, who: str) -> _Spec:
     return _Spec(in_features, num_tasks, dtype, device, promised * depth, bottom, mixture, towers)
 
 
-def _backend_tolerance(r: _Reader, layer: nn.Module, device: torch.device, dtype: torch.dtype) -> float:
+def _backend_tolerance(r: _Reader, layer: Any, device: torch.device, dtype: torch.dtype) -> float:
     """The relative error the layer's ``backend`` promises; refused when that backend cannot run the model."""
     backend = getattr(layer, "backend", None)
+    if not isinstance(backend, str):
+        raise r.fail("mixture", layer, f"its backend must be a backend's name, got {backend!r}")
     try:
         module = backends.resolve(backend, device, dtype)
     except (ValueError, TypeError) as exc:  # the eager model could not run either
@@ -355,7 +359,7 @@ class InferenceSession:
     def _pack(self, spec: _Spec):
         """The ``_C.Session`` holding ``spec``'s weights (it copies them into its own panels)."""
 
-        def c(t: Tensor | None) -> Tensor | None:
+        def c(t: Tensor | None) -> Tensor | None:  # an optional bias
             return None if t is None else t.contiguous()
 
         def ptr(t: Tensor | None) -> int:
@@ -365,17 +369,17 @@ class InferenceSession:
         if spec.mixture is not None:
             mix = spec.mixture
             act = ACTIVATION_CODES[mix.activation]
-            ws, bs = [c(w) for w in mix.weights], [c(b) for b in mix.biases]
+            ws, bs = [w.contiguous() for w in mix.weights], [c(b) for b in mix.biases]
             for w, b in zip(ws[:-1], bs[:-1]):
                 session.add_hidden(ptr(w), ptr(b), *w.shape, act)
-            wg, bg = c(mix.gate_weight), c(mix.gate_bias)
+            wg, bg = mix.gate_weight.contiguous(), c(mix.gate_bias)
             session.set_mixture(ptr(ws[-1]), ptr(bs[-1]), *ws[-1].shape, act, ptr(wg), ptr(bg), wg.shape[0])
         for dense in spec.bottom:  # a one-expert hidden layer W[1, in, out]
-            w, b = c(dense.weight.t()[None]), c(None if dense.bias is None else dense.bias[None])
+            w, b = dense.weight.t()[None].contiguous(), c(None if dense.bias is None else dense.bias[None])
             session.add_hidden(ptr(w), ptr(b), *w.shape, ACTIVATION_CODES["relu" if dense.relu else "identity"])
         for t, tower in enumerate(spec.towers):
             for dense in tower:
-                w, b = c(dense.weight), c(dense.bias)
+                w, b = dense.weight.contiguous(), c(dense.bias)
                 session.add_tower_layer(t, ptr(w), ptr(b), w.shape[1], w.shape[0], dense.relu)
         return session
 
@@ -404,8 +408,9 @@ class InferenceSession:
                 raise TypeError(f"out has dtype {out.dtype} but the session runs {self.dtype}")
             if out.requires_grad:  # a raw write would bypass autograd
                 raise ValueError("out requires grad; pass a tensor that does not (e.g. torch.empty(B, T))")
-            bad = out.is_neg() or not out.is_contiguous() or out.data_ptr() % out.element_size()
-            if tuple(out.shape) != shape or bad:
+            if out.is_neg():  # its memory holds -values: a raw write would read back negated
+                raise ValueError("out is a negative-bit view (torch._neg_view); pass a plain tensor")
+            if tuple(out.shape) != shape or not out.is_contiguous() or out.data_ptr() % out.element_size():
                 raise ValueError(f"out must be a contiguous, aligned {self.dtype} tensor of shape {shape}, got "
                                  f"shape {tuple(out.shape)}, strides {out.stride()}")
             (x0, x1), (o0, o1) = _span(x), _span(out)
@@ -437,12 +442,13 @@ class InferenceSession:
                 self._reject(x)
             if out is not None:
                 self._check_out(x, out)
+            if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
+                # plain, aligned memory (the fused ops, too, read a negative-bit view's memory as it is)
+                x = x.detach().clone(memory_format=torch.contiguous_format)
             if not self._native:
                 with self._lock, torch.inference_mode():
                     y = self._model(x)
                 return y if out is None else out.copy_(y)
-            if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
-                x = x.detach().clone(memory_format=torch.contiguous_format)  # plain, aligned memory
             B = x.shape[0]
             if out is None:
                 out = torch.empty(B, self.num_tasks, dtype=self.dtype)
@@ -495,7 +501,8 @@ class _Graph:
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.dtype = dtype
-        self.nodes, self.inits = [], []
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
 
     def const(self, value, name: str, integer: bool = False) -> str:
         arr = np.asarray(value, dtype=np.int64 if integer else _NUMPY[self.dtype])
