@@ -50,6 +50,10 @@ class ProbeMismatchError(UnsupportedModelError, RuntimeError):
     """The packed (or exported) model answers a probe batch differently from the eager model."""
 
 
+class _OutKindError(TypeError, ValueError):
+    """``out`` of the wrong kind or dtype: a TypeError, and a ValueError as every bad ``out`` was before."""
+
+
 # ---- reading a model: the whitelist -------------------------------------------------------------
 
 
@@ -401,11 +405,11 @@ class InferenceSession:
         shape = (x.shape[0], self.num_tasks)
         if isinstance(x, torch.Tensor):
             if type(out) not in _TORCH_TYPES:
-                raise TypeError(f"out must be a torch.Tensor since x is one, got {type(out).__name__}")
+                raise _OutKindError(f"out must be a torch.Tensor since x is one, got {type(out).__name__}")
             if out.layout != torch.strided or not out.is_cpu:
                 raise ValueError(f"out must be a dense CPU tensor, got {out.layout} on {out.device}")
             if out.dtype != self.dtype:
-                raise TypeError(f"out has dtype {out.dtype} but the session runs {self.dtype}")
+                raise _OutKindError(f"out has dtype {out.dtype} but the session runs {self.dtype}")
             if out.requires_grad:  # a raw write would bypass autograd
                 raise ValueError("out requires grad; pass a tensor that does not (e.g. torch.empty(B, T))")
             if out.is_neg():  # its memory holds -values: a raw write would read back negated
@@ -418,9 +422,9 @@ class InferenceSession:
                 raise ValueError("out overlaps x in memory; pass a separate buffer")
             return
         if type(out) not in _NUMPY_TYPES:
-            raise TypeError(f"out must be a numpy.ndarray since x is one, got {type(out).__name__}")
+            raise _OutKindError(f"out must be a numpy.ndarray since x is one, got {type(out).__name__}")
         if out.dtype != x.dtype:
-            raise TypeError(f"out has dtype {out.dtype} but the session runs {x.dtype}")
+            raise _OutKindError(f"out has dtype {out.dtype} but the session runs {x.dtype}")
         if not out.flags.writeable:
             raise ValueError("out is read-only; pass a writable array")
         if out.shape != shape or not (out.flags.c_contiguous and out.flags.aligned):
@@ -434,7 +438,9 @@ class InferenceSession:
 
         ``x`` may be non-contiguous or read-only (it is only read). ``out``: an optional writable, contiguous
         ``[B, T]`` buffer of the same kind and dtype as ``x``, not overlapping it, to write into (then nothing
-        at all is allocated); a tensor ``out`` must not require grad.
+        at all is allocated); a tensor ``out`` must not require grad. Each wrong kind is a TypeError or
+        ValueError saying what. One cannot be told apart: a tensor over read-only memory (``torch.from_numpy``
+        of a read-only array, which torch warns about); pass a numpy ``out`` for such memory instead.
         """
         if type(x) in _TORCH_TYPES:  # checks kept few and cheap: at B = 1 they are part of the latency
             if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != self.dtype or not x.is_cpu \

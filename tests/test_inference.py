@@ -615,8 +615,9 @@ def test_any_unwritable_out_is_a_clear_error_and_stays_untouched(session_of, kin
     if isinstance(out, str):
         out = _memmap_copy(tmp_path, np.zeros((5, 2), np.float32))
     before = copy.deepcopy(out) if isinstance(out, (list, np.ndarray)) else out.detach().clone()
-    with pytest.raises(error, match=words):
+    with pytest.raises(error, match=words) as info:
         session.run(x, out=out)
+    assert isinstance(info.value, ValueError) and str(info.value).startswith("out ")  # as before: "out ..."
     if isinstance(out, torch.Tensor) and not out.is_meta:
         assert torch.equal(out.detach(), before.detach())
     elif isinstance(out, np.ndarray):
