@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The modules other code builds on: the contract, the ops, the backend table, input checks, the timing harness.
 TYPED = ["mmoe_fast/contract.py", "mmoe_fast/ops.py", "mmoe_fast/backends/__init__.py", "mmoe_fast/_checks.py",
-         "mmoe_fast/activations.py", "mmoe_fast/timing.py"]
+         "mmoe_fast/activations.py", "mmoe_fast/timing.py", "mmoe_fast/inference.py"]
 
 
 def test_ruff_clean():
