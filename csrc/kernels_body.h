@@ -369,7 +369,8 @@ struct Kern {
   //   dp = df * d, kept in a block buffer [rows, N] (dpre is never written to memory);
   //   dG[b,t,e] = <dm[t,b,:], f> (lane-wise partial sums, then across lanes);
   //   dW[e] += a_e^T dp and db[e] += column sums of dp, into the partial sums of the block's chunk;
-  //   da += dp W[e]^T (shared a: one [rows, K] buffer over all experts; else written per expert).
+  //   da += dp W[e]^T (shared a: one [rows, K] buffer over all experts; else written per expert), skipped
+  //   when da is null (an input nothing needs the gradient of: a third of the GEMM work saved).
   // Blocks form at most kChunks fixed chunks, handed out on demand; the chunks' partial sums are added
   // in chunk order at the end: bitwise the same result whatever the thread count or timing.
   static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* da,
@@ -385,7 +386,7 @@ struct Kern {
 #pragma omp parallel num_threads(threads_for(nchunks))
     {
 #pragma omp for schedule(static)
-      for (int64_t e = 0; e < E; ++e) {
+      for (int64_t e = 0; e < (da ? E : 0); ++e) {
         std::fill(wt.begin() + e * NP * KW, wt.begin() + (e + 1) * NP * KW, T(0));
         for (int64_t p = 0; p < P; ++p) {
           int64_t ldw;
@@ -453,7 +454,7 @@ struct Kern {
               }
             }
             // da += dp W[e]^T: the reduction runs over the expert's N outputs
-            for (int64_t r = 0; r < rn; r += MR) {
+            for (int64_t r = 0; r < (da ? rn : 0); r += MR) {
               const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
               for (int64_t q = 0; q < KP; ++q) {
                 tile_rows(mr, dp.data() + r * NP, NP, wt.data() + e * NP * KW + q * NR, KW, NP, pre);
@@ -463,7 +464,7 @@ struct Kern {
                 }
               }
             }
-            if (!shared)
+            if (da && !shared)
               for (int64_t i = 0; i < rn; ++i)
                 std::memcpy(da + ((r0 + i) * E + e) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
             if (G)
@@ -475,7 +476,7 @@ struct Kern {
                   dG[((r0 + i) * nT + t) * E + e] = s;
                 }
           }
-          if (shared)
+          if (da && shared)
             for (int64_t i = 0; i < rn; ++i)
               std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
         }

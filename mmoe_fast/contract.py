@@ -4,19 +4,21 @@ Imported by ``ops.py``, every backend, the kernels and the test harness; it impo
 so nothing below ``ops.py`` needs the test harness. The backend protocol, with shapes:
 
 - ``gate_softmax(x[B, D], Wg[T, D, E], bg[T, E] | None) -> G[B, T, E]``
-- ``gate_softmax_backward(dG[B, T, E], G, x, Wg) -> (dx[B, D], dWg[T, D, E], dbg[T, E])``
+- ``gate_softmax_backward(dG[B, T, E], G, x, Wg, input_grad=True) -> (dx[B, D], dWg[T, D, E], dbg[T, E])``
 - ``expert_mixture(a[B, K] | a[B, E, K], W[E, K, H], b[E, H] | None, G[B, T, E], activation) -> m[T, B, H]``
-- ``expert_mixture_backward(dm[T, B, H], a, W, b, G, activation) -> (da like a, dW, db[E, H], dG)``
+- ``expert_mixture_backward(dm[T, B, H], a, W, b, G, activation, input_grad=True) -> (da like a, dW, db[E, H], dG)``
 - ``grouped_linear(a, W[E, K, N], b[E, N] | None, activation) -> out[B, E, N]``
-- ``grouped_linear_backward(dout[B, E, N], a, W, b, activation) -> (da like a, dW, db[E, N])``
+- ``grouped_linear_backward(dout[B, E, N], a, W, b, activation, input_grad=True) -> (da like a, dW, db[E, N])``
 
 Kernels get contiguous tensors of one dtype and device, already validated (``ops.py`` does that), and
 return new contiguous tensors in the input dtype; ``db``/``dbg`` are returned even when there is no bias
-(``ops.py`` drops them). Backward kernels get only the forward's inputs (and ``G`` for the gate): they
+(``ops.py`` drops them). With ``input_grad=False`` nothing needs ``da``/``dx``: a backend may skip it and
+return None in its place. Backward kernels get only the forward's inputs (and ``G`` for the gate): they
 recompute what they need, nothing is saved for autograd. Optional members:
 
 - ``mmoe(x, W, b, Wg, bg, activation) -> m[T, B, H]`` and ``mmoe_backward(dm, x, W, b, Wg, bg, activation)
-  -> (dx, dW, db, dWg, dbg)``: gates and mixture in one pass (else ``ops.py`` composes the two ops);
+  -> (dx, dW, db, dWg, dbg)`` (also taking ``input_grad``): gates and mixture in one pass (else ``ops.py``
+  composes the two ops);
 - ``tolerance(dtype) -> float``: the relative error it promises, when looser than ``TOLERANCE`` (tf32).
 """
 
@@ -57,19 +59,21 @@ class Backend(Protocol):
 
     def gate_softmax(self, x: Tensor, Wg: Tensor, bg: Optional[Tensor]) -> Tensor: ...
 
-    def gate_softmax_backward(self, dG: Tensor, G: Tensor, x: Tensor, Wg: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+    def gate_softmax_backward(
+        self, dG: Tensor, G: Tensor, x: Tensor, Wg: Tensor, input_grad: bool = True
+    ) -> tuple[Optional[Tensor], Tensor, Tensor]: ...
 
     def expert_mixture(self, a: Tensor, W: Tensor, b: Optional[Tensor], G: Tensor, activation: str) -> Tensor: ...
 
     def expert_mixture_backward(
-        self, dm: Tensor, a: Tensor, W: Tensor, b: Optional[Tensor], G: Tensor, activation: str
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+        self, dm: Tensor, a: Tensor, W: Tensor, b: Optional[Tensor], G: Tensor, activation: str, input_grad: bool = True
+    ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]: ...
 
     def grouped_linear(self, a: Tensor, W: Tensor, b: Optional[Tensor], activation: str) -> Tensor: ...
 
     def grouped_linear_backward(
-        self, dout: Tensor, a: Tensor, W: Tensor, b: Optional[Tensor], activation: str
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+        self, dout: Tensor, a: Tensor, W: Tensor, b: Optional[Tensor], activation: str, input_grad: bool = True
+    ) -> tuple[Optional[Tensor], Tensor, Tensor]: ...
 
 
 REQUIRED = ("unavailable_reason", "supports", "gate_softmax", "gate_softmax_backward", "expert_mixture",

@@ -37,6 +37,19 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else _dense(t)
 
 
+def _input_grad(da: Optional[Tensor], wanted: bool, like: Tensor) -> Tensor:
+    """The backward op's first output: the input gradient, or an empty tensor when nothing needs it (a backend
+    may then skip computing it, as ``input_grad=False`` lets it)."""
+    if not wanted:
+        return like.new_empty(0)
+    assert da is not None, "a backend returned no input gradient although one was wanted"
+    return da
+
+
+def _input_grad_fake(like: Tensor, wanted: bool) -> Tensor:
+    return like.new_empty(like.shape if wanted else (0,))
+
+
 def _impl(backend: str, t: Tensor):
     """The backend module for these tensors; empty batches go to the reference, which handles them.
 
@@ -101,8 +114,10 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
 
     The first ``tensors`` arguments of ``forward`` are its tensors: they are saved for the backward (with the
     output when ``save_output``); the others (activation, backend) are passed on. The backward op is called as
-    ``backward(grad, *tensors, [output], *others)`` and returns one gradient per tensor argument; a gradient
-    that no input needs (``ctx.needs_input_grad``, a missing bias) is dropped. Both ops get a vmap rule.
+    ``backward(grad, *tensors, [output], *others, input_grad)`` and returns one gradient per tensor argument;
+    ``input_grad`` says whether the first input needs its gradient (data rarely does: a third of the backward's
+    GEMM work is skipped then). A gradient no input needs (``ctx.needs_input_grad``, a missing bias) is
+    dropped. Both ops get a vmap rule.
     Returns ``(op, backward_op, transformable)``: the last is the same op as an ``autograd.Function`` for
     ``torch.func`` transforms and forward-mode AD, whose tangents come from ``tangent(*args)`` (plain
     differentiable PyTorch, the reference backend's formulas) through ``torch.func.jvp``.
@@ -119,7 +134,7 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
         ctx.others = inputs[tensors:]
 
     def grad(ctx, grad_output):
-        grads = backward_op(grad_output, *ctx.saved_tensors, *ctx.others)
+        grads = backward_op(grad_output, *ctx.saved_tensors, *ctx.others, ctx.needs_input_grad[0])
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *(None,) * len(ctx.others))
 
     op.register_autograd(grad, setup_context=setup_context)
@@ -140,7 +155,7 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
         generate_vmap_rule=True))
 
     def transform_grad(ctx, grad_output):
-        grads = once.apply(grad_output, *ctx.saved_tensors, *ctx.others)
+        grads = once.apply(grad_output, *ctx.saved_tensors, *ctx.others, ctx.needs_input_grad[0])
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), *(None,) * len(ctx.others))
 
     def jvp_setup(ctx, inputs, output):
@@ -193,14 +208,17 @@ def _gate_softmax_fake(x, gate_weight, gate_bias, backend):
 
 
 def _gate_softmax_backward(
-    grad: Tensor, x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gates: Tensor, backend: str
+    grad: Tensor, x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gates: Tensor, backend: str,
+    input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend, x).gate_softmax_backward(_c(grad), _c(gates), _c(x), _c(gate_weight))
+    dx, dwg, dbg = _impl(backend, x).gate_softmax_backward(_c(grad), _c(gates), _c(x), _c(gate_weight),
+                                                           input_grad=input_grad)
+    return _input_grad(dx, input_grad, x), dwg, dbg
 
 
-def _gate_softmax_backward_fake(grad, x, gate_weight, gate_bias, gates, backend):
+def _gate_softmax_backward_fake(grad, x, gate_weight, gate_bias, gates, backend, input_grad):
     T, _, E = gate_weight.shape
-    return x.new_empty(x.shape), gate_weight.new_empty(gate_weight.shape), x.new_empty((T, E))
+    return _input_grad_fake(x, input_grad), gate_weight.new_empty(gate_weight.shape), x.new_empty((T, E))
 
 
 _gate_softmax, _gate_softmax_bwd, _GateSoftmax = _define(
@@ -236,16 +254,17 @@ def _expert_mixture_fake(a, expert_weight, expert_bias, gates, activation, backe
 
 def _expert_mixture_backward(
     grad: Tensor, a: Tensor, expert_weight: Tensor, expert_bias: Optional[Tensor], gates: Tensor,
-    activation: str, backend: str,
+    activation: str, backend: str, input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend, a).expert_mixture_backward(
-        _c(grad), _c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation
+    da, dw, db, dg = _impl(backend, a).expert_mixture_backward(
+        _c(grad), _c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation, input_grad=input_grad
     )
+    return _input_grad(da, input_grad, a), dw, db, dg
 
 
-def _expert_mixture_backward_fake(grad, a, expert_weight, expert_bias, gates, activation, backend):
+def _expert_mixture_backward_fake(grad, a, expert_weight, expert_bias, gates, activation, backend, input_grad):
     E, _, H = expert_weight.shape
-    return (a.new_empty(a.shape), expert_weight.new_empty(expert_weight.shape),
+    return (_input_grad_fake(a, input_grad), expert_weight.new_empty(expert_weight.shape),
             a.new_empty((E, H)), gates.new_empty(gates.shape))
 
 
@@ -286,14 +305,16 @@ def _grouped_linear_fake(a, weight, bias, activation, backend):
 
 
 def _grouped_linear_backward(
-    grad: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str
+    grad: Tensor, a: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, backend: str, input_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend, a).grouped_linear_backward(_c(grad), _c(a), _c(weight), _c(bias), activation)
+    da, dw, db = _impl(backend, a).grouped_linear_backward(_c(grad), _c(a), _c(weight), _c(bias), activation,
+                                                           input_grad=input_grad)
+    return _input_grad(da, input_grad, a), dw, db
 
 
-def _grouped_linear_backward_fake(grad, a, weight, bias, activation, backend):
+def _grouped_linear_backward_fake(grad, a, weight, bias, activation, backend, input_grad):
     E, _, N = weight.shape
-    return a.new_empty(a.shape), weight.new_empty(weight.shape), a.new_empty((E, N))
+    return _input_grad_fake(a, input_grad), weight.new_empty(weight.shape), a.new_empty((E, N))
 
 
 _grouped_linear, _grouped_linear_bwd, _GroupedLinear = _define(
@@ -336,23 +357,24 @@ def _mmoe_fake(x, expert_weight, expert_bias, gate_weight, gate_bias, activation
 
 def _mmoe_backward(
     grad: Tensor, x: Tensor, expert_weight: Tensor, expert_bias: Optional[Tensor], gate_weight: Tensor,
-    gate_bias: Optional[Tensor], activation: str, backend: str,
+    gate_bias: Optional[Tensor], activation: str, backend: str, input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     be = _impl(backend, x)
     grad, x, w, wg = _dense(grad), _dense(x), _dense(expert_weight), _dense(gate_weight)
     b, bg = _c(expert_bias), _c(gate_bias)
     _, fused = contract.fused_mmoe(be)
     if fused is not None:
-        return fused(grad, x, w, b, wg, bg, activation)
+        dx, dw, db, dwg, dbg = fused(grad, x, w, b, wg, bg, activation, input_grad=input_grad)
+        return _input_grad(dx, input_grad, x), dw, db, dwg, dbg
     gates = be.gate_softmax(x, wg, bg)  # recomputed: cheaper than saving [B, T, E] through autograd
-    dx, dw, db, dgates = be.expert_mixture_backward(grad, x, w, b, gates, activation)
-    dx_gate, dwg, dbg = be.gate_softmax_backward(dgates, gates, x, wg)
-    return dx + dx_gate, dw, db, dwg, dbg
+    dx, dw, db, dgates = be.expert_mixture_backward(grad, x, w, b, gates, activation, input_grad=input_grad)
+    dx_gate, dwg, dbg = be.gate_softmax_backward(dgates, gates, x, wg, input_grad=input_grad)
+    return _input_grad(dx + dx_gate if input_grad else None, input_grad, x), dw, db, dwg, dbg
 
 
-def _mmoe_backward_fake(grad, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend):
+def _mmoe_backward_fake(grad, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend, input_grad):
     T, _, E = gate_weight.shape
-    return (x.new_empty(x.shape), expert_weight.new_empty(expert_weight.shape),
+    return (_input_grad_fake(x, input_grad), expert_weight.new_empty(expert_weight.shape),
             x.new_empty((expert_weight.shape[0], expert_weight.shape[2])),
             gate_weight.new_empty(gate_weight.shape), x.new_empty((T, E)))
 

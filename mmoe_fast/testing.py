@@ -169,17 +169,20 @@ def kink_free_seed(shape: Shape, *, dtype=torch.float32, activation: str = "relu
 def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu", activation: str = "relu",
                 bias: bool = True, gate_bias: bool = True, hidden: tuple[int, ...] = (), split: bool = False,
                 tol: float | None = None, seed: int | None = None,
-                layout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                layout: Callable[[torch.Tensor], torch.Tensor] | None = None, input_grad: bool = True) -> None:
     """Forward and every gradient of a layer on ``backend`` against the float64 loop reference.
 
     ``seed=None`` takes ``kink_free_seed``, so that float32 ReLU comparisons are well posed. ``layout``
     (one of ``LAYOUTS``) re-lays every input out before the call, for the backend and the oracle alike.
+    ``input_grad=False``: ``x`` needs no gradient (data), so the backward may skip it; the others are compared.
     """
     tol = TOLERANCE[dtype] if tol is None else tol
     if seed is None:
         seed = kink_free_seed(shape, dtype=dtype, activation=activation, hidden=hidden, bias=bias, gate_bias=gate_bias)
     inputs = make_inputs(shape, dtype=dtype, device=device, bias=bias, gate_bias=gate_bias, hidden=hidden, seed=seed)
     mine, oracle = _with_grad(inputs), _with_grad(inputs, torch.float64)
+    if not input_grad:
+        mine["x"], oracle["x"] = mine["x"].detach(), oracle["x"].detach()
     out = run_layer(_relayout(mine, layout), activation, backend, split)
     theirs = _relayout(oracle, layout)
     ref = reference.mmoe_layer(theirs["x"], theirs["weights"], theirs["biases"], theirs["gate_weight"],
@@ -188,10 +191,11 @@ def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu"
     if shape.B == 0:
         return
     dm = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, _leaves(mine), dm.to(dtype=dtype, device=device))
-    ref_grads = torch.autograd.grad(ref, _leaves(oracle), dm)
     names = ["x", *[f"W{i}" for i in range(len(inputs["weights"]))],
              *[f"b{i}" for i, b in enumerate(inputs["biases"]) if b is not None], "gate_weight", "gate_bias"]
+    names = [n for n, t in zip(names, _leaves(mine)) if t.requires_grad]
+    grads = torch.autograd.grad(out, [t for t in _leaves(mine) if t.requires_grad], dm.to(dtype=dtype, device=device))
+    ref_grads = torch.autograd.grad(ref, [t for t in _leaves(oracle) if t.requires_grad], dm)
     for name, g, r in zip(names, grads, ref_grads):
         assert_close(g, r, tol, f"{backend} grad {name}")
 

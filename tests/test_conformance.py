@@ -102,6 +102,16 @@ def test_without_biases(name, shape, bias, gate_bias, split):
                 tol=_tol(name, torch.float32))
 
 
+@pytest.mark.parametrize("hidden", [(), (7,)], ids=["one-layer", "two-layer"])
+@pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5]], ids=str)
+@pytest.mark.parametrize("name,dtype", _cases())
+def test_weight_gradients_when_the_input_needs_none(name, dtype, shape, split, hidden):
+    """x is data: the backward may skip its gradient (input_grad=False); every other gradient still matches."""
+    check_layer(name, shape, dtype=dtype, activation="gelu", split=split, hidden=hidden, input_grad=False,
+                tol=_tol(name, dtype))
+
+
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("name", NAMES)
 def test_many_tasks(name, T):

@@ -59,7 +59,8 @@ def test_auto_picks_numba_on_cpu_without_cpp_and_trains(monkeypatch):
 
     calls = []
     real_backward = numba_backend.expert_mixture_backward
-    monkeypatch.setattr(numba_backend, "expert_mixture_backward", lambda *a: calls.append(1) or real_backward(*a))
+    monkeypatch.setattr(numba_backend, "expert_mixture_backward",
+                        lambda *a, **k: calls.append(1) or real_backward(*a, **k))
     torch.manual_seed(0)
     x, y = make_synthetic(256, d=16, correlation=0.5, seed=0)
     model = mf.MMoE(16, 2, num_experts=4, expert_hidden=8, task_types=("regression", "regression"))

@@ -55,14 +55,14 @@ def gate_softmax(x, Wg, bg):
     return G
 
 
-def gate_softmax_backward(dG, G, x, Wg):
+def gate_softmax_backward(dG, G, x, Wg, input_grad=True):
     """(dx[B, D], dWg, dbg) through the softmax: dlogit in C++, then two small GEMMs."""
     T, D, E = Wg.shape
     B = x.shape[0]
     dlogit, dbg = torch.empty_like(G), G.new_empty((T, E))
     _kernel("gate_backward", x.dtype)(_ptr(G), _ptr(dG), _ptr(dlogit), _ptr(dbg), B, T, E)
     flat = dlogit.view(B, T * E)
-    dx = torch.mm(flat, Wg.transpose(1, 2).reshape(T * E, D))
+    dx = torch.mm(flat, Wg.transpose(1, 2).reshape(T * E, D)) if input_grad else None
     dWg = torch.mm(x.t(), flat).view(D, T, E).transpose(0, 1).contiguous()
     return dx, dWg, dbg
 
@@ -83,10 +83,10 @@ def mmoe(x, W, b, Wg, bg, activation):
     return m
 
 
-def _backward(a, W, b, activation, G=None, dm=None, dout=None):
-    """(da, dW, db, dG or None) from the one C++ pass (pre-activations recomputed, dpre never stored)."""
+def _backward(a, W, b, activation, input_grad, G=None, dm=None, dout=None):
+    """(da or None, dW, db, dG or None) from the one C++ pass (pre-activations recomputed, dpre never stored)."""
     E, K, N = W.shape
-    da, dW, db = torch.empty_like(a), torch.empty_like(W), a.new_empty((E, N))
+    da, dW, db = torch.empty_like(a) if input_grad else None, torch.empty_like(W), a.new_empty((E, N))
     dG = None if G is None else torch.empty_like(G)
     T = 0 if G is None else G.shape[1]
     _kernel("backward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(G), _ptr(dm), _ptr(dout), _ptr(da),
@@ -94,8 +94,8 @@ def _backward(a, W, b, activation, G=None, dm=None, dout=None):
     return da, dW, db, dG
 
 
-def expert_mixture_backward(dm, a, W, b, G, activation):
-    return _backward(a, W, b, activation, G=G, dm=dm)
+def expert_mixture_backward(dm, a, W, b, G, activation, input_grad=True):
+    return _backward(a, W, b, activation, input_grad, G=G, dm=dm)
 
 
 def grouped_linear(a, W, b, activation):
@@ -106,5 +106,5 @@ def grouped_linear(a, W, b, activation):
     return out
 
 
-def grouped_linear_backward(dout, a, W, b, activation):
-    return _backward(a, W, b, activation, dout=dout)[:3]
+def grouped_linear_backward(dout, a, W, b, activation, input_grad=True):
+    return _backward(a, W, b, activation, input_grad, dout=dout)[:3]

@@ -3,6 +3,7 @@
 Tensors are handed to the kernels as NumPy views (no copy); outputs are allocated with ``torch.empty``
 and filled through their views. The kernels run on ``torch.get_num_threads()`` threads (at most
 numba's pool size), so ``torch.set_num_threads`` governs both; the results do not depend on it.
+``input_grad=False`` is accepted and ignored (the kernels form ``da`` anyway; ``ops.py`` drops it).
 The first call in a dtype compiles (or loads from numba's on-disk
 cache) every kernel of that dtype at once, so that no later call, forward or backward, pays for
 compilation; the seconds it took are logged once and kept in ``compile_seconds``.
@@ -111,7 +112,7 @@ def gate_softmax(x, Wg, bg):
     return G
 
 
-def gate_softmax_backward(dG, G, x, Wg):
+def gate_softmax_backward(dG, G, x, Wg, input_grad=True):
     """(dx[B, D], dWg[T, D, E], dbg[T, E])."""
     _ready(x.dtype)
     dx, dWg = torch.empty_like(x), torch.empty_like(Wg)
@@ -128,7 +129,7 @@ def expert_mixture(a, W, b, G, activation):
     return m
 
 
-def expert_mixture_backward(dm, a, W, b, G, activation):
+def expert_mixture_backward(dm, a, W, b, G, activation, input_grad=True):
     """(da, dW[E, K, H], db[E, H], dG[B, T, E]); da has a's shape."""
     _ready(a.dtype)
     da, dW, dG = torch.empty_like(a), torch.empty_like(W), torch.empty_like(G)
@@ -146,7 +147,7 @@ def grouped_linear(a, W, b, activation):
     return out
 
 
-def grouped_linear_backward(dout, a, W, b, activation):
+def grouped_linear_backward(dout, a, W, b, activation, input_grad=True):
     """(da, dW[E, K, N], db[E, N]); da has a's shape."""
     _ready(a.dtype)
     da, dW = torch.empty_like(a), torch.empty_like(W)

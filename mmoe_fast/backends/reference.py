@@ -45,6 +45,11 @@ def _input_grad(dpre: torch.Tensor, W: torch.Tensor, shared: bool) -> torch.Tens
     return torch.bmm(dpre.transpose(0, 1), W.transpose(1, 2)).transpose(0, 1)
 
 
+def _out(out_dtype: torch.dtype, *ts: torch.Tensor | None) -> tuple:
+    """The results in the input dtype, contiguous; a skipped input gradient stays None."""
+    return tuple(None if t is None else t.to(out_dtype).contiguous() for t in ts)
+
+
 def _weight_grad(a: torch.Tensor, dpre: torch.Tensor) -> torch.Tensor:
     """dW[e] = a_e^T @ dpre_e: [E, K, N]."""
     if a.dim() == 2:  # one GEMM: [K, B] @ [B, E*N]
@@ -64,16 +69,16 @@ def gate_softmax(x, Wg, bg):
     return torch.softmax(logits, dim=-1).to(out_dtype).contiguous()
 
 
-def gate_softmax_backward(dG, G, x, Wg):
+def gate_softmax_backward(dG, G, x, Wg, input_grad=True):
     """(dx[B, D], dWg[T, D, E], dbg[T, E]) from dG[B, T, E] and the forward's G."""
     out_dtype = x.dtype
     dG, G, x, Wg = _up(dG), _up(G), _up(x), _up(Wg)
     T, D, E = Wg.shape
     dlogit = G * (dG - (G * dG).sum(-1, keepdim=True))
-    dx = dlogit.reshape(-1, T * E) @ Wg.permute(0, 2, 1).reshape(T * E, D)
+    dx = dlogit.reshape(-1, T * E) @ Wg.permute(0, 2, 1).reshape(T * E, D) if input_grad else None
     dWg = (x.t() @ dlogit.reshape(-1, T * E)).view(D, T, E).transpose(0, 1)
     dbg = dlogit.sum(0)
-    return tuple(t.to(out_dtype).contiguous() for t in (dx, dWg, dbg))
+    return _out(out_dtype, dx, dWg, dbg)
 
 
 def expert_mixture(a, W, b, G, activation):
@@ -84,7 +89,7 @@ def expert_mixture(a, W, b, G, activation):
     return m.transpose(0, 1).to(out_dtype).contiguous()
 
 
-def expert_mixture_backward(dm, a, W, b, G, activation):
+def expert_mixture_backward(dm, a, W, b, G, activation, input_grad=True):
     """(da, dW[E, K, H], db[E, H], dG[B, T, E]) from dm[T, B, H]; da has a's shape."""
     out_dtype = a.dtype
     dm, a, W, b, G = _up(dm), _up(a), _up(W), _up(b), _up(G)
@@ -93,10 +98,8 @@ def expert_mixture_backward(dm, a, W, b, G, activation):
     dmb = dm.transpose(0, 1)  # [B, T, H]
     dG = torch.bmm(dmb, f.transpose(1, 2))
     dpre = torch.bmm(G.transpose(1, 2), dmb) * activations.grad(pre, activation)
-    da = _input_grad(dpre, W, a.dim() == 2)
-    dW = _weight_grad(a, dpre)
-    db = dpre.sum(0)
-    return tuple(t.to(out_dtype).contiguous() for t in (da, dW, db, dG))
+    da = _input_grad(dpre, W, a.dim() == 2) if input_grad else None
+    return _out(out_dtype, da, _weight_grad(a, dpre), dpre.sum(0), dG)
 
 
 def grouped_linear(a, W, b, activation):
@@ -106,11 +109,11 @@ def grouped_linear(a, W, b, activation):
     return out.to(out_dtype).contiguous()
 
 
-def grouped_linear_backward(dout, a, W, b, activation):
+def grouped_linear_backward(dout, a, W, b, activation, input_grad=True):
     """(da, dW[E, K, N], db[E, N]) from dout[B, E, N]; da has a's shape."""
     out_dtype = a.dtype
     dout, a, W, b = _up(dout), _up(a), _up(W), _up(b)
     pre = _pre(a, W, b)
     dpre = dout * activations.grad(pre, activation)
-    da = _input_grad(dpre, W, a.dim() == 2)
-    return tuple(t.to(out_dtype).contiguous() for t in (da, _weight_grad(a, dpre), dpre.sum(0)))
+    da = _input_grad(dpre, W, a.dim() == 2) if input_grad else None
+    return _out(out_dtype, da, _weight_grad(a, dpre), dpre.sum(0))

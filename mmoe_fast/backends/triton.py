@@ -193,10 +193,10 @@ def _gate_weight_grads(x, dlogit, T, D, E):
     return dwg.view(D, T, E).permute(1, 0, 2).contiguous(), dbg.view(T, E)
 
 
-def gate_softmax_backward(dG, G, x, Wg):
+def gate_softmax_backward(dG, G, x, Wg, input_grad=True):
     """(dx[B, D], dWg[T, D, E], dbg[T, E]) from dG[B, T, E] and the forward's G."""
     T, D, E = Wg.shape
-    dx, dlogit = _gate_backward(dG, G, x, Wg, with_dx=True)
+    dx, dlogit = _gate_backward(dG, G, x, Wg, with_dx=input_grad)
     return dx, *_gate_weight_grads(x, dlogit, T, D, E)
 
 
@@ -231,15 +231,15 @@ def _mixture_rows(dm, a, W, b, G, activation, dg_dtype):
     return dpre, dG
 
 
-def expert_mixture_backward(dm, a, W, b, G, activation):
+def expert_mixture_backward(dm, a, W, b, G, activation, input_grad=True):
     """(da, dW[E, K, H], db[E, H], dG[B, T, E]) from dm[T, B, H]; da has a's shape."""
     E, K, N = W.shape
     dpre, dG = _mixture_rows(dm, a, W, b, G, activation, a.dtype)
-    da = _input_grad(dpre, W, a.dim() == 2)
+    da = _input_grad(dpre, W, a.dim() == 2) if input_grad else None
     return da, *_weight_grad(a, dpre, E, K, N, a.dtype), dG
 
 
-def mmoe_backward(dm, x, W, b, Wg, bg, activation):
+def mmoe_backward(dm, x, W, b, Wg, bg, activation, input_grad=True):
     """(dx, dW, db, dWg, dbg) of a single-layer MMoE from dm[T, B, H], fused across the gate and the mixture.
 
     Against composing the two backward ops: dG stays in fp32, and the gate's share of dx is added inside
@@ -250,7 +250,7 @@ def mmoe_backward(dm, x, W, b, Wg, bg, activation):
     G = gate_softmax(x, Wg, bg)  # recomputed: the backward op gets only the inputs
     dpre, dG = _mixture_rows(dm, x, W, b, G, activation, _acc_dtype(x.dtype))
     _, dlogit = _gate_backward(dG, G, x, Wg, with_dx=False)
-    dx = _input_grad(dpre, W, True, gate=(dlogit, Wg))
+    dx = _input_grad(dpre, W, True, gate=(dlogit, Wg)) if input_grad else None
     return dx, *_weight_grad(x, dpre, E, D, N, x.dtype), *_gate_weight_grads(x, dlogit, T, D, E)
 
 
@@ -266,7 +266,7 @@ def grouped_linear(a, W, b, activation):
     return out
 
 
-def grouped_linear_backward(dout, a, W, b, activation):
+def grouped_linear_backward(dout, a, W, b, activation, input_grad=True):
     """(da, dW[E, K, N], db[E, N]) from dout[B, E, N]; da has a's shape."""
     B = a.shape[0]
     E, K, N = W.shape
@@ -275,7 +275,8 @@ def grouped_linear_backward(dout, a, W, b, activation):
     grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]) * E,)  # noqa: E731
     linear.grouped_linear_bwd_rows[grid](dout, a, W, W if b is None else b, dpre, B, K, N, E, s_ab, s_ae,
                                          _bucket(B), ACT=activation, HAS_BIAS=b is not None, **_kinds(a.dtype))
-    return _input_grad(dpre, W, a.dim() == 2), *_weight_grad(a, dpre, E, K, N, a.dtype)
+    da = _input_grad(dpre, W, a.dim() == 2) if input_grad else None
+    return da, *_weight_grad(a, dpre, E, K, N, a.dtype)
 
 
 def _serialized(fn):
