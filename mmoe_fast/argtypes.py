@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage error is one line on stderr (exit 2) naming the option, not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -13,6 +21,36 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _finite(text: str, what: str, ok) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):  # float() takes "nan" and "inf": no option wants them
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate)."""
+    return _finite(text, "a finite number > 0", lambda v: v > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (a weight decay)."""
+    return _finite(text, "a finite number >= 0", lambda v: v >= 0)
 
 
 def correlation(text: str) -> float:
@@ -26,10 +64,11 @@ def correlation(text: str) -> float:
 
 
 def floats(text: str) -> list[float]:
+    """Comma-separated finite numbers >= 0 (loss weights)."""
     try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return [non_negative_float(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers >= 0, got {text!r}") from None
 
 
 def list_of(cast, choices=None):

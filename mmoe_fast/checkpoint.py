@@ -12,7 +12,8 @@ A checkpoint is a ``torch.save`` of a dict:
 
 Only tensors, plain containers, str, int, float, bool and None are stored, so reading uses
 ``torch.load(weights_only=True)``. Writes go to a temporary file in the same folder, then ``os.replace``:
-a run killed mid-write never leaves a truncated checkpoint behind.
+a run killed mid-write never leaves a truncated checkpoint behind. A tensor holding NaN or infinity is
+never written (ValueError naming the entry): a diverged model must not replace a good checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import files
 from .models import MODELS, build_model, model_name
 
 FORMAT = "mmoe_fast.checkpoint/1"
@@ -58,14 +60,18 @@ def save(model: nn.Module, path: str | os.PathLike, **extra) -> Path:
     payload = {"format": FORMAT, "model": model_name(model), "class": f"{cls.__module__}.{cls.__qualname__}",
                "config": _plain(config, "config"), "state_dict": model.state_dict(),
                **{k: _plain(v, k) for k, v in extra.items()}}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    bad = _non_finite(payload, "")
+    if bad is not None:  # a diverged model is no result: refuse it rather than overwrite a good file with it
+        raise ValueError(f"not saving {path}: checkpoint entry {bad} holds NaN or infinite values")
+    return files.write_atomic(path, lambda f: torch.save(payload, f), binary=True)
+
+
+def _non_finite(value, where: str) -> str | None:
+    """The place of the first floating tensor holding a NaN or infinity in ``value``, or None."""
+    if isinstance(value, torch.Tensor):
+        return where if value.is_floating_point() and not torch.isfinite(value).all() else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((bad for k, v in items if (bad := _non_finite(v, f"{where}[{k!r}]")) is not None), None)
 
 
 def read(path: str | os.PathLike) -> dict:

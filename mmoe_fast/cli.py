@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import time
 
 import torch
 
-from . import backends, bench, distributed, experiments, models
-from .argtypes import correlation, floats, positive_int
+from . import backends, bench, distributed, experiments, files, models
+from .argtypes import (
+    OneLineParser,
+    correlation,
+    floats,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .data import load_splits, synthetic_spec
-from .train import OPTIMIZERS, fit
+from .train import OPTIMIZERS, ResumeMismatch, fit
+
+# The settings fit compares on resume, by the option of `train` that sets them.
+_OPTION_OF = {"n_rows": "--n-train", "batch_size": "--batch-size", "seed": "--seed", "optimizer": "--optimizer",
+              "loss_weights": "--loss-weights", "patience": "--patience", "model": "--model",
+              "config.num_experts": "--experts", "config.expert_hidden": "--expert-hidden",
+              "config.bottom_hidden": "--bottom-hidden", "config.in_features": "--d",
+              "data.correlation": "--correlation", "data.d": "--d", "data.n_train": "--n-train",
+              "data.n_val": "--n-val", "data.seed": "--seed"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -27,6 +45,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_: None)
+    if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
+        for option, where in (("--log-dir", args.log_dir), ("--checkpoint-dir", args.checkpoint_dir)):
+            if where is not None:
+                files.output_dir(where, option)
     torch.manual_seed(args.seed)
     spec = synthetic_spec(correlation=args.correlation, d=args.d, n_train=args.n_train, n_val=args.n_val,
                           seed=args.seed)
@@ -57,7 +79,7 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmoe-fast", description="Fused MMoE: train, benchmark, inspect backends.")
+    parser = OneLineParser(prog="mmoe-fast", description="Fused MMoE: train, benchmark, inspect backends.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a multi-task model on the paper's synthetic data "
@@ -79,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=positive_int, default=None,
                     help="train this many optimizer steps instead of epochs")
     tr.add_argument("--batch-size", type=positive_int, default=128)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lr", type=positive_float, default=1e-3)
     tr.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     tr.add_argument("--loss-weights", type=floats, default=None, help="per-task loss weights, e.g. 1,0.5")
     tr.add_argument("--patience", type=positive_int, default=None,
                     help="early stopping: epochs without a better task-0 validation metric")
@@ -89,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-dir", default=None, help="write step-*.pt checkpoints and model.pt here")
     tr.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every this many steps")
     tr.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its latest checkpoint)")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=non_negative_int, default=0)
     # One thread by default: the paper-sized model's ops are too small to gain from more, and on shared cores
     # a second intra-op thread stalls every op (benchmarks/bench_train_threads.py).
     tr.add_argument("--threads", type=positive_int, default=1, help="intra-op CPU threads per process")
@@ -105,15 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return bench.main(argv[1:])
-    args = build_parser().parse_args(argv)
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, ResumeMismatch):
+        return exc.render(lambda key: _OPTION_OF.get(key, key))
+    text = " ".join(str(exc).split())  # one line: a library's message may span several
+    return text or type(exc).__name__
+
+
+def _bench(argv: list[str]) -> int:
+    """``bench.main``, its argparse usage error cut to its one error line (bench builds its own parser)."""
+    err = io.StringIO()
     try:
+        with contextlib.redirect_stderr(err):
+            return bench.main(argv)
+    except SystemExit as exc:
+        lines = err.getvalue().strip().splitlines()
+        if exc.code == 2 and lines:
+            err = io.StringIO(lines[-1] + "\n")
+        raise
+    finally:
+        sys.stderr.write(err.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mmoe-fast`` command ``argv``; bad input is exit 2 with one line on stderr, never a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else "mmoe-fast"
+    try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        command = args.command
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # bad input: a message, not a traceback
-        print(f"mmoe-fast {args.command}: error: {exc}", file=sys.stderr)
+    # Bad input, an unusable file or folder (OSError names it), a diverged run: a message, not a traceback.
+    except (ValueError, OSError, FloatingPointError) as exc:
+        print(f"mmoe-fast {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, files
+from .models import model_name
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 MODEL_FILE = "model.pt"
@@ -54,8 +55,10 @@ def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], red
 def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) -> list[dict]:
     """Per-task metrics of ``outputs[N, T]``: ``{"auc"}`` for binary tasks, ``{"mse", "r2"}`` for regression.
 
-    AUC is NaN when the labels hold a single class (it is undefined there).
+    AUC is NaN when the labels hold a single class (it is undefined there). Binary targets must be exactly
+    0 or 1 and no target may be NaN (ValueError naming the task).
     """
+    check_targets(targets, task_types, "targets")
     from sklearn.metrics import mean_squared_error, r2_score, roc_auc_score  # imported late: it is slow to load
 
     out, tgt = outputs.detach().double().cpu().numpy(), targets.detach().double().cpu().numpy()
@@ -68,6 +71,34 @@ def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) ->
             metrics.append({"mse": float(mean_squared_error(tgt[:, t], out[:, t])),
                             "r2": float(r2_score(tgt[:, t], out[:, t]))})
     return metrics
+
+
+def check_targets(y: Tensor, task_types: Sequence[str], name: str = "y") -> None:
+    """ValueError naming the task and row unless every target ``y[N, T]`` is usable for its task's loss.
+
+    Binary targets must be exactly 0 or 1: BCE takes a label of -1 or 0.5 without complaint and trains on a
+    different problem. A NaN target has no loss at all: missing labels are refused, not skipped.
+    """
+    for t, kind in enumerate(task_types):
+        column = y[:, t]
+        nan = torch.isnan(column)
+        if nan.any():
+            rows = nan.nonzero().flatten()
+            raise ValueError(f"{name}: task{t} ({kind}) has {len(rows)} NaN target(s), first at row {int(rows[0])}; "
+                             "missing labels are not supported: drop those rows")
+        bad = ((column != 0) & (column != 1)) if kind == "binary" else ~torch.isfinite(column)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            need = "exactly 0 or 1 (a binary task)" if kind == "binary" else "finite (a regression task)"
+            raise ValueError(f"{name}: task{t} targets must be {need}; row {row} has {column[row].item()!r}")
+
+
+def check_features(x: Tensor, name: str = "x") -> None:
+    """ValueError naming the row and column of the first non-finite value of ``x[N, D]``."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        row, col = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name} has a non-finite value {x[row, col].item()!r} at row {row}, column {col}")
 
 
 @torch.no_grad()
@@ -142,6 +173,15 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
         raise ValueError(f"main_task must be in [0, {num_tasks}), got {main_task}")
     if patience is not None and (x_val is None or patience < 1):
         raise ValueError("early stopping (patience) needs x_val, y_val and a patience >= 1")
+    check_features(x, "x")
+    check_targets(y, model.task_types, "y")
+    if x_val is not None:
+        check_features(x_val, "x_val")
+        check_targets(y_val, model.task_types, "y_val")
+        if patience is not None and model.task_types[main_task] == "binary" and len(y_val[:, main_task].unique()) < 2:
+            # AUC is undefined on one class: every epoch would count as "no improvement".
+            raise ValueError(f"early stopping on task{main_task}'s validation AUC: its validation labels hold one "
+                             "class, so the AUC is undefined; give validation rows of both classes, or no patience")
     if checkpoint_every is not None and (checkpoint_dir is None or checkpoint_every < 1):
         raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 1")
     if batch_size < 1 or (steps is not None and steps < 1):
@@ -162,16 +202,24 @@ def _flatten(record: dict) -> dict:
 
 
 def _write_logs(log_dir: Path, history: list[dict]) -> None:
-    # Rewritten whole each epoch: a resumed run then leaves exactly the uninterrupted run's files.
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(json_safe(r)) + "\n" for r in history)
+    # Rewritten whole each epoch: a resumed run then leaves exactly the uninterrupted run's files. Atomic, so a
+    # failed write keeps the previous epoch's complete files.
+    files.write_text(log_dir / "train.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
     rows = [_flatten(r) for r in history]
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(log_dir / "train.csv", "w", newline="") as f:
+
+    def write_csv(f) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+    files.write_atomic(log_dir / "train.csv", write_csv, newline="")
+
+
+def _metric_text(name: str, value: float) -> str:
+    if math.isnan(value):  # say why, rather than print a bare nan that reads like a diverged run
+        return f"{name}=nan ({'one class in validation' if name == 'auc' else 'non-finite predictions'})"
+    return f"{name}={value:.4f}"
 
 
 def _describe(record: dict) -> str:
@@ -183,9 +231,54 @@ def _describe(record: dict) -> str:
         parts.append(f"extra={record['train_extra_loss']:.4g}")
     if "val_loss" in record:
         parts.append(f"val {tasks(record['val_loss'])}")
-        parts.append(" ".join(f"task{t} " + " ".join(f"{k}={v:.4f}" for k, v in m.items())
+        parts.append(" ".join(f"task{t} " + " ".join(_metric_text(k, v) for k, v in m.items())
                               for t, m in enumerate(record["val_metrics"])))
     return "  ".join(parts)
+
+
+class ResumeMismatch(ValueError):
+    """``fit(resume=...)`` given settings that change what the checkpoint's run trains.
+
+    ``differences`` lists ``(setting, checkpoint's value, this run's value)``; :meth:`render` names the settings
+    another way (the CLI names its options).
+    """
+
+    def __init__(self, path: Path, differences: list[tuple[str, object, object]]) -> None:
+        self.path, self.differences = path, differences
+        super().__init__(self.render())
+
+    def render(self, name: Callable[[str], str] = str) -> str:
+        """The one-line message, each setting shown as ``name(setting)``."""
+        parts = dict.fromkeys(f"{name(key)} {saved} (checkpoint) vs {given} (now)"
+                              for key, saved, given in self.differences)
+        return (f"{self.path} was written by a run with other settings, which change what is trained: "
+                f"{'; '.join(parts)}; resume with the checkpoint's values, or start a new run elsewhere")
+
+
+# The settings of fit a resumed run must share with its checkpoint: they fix the data order (rows, batch
+# size, seed: the generator is restored, so a new seed could not be honoured), the objective (loss weights,
+# the main task that selects the best epoch) or the update rule (the optimizer's algorithm), so continuing
+# under other values would give neither run. Model, its config and the checkpoint_extra entries (the data
+# spec) are checked too. lr, weight_decay, the run's length and patience may change: they are applied from the
+# resumed step on, and said.
+_FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task")
+
+
+def _differences(saved: object, given: object, name: str) -> list[tuple[str, object, object]]:
+    """``(name, saved, given)`` for every leaf where two settings (dicts compared key by key) differ."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return [d for k in dict.fromkeys([*saved, *given])
+                for d in _differences(saved.get(k), given.get(k), f"{name}.{k}")]
+    same = list(saved) == list(given) if isinstance(saved, (list, tuple)) and isinstance(given, (list, tuple)) \
+        else saved == given
+    return [] if same else [(name, saved, given)]
+
+
+def _non_finite(tensors: list[tuple[str, Tensor]]) -> str | None:
+    """The name of the first tensor holding a NaN or infinity, or None."""
+    if torch.stack([t.isfinite().all() for _, t in tensors]).all():
+        return None
+    return next(name for name, t in tensors if not t.isfinite().all())
 
 
 def fit(
@@ -203,22 +296,35 @@ def fit(
     epoch's rows), ``train_extra_loss`` when the model has ``extra_loss``, and with validation data
     ``val_loss`` and ``val_metrics`` (per task, see :func:`task_metrics`).
 
+    - Inputs must be finite and binary targets exactly 0 or 1 (ValueError naming the row and task).
     - ``steps``, when given, replaces ``epochs``: train that many optimizer steps (the last epoch may be partial).
     - ``patience``: stop when the main task's validation metric (AUC up for binary, MSE down for
       regression) has not improved for that many epochs; the best epoch's weights are restored at the end.
+      A metric that is undefined (AUC on one-class validation labels) is refused up front, never read as
+      "no improvement".
     - ``log_dir``: ``train.jsonl`` and ``train.csv``, one row per epoch.
     - ``checkpoint_dir``: ``step-NNNNNNN.pt`` every ``checkpoint_every`` steps, at the last step and when
       early stopping ends the run, plus ``model.pt`` (the returned model) at the end; all are
       :mod:`mmoe_fast.checkpoint` files (``mmoe_fast.load`` reads them), the steps with a ``trainer`` entry.
+      Both folders are created and probed for writing before the first step; every file is written atomically.
     - ``checkpoint_extra``: more entries for every checkpoint written, e.g. ``{"data": spec}``.
     - ``resume``: a ``step-*.pt`` file, or a directory (its latest); training continues exactly where it
-      stopped, and the returned history includes the epochs done before.
+      stopped, and the returned history includes the epochs done before. Settings that change what is
+      trained must equal the checkpoint's (else :class:`ResumeMismatch`, see ``_FIXED``); a new ``lr``,
+      ``weight_decay``, length or ``patience`` is applied from there on and logged.
+    - Every update is checked: a non-finite loss (before the update) or weight (after it, the last one
+      included) raises FloatingPointError naming the step and epoch; nothing non-finite is ever saved, and
+      the checkpoints written before stay.
     Under ``torchrun`` the global batch of ``batch_size`` rows is split across ranks; rank 0 logs and writes.
     """
     weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
         loss_weights, dtype=torch.float32)
     _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
                     checkpoint_every, batch_size, steps)
+    if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
+        for what, where in (("log_dir", log_dir), ("checkpoint_dir", checkpoint_dir)):
+            if where is not None:
+                files.output_dir(where, what)
     device = next(model.parameters()).device
     weights = weights.to(device)
     say = log if distributed.is_main() else (lambda _: None)
@@ -227,10 +333,14 @@ def fit(
     n, num_tasks = len(x), len(model.task_types)
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * per_epoch
+    options = {"n_rows": n, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
+               "loss_weights": weights.tolist(), "main_task": main_task, "lr": lr, "weight_decay": weight_decay,
+               "total_steps": total, "patience": patience}
     higher_is_better = model.task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
     has_extra = callable(getattr(model, "extra_loss", None))
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    entries = dict(checkpoint_extra or {})
     p = _Progress(loss_sum=[0.0] * num_tasks)
     if resume is not None:
         resume = Path(resume)
@@ -239,19 +349,25 @@ def fit(
             if found is None:
                 raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
             resume = found
-        p = _load_checkpoint(resume, model, opt, gen, n, batch_size, device)
+        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
-
-    entries = dict(checkpoint_extra or {})
+    watched = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    last_saved: list[Path] = []  # the newest step checkpoint, for the divergence message
 
     def save_step() -> None:
         if checkpoint_dir is None or not distributed.is_main():
             return
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(model, checkpoint_dir / f"step-{p.step:07d}.pt", **entries, trainer={
+        path = checkpoint.save(model, checkpoint_dir / f"step-{p.step:07d}.pt", **entries, trainer={
             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "n_rows": n, "batch_size": batch_size, "progress": asdict(p)})
+            "n_rows": n, "batch_size": batch_size, "options": options, "progress": asdict(p)})
+        last_saved[:] = [path]
+
+    def diverged(what: str) -> FloatingPointError:
+        kept = f"the last checkpoint, {last_saved[0]}, is kept" if last_saved else "no checkpoint was written"
+        return FloatingPointError(f"training diverged at epoch {p.epoch}, step {p.step + 1}: {what}; nothing of "
+                                  f"this step was saved ({kept}); lower the learning rate (now "
+                                  f"{opt.param_groups[0]['lr']}) or check the inputs")
 
     net = distributed.wrap(model)
     while p.batch > 0 or (p.step < total and not p.stopped):
@@ -265,10 +381,13 @@ def fit(
                 rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
                 sums, extra = _backward(net, model, opt, x, y, rows, weights, has_extra, device)
                 if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
-                    raise FloatingPointError(
-                        f"non-finite training loss at epoch {p.epoch}, step {p.step + 1}: per-task sums {sums}, "
-                        f"extra_loss {extra}; check the inputs for NaN/inf or lower the learning rate")
+                    raise diverged(f"non-finite training loss before the update (per-task sums {sums}, "
+                                   f"extra_loss {extra})")
                 opt.step()
+                # After the update too, the last one included: a finite loss can still give a non-finite step.
+                bad = _non_finite(watched)
+                if bad is not None:
+                    raise diverged(f"the update made the weight {bad!r} non-finite")
                 p.loss_sum = [a + b for a, b in zip(p.loss_sum, sums)]
                 p.extra_sum += extra
                 p.rows += len(rows)
@@ -287,6 +406,9 @@ def fit(
             record["val_loss"] = task_losses(out, y_dev, model.task_types).double().tolist()
             record["val_metrics"] = task_metrics(out, y_dev, model.task_types)
             value = record["val_metrics"][main_task][main_metric]
+            if math.isnan(value) and patience is not None:
+                raise FloatingPointError(f"epoch {p.epoch}: task{main_task}'s validation {main_metric} is nan "
+                                         "(non-finite predictions): early stopping cannot compare it")
             improved = p.best is None or (value > p.best if higher_is_better else value < p.best)
             if improved and not math.isnan(value):
                 p.best, p.best_epoch, p.bad_epochs = value, p.epoch, 0
@@ -307,7 +429,6 @@ def fit(
         model.load_state_dict(p.best_state)
         say(f"restored the weights of epoch {p.best_epoch} (task{main_task} validation {main_metric} {p.best:.4f})")
     if checkpoint_dir is not None and distributed.is_main():
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save(model, checkpoint_dir / MODEL_FILE, **entries)
     return p.history
 
@@ -329,21 +450,63 @@ def _backward(net, model, opt, x, y, rows, weights, has_extra, device) -> tuple[
     return stats[:-1], stats[-1] / distributed.world_size()
 
 
-def _load_checkpoint(path: Path, model, opt, gen, n, batch_size, device) -> _Progress:
+def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entries: dict) -> None:
+    """:class:`ResumeMismatch` listing every setting of this run that differs from the checkpoint's run."""
+    state = ckpt["trainer"]
+    saved = state.get("options", {"n_rows": state["n_rows"], "batch_size": state["batch_size"]})
+    found = [d for key in _FIXED if key in saved for d in _differences(saved[key], options[key], key)]
+    if saved.get("patience") is None and options["patience"] is not None and "patience" in saved:
+        # The best epoch's weights were not kept without patience: restoring them would be impossible.
+        found.append(("patience", None, options["patience"]))
+    found += _differences(ckpt["model"], model_name(model), "model")
+    config = model.config() if callable(getattr(model, "config", None)) else None
+    if isinstance(ckpt["config"], dict) and isinstance(config, dict):
+        # The backend computes the same function within tolerance: a change is applied (and said), not refused.
+        found += [d for d in _differences(ckpt["config"], config, "config") if d[0] != "config.backend"]
+    for key, value in entries.items():
+        found += _differences(ckpt.get(key), value, key)
+    if found:
+        raise ResumeMismatch(path, found)
+
+
+def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say) -> _Progress:
     ckpt = checkpoint.read(path)
     state = ckpt.get("trainer")
     if state is None:
         raise checkpoint.CheckpointError(f"{path} holds no trainer state (resume from a step-*.pt, not {MODEL_FILE})")
-    if (state["n_rows"], state["batch_size"]) != (n, batch_size):
-        raise ValueError(f"{path} was written for {state['n_rows']} rows in batches of {state['batch_size']}; "
-                         f"this run has {n} rows in batches of {batch_size}: resuming would not be exact")
-    model.load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
-    progress = _Progress(**state["progress"])
+    try:
+        _check_resume(path, ckpt, model, options, entries)
+        model.load_state_dict(ckpt["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        progress = _Progress(**state["progress"])
+    except ResumeMismatch:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or foreign trainer entry
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise checkpoint.CheckpointError(f"{path}: its trainer state does not fit this model and optimizer: "
+                                         f"{reason}") from None
+    saved = state.get("options")
+    if saved is None:
+        say(f"{path} records no run options (an older checkpoint): lr, weight decay and patience are this run's")
+        saved = {}
+    for group in opt.param_groups:  # load_state_dict brought back the checkpoint's values: this run's win
+        group["lr"], group["weight_decay"] = options["lr"], options["weight_decay"]
+    for key in ("lr", "weight_decay", "total_steps", "patience"):
+        if key in saved and saved[key] != options[key]:
+            say(f"resume: {key} {saved[key]} (checkpoint) -> {options[key]}, applied from step {progress.step}")
+    if isinstance(ckpt["config"], dict) and "backend" in ckpt["config"]:
+        config = model.config() if callable(getattr(model, "config", None)) else {}
+        if config.get("backend", ckpt["config"]["backend"]) != ckpt["config"]["backend"]:
+            say(f"resume: backend {ckpt['config']['backend']} (checkpoint) -> {config['backend']}")
+    if progress.step > options["total_steps"]:
+        raise ValueError(f"{path} is at step {progress.step}, past this run's {options['total_steps']} steps: "
+                         "give more steps or epochs")
+    if options["patience"] != saved.get("patience", options["patience"]):
+        progress.stopped = options["patience"] is not None and progress.bad_epochs >= options["patience"]
     if progress.best_state is not None:
         progress.best_state = {k: v.to(device) for k, v in progress.best_state.items()}
     return progress

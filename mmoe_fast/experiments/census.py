@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from ..checkpoint import save
 from ..data import census_spec, load_splits
-from .common import fmt, main_score, markdown_table, mean_std, train_run, write_outputs
+from .common import fmt, main_score, markdown_table, mean_std, output_dir, train_run, write_outputs
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), from its Tables 1 and 2.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}
@@ -23,13 +22,12 @@ def census_data_spec(args: argparse.Namespace) -> dict:
 
 def reproduce_census(args: argparse.Namespace) -> int:
     """``reproduce census`` (Tables 1 and 2): test AUCs per model, beside the paper's MMoE."""
-    out = Path(args.out or f"results/census-group{args.group}")
+    out = output_dir(args, f"results/census-group{args.group}")
     spec = census_data_spec(args)
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main, aux = splits["task_names"]
     print(f"census group {args.group}: {len(splits['x_train'])} train / {len(splits['x_val'])} validation / "
           f"{len(splits['x_test'])} test rows, {splits['x_train'].shape[1]} features; tasks {main} (main), {aux}")
-    out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.runs))
     runs, start = [], time.perf_counter()
     for name in args.models:

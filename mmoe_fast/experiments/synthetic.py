@@ -11,7 +11,7 @@ import numpy as np
 
 from ..checkpoint import save
 from ..data import load_splits, synthetic_spec
-from .common import fmt, markdown_table, mean_loss, mean_std, train_run, write_outputs
+from .common import fmt, markdown_table, mean_loss, mean_std, output_dir, train_run, write_outputs
 
 DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
 
@@ -52,8 +52,7 @@ def synthetic_settings(args: argparse.Namespace) -> dict:
 
 def reproduce_correlation(args: argparse.Namespace) -> int:
     """``reproduce correlation`` (Figure 4): final training loss per model and task correlation."""
-    out = Path(args.out or "results/correlation")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args, "results/correlation")
     seeds = list(range(args.seed, args.seed + args.seeds))
     start = time.perf_counter()
     runs = synthetic_runs(args, args.p, seeds, save_first=out)
@@ -96,7 +95,7 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
 
 def reproduce_trainability(args: argparse.Namespace) -> int:
     """``reproduce trainability`` (Figure 5): the spread of final validation losses over seeded runs."""
-    out = Path(args.out or "results/trainability")
+    out = output_dir(args, "results/trainability")
     seeds = list(range(args.seed, args.seed + args.runs))
     start = time.perf_counter()
     runs = synthetic_runs(args, args.p, seeds, save_first=None)

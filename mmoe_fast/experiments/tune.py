@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint import save
 from ..data import load_splits
 from .census import census_data_spec
-from .common import fmt, main_score, markdown_table, text_color, train_run, write_outputs
+from .common import fmt, main_score, markdown_table, output_dir, text_color, train_run, write_outputs
 from .synthetic import synthetic_data_spec
 
 
 def tune(args: argparse.Namespace) -> int:
     """``tune``: every (experts, hidden units, lr) within ``--max-units``, selected on the main task's validation."""
-    out = Path(args.out or "results/tune")
+    out = output_dir(args, "results/tune")
     spec = census_data_spec(args) if args.data == "census" else synthetic_data_spec(args, args.correlation, args.seed)
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main = splits["task_names"][0]
@@ -27,7 +26,6 @@ def tune(args: argparse.Namespace) -> int:
         print(f"skipped (more than {args.max_units} expert units): {skipped}")
     if not grid:
         raise ValueError(f"no configuration within --max-units {args.max_units}")
-    out.mkdir(parents=True, exist_ok=True)
     runs, best, start = [], None, time.perf_counter()
     for i, (e, h, lr) in enumerate(grid, 1):
         kwargs = {"num_experts": e, "expert_hidden": h}
