@@ -1,4 +1,9 @@
-"""Forked children and numba's GNU OpenMP pool: a clear error, not a killed process.
+"""Forked children and GNU OpenMP: a clear error or a working child, never a killed or hung process.
+
+The C++ kernels (and torch) run on GNU OpenMP too, whose threads do not survive fork(): a forked child
+that starts a parallel region after its parent used one hangs. So a child of a process that ran the C++
+kernels (:func:`mark_openmp_used`) is set to one thread (``torch.set_num_threads(1)``, which the
+kernels follow), as PyTorch's own DataLoader workers are.
 
 Once numba's ``omp`` threading layer has started its pool, a forked child (a ``fork`` DataLoader worker, a
 ``multiprocessing`` fork pool) that runs a parallel numba kernel is terminated by GNU OpenMP, with no
@@ -16,6 +21,13 @@ SPAWN_HINT = ("start worker processes with the 'spawn' start method (multiproces
               "DataLoader, multiprocessing.set_start_method('spawn')), or use backend='cpp' or 'reference' in them")
 
 _inherited_openmp = False  # this process was forked from one running numba's GNU OpenMP pool
+_openmp_used = False  # this process ran the C++ kernels' OpenMP regions
+
+
+def mark_openmp_used() -> None:
+    """Called by the C++ backend before its kernels run: children forked from now on run on one thread."""
+    global _openmp_used
+    _openmp_used = True
 
 
 def _numba_openmp_running() -> bool:
@@ -35,6 +47,10 @@ def _numba_openmp_running() -> bool:
 def _after_fork_in_child(running: list[bool]) -> None:
     global _inherited_openmp
     _inherited_openmp = _inherited_openmp or running[0]
+    if _openmp_used:
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def check_numba() -> None:

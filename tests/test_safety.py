@@ -4,6 +4,7 @@ outputs checked before the work and written atomically, census values checked, f
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -317,7 +318,7 @@ def test_a_fork_of_a_numba_openmp_process_gets_a_clear_error():
     pid = os.fork()
     if pid == 0:  # the child: report the message through the pipe, never run pytest's teardown
         try:
-            forksafe.check_numba()
+            ops.gate_softmax(x, torch.randn(2, 4, 3), None, backend="numba")
             os.write(write, b"no error")
         except RuntimeError as exc:
             os.write(write, str(exc).encode())
@@ -328,3 +329,36 @@ def test_a_fork_of_a_numba_openmp_process_gets_a_clear_error():
     os.close(read)
     assert "cannot run in this forked process" in message and "'spawn'" in message
     forksafe.check_numba()  # the parent itself is unaffected
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_fork_of_a_process_that_ran_the_cpp_kernels_runs_them_on_one_thread():
+    """GNU OpenMP's threads do not survive fork(): without the one-thread rule the child would hang."""
+    from mmoe_fast import ops
+    from mmoe_fast.backends import cpp
+
+    if cpp.unavailable_reason() is not None:
+        pytest.skip("mmoe_fast._C not built")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, w, b = torch.randn(512, 64), torch.randn(8, 64, 128), torch.randn(8, 128)
+        wg, bg = torch.randn(2, 64, 8), torch.randn(2, 8)
+        want = ops.mmoe(x, w, b, wg, bg, backend="cpp")  # the parent's OpenMP threads start here
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            ok = torch.equal(ops.mmoe(x, w, b, wg, bg, backend="cpp"), want) and torch.get_num_threads() == 1
+            os.write(write, b"ok" if ok else b"wrong")
+            os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 60
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                pytest.fail("the forked child hung in an OpenMP region")
+            time.sleep(0.05)
+        assert os.read(read, 16) == b"ok"
+        os.close(read)
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import forksafe
 from ..contract import ACTIVATION_CODES
 
 try:
@@ -31,6 +32,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _kernel(name: str, dtype: torch.dtype):
+    forksafe.mark_openmp_used()
     return getattr(_C, name + _SUFFIX[dtype])
 
 

@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import torch
 
+from .. import forksafe
 from ..contract import ACTIVATION_CODES
 from ..kernels import numba_kernels as nk
 
@@ -66,6 +67,7 @@ def _per_expert(a: torch.Tensor) -> torch.Tensor:
 
 def _ready(dtype: torch.dtype) -> None:
     """Compile on first use of a dtype, and follow torch's thread count (numba's is per calling thread)."""
+    forksafe.check_numba()  # a fork of a process running numba's OpenMP pool: an error, not a killed child
     if dtype not in compile_seconds:
         warmup((dtype,))
     threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
