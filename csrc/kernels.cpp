@@ -5,6 +5,10 @@
 #include <atomic>
 #include <stdexcept>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #define MMOE_X86 1
 #pragma GCC push_options
@@ -33,6 +37,19 @@ constexpr int kTileRows = 6;
 }  // namespace mmoe::base
 
 namespace mmoe {
+
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // advice only
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 int best_isa() {
 #ifdef MMOE_X86
@@ -79,20 +96,22 @@ void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t
 
 template <typename T>
 void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
-                     int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), mixture_entry<T>(a, shared, w, b, wg, bg, G, m, B, E, K, N, nT, act))
+                     T* save_pre, T* save_G, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), mixture_entry<T>(a, shared, w, b, wg, bg, G, m, save_pre, save_G, B, E, K, N, nT, act))
 }
 
 template <typename T>
-void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t K,
-                     int64_t N, int act) {
-  MMOE_DISPATCH(active_isa(), grouped_entry<T>(a, shared, w, b, out, B, E, K, N, act))
+void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, T* save_pre, int64_t B, int64_t E,
+                     int64_t K, int64_t N, int act) {
+  MMOE_DISPATCH(active_isa(), grouped_entry<T>(a, shared, w, b, out, save_pre, B, E, K, N, act))
 }
 
 template <typename T>
-void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da, T* dW,
-              T* db, T* dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), backward_entry<T>(a, shared, w, b, G, dm, dout, da, dW, db, dG, B, E, K, N, nT, act))
+void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, const T* G, const T* dm, const T* dout,
+              const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
+              int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), backward_entry<T>(a, shared, w, b, pre, G, dm, dout, wg, bg, da, dW, db, dG, dWg, dbg,
+                                                B, E, K, N, nT, act))
 }
 
 template <typename T>
@@ -117,12 +136,12 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
 
 #define MMOE_INSTANTIATE(T)                                                                                      \
   template void gate_softmax<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);            \
-  template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, int64_t, \
-                                   int64_t, int64_t, int64_t, int64_t, int);                                     \
-  template void grouped_forward<T>(const T*, bool, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,    \
-                                   int);                                                                         \
-  template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, T*,      \
-                            int64_t, int64_t, int64_t, int64_t, int64_t, int);                                   \
+  template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, \
+                                   int64_t, int64_t, int64_t, int64_t, int64_t, int);                            \
+  template void grouped_forward<T>(const T*, bool, const T*, const T*, T*, T*, int64_t, int64_t, int64_t,         \
+                                   int64_t, int);                                                                \
+  template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, const T*, const T*, \
+                            const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int);  \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);

@@ -32,11 +32,22 @@ inline int max_threads() {
 #endif
 }
 
+// Large buffers: ask for transparent huge pages (where the kernel offers them only on request), so that
+// first touching tens of MB costs tens of page faults, not tens of thousands.
+void advise_huge_pages(void* p, size_t bytes);
+
 // Per-thread buffers that grow and are kept: a call allocates nothing once a thread has warmed up.
+// Slots 0-3 serve the work inside a parallel region (every thread its own), 4-7 the calling thread's
+// whole-call buffers shared with its team.
 template <typename T>
 T* scratch(int slot, size_t n) {
-  thread_local std::vector<T> bufs[4];
-  if (bufs[slot].size() < n) bufs[slot].resize(n);
+  thread_local std::vector<T> bufs[8];
+  if (bufs[slot].size() < n) {
+    bufs[slot] = std::vector<T>();
+    bufs[slot].reserve(n);
+    advise_huge_pages(bufs[slot].data(), n * sizeof(T));
+    bufs[slot].resize(n);
+  }
   return bufs[slot].data();
 }
 
@@ -73,17 +84,21 @@ struct Scratch {
 template <typename T>
 void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E);
 // With wg (gate weights [nT, D, E], a = x shared) the gates are computed on the way; else G is given.
+// save_pre / save_G (or null): the pre-activations pre[B, E, N] and the gates computed here, for the backward.
 template <typename T>
 void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
-                     int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+                     T* save_pre, T* save_G, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
 template <typename T>
-void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t K,
-                     int64_t N, int act);
-// The backward of a mixture (G, dm[nT, B, N]) or of a grouped linear (dout[B, E, N], G null), recomputing
-// the pre-activations: da (a's shape), dW[E, K, N], db[E, N] and, for a mixture, dG[B, nT, E].
+void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, T* save_pre, int64_t B, int64_t E,
+                     int64_t K, int64_t N, int act);
+// The backward of a mixture (G, dm[nT, B, N]) or of a grouped linear (dout[B, E, N], G null) from the saved
+// pre-activations (pre null: recomputed): da (a's shape; null: skipped), dW[E, K, N], db[E, N] and, for a
+// mixture, dG[B, nT, E]. With wg (the gates' weights [nT, K, E], a = x shared) the gates' backward is fused:
+// dWg, dbg come out instead of dG, and da includes the gates' part (G null: recomputed from wg, bg).
 template <typename T>
-void backward(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da, T* dW,
-              T* db, T* dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
+void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, const T* G, const T* dm, const T* dout,
+              const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
+              int64_t N, int64_t nT, int act);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

@@ -3,8 +3,9 @@
 // (rows of the register tile). No include guard and no includes here, on purpose.
 //
 // The expert GEMM runs on a register tile of kTileRows rows x NR = 2 vectors of columns (a "panel"),
-// K accumulated in registers; everything after it (bias, activation, gated mixture, or the backward's
-// dpre and dG) is an epilogue on that tile, so [B, E, H] is never written in the forward pass.
+// K accumulated in registers; everything after it (bias, activation, gated mixture) is an epilogue on that
+// tile, so [B, E, H] is never written by an inference forward (a training forward may save the pre-activations
+// there for its backward, which then needs no second GEMM to recompute them).
 // Work is split into fixed row blocks (RB rows) x panels: the split does not depend on the thread count,
 // so every reduction runs in the same order whatever OMP_NUM_THREADS is (deterministic results).
 
@@ -15,8 +16,6 @@ struct Kern {
   static constexpr int NR = 2 * L;                                     // panel width (columns)
   static constexpr int MR = kTileRows;                                 // rows per register tile
   static constexpr int64_t RB = 8 * MR;                                // rows per work block
-  static constexpr int64_t BB = 4 * RB;  // rows per backward block: longer reductions for dW, fewer partial sums
-  static constexpr int64_t kChunks = 8;  // most partial sums of dW the backward keeps (memory: kChunks x |W|)
 
   static V load(const T* p) {
     V v;
@@ -70,7 +69,7 @@ struct Kern {
     tile<M>(a, lda, w, ldw, Kd, out);
   }
 
-  // ---- activations on one panel row: f = act(z), d = act'(z) -------------------------------------
+  // ---- activations on one panel row: f = act(z) -------------------------------------
   static void act_fwd(int act, const T* z, T* f) {
     switch (act) {
       case kRelu:
@@ -85,37 +84,6 @@ struct Kern {
         break;
       default:
         for (int j = 0; j < NR; ++j) f[j] = z[j];
-    }
-  }
-
-  static void act_both(int act, const T* z, T* f, T* d) {
-    switch (act) {
-      case kRelu:
-        for (int j = 0; j < NR; ++j) {
-          f[j] = z[j] < T(0) ? T(0) : z[j];
-          d[j] = z[j] > T(0) ? T(1) : T(0);
-        }
-        break;
-      case kSilu:
-        for (int j = 0; j < NR; ++j) {
-          const T s = T(1) / (T(1) + std::exp(-z[j]));
-          f[j] = z[j] * s;
-          d[j] = s * (T(1) + z[j] * (T(1) - s));
-        }
-        break;
-      case kGelu:
-        for (int j = 0; j < NR; ++j) {
-          const T x = z[j], th = std::tanh(T(kGeluC) * (x + T(kGeluA) * x * x * x));
-          f[j] = T(0.5) * x * (T(1) + th);
-          d[j] = T(0.5) * (T(1) + th) +
-                 T(0.5) * x * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3) * T(kGeluA) * x * x);
-        }
-        break;
-      default:
-        for (int j = 0; j < NR; ++j) {
-          f[j] = z[j];
-          d[j] = T(1);
-        }
     }
   }
 
@@ -183,10 +151,15 @@ struct Kern {
   static int64_t lda_of(bool shared, int64_t E, int64_t Kd) { return shared ? Kd : E * Kd; }
 
   // ---- forward ------------------------------------------------------------------------------------
+  // pre[b, e, :] = a_e[b] @ W[e] + bias[e]: row i of a tile, when the forward saves it for the backward.
+  static void save_row(T* save, const T* z, int64_t b, int64_t E, int64_t e, int64_t N, int64_t h0, int64_t nh) {
+    if (save) std::memcpy(save + (b * E + e) * N + h0, z, static_cast<size_t>(nh) * sizeof(T));
+  }
+
   // m[t, b, :] = sum_e G[b, t, e] act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p;
-  // G points at row r0's gates.
-  static void mixture_item(const T* a, bool shared, const Panels& w, const T* G, T* m, int64_t B, int64_t nT,
-                           int act, int64_t r0, int64_t r1, int64_t p) {
+  // G points at row r0's gates; save: pre[B, E, H] or null.
+  static void mixture_item(const T* a, bool shared, const Panels& w, const T* G, T* m, T* save, int64_t B,
+                           int64_t nT, int act, int64_t r0, int64_t r1, int64_t p) {
     alignas(64) T pre[MR * NR];
     alignas(64) T f[NR];
     const int64_t E = w.E, Kd = w.Kd, H = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, H - h0);
@@ -201,6 +174,7 @@ struct Kern {
         for (int i = 0; i < mr; ++i) {
           T* z = pre + i * NR;
           for (int j = 0; j < NR; ++j) z[j] += bp[j];
+          save_row(save, z, r + i, E, e, H, h0, nh);
           act_fwd(act, z, f);
           for (int64_t t = 0; t < nT; ++t) {
             const T g = G[((r - r0 + i) * nT + t) * E + e];
@@ -216,8 +190,8 @@ struct Kern {
   }
 
   // out[b, e, :] = act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p.
-  static void grouped_item(const T* a, bool shared, const Panels& w, T* out, int act, int64_t r0, int64_t r1,
-                           int64_t p) {
+  static void grouped_item(const T* a, bool shared, const Panels& w, T* out, T* save, int act, int64_t r0,
+                           int64_t r1, int64_t p) {
     alignas(64) T pre[MR * NR];
     alignas(64) T f[NR];
     const int64_t E = w.E, Kd = w.Kd, N = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
@@ -232,6 +206,7 @@ struct Kern {
         for (int i = 0; i < mr; ++i) {
           T* z = pre + i * NR;
           for (int j = 0; j < NR; ++j) z[j] += bp[j];
+          save_row(save, z, r + i, E, e, N, h0, nh);
           act_fwd(act, z, f);
           T* o = out + ((r + i) * E + e) * N + h0;
           for (int64_t j = 0; j < nh; ++j) o[j] = f[j];
@@ -299,8 +274,9 @@ struct Kern {
 
   // The mixture over items (row block, panel). With gates (gw, on x) every thread computes the gates of
   // the row blocks it works on into its own buffer, once per block: no barrier, no shared write.
+  // save_pre / save_G (or null): pre[B, E, H] and the gates G[B, nT, E] computed here, for the backward.
   static void mixture_items(const T* a, bool shared, const Panels& w, const T* x, const Panels* gw, const T* G, T* m,
-                            int64_t B, int64_t nT, int act) {
+                            int64_t B, int64_t nT, int act, T* save_pre = nullptr, T* save_G = nullptr) {
     const int64_t items = ((B + RB - 1) / RB) * w.P, GE = nT * w.E;
     T* local = gw ? scratch<T>(1, static_cast<size_t>(RB * GE)) : nullptr;
     int64_t cached = -1;
@@ -309,8 +285,10 @@ struct Kern {
       if (gw && rb != cached) {
         gate_block(x, *gw, local, nT, w.E, r0, r1);
         cached = rb;
+        if (save_G && it % w.P == 0)  // one item per row block writes its gates
+          std::memcpy(save_G + r0 * GE, local, static_cast<size_t>((r1 - r0) * GE) * sizeof(T));
       }
-      mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, B, nT, act, r0, r1, it % w.P);
+      mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, save_pre, B, nT, act, r0, r1, it % w.P);
     });
   }
 
@@ -320,176 +298,260 @@ struct Kern {
 
   // The forward of one layer: m from a, W and the gates G, or from gates computed here (gw, on a = x).
   static void mixture_forward(const T* a, bool shared, const Panels& w, const Panels* gw, const T* G, T* m, int64_t B,
-                              int64_t nT, int act) {
+                              int64_t nT, int act, T* save_pre, T* save_G) {
 #pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * w.P))
-    mixture_items(a, shared, w, a, gw, G, m, B, nT, act);
+    mixture_items(a, shared, w, a, gw, G, m, B, nT, act, save_pre, save_G);
   }
 
-  static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act) {
+  static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act,
+                              T* save = nullptr) {
     const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
 #pragma omp parallel num_threads(threads_for(items))
     for_items(items, nblocks > 1, [&](int64_t it) {
       const int64_t r0 = (it / w.P) * RB;
-      grouped_item(a, shared, w, out, act, r0, std::min(B, r0 + RB), it % w.P);
+      grouped_item(a, shared, w, out, save, act, r0, std::min(B, r0 + RB), it % w.P);
     });
   }
 
   // ---- backward -----------------------------------------------------------------------------------
-  // Per-row epilogue pieces on whole panels (NR columns, a compile-time count, restrict: vectorized);
-  // a partial panel goes through a zero-padded copy.
-  static const T* padded(const T* src, int64_t n, T* tmp) {
-    if (n == NR) return src;
-    std::memcpy(tmp, src, static_cast<size_t>(n) * sizeof(T));
-    std::fill(tmp + n, tmp + NR, T(0));
-    return tmp;
-  }
+  // From the pre-activations pre[B, E, N] (saved by the forward, or recomputed into a buffer first):
+  //  1. rows (parallel over row blocks): f = act(pre), d = act'(pre); df = sum_t G[b,t,e] dm[t,b,:] (a mixture)
+  //     or dout[b,e,:]; dpre = df * d; dG[b,t,e] = <dm[t,b,:], f>; with the gates fused (mmoe: wg given),
+  //     dlogit = G * (dG - sum_e G dG) joins dpre as nT*E more columns. Each row goes into `dp`, stored as
+  //     panels [group][panel][Bp][NR], the layout the GEMMs below stream through.
+  //  2. weight gradients as one GEMM per group: [a_g^T; 1] @ dp_g, the appended row of ones giving the column
+  //     sums (db, dbg). A group is all experts (and gates) at once for a shared input x: E*N (+ nT*E) columns,
+  //     so narrow experts share panels; per-expert inputs a[B, E, K] make one group per expert. Rows are
+  //     reduced in fixed chunks, each output tile by one thread at a time: the same bits for any thread count.
+  //  3. da = dp @ [W | Wg]^T when an input gradient is wanted (skipped otherwise: a third of the GEMM work).
+  struct Layout {
+    int64_t groups, cols, P, Bp, KS;  // groups, columns per group, panels per group, padded rows, A slivers
+    T* at(T* dp, int64_t g, int64_t p) const { return dp + (g * P + p) * Bp * NR; }
+  };
 
-  // df += g_te * dm_t;  lanes_t += dm_t * f  (dG's partial sums, one per lane)
-  static void mix_back_row(const T* __restrict g, T gte, const T* __restrict f, T* __restrict df,
-                           T* __restrict ln) {
-    for (int j = 0; j < NR; ++j) {
-      df[j] += gte * g[j];
-      ln[j] += g[j] * f[j];
+  // acc[MR][NR] (+)= sum_k ap[k][MR] (x) bp[k][NR]: both operands packed, k contiguous.
+  static void tile_packed(const T* __restrict ap, const T* __restrict bp, int64_t n, T* __restrict out, int64_t ldo,
+                          bool add) {
+    V acc[MR][2] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      const V w0 = load(bp + k * NR), w1 = load(bp + k * NR + L);
+      for (int i = 0; i < MR; ++i) {
+        const T ai = ap[k * MR + i];
+        acc[i][0] += ai * w0;
+        acc[i][1] += ai * w1;
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      V o0 = acc[i][0], o1 = acc[i][1];
+      if (add) {
+        o0 += load(out + i * ldo);
+        o1 += load(out + i * ldo + L);
+      }
+      std::memcpy(out + i * ldo, &o0, sizeof(V));
+      std::memcpy(out + i * ldo + L, &o1, sizeof(V));
     }
   }
 
-  // dpre = df * act'(pre); db's partial += dpre
-  static void dpre_row(const T* __restrict df, const T* __restrict d, T* __restrict o, T* __restrict dbe) {
-    for (int j = 0; j < NR; ++j) {
-      const T v = df[j] * d[j];
-      o[j] = v;
-      dbe[j] += v;
+  // acc[MR rows][NR] = sum over panels p and their columns j of rows[p][i][j] * wt[p*NR + j][NR] (da's GEMM:
+  // dp's row panels against W^T's packed rows).
+  static void tile_rows_panels(const T* __restrict rows, int64_t pstride, int64_t P, const T* __restrict wt,
+                               T* __restrict out) {
+    V acc[MR][2] = {};
+    for (int64_t p = 0; p < P; ++p) {
+      const T* a = rows + p * pstride;
+      const T* w = wt + p * NR * NR;
+      for (int j = 0; j < NR; ++j) {
+        const V w0 = load(w + j * NR), w1 = load(w + j * NR + L);
+        for (int i = 0; i < MR; ++i) {
+          const T ai = a[i * NR + j];
+          acc[i][0] += ai * w0;
+          acc[i][1] += ai * w1;
+        }
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      std::memcpy(out + i * NR, &acc[i][0], sizeof(V));
+      std::memcpy(out + i * NR + L, &acc[i][1], sizeof(V));
     }
   }
 
-  // ---- backward (one pass) ------------------------------------------------------------------------
-  // For each row block and expert e, on the block's rows only:
-  //   pre = a_e W[e] + b[e] (recomputed on the register tile), f = act(pre), d = act'(pre);
-  //   df = sum_t G[b,t,e] dm[t,b,:] (mixture) or dout[b,e,:] (grouped linear, G null);
-  //   dp = df * d, kept in a block buffer [rows, N] (dpre is never written to memory);
-  //   dG[b,t,e] = <dm[t,b,:], f> (lane-wise partial sums, then across lanes);
-  //   dW[e] += a_e^T dp and db[e] += column sums of dp, into the partial sums of the block's chunk;
-  //   da += dp W[e]^T (shared a: one [rows, K] buffer over all experts; else written per expert), skipped
-  //   when da is null (an input nothing needs the gradient of: a third of the GEMM work saved).
-  // Blocks form at most kChunks fixed chunks, handed out on demand; the chunks' partial sums are added
-  // in chunk order at the end: bitwise the same result whatever the thread count or timing.
-  static void backward(const T* a, bool shared, const Panels& w, const T* G, const T* dm, const T* dout, T* da,
-                       T* dW, T* db, T* dG, int64_t B, int64_t nT, int act) {
-    const int64_t E = w.E, Kd = w.Kd, N = w.N, P = w.P, NP = P * NR, lda = lda_of(shared, E, Kd);
-    const int64_t KP = panels(Kd), KW = KP * NR, nblocks = (B + BB - 1) / BB;
-    const int64_t per = (nblocks + kChunks - 1) / kChunks, nchunks = (nblocks + per - 1) / per;
-    // W[e]^T, zero-padded: wt[e][h][k] for h < NP, k < KW (the dx GEMM's panels)
-    std::vector<T> wt(static_cast<size_t>(E * NP * KW));
-    // per chunk: dW partial [E][Kd][NP], db partial [E][NP] (zeroed by the chunk's thread)
-    const int64_t part = E * Kd * NP + E * NP;
-    std::vector<T> partial(static_cast<size_t>(nchunks * part));
-#pragma omp parallel num_threads(threads_for(nchunks))
+  // f = act(z), d = act'(z) over n values.
+  static void act_fd(int act, const T* __restrict z, T* __restrict f, T* __restrict d, int64_t n) {
+    switch (act) {
+      case kRelu:
+        for (int64_t j = 0; j < n; ++j) {
+          f[j] = z[j] < T(0) ? T(0) : z[j];  // NaN stays NaN
+          d[j] = z[j] > T(0) ? T(1) : T(0);
+        }
+        break;
+      case kSilu:
+        for (int64_t j = 0; j < n; ++j) {
+          const T s = T(1) / (T(1) + std::exp(-z[j]));
+          f[j] = z[j] * s;
+          d[j] = s * (T(1) + z[j] * (T(1) - s));
+        }
+        break;
+      case kGelu:
+        for (int64_t j = 0; j < n; ++j) {
+          const T x = z[j], th = std::tanh(T(kGeluC) * (x + T(kGeluA) * x * x * x));
+          f[j] = T(0.5) * x * (T(1) + th);
+          d[j] = T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3) * T(kGeluA) * x * x);
+        }
+        break;
+      default:
+        for (int64_t j = 0; j < n; ++j) {
+          f[j] = z[j];
+          d[j] = T(1);
+        }
+    }
+  }
+
+  // Step 1 for row b: its dpre (and dlogit) columns into `row` (zeroed, group after group, P*NR each).
+  static void backward_row(int64_t b, const T* pre, const T* G, const T* dm, const T* dout, bool gates_fused, T* dG,
+                           int64_t B, int64_t E, int64_t N, int64_t nT, int act, const Layout& lay, T* row, T* f,
+                           T* d, T* dgrow) {
+    for (int64_t e = 0; e < E; ++e) {
+      const T* z = pre + (b * E + e) * N;
+      T* o = lay.groups == 1 ? row + e * N : row + e * lay.P * NR;
+      act_fd(act, z, f, d, N);
+      if (G) {
+        for (int64_t j = 0; j < N; ++j) o[j] = T(0);
+        for (int64_t t = 0; t < nT; ++t) {
+          const T g = G[(b * nT + t) * E + e];
+          const T* __restrict dmt = dm + (t * B + b) * N;
+          for (int64_t j = 0; j < N; ++j) o[j] += g * dmt[j];
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < N; ++j) s += dmt[j] * f[j];
+          dgrow[t * E + e] = s;
+        }
+        for (int64_t j = 0; j < N; ++j) o[j] *= d[j];
+      } else {
+        const T* __restrict dt = dout + (b * E + e) * N;
+        for (int64_t j = 0; j < N; ++j) o[j] = dt[j] * d[j];
+      }
+    }
+    if (!G) return;
+    if (!gates_fused) {
+      std::memcpy(dG + b * nT * E, dgrow, static_cast<size_t>(nT * E) * sizeof(T));
+      return;
+    }
+    T* o = row + E * N;  // dlogit = G * (dG - sum_e G dG), after the experts' columns
+    for (int64_t t = 0; t < nT; ++t) {
+      const T* g = G + (b * nT + t) * E;
+      T s = 0;
+      for (int64_t e = 0; e < E; ++e) s += g[e] * dgrow[t * E + e];
+      for (int64_t e = 0; e < E; ++e) o[t * E + e] = g[e] * (dgrow[t * E + e] - s);
+    }
+  }
+
+  static constexpr int64_t kRowChunk = 256;  // rows per step of the weight-gradient GEMM (A and B slices in L2)
+
+  // wg: gates fused (a shared x, G the gates): dWg[nT, K, E] and dbg[nT, E] come out, dG does not.
+  static void backward(const T* a, bool shared, const T* w, const T* pre, const T* G, const T* dm, const T* dout,
+                       const T* wg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t Kd,
+                       int64_t N, int64_t nT, int act) {
+    const bool fused = wg != nullptr;
+    Layout lay;
+    lay.groups = shared ? 1 : E;
+    lay.cols = shared ? E * N + (fused ? nT * E : 0) : N;
+    lay.P = panels(lay.cols);
+    lay.Bp = (B + MR - 1) / MR * MR;
+    lay.KS = (Kd + 1 + MR - 1) / MR;  // features and the ones row, in slivers of MR
+    const int64_t lda = lda_of(shared, E, Kd), width = lay.P * NR, KW = lay.KS * MR;
+    // the calling thread's kept buffers (every element is written below before it is read)
+    T* dp = scratch<T>(4, static_cast<size_t>(lay.groups * width * lay.Bp));
+    T* ap = scratch<T>(5, static_cast<size_t>(lay.groups * lay.KS * lay.Bp * MR));
+    T* gw = scratch<T>(6, static_cast<size_t>(lay.groups * KW * width));  // [g][KS*MR][width]: the GEMM's output
+    const int64_t KP = panels(Kd);
+    T* wt = scratch<T>(7, static_cast<size_t>(da ? lay.groups * KP * width * NR : 1));  // [g][q][width][NR]
+    const int64_t nblocks = lay.Bp / MR, items = lay.groups * lay.P * lay.KS;
+#pragma omp parallel num_threads(threads_for(std::max(nblocks, items)))
     {
+      T* row = scratch<T>(0, static_cast<size_t>(lay.groups * width));
+      T* f = scratch<T>(1, static_cast<size_t>(3 * N + nT * E));
+      T* d = f + N;
+      T* dgrow = f + 2 * N;
+      // A: [a_g^T; 1] in slivers ap[g][s][Bp][MR] (rows past B are zero)
 #pragma omp for schedule(static)
-      for (int64_t e = 0; e < (da ? E : 0); ++e) {
-        std::fill(wt.begin() + e * NP * KW, wt.begin() + (e + 1) * NP * KW, T(0));
-        for (int64_t p = 0; p < P; ++p) {
-          int64_t ldw;
-          const T* wp = w.get(e, p, &ldw);
-          for (int64_t k = 0; k < Kd; ++k)
-            for (int64_t j = 0; j < NR; ++j) wt[(e * NP + p * NR + j) * KW + k] = wp[k * ldw + j];
-        }
-      }
-      std::vector<T> lanes(static_cast<size_t>(G ? BB * nT * NR : 0)), dp(static_cast<size_t>(BB * NP)),
-          xt(static_cast<size_t>(Kd * BB)), dxb(static_cast<size_t>(BB * KW));
-      alignas(64) T pre[MR * NR];
-      alignas(64) T f[NR];
-      alignas(64) T d[NR];
-      alignas(64) T df[NR];
-      alignas(64) T gt[NR];
-#pragma omp for schedule(dynamic)
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
-        T* mine = partial.data() + ch * part;
-        std::fill(mine, mine + part, T(0));
-        for (int64_t blk = ch * per; blk < std::min(nblocks, (ch + 1) * per); ++blk) {
-          const int64_t r0 = blk * BB, r1 = std::min(B, r0 + BB), rn = r1 - r0;
-          for (int64_t e = 0; e < E; ++e) {
-            const T* ae = rows_of(a, shared, e, Kd) + r0 * lda;
-            if (e == 0 || !shared) {  // a_e's rows transposed (the dW GEMM's left operand); a fresh da block
-              for (int64_t i = 0; i < rn; ++i)
-                for (int64_t k = 0; k < Kd; ++k) xt[k * BB + i] = ae[i * lda + k];
-              std::fill(dxb.begin(), dxb.end(), T(0));
-            }
-            std::fill(lanes.begin(), lanes.end(), T(0));
-            for (int64_t p = 0; p < P; ++p) {
-              int64_t ldw;
-              const T* wp = w.get(e, p, &ldw);
-              const int64_t h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
-              const T* bp = w.bias + e * NP + h0;
-              for (int64_t r = 0; r < rn; r += MR) {
-                const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
-                tile_rows(mr, ae + r * lda, lda, wp, ldw, Kd, pre);
-                for (int i = 0; i < mr; ++i) {
-                  const int64_t b = r0 + r + i;
-                  T* z = pre + i * NR;
-                  for (int j = 0; j < NR; ++j) z[j] += bp[j];
-                  act_both(act, z, f, d);
-                  std::fill(df, df + NR, T(0));
-                  if (G) {
-                    for (int64_t t = 0; t < nT; ++t) {
-                      const T* g = padded(dm + (t * B + b) * N + h0, nh, gt);
-                      mix_back_row(g, G[(b * nT + t) * E + e], f, df, lanes.data() + ((r + i) * nT + t) * NR);
-                    }
-                  } else {
-                    std::memcpy(df, dout + (b * E + e) * N + h0, static_cast<size_t>(nh) * sizeof(T));
-                  }
-                  dpre_row(df, d, dp.data() + (r + i) * NP + h0, mine + E * Kd * NP + e * NP + h0);
-                }
-              }
-            }
-            // dW[e] += a_e^T dp: rows of dW are a's features k, the reduction runs over the block's rows
-            for (int64_t k = 0; k < Kd; k += MR) {
-              const int mk = static_cast<int>(std::min<int64_t>(MR, Kd - k));
-              for (int64_t p = 0; p < P; ++p) {
-                tile_rows(mk, xt.data() + k * BB, BB, dp.data() + p * NR, NP, rn, pre);
-                for (int i = 0; i < mk; ++i) {
-                  T* o = mine + (e * Kd + k + i) * NP + p * NR;
-                  for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
-                }
-              }
-            }
-            // da += dp W[e]^T: the reduction runs over the expert's N outputs
-            for (int64_t r = 0; r < (da ? rn : 0); r += MR) {
-              const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
-              for (int64_t q = 0; q < KP; ++q) {
-                tile_rows(mr, dp.data() + r * NP, NP, wt.data() + e * NP * KW + q * NR, KW, NP, pre);
-                for (int i = 0; i < mr; ++i) {
-                  T* o = dxb.data() + (r + i) * KW + q * NR;
-                  for (int j = 0; j < NR; ++j) o[j] += pre[i * NR + j];
-                }
-              }
-            }
-            if (da && !shared)
-              for (int64_t i = 0; i < rn; ++i)
-                std::memcpy(da + ((r0 + i) * E + e) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
-            if (G)
-              for (int64_t i = 0; i < rn; ++i)
-                for (int64_t t = 0; t < nT; ++t) {
-                  const T* ln = lanes.data() + (i * nT + t) * NR;
-                  T s = 0;
-                  for (int j = 0; j < NR; ++j) s += ln[j];
-                  dG[((r0 + i) * nT + t) * E + e] = s;
-                }
+      for (int64_t gs = 0; gs < lay.groups * lay.KS; ++gs) {
+        const int64_t g = gs / lay.KS, s = gs % lay.KS;
+        const T* ag = rows_of(a, shared, g, Kd);
+        T* o = ap + gs * lay.Bp * MR;
+        for (int64_t bb = 0; bb < lay.Bp; ++bb)
+          for (int i = 0; i < MR; ++i) {
+            const int64_t k = s * MR + i;
+            o[bb * MR + i] = bb >= B ? T(0) : k < Kd ? ag[bb * lda + k] : k == Kd ? T(1) : T(0);
           }
-          if (da && shared)
-            for (int64_t i = 0; i < rn; ++i)
-              std::memcpy(da + (r0 + i) * Kd, dxb.data() + i * KW, static_cast<size_t>(Kd) * sizeof(T));
+      }
+      // W^T (and Wg^T) packed for da: wt[g][q][c][j] = Waug[q*NR + j][c]
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < (da ? lay.groups : 0); ++g) {
+        T* o = wt + g * KP * width * NR;
+        std::fill(o, o + KP * width * NR, T(0));  // padding columns and rows stay zero
+        for (int64_t c = 0; c < lay.cols; ++c) {
+          const int64_t e = shared ? (c < E * N ? c / N : -1) : g;
+          for (int64_t k = 0; k < Kd; ++k) {
+            T v;
+            if (e >= 0) {
+              v = w[(e * Kd + k) * N + (shared ? c % N : c)];
+            } else {
+              const int64_t ge = c - E * N;  // a gate column: task ge / E, expert ge % E
+              v = wg[((ge / E) * Kd + k) * E + ge % E];
+            }
+            o[((k / NR) * width + c) * NR + k % NR] = v;
+          }
         }
       }
-      // the partial sums, added in chunk order, columns split over the threads
+      // 1. rows
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t rb = 0; rb < nblocks; ++rb)
+        for (int64_t bb = rb * MR; bb < (rb + 1) * MR; ++bb) {
+          std::fill(row, row + lay.groups * width, T(0));
+          if (bb < B) backward_row(bb, pre, G, dm, dout, fused, dG, B, E, N, nT, act, lay, row, f, d, dgrow);
+          for (int64_t g = 0; g < lay.groups; ++g)
+            for (int64_t p = 0; p < lay.P; ++p)
+              std::memcpy(lay.at(dp, g, p) + bb * NR, row + g * width + p * NR, sizeof(T) * NR);
+        }
+      // 2. [a^T; 1] @ dp, chunk by chunk of rows (an implicit barrier after each)
+      for (int64_t r0 = 0; r0 < lay.Bp; r0 += kRowChunk) {
+        const int64_t n = std::min(kRowChunk, lay.Bp - r0);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t it = 0; it < items; ++it) {
+          const int64_t g = it / (lay.P * lay.KS), p = (it / lay.KS) % lay.P, s = it % lay.KS;
+          tile_packed(ap + ((g * lay.KS + s) * lay.Bp + r0) * MR, lay.at(dp, g, p) + r0 * NR, n,
+                      gw + (g * KW + s * MR) * width + p * NR, width, r0 > 0);
+        }
+      }
+      // 3. da = dp @ Waug^T on row tiles
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t it = 0; it < (da ? lay.groups * nblocks : 0); ++it) {
+        const int64_t g = it / nblocks, r = (it % nblocks) * MR;
+        alignas(64) T tile[MR * NR];
+        for (int64_t q = 0; q < KP; ++q) {
+          tile_rows_panels(lay.at(dp, g, 0) + r * NR, lay.Bp * NR, lay.P,
+                           wt + (g * KP + q) * width * NR, tile);
+          const int64_t nk = std::min<int64_t>(NR, Kd - q * NR);
+          for (int i = 0; i < MR && r + i < B; ++i)
+            std::memcpy(da + (r + i) * lda + (shared ? 0 : g * Kd) + q * NR, tile + i * NR,
+                        static_cast<size_t>(nk) * sizeof(T));
+        }
+      }
+      // the GEMM's rows to dW[E, K, N], db[E, N] (row Kd: the ones), dWg[nT, K, E], dbg[nT, E]
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < E * Kd * N + E * N; ++c) {
-        const bool is_db = c >= E * Kd * N;
-        const int64_t cc = is_db ? c - E * Kd * N : c;
-        const int64_t off = (is_db ? E * Kd * NP : 0) + (cc / N) * NP + cc % N;
-        T s = 0;
-        for (int64_t ch = 0; ch < nchunks; ++ch) s += partial[ch * part + off];
-        (is_db ? db[cc] : dW[c]) = s;
+      for (int64_t gk = 0; gk < lay.groups * (Kd + 1); ++gk) {
+        const int64_t g = gk / (Kd + 1), k = gk % (Kd + 1);
+        const T* src = gw + (g * KW + k) * width;
+        for (int64_t e = (shared ? 0 : g); e < (shared ? E : g + 1); ++e) {
+          const T* from = src + (shared ? e * N : 0);
+          std::memcpy(k < Kd ? dW + (e * Kd + k) * N : db + e * N, from, static_cast<size_t>(N) * sizeof(T));
+        }
+        if (fused)
+          for (int64_t t = 0; t < nT; ++t)
+            for (int64_t e = 0; e < E; ++e) {
+              const T v = src[E * N + t * E + e];
+              (k < Kd ? dWg[(t * Kd + k) * E + e] : dbg[t * E + e]) = v;
+            }
       }
     }
   }
@@ -549,7 +611,7 @@ struct Kern {
         const Panels w = session_panels(s.hidden[l]);
         for_items(nblocks * w.P, nblocks > 1, [&](int64_t it) {
           const int64_t r0 = (it / w.P) * RB;
-          grouped_item(a, shared, w, sc.h[l].data(), s.hidden[l].act, r0, std::min(B, r0 + RB), it % w.P);
+          grouped_item(a, shared, w, sc.h[l].data(), nullptr, s.hidden[l].act, r0, std::min(B, r0 + RB), it % w.P);
         });
         a = sc.h[l].data();
         shared = false;
@@ -579,16 +641,16 @@ struct Kern {
 // ---- entry points on unpacked weights (the ops) ---------------------------------------------------
 template <typename T>
 void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
-                   int64_t B, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
+                   T* save_pre, T* save_G, int64_t B, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
   using Kt = Kern<T>;
   std::vector<T> buf, gbuf;
   const auto pw = Kt::view(w, b, E, Kd, H, buf);
-  if (!wg) return Kt::mixture_forward(a, shared, pw, nullptr, G, m, B, nT, act);
+  if (!wg) return Kt::mixture_forward(a, shared, pw, nullptr, G, m, B, nT, act, save_pre, nullptr);
   const int64_t P = Kt::panels(nT * E);
   gbuf.resize(static_cast<size_t>(P * Kd * Kt::NR + P * Kt::NR));
   Kt::pack_gate(wg, bg, Kd, nT, E, gbuf.data(), gbuf.data() + P * Kd * Kt::NR);
   const typename Kt::Panels gw{gbuf.data(), nullptr, gbuf.data() + P * Kd * Kt::NR, 1, Kd, nT * E, P, true};
-  Kt::mixture_forward(a, shared, pw, &gw, nullptr, m, B, nT, act);
+  Kt::mixture_forward(a, shared, pw, &gw, nullptr, m, B, nT, act, save_pre, save_G);
 }
 
 template <typename T>
@@ -606,19 +668,35 @@ void gate_entry(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D
 }
 
 template <typename T>
-void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, int64_t B, int64_t E, int64_t Kd,
-                   int64_t N, int act) {
+void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, T* save, int64_t B, int64_t E,
+                   int64_t Kd, int64_t N, int act) {
   std::vector<T> buf;
   const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
-  Kern<T>::grouped_forward(a, shared, pw, out, B, act);
+  Kern<T>::grouped_forward(a, shared, pw, out, B, act, save);
 }
 
+// pre null: recomputed here (one more GEMM) into a buffer; G null with wg given: the gates recomputed too.
 template <typename T>
-void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* G, const T* dm, const T* dout, T* da,
-                    T* dW, T* db, T* dG, int64_t B, int64_t E, int64_t Kd, int64_t N, int64_t nT, int act) {
-  std::vector<T> buf;
-  const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
-  Kern<T>::backward(a, shared, pw, G, dm, dout, da, dW, db, dG, B, nT, act);
+void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pre, const T* G, const T* dm,
+                    const T* dout, const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B,
+                    int64_t E, int64_t Kd, int64_t N, int64_t nT, int act) {
+  using Kt = Kern<T>;
+  std::vector<T> prebuf, gbuf;
+  if (!pre) {
+    std::vector<T> buf;
+    const auto pw = Kt::view(w, b, E, Kd, N, buf);
+    prebuf.reserve(static_cast<size_t>(B * E * N));
+    advise_huge_pages(prebuf.data(), static_cast<size_t>(B * E * N) * sizeof(T));
+    prebuf.resize(static_cast<size_t>(B * E * N));
+    Kt::grouped_forward(a, shared, pw, prebuf.data(), B, kIdentity);
+    pre = prebuf.data();
+  }
+  if (wg && !G) {
+    gbuf.resize(static_cast<size_t>(B * nT * E));
+    gate_entry<T>(a, wg, bg, gbuf.data(), B, Kd, nT, E);
+    G = gbuf.data();
+  }
+  Kt::backward(a, shared, w, pre, G, dm, dout, wg, da, dW, db, dG, dWg, dbg, B, E, Kd, N, nT, act);
 }
 
 template <typename T>

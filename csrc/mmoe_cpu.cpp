@@ -103,30 +103,35 @@ void bind(py::module_& m, const std::string& sfx) {
         "dlogit[B,T,E] = G * (dG - sum_e G dG); dbg[T,E] = sum_b dlogit.");
   m.def(("mixture_forward" + sfx).c_str(),
         [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t wg, uintptr_t bg, uintptr_t G,
-           uintptr_t out, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
-          py::gil_scoped_release release;
-          mmoe::mixture_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(wg), cp<T>(bg), cp<T>(G),
-                                   mp<T>(out), B, E, K, N, nT, act);
-        },
-        "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 "
-        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused.");
-  m.def(("grouped_forward" + sfx).c_str(),
-        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t out, int64_t B, int64_t E, int64_t K,
-           int64_t N, int act) {
-          py::gil_scoped_release release;
-          mmoe::grouped_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), mp<T>(out), B, E, K, N, act);
-        },
-        "out[B,E,N] = act(a_e @ W[e] + b[e]).");
-  m.def(("backward" + sfx).c_str(),
-        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t G, uintptr_t dm, uintptr_t dout, uintptr_t da,
-           uintptr_t dW, uintptr_t db, uintptr_t dG, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT,
+           uintptr_t out, uintptr_t save_pre, uintptr_t save_G, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT,
            int act) {
           py::gil_scoped_release release;
-          mmoe::backward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(da),
-                            mp<T>(dW), mp<T>(db), mp<T>(dG), B, E, K, N, nT, act);
+          mmoe::mixture_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(wg), cp<T>(bg), cp<T>(G),
+                                   mp<T>(out), mp<T>(save_pre), mp<T>(save_G), B, E, K, N, nT, act);
         },
-        "da (a's shape), dW[E,K,N], db[E,N] (and dG[B,T,E] for a mixture: G, dm[T,B,N]; else dout[B,E,N]), "
-        "recomputing the pre-activations; one pass, dpre never written.");
+        "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 "
+        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused. save_pre [B,E,N] and "
+        "save_G [B,T,E] (0: not saved) receive the pre-activations and the gates computed.");
+  m.def(("grouped_forward" + sfx).c_str(),
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t out, uintptr_t save_pre, int64_t B,
+           int64_t E, int64_t K, int64_t N, int act) {
+          py::gil_scoped_release release;
+          mmoe::grouped_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), mp<T>(out), mp<T>(save_pre), B, E, K, N,
+                                   act);
+        },
+        "out[B,E,N] = act(a_e @ W[e] + b[e]); save_pre [B,E,N] (0: not saved) receives a_e @ W[e] + b[e].");
+  m.def(("backward" + sfx).c_str(),
+        [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t pre, uintptr_t G, uintptr_t dm,
+           uintptr_t dout, uintptr_t wg, uintptr_t bg, uintptr_t da, uintptr_t dW, uintptr_t db, uintptr_t dG,
+           uintptr_t dWg, uintptr_t dbg, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+          py::gil_scoped_release release;
+          mmoe::backward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), cp<T>(pre), cp<T>(G), cp<T>(dm), cp<T>(dout),
+                            cp<T>(wg), cp<T>(bg), mp<T>(da), mp<T>(dW), mp<T>(db), mp<T>(dG), mp<T>(dWg), mp<T>(dbg),
+                            B, E, K, N, nT, act);
+        },
+        "da (a's shape; 0: skipped), dW[E,K,N], db[E,N] and, for a mixture (G, dm[T,B,N]; else dout[B,E,N]), "
+        "dG[B,T,E], from the saved pre-activations pre[B,E,N] (0: recomputed). With wg != 0 (wg[T,K,E], bg, a "
+        "shared) the gates' backward is fused: dWg[T,K,E], dbg[T,E] instead of dG (G 0: recomputed).");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)
@@ -147,6 +152,8 @@ PYBIND11_MODULE(_C, m) {
                                         py::arg("relu") = static_cast<int>(mmoe::kRelu),
                                         py::arg("silu") = static_cast<int>(mmoe::kSilu),
                                         py::arg("gelu") = static_cast<int>(mmoe::kGelu));
+  m.def("advise_huge_pages", [](uintptr_t p, size_t bytes) { mmoe::advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
+        "Ask for transparent huge pages over a large buffer not yet touched (advice: the memory stays valid).");
   m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },
         "The instruction set new calls use: avx512, avx2 or base.");
   m.def("best_isa", []() { return std::string(mmoe::isa_name(mmoe::best_isa())); });

@@ -13,13 +13,17 @@ so nothing below ``ops.py`` needs the test harness. The backend protocol, with s
 Kernels get contiguous tensors of one dtype and device, already validated (``ops.py`` does that), and
 return new contiguous tensors in the input dtype; ``db``/``dbg`` are returned even when there is no bias
 (``ops.py`` drops them). With ``input_grad=False`` nothing needs ``da``/``dx``: a backend may skip it and
-return None in its place. Backward kernels get only the forward's inputs (and ``G`` for the gate): they
-recompute what they need, nothing is saved for autograd. Optional members:
+return None in its place. The required backward members get only the forward's inputs (and ``G`` for the
+gate) and recompute what they need. Optional members:
 
 - ``mmoe(x, W, b, Wg, bg, activation) -> m[T, B, H]`` and ``mmoe_backward(dm, x, W, b, Wg, bg, activation)
   -> (dx, dW, db, dWg, dbg)`` (also taking ``input_grad``): gates and mixture in one pass (else ``ops.py``
   composes the two ops);
-- ``tolerance(dtype) -> float``: the relative error it promises, when looser than ``TOLERANCE`` (tf32).
+- ``tolerance(dtype) -> float``: the relative error it promises, when looser than ``TOLERANCE`` (tf32);
+- ``mmoe_train``, ``expert_mixture_train``, ``grouped_linear_train``: the forward under eager autograd, returning
+  ``(out, saved)`` with what its backward wants kept (the pre-activations ``[B, E, N]``, and ``mmoe``'s gates);
+  the backend's backward members then also take ``saved=`` (empty: recompute). Without them the eager backward
+  recomputes.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class Backend(Protocol):
 
 REQUIRED = ("unavailable_reason", "supports", "gate_softmax", "gate_softmax_backward", "expert_mixture",
             "expert_mixture_backward", "grouped_linear", "grouped_linear_backward")
-OPTIONAL = ("mmoe", "mmoe_backward", "tolerance")
+OPTIONAL = ("mmoe", "mmoe_backward", "tolerance", "mmoe_train", "expert_mixture_train", "grouped_linear_train")
 
 
 def missing_members(module: ModuleType) -> list[str]:

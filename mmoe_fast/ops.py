@@ -74,24 +74,56 @@ def _autocast(*tensors):
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
-def _call(op, transformable, forward: Callable, *args):
+def _call(op, transformable, eager, forward: Callable, *args, recompute: bool = True):
     """``forward(*args)`` when no autograd is wanted and nothing compiles, traces or transforms, else the op.
 
-    Under ``torch.func`` transforms and forward-mode AD the op runs through ``transformable`` (an
-    ``autograd.Function``, which those support: the custom op's own autograd does not). Under
-    ``torch.autocast`` the public functions have cast the inputs already (``_autocast``), and the op runs with
-    autocast off, so its numerics are those of the same inputs outside autocast.
+    Eager autograd goes through ``eager`` (an ``autograd.Function`` calling the backend directly: the custom
+    op's dispatch and autograd wrapper cost tens of microseconds per call, a training step's worth at small
+    sizes), which saves the pre-activations for its backward unless ``recompute``. Compiled and traced graphs
+    keep the op itself (its backward recomputes them). Under ``torch.func`` transforms and forward-mode AD the
+    op runs through ``transformable`` (an ``autograd.Function``, which those support: the custom op's own
+    autograd does not). Under ``torch.autocast`` the public functions have cast the inputs already
+    (``_autocast``), and the op runs with autocast off, so its numerics are those of the same inputs outside.
     """
     if _any_autocast() and args[0].device.type in ("cpu", "cuda") and torch.is_autocast_enabled(args[0].device.type):
         with torch.autocast(args[0].device.type, enabled=False):
-            return _call(op, transformable, forward, *args)
+            return _call(op, transformable, eager, forward, *args, recompute=recompute)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: compiled graphs keep the op itself
         return op(*args)
     if torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0:
         return transformable.apply(*args)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
-        return op(*args)
+        return eager.apply(recompute, *args)
     return forward(*args)
+
+
+def _eager(name: str, train: Callable, backward: Callable, backward_op, *, tensors: int, op_takes_saved: bool = False):
+    """The eager-autograd path of ``mmoe_fast::<name>``: an ``autograd.Function`` around the backend's own calls.
+
+    ``train(recompute, *args) -> (out, saved)``: the forward, and what it keeps for the backward (the
+    pre-activations, or nothing when ``recompute`` or the backend keeps nothing); ``backward(grad, *args,
+    input_grad, saved)`` returns one gradient per tensor argument. Under ``create_graph`` the backward runs
+    through ``backward_op`` (recomputing; ``op_takes_saved``: it takes the saved tensors after the inputs, as the
+    gate's takes G), whose autograd refuses a second derivative by name.
+    """
+
+    def forward(ctx, recompute, *args):
+        out, saved = train(recompute, *args)
+        ctx.save_for_backward(*args[:tensors], *saved)
+        ctx.others = args[tensors:]
+        return out
+
+    def grad(ctx, grad_output):
+        inputs, saved = ctx.saved_tensors[:tensors], ctx.saved_tensors[tensors:]
+        wanted = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():
+            grads = backward_op(grad_output, *inputs, *(saved if op_takes_saved else ()), *ctx.others, wanted[0])
+        else:
+            grads = backward(grad_output, *inputs, *ctx.others, wanted[0], tuple(saved))
+        return (None, *(g if need else None for g, need in zip(grads, wanted)), *(None,) * len(ctx.others))
+
+    return type(f"{name}_eager", (torch.autograd.Function,), dict(forward=staticmethod(forward),
+                                                                   backward=staticmethod(grad)))
 
 
 def _loop_vmap(op):
@@ -226,6 +258,19 @@ _gate_softmax, _gate_softmax_bwd, _GateSoftmax = _define(
     lambda x, wg, bg, backend: _reference.gate_softmax(x, wg, bg), tensors=3, save_output=True)
 
 
+def _gate_softmax_train(recompute, x, gate_weight, gate_bias, backend):
+    G = _gate_softmax_forward(x, gate_weight, gate_bias, backend)
+    return G, (G,)
+
+
+def _gate_softmax_eager_backward(grad, x, gate_weight, gate_bias, backend, input_grad, saved):
+    return _gate_softmax_backward(grad, x, gate_weight, gate_bias, saved[0], backend, input_grad)
+
+
+_GateSoftmaxEager = _eager("gate_softmax", _gate_softmax_train, _gate_softmax_eager_backward, _gate_softmax_bwd,
+                           tensors=3, op_takes_saved=True)
+
+
 def gate_softmax(
     x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor] = None, *, backend: str = "auto"
 ) -> Tensor:
@@ -236,7 +281,8 @@ def gate_softmax(
     x, gate_weight, gate_bias = _autocast(x, gate_weight, gate_bias)
     _checks.check_gate(x, gate_weight, gate_bias)
     backends.check_backend_name(backend)
-    return _call(_gate_softmax, _GateSoftmax, _gate_softmax_forward, x, gate_weight, gate_bias, backend)
+    return _call(_gate_softmax, _GateSoftmax, _GateSoftmaxEager, _gate_softmax_forward, x, gate_weight, gate_bias,
+                 backend)
 
 
 # ---- expert_mixture -----------------------------------------------------------------------------
@@ -274,23 +320,52 @@ _expert_mixture, _expert_mixture_bwd, _ExpertMixture = _define(
     tensors=4)
 
 
+def _saving(be, name: str, recompute: bool):
+    """The backend's ``<name>_train`` (a forward that keeps its pre-activations), unless recomputing or absent."""
+    return None if recompute else getattr(be, f"{name}_train", None)
+
+
+def _expert_mixture_train(recompute, a, expert_weight, expert_bias, gates, activation, backend):
+    be = _impl(backend, a)
+    train = _saving(be, "expert_mixture", recompute)
+    if train is None:
+        return _expert_mixture_forward(a, expert_weight, expert_bias, gates, activation, backend), ()
+    return train(_c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation)
+
+
+def _expert_mixture_eager_backward(grad, a, expert_weight, expert_bias, gates, activation, backend, input_grad,
+                                   saved):
+    if not saved:
+        return _expert_mixture_backward(grad, a, expert_weight, expert_bias, gates, activation, backend, input_grad)
+    da, dw, db, dg = _impl(backend, a).expert_mixture_backward(
+        _c(grad), _c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation, input_grad=input_grad,
+        saved=saved)
+    return _input_grad(da, input_grad, a), dw, db, dg
+
+
+_ExpertMixtureEager = _eager("expert_mixture", _expert_mixture_train, _expert_mixture_eager_backward,
+                             _expert_mixture_bwd, tensors=4)
+
+
 def expert_mixture(
     a: Tensor, expert_weight: Tensor, expert_bias: Optional[Tensor], gates: Tensor, *,
-    activation: str = "relu", backend: str = "auto",
+    activation: str = "relu", backend: str = "auto", recompute: bool = False,
 ) -> Tensor:
     """Every task's mixture of expert outputs: ``m[T, B, H]``.
 
     ``m[t, b] = sum_e gates[b, t, e] * act(a_e[b] @ expert_weight[e] + expert_bias[e])`` with
     ``a[B, K]`` (one input shared by the experts) or ``a[B, E, K]`` (one per expert),
     ``expert_weight[E, K, H]``, ``expert_bias[E, H] | None``, ``gates[B, T, E]``.
+    ``recompute=True``: under autograd keep only the inputs (not ``[B, E, H]`` pre-activations) and recompute
+    them in the backward (one more GEMM, less memory).
     """
     a, expert_weight, expert_bias, gates = _autocast(a, expert_weight, expert_bias, gates)
     _checks.check_experts(a, expert_weight, expert_bias)
     _checks.check_gates(gates, a, expert_weight.shape[0])
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_expert_mixture, _ExpertMixture, _expert_mixture_forward, a, expert_weight, expert_bias, gates,
-                 activation, backend)
+    return _call(_expert_mixture, _ExpertMixture, _ExpertMixtureEager, _expert_mixture_forward, a, expert_weight,
+                 expert_bias, gates, activation, backend, recompute=recompute)
 
 
 # ---- grouped_linear (hidden expert layers) ------------------------------------------------------
@@ -322,18 +397,41 @@ _grouped_linear, _grouped_linear_bwd, _GroupedLinear = _define(
     _grouped_linear_backward_fake, lambda a, w, b, act, backend: _reference.grouped_linear(a, w, b, act), tensors=3)
 
 
+def _grouped_linear_train(recompute, a, weight, bias, activation, backend):
+    be = _impl(backend, a)
+    train = _saving(be, "grouped_linear", recompute)
+    if train is None:
+        return _grouped_linear_forward(a, weight, bias, activation, backend), ()
+    return train(_c(a), _c(weight), _c(bias), activation)
+
+
+def _grouped_linear_eager_backward(grad, a, weight, bias, activation, backend, input_grad, saved):
+    if not saved:
+        return _grouped_linear_backward(grad, a, weight, bias, activation, backend, input_grad)
+    da, dw, db = _impl(backend, a).grouped_linear_backward(_c(grad), _c(a), _c(weight), _c(bias), activation,
+                                                           input_grad=input_grad, saved=saved)
+    return _input_grad(da, input_grad, a), dw, db
+
+
+_GroupedLinearEager = _eager("grouped_linear", _grouped_linear_train, _grouped_linear_eager_backward,
+                             _grouped_linear_bwd, tensors=3)
+
+
 def grouped_linear(
-    a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: str = "relu", backend: str = "auto"
+    a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: str = "relu", backend: str = "auto",
+    recompute: bool = False,
 ) -> Tensor:
     """One hidden layer of every expert: ``out[B, E, N] = act(a_e @ weight[e] + bias[e])``.
 
-    ``a[B, K]`` (shared input) or ``a[B, E, K]``, ``weight[E, K, N]``, ``bias[E, N] | None``.
+    ``a[B, K]`` (shared input) or ``a[B, E, K]``, ``weight[E, K, N]``, ``bias[E, N] | None``;
+    ``recompute`` as in ``expert_mixture``.
     """
     a, weight, bias = _autocast(a, weight, bias)
     _checks.check_experts(a, weight, bias, weight_name="weight", bias_name="bias")
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_grouped_linear, _GroupedLinear, _grouped_linear_forward, a, weight, bias, activation, backend)
+    return _call(_grouped_linear, _GroupedLinear, _GroupedLinearEager, _grouped_linear_forward, a, weight, bias,
+                 activation, backend, recompute=recompute)
 
 
 # ---- mmoe: gates and mixture in one op ----------------------------------------------------------
@@ -359,12 +457,20 @@ def _mmoe_backward(
     grad: Tensor, x: Tensor, expert_weight: Tensor, expert_bias: Optional[Tensor], gate_weight: Tensor,
     gate_bias: Optional[Tensor], activation: str, backend: str, input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _mmoe_backward_from(grad, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend,
+                               input_grad, ())
+
+
+def _mmoe_backward_from(grad, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend, input_grad,
+                        saved):
+    """The backward, from what ``mmoe_train`` saved (empty: recomputed)."""
     be = _impl(backend, x)
     grad, x, w, wg = _dense(grad), _dense(x), _dense(expert_weight), _dense(gate_weight)
     b, bg = _c(expert_bias), _c(gate_bias)
     _, fused = contract.fused_mmoe(be)
     if fused is not None:
-        dx, dw, db, dwg, dbg = fused(grad, x, w, b, wg, bg, activation, input_grad=input_grad)
+        extra = dict(saved=saved) if saved else {}
+        dx, dw, db, dwg, dbg = fused(grad, x, w, b, wg, bg, activation, input_grad=input_grad, **extra)
         return _input_grad(dx, input_grad, x), dw, db, dwg, dbg
     gates = be.gate_softmax(x, wg, bg)  # recomputed: cheaper than saving [B, T, E] through autograd
     dx, dw, db, dgates = be.expert_mixture_backward(grad, x, w, b, gates, activation, input_grad=input_grad)
@@ -385,14 +491,25 @@ _mmoe, _mmoe_bwd, _MMoE = _define(
     tensors=5)
 
 
+def _mmoe_train(recompute, x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend):
+    be = _impl(backend, x)
+    train = _saving(be, "mmoe", recompute)
+    if train is None:
+        return _mmoe_forward(x, expert_weight, expert_bias, gate_weight, gate_bias, activation, backend), ()
+    return train(_dense(x), _dense(expert_weight), _c(expert_bias), _dense(gate_weight), _c(gate_bias), activation)
+
+
+_MMoEEager = _eager("mmoe", _mmoe_train, _mmoe_backward_from, _mmoe_bwd, tensors=5)
+
+
 def mmoe(
     x: Tensor, expert_weight: Tensor, expert_bias: Optional[Tensor], gate_weight: Tensor,
-    gate_bias: Optional[Tensor], *, activation: str = "relu", backend: str = "auto",
+    gate_bias: Optional[Tensor], *, activation: str = "relu", backend: str = "auto", recompute: bool = False,
 ) -> Tensor:
     """One MMoE layer with single-layer experts: ``expert_mixture(x, W, b, gate_softmax(x, Wg, bg))``.
 
     ``x[B, D]``, ``expert_weight[E, D, H]``, ``expert_bias[E, H] | None``, ``gate_weight[T, D, E]``,
-    ``gate_bias[T, E] | None``; returns ``m[T, B, H]``.
+    ``gate_bias[T, E] | None``; returns ``m[T, B, H]``. ``recompute`` as in ``expert_mixture``.
     """
     x, expert_weight, expert_bias, gate_weight, gate_bias = _autocast(x, expert_weight, expert_bias, gate_weight,
                                                                       gate_bias)
@@ -405,5 +522,5 @@ def mmoe(
         )
     contract.check_activation(activation)
     backends.check_backend_name(backend)
-    return _call(_mmoe, _MMoE, _mmoe_forward, x, expert_weight, expert_bias, gate_weight, gate_bias, activation,
-                 backend)
+    return _call(_mmoe, _MMoE, _MMoEEager, _mmoe_forward, x, expert_weight, expert_bias, gate_weight, gate_bias,
+                 activation, backend, recompute=recompute)

@@ -131,17 +131,18 @@ def _with_grad(inputs: dict, dtype=None) -> dict:
                 gate_bias=leaf(inputs["gate_bias"]))
 
 
-def run_layer(inputs: dict, activation: str, backend: str, split: bool = False) -> torch.Tensor:
+def run_layer(inputs: dict, activation: str, backend: str, split: bool = False, recompute: bool = False
+              ) -> torch.Tensor:
     """m[T, B, H] through the public ops; ``split`` uses gate_softmax + expert_mixture instead of mmoe."""
     x, ws, bs = inputs["x"], inputs["weights"], inputs["biases"]
+    kw = dict(activation=activation, backend=backend, recompute=recompute)
     if len(ws) == 1 and not split:
-        return ops.mmoe(x, ws[0], bs[0], inputs["gate_weight"], inputs["gate_bias"],
-                        activation=activation, backend=backend)
+        return ops.mmoe(x, ws[0], bs[0], inputs["gate_weight"], inputs["gate_bias"], **kw)
     h = x
     for w, b in zip(ws[:-1], bs[:-1]):
-        h = ops.grouped_linear(h, w, b, activation=activation, backend=backend)
+        h = ops.grouped_linear(h, w, b, **kw)
     gates = ops.gate_softmax(x, inputs["gate_weight"], inputs["gate_bias"], backend=backend)
-    return ops.expert_mixture(h, ws[-1], bs[-1], gates, activation=activation, backend=backend)
+    return ops.expert_mixture(h, ws[-1], bs[-1], gates, **kw)
 
 
 def kink_free_seed(shape: Shape, *, dtype=torch.float32, activation: str = "relu", hidden: tuple[int, ...] = (),
@@ -169,12 +170,14 @@ def kink_free_seed(shape: Shape, *, dtype=torch.float32, activation: str = "relu
 def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu", activation: str = "relu",
                 bias: bool = True, gate_bias: bool = True, hidden: tuple[int, ...] = (), split: bool = False,
                 tol: float | None = None, seed: int | None = None,
-                layout: Callable[[torch.Tensor], torch.Tensor] | None = None, input_grad: bool = True) -> None:
+                layout: Callable[[torch.Tensor], torch.Tensor] | None = None, input_grad: bool = True,
+                recompute: bool = False) -> None:
     """Forward and every gradient of a layer on ``backend`` against the float64 loop reference.
 
     ``seed=None`` takes ``kink_free_seed``, so that float32 ReLU comparisons are well posed. ``layout``
     (one of ``LAYOUTS``) re-lays every input out before the call, for the backend and the oracle alike.
     ``input_grad=False``: ``x`` needs no gradient (data), so the backward may skip it; the others are compared.
+    ``recompute``: the ops keep no pre-activations for the backward (the default keeps them where the backend can).
     """
     tol = TOLERANCE[dtype] if tol is None else tol
     if seed is None:
@@ -183,7 +186,7 @@ def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu"
     mine, oracle = _with_grad(inputs), _with_grad(inputs, torch.float64)
     if not input_grad:
         mine["x"], oracle["x"] = mine["x"].detach(), oracle["x"].detach()
-    out = run_layer(_relayout(mine, layout), activation, backend, split)
+    out = run_layer(_relayout(mine, layout), activation, backend, split, recompute)
     theirs = _relayout(oracle, layout)
     ref = reference.mmoe_layer(theirs["x"], theirs["weights"], theirs["biases"], theirs["gate_weight"],
                                theirs["gate_bias"], activation)

@@ -112,6 +112,31 @@ def test_weight_gradients_when_the_input_needs_none(name, dtype, shape, split, h
                 tol=_tol(name, dtype))
 
 
+@pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("hidden", [(), (7,)], ids=["one-layer", "two-layer"])
+@pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], Shape(70, 100, 8, 16, 2)], ids=str)
+@pytest.mark.parametrize("name,dtype", _cases())
+def test_saved_and_recomputed_pre_activations_give_the_oracles_gradients(name, dtype, shape, split, hidden, recompute,
+                                                                       input_grad):
+    """The eager backward from the forward's saved pre-activations, and from recomputed ones, both match."""
+    check_layer(name, shape, dtype=dtype, activation="relu" if recompute else "silu", split=split, hidden=hidden,
+                recompute=recompute, input_grad=input_grad, tol=_tol(name, dtype))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recomputed"])
+def test_the_cpp_training_forward_keeps_the_pre_activations_unless_told_to_recompute(recompute):
+    if "cpp" not in NAMES:
+        pytest.skip("mmoe_fast._C is not built")
+    x, w, b, wg, bg = (t.requires_grad_() for t in _layer_args(make_inputs(Shape(9, 5, 3, 6, 2))))
+    out = mf.mmoe(x, w, b, wg, bg, backend="cpp", recompute=recompute)
+    kept = {tuple(t.shape) for t in out.grad_fn.saved_tensors}
+    assert ((9, 3, 6) in kept) is not recompute and ((9, 2, 3) in kept) is not recompute
+    x, w, b, wg, bg = (t.detach().double() for t in (x, w, b, wg, bg))
+    assert_close(out, reference.mmoe_layer(x, [w], [b], wg, bg, "relu"), 1e-5, "forward")
+
+
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("name", NAMES)
 def test_many_tasks(name, T):
