@@ -100,3 +100,56 @@ def test_bad_model_arguments_are_named(kwargs, name):
 def test_model_rejects_wrong_input_width():
     with pytest.raises(ValueError, match="gate_weight|expert_weight"):
         mf.MMoE(10, 2)(torch.randn(4, 11))
+
+
+def _towers_by_module(towers, h):
+    """The towers one task at a time, module by module: what the stacked path must equal."""
+    return torch.cat([tower(h if h.dim() == 2 else h[t]) for t, tower in enumerate(towers.towers)], dim=1)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-task", "shared"])
+@pytest.mark.parametrize("T,K,hidden,B", [(1, 5, (), 1), (2, 16, (8,), 7), (3, 9, (4, 6), 33), (5, 33, (8,), 130)])
+def test_stacked_towers_equal_the_towers_module_by_module(T, K, hidden, B, shared):
+    torch.manual_seed(T + K)
+    towers = mf.models.common.Towers(T, K, hidden).double()
+    h = torch.randn(*((B, K) if shared else (T, B, K)), dtype=torch.float64, requires_grad=True)
+    out, ref = towers(h), _towers_by_module(towers, h)
+    assert type(out.grad_fn).__name__ == "_StackedTowersBackward"  # the stacked path ran
+    assert_close(out, ref, 1e-12, "towers forward")
+    g = torch.randn_like(ref)
+    params = [h, *towers.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert_close(got, want, 1e-12, "towers grad")
+
+
+def test_towers_that_are_no_longer_plain_run_module_by_module():
+    """A hook, another module or a changed layer: the per-task loop runs the modules as they are."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 6, 4, dtype=torch.float64)
+    towers = mf.models.common.Towers(2, 4, (3,)).double()
+    seen = []
+    handle = towers.towers[1][0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert_close(towers(h), _towers_by_module(towers, h), 1e-12, "hooked")
+    assert seen, "the hook did not run"
+    handle.remove()
+    towers.towers[0][1] = torch.nn.Tanh()
+    assert_close(towers(h), _towers_by_module(towers, h), 1e-12, "tanh")
+    assert towers(h)[:, 0].ne(mf.models.common.Towers(2, 4, (3,)).double()(h)[:, 0]).any()
+    towers.towers[0][1] = torch.nn.ReLU()
+    towers.towers[1][0] = torch.nn.Linear(4, 3, bias=False).double()
+    assert_close(towers(h), _towers_by_module(towers, h), 1e-12, "no bias")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-task", "shared"])
+def test_stacked_towers_second_derivatives_equal_the_modules(shared):
+    torch.manual_seed(1)
+    towers = mf.models.common.Towers(2, 4, (3,)).double()
+    h = torch.randn(*((5, 4) if shared else (2, 5, 4)), dtype=torch.float64, requires_grad=True)
+    params = [h, *towers.parameters()]
+
+    def second(f):
+        gs = torch.autograd.grad(f(h).square().sum(), params, create_graph=True)
+        return torch.autograd.grad(sum(g.sin().sum() for g in gs), params)
+
+    for got, want in zip(second(towers), second(lambda v: _towers_by_module(towers, v))):
+        assert_close(got, want, 1e-12, "second derivative")
