@@ -18,7 +18,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,7 +35,6 @@ D, E, H, T, TOWER = 128, 8, 256, 2, (8,)
 BATCHES = (1, 8, 64, 512, 4096)
 TRAIN_B = 1024
 CPU = torch.device("cpu")
-MARK = ("<!-- bench_cpu:begin -->", "<!-- bench_cpu:end -->")
 PASSES = 5
 
 
@@ -183,15 +181,6 @@ def render(inf: dict[str, dict[int, float]], train: dict[str, float], command: s
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of RESULTS.md (other benchmarks keep theirs)."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"{MARK[0]}\n{text}{MARK[1]}\n"
-    pattern = re.compile(re.escape(MARK[0]) + r".*?" + re.escape(MARK[1]) + r"\n?", re.S)
-    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -207,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(inf, train, command.strip(), args.threads)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        timing.write_section(args.write, "bench_cpu", text)
     return 0
 
 

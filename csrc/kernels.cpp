@@ -115,6 +115,17 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
 }
 
 template <typename T>
+void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, G, m, out, B, E, N, nT, act))
+}
+
+template <typename T>
+void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
+                   int64_t E, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), rows_entry<T>(pre, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act))
+}
+
+template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out) {
   out.E = E;
   out.K = K;
@@ -142,6 +153,9 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
                                    int64_t, int);                                                                \
   template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, const T*, const T*, \
                             const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int);  \
+  template void from_pre<T>(const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int);             \
+  template void backward_rows<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
+                                 int64_t, int);                                                                \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);

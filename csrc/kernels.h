@@ -84,7 +84,7 @@ struct Scratch {
 template <typename T>
 void gate_softmax(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D, int64_t nT, int64_t E);
 // With wg (gate weights [nT, D, E], a = x shared) the gates are computed on the way; else G is given.
-// save_pre / save_G (or null): the pre-activations pre[B, E, N] and the gates computed here, for the backward.
+// save_pre / save_G (or null): the pre-activations pre[E, B, N] and the gates computed here, for the backward.
 template <typename T>
 void mixture_forward(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
                      T* save_pre, T* save_G, int64_t B, int64_t E, int64_t K, int64_t N, int64_t nT, int act);
@@ -92,13 +92,21 @@ template <typename T>
 void grouped_forward(const T* a, bool shared, const T* w, const T* b, T* out, T* save_pre, int64_t B, int64_t E,
                      int64_t K, int64_t N, int act);
 // The backward of a mixture (G, dm[nT, B, N]) or of a grouped linear (dout[B, E, N], G null) from the saved
-// pre-activations (pre null: recomputed): da (a's shape; null: skipped), dW[E, K, N], db[E, N] and, for a
+// pre-activations pre[E, B, N] (pre null: recomputed): da (a's shape; null: skipped), dW[E, K, N], db[E, N] and, for a
 // mixture, dG[B, nT, E]. With wg (the gates' weights [nT, K, E], a = x shared) the gates' backward is fused:
 // dWg, dbg come out instead of dG, and da includes the gates' part (G null: recomputed from wg, bg).
 template <typename T>
 void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, const T* G, const T* dm, const T* dout,
               const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
               int64_t N, int64_t nT, int act);
+// Around a GEMM done elsewhere, on pre[E, B, N]: m[nT, B, N] = sum_e G act(pre[e]) (m given), else
+// out[B, E, N] = act(pre); and the backward's elementwise step: dp[E, B, N] = df * act'(pre) with
+// df = sum_t G dm (a mixture) or dout; dlogit[B, nT, E] (gates fused: given) or dG[B, nT, E].
+template <typename T>
+void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act);
+template <typename T>
+void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
+                   int64_t E, int64_t N, int64_t nT, int act);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

@@ -151,13 +151,22 @@ struct Kern {
   static int64_t lda_of(bool shared, int64_t E, int64_t Kd) { return shared ? Kd : E * Kd; }
 
   // ---- forward ------------------------------------------------------------------------------------
-  // pre[b, e, :] = a_e[b] @ W[e] + bias[e]: row i of a tile, when the forward saves it for the backward.
-  static void save_row(T* save, const T* z, int64_t b, int64_t E, int64_t e, int64_t N, int64_t h0, int64_t nh) {
-    if (save) std::memcpy(save + (b * E + e) * N + h0, z, static_cast<size_t>(nh) * sizeof(T));
+  // pre[e, b, :] = a_e[b] @ W[e] + bias[e] (expert-major: a row block's rows are near each other in memory),
+  // when the forward saves it for the backward.
+  static void save_row(T* save, const T* z, int64_t b, int64_t B, int64_t e, int64_t N, int64_t h0, int64_t nh) {
+    if (!save) return;
+    T* o = save + (e * B + b) * N + h0;
+    if (nh == NR) {  // a whole panel: two vector stores, not a library call per row
+      const V z0 = load(z), z1 = load(z + L);
+      std::memcpy(o, &z0, sizeof(V));
+      std::memcpy(o + L, &z1, sizeof(V));
+    } else {
+      for (int64_t j = 0; j < nh; ++j) o[j] = z[j];
+    }
   }
 
   // m[t, b, :] = sum_e G[b, t, e] act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p;
-  // G points at row r0's gates; save: pre[B, E, H] or null.
+  // G points at row r0's gates; save: pre[E, B, H] or null.
   static void mixture_item(const T* a, bool shared, const Panels& w, const T* G, T* m, T* save, int64_t B,
                            int64_t nT, int act, int64_t r0, int64_t r1, int64_t p) {
     alignas(64) T pre[MR * NR];
@@ -174,7 +183,7 @@ struct Kern {
         for (int i = 0; i < mr; ++i) {
           T* z = pre + i * NR;
           for (int j = 0; j < NR; ++j) z[j] += bp[j];
-          save_row(save, z, r + i, E, e, H, h0, nh);
+          save_row(save, z, r + i, B, e, H, h0, nh);
           act_fwd(act, z, f);
           for (int64_t t = 0; t < nT; ++t) {
             const T g = G[((r - r0 + i) * nT + t) * E + e];
@@ -190,8 +199,9 @@ struct Kern {
   }
 
   // out[b, e, :] = act(a_e[b] @ W[e] + bias[e]) for rows [r0, r1) and panel p.
-  static void grouped_item(const T* a, bool shared, const Panels& w, T* out, T* save, int act, int64_t r0,
-                           int64_t r1, int64_t p) {
+  // out null: only the pre-activations are saved.
+  static void grouped_item(const T* a, bool shared, const Panels& w, T* out, T* save, int64_t B, int act,
+                           int64_t r0, int64_t r1, int64_t p) {
     alignas(64) T pre[MR * NR];
     alignas(64) T f[NR];
     const int64_t E = w.E, Kd = w.Kd, N = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
@@ -206,7 +216,8 @@ struct Kern {
         for (int i = 0; i < mr; ++i) {
           T* z = pre + i * NR;
           for (int j = 0; j < NR; ++j) z[j] += bp[j];
-          save_row(save, z, r + i, E, e, N, h0, nh);
+          save_row(save, z, r + i, B, e, N, h0, nh);
+          if (!out) continue;
           act_fwd(act, z, f);
           T* o = out + ((r + i) * E + e) * N + h0;
           for (int64_t j = 0; j < nh; ++j) o[j] = f[j];
@@ -309,13 +320,13 @@ struct Kern {
 #pragma omp parallel num_threads(threads_for(items))
     for_items(items, nblocks > 1, [&](int64_t it) {
       const int64_t r0 = (it / w.P) * RB;
-      grouped_item(a, shared, w, out, save, act, r0, std::min(B, r0 + RB), it % w.P);
+      grouped_item(a, shared, w, out, save, B, act, r0, std::min(B, r0 + RB), it % w.P);
     });
   }
 
   // ---- backward -----------------------------------------------------------------------------------
   // From the pre-activations pre[B, E, N] (saved by the forward, or recomputed into a buffer first):
-  //  1. rows (parallel over row blocks): f = act(pre), d = act'(pre); df = sum_t G[b,t,e] dm[t,b,:] (a mixture)
+  //  1. rows (parallel over row blocks; pre is [E, B, N]): f = act(pre), d = act'(pre); df = sum_t G[b,t,e] dm[t,b,:] (a mixture)
   //     or dout[b,e,:]; dpre = df * d; dG[b,t,e] = <dm[t,b,:], f>; with the gates fused (mmoe: wg given),
   //     dlogit = G * (dG - sum_e G dG) joins dpre as nT*E more columns. Each row goes into `dp`, stored as
   //     panels [group][panel][Bp][NR], the layout the GEMMs below stream through.
@@ -411,7 +422,7 @@ struct Kern {
                            int64_t B, int64_t E, int64_t N, int64_t nT, int act, const Layout& lay, T* row, T* f,
                            T* d, T* dgrow) {
     for (int64_t e = 0; e < E; ++e) {
-      const T* z = pre + (b * E + e) * N;
+      const T* z = pre + (e * B + b) * N;
       T* o = lay.groups == 1 ? row + e * N : row + e * lay.P * NR;
       act_fd(act, z, f, d, N);
       if (G) {
@@ -445,7 +456,7 @@ struct Kern {
     }
   }
 
-  static constexpr int64_t kRowChunk = 256;  // rows per step of the weight-gradient GEMM (A and B slices in L2)
+  static constexpr int64_t kRowChunk = 2048;  // rows per step of the weight-gradient GEMM: long reductions in registers
 
   // wg: gates fused (a shared x, G the gates): dWg[nT, K, E] and dbg[nT, E] come out, dG does not.
   static void backward(const T* a, bool shared, const T* w, const T* pre, const T* G, const T* dm, const T* dout,
@@ -556,6 +567,60 @@ struct Kern {
     }
   }
 
+  // ---- passes around a GEMM done elsewhere (BLAS): pre[E, B, N] in, pre[E, B, N]-shaped dp out -----------
+  // m[t, b, :] = sum_e G[b, t, e] act(pre[e, b, :]) (G given), or out[b, e, :] = act(pre[e, b, :]) (m null).
+  static void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
+                       int act) {
+    const int64_t nblocks = (B + RB - 1) / RB;
+#pragma omp parallel num_threads(threads_for(nblocks))
+    {
+      T* f = scratch<T>(1, static_cast<size_t>(2 * N));
+      T* d = f + N;
+#pragma omp for schedule(static)
+      for (int64_t rb = 0; rb < nblocks; ++rb)
+        for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b)
+          for (int64_t e = 0; e < E; ++e) {
+            const T* z = pre + (e * B + b) * N;
+            if (!m) {
+              act_fd(act, z, out + (b * E + e) * N, d, N);
+              continue;
+            }
+            act_fd(act, z, f, d, N);
+            for (int64_t t = 0; t < nT; ++t) {
+              const T g = G[(b * nT + t) * E + e];
+              T* __restrict o = m + (t * B + b) * N;
+              if (e == 0)
+                for (int64_t j = 0; j < N; ++j) o[j] = g * f[j];
+              else
+                for (int64_t j = 0; j < N; ++j) o[j] += g * f[j];
+            }
+          }
+    }
+  }
+
+  // Step 1 of the backward alone: dp[e, b, :] (expert-major), and dlogit[B, nT, E] (gates fused) or dG.
+  static void rows(const T* pre, const T* G, const T* dm, const T* dout, bool fused, T* dp, T* dlogit, T* dG,
+                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+    Layout lay;
+    lay.groups = 1;
+    lay.cols = E * N + (fused ? nT * E : 0);
+    lay.P = panels(lay.cols);
+    const int64_t nblocks = (B + RB - 1) / RB;
+#pragma omp parallel num_threads(threads_for(nblocks))
+    {
+      T* row = scratch<T>(0, static_cast<size_t>(lay.P * NR));
+      T* f = scratch<T>(1, static_cast<size_t>(3 * N + nT * E));
+#pragma omp for schedule(static)
+      for (int64_t rb = 0; rb < nblocks; ++rb)
+        for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
+          backward_row(b, pre, G, dm, dout, fused, dG, B, E, N, nT, act, lay, row, f, f + N, f + 2 * N);
+          for (int64_t e = 0; e < E; ++e)
+            std::memcpy(dp + (e * B + b) * N, row + e * N, static_cast<size_t>(N) * sizeof(T));
+          if (fused) std::memcpy(dlogit + b * nT * E, row + E * N, static_cast<size_t>(nT * E) * sizeof(T));
+        }
+    }
+  }
+
   // ---- an InferenceSession's whole model ----------------------------------------------------------
   // Task t's tower on rows [r0, r1) of its input (stride lda): each nn.Linear on the register tile,
   // through two buffers of RB rows x the widest padded layer; out[b, t] is the last layer's column 0.
@@ -611,7 +676,8 @@ struct Kern {
         const Panels w = session_panels(s.hidden[l]);
         for_items(nblocks * w.P, nblocks > 1, [&](int64_t it) {
           const int64_t r0 = (it / w.P) * RB;
-          grouped_item(a, shared, w, sc.h[l].data(), nullptr, s.hidden[l].act, r0, std::min(B, r0 + RB), it % w.P);
+          grouped_item(a, shared, w, sc.h[l].data(), nullptr, B, s.hidden[l].act, r0, std::min(B, r0 + RB),
+                       it % w.P);
         });
         a = sc.h[l].data();
         shared = false;
@@ -688,7 +754,7 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
     prebuf.reserve(static_cast<size_t>(B * E * N));
     advise_huge_pages(prebuf.data(), static_cast<size_t>(B * E * N) * sizeof(T));
     prebuf.resize(static_cast<size_t>(B * E * N));
-    Kt::grouped_forward(a, shared, pw, prebuf.data(), B, kIdentity);
+    Kt::grouped_forward(a, shared, pw, nullptr, B, kIdentity, prebuf.data());
     pre = prebuf.data();
   }
   if (wg && !G) {
@@ -697,6 +763,17 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
     G = gbuf.data();
   }
   Kt::backward(a, shared, w, pre, G, dm, dout, wg, da, dW, db, dG, dWg, dbg, B, E, Kd, N, nT, act);
+}
+
+template <typename T>
+void from_pre_entry(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  Kern<T>::from_pre(pre, G, m, out, B, E, N, nT, act);
+}
+
+template <typename T>
+void rows_entry(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
+                int64_t E, int64_t N, int64_t nT, int act) {
+  Kern<T>::rows(pre, G, dm, dout, dlogit != nullptr, dp, dlogit, dG, B, E, N, nT, act);
 }
 
 template <typename T>

@@ -3,6 +3,9 @@
 // sizes as int64. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -36,6 +39,83 @@ void gate_backward(const T* G, const T* dG, T* dlogit, T* dbg, int64_t B, int64_
       }
     }
 }
+
+// Large outputs (a training step's pre-activations, mixtures, gradients) come from blocks kept across steps:
+// a fresh buffer of tens of MB costs its page faults and zeroing on every step (as much as the kernel writing
+// it). A Block lends its memory to a tensor (torch.frombuffer keeps the Block alive); when the tensor dies the
+// memory goes back to the pool, which keeps at most kKeep blocks and kKeepBytes in all.
+class BlockPool {
+ public:
+  static BlockPool& get() {
+    static BlockPool* pool = new BlockPool();  // never destroyed: tensors may outlive module teardown
+    return *pool;
+  }
+
+  std::pair<void*, size_t> take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= 2 * bytes) {  // reuse, wasting at most half
+        auto got = *it;
+        free_.erase(it);
+        cached_ -= got.first;
+        return {got.second, got.first};
+      }
+    }
+    const size_t size = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* p = std::aligned_alloc(kAlign, size);
+    if (!p) throw std::bad_alloc();
+    mmoe::advise_huge_pages(p, size);
+    return {p, size};
+  }
+
+  void give(void* p, size_t size) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace(size, p);
+    cached_ += size;
+    while (free_.size() > kKeep || cached_ > kKeepBytes) {  // drop the largest first
+      auto last = std::prev(free_.end());
+      cached_ -= last->first;
+      std::free(last->second);
+      free_.erase(last);
+    }
+  }
+
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t freed = cached_;
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    cached_ = 0;
+    return freed;
+  }
+
+  size_t cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+
+ private:
+  static constexpr size_t kAlign = size_t(1) << 21;
+  static constexpr size_t kKeep = 16;
+  static constexpr size_t kKeepBytes = size_t(2) << 30;
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+struct Block {
+  explicit Block(size_t n) : bytes(n) {
+    auto got = BlockPool::get().take(n);
+    ptr = got.first;
+    size = got.second;
+  }
+  ~Block() { BlockPool::get().give(ptr, size); }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
+  void* ptr;
+  size_t bytes, size;
+};
 
 // A packed model answering run(x) -> out[B, T]; built by the add_* calls (which copy the weights).
 template <typename T>
@@ -110,7 +190,7 @@ void bind(py::module_& m, const std::string& sfx) {
                                    mp<T>(out), mp<T>(save_pre), mp<T>(save_G), B, E, K, N, nT, act);
         },
         "m[T,B,N] = sum_e G[b,t,e] act(a_e @ W[e] + b[e]); a is [B,K] (shared) or [B,E,K]. With wg != 0 "
-        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused. save_pre [B,E,N] and "
+        "(wg[T,K,E], bg[T,E], a shared) the gates are computed on the way and G is unused. save_pre [E,B,N] and "
         "save_G [B,T,E] (0: not saved) receive the pre-activations and the gates computed.");
   m.def(("grouped_forward" + sfx).c_str(),
         [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t out, uintptr_t save_pre, int64_t B,
@@ -119,7 +199,7 @@ void bind(py::module_& m, const std::string& sfx) {
           mmoe::grouped_forward<T>(cp<T>(a), shared, cp<T>(w), cp<T>(b), mp<T>(out), mp<T>(save_pre), B, E, K, N,
                                    act);
         },
-        "out[B,E,N] = act(a_e @ W[e] + b[e]); save_pre [B,E,N] (0: not saved) receives a_e @ W[e] + b[e].");
+        "out[B,E,N] = act(a_e @ W[e] + b[e]); save_pre [E,B,N] (0: not saved) receives a_e @ W[e] + b[e].");
   m.def(("backward" + sfx).c_str(),
         [](uintptr_t a, bool shared, uintptr_t w, uintptr_t b, uintptr_t pre, uintptr_t G, uintptr_t dm,
            uintptr_t dout, uintptr_t wg, uintptr_t bg, uintptr_t da, uintptr_t dW, uintptr_t db, uintptr_t dG,
@@ -130,8 +210,24 @@ void bind(py::module_& m, const std::string& sfx) {
                             B, E, K, N, nT, act);
         },
         "da (a's shape; 0: skipped), dW[E,K,N], db[E,N] and, for a mixture (G, dm[T,B,N]; else dout[B,E,N]), "
-        "dG[B,T,E], from the saved pre-activations pre[B,E,N] (0: recomputed). With wg != 0 (wg[T,K,E], bg, a "
+        "dG[B,T,E], from the saved pre-activations pre[E,B,N] (0: recomputed). With wg != 0 (wg[T,K,E], bg, a "
         "shared) the gates' backward is fused: dWg[T,K,E], dbg[T,E] instead of dG (G 0: recomputed).");
+  m.def(("from_pre" + sfx).c_str(),
+        [](uintptr_t pre, uintptr_t G, uintptr_t m, uintptr_t out, int64_t B, int64_t E, int64_t N, int64_t nT,
+           int act) {
+          py::gil_scoped_release release;
+          mmoe::from_pre<T>(cp<T>(pre), cp<T>(G), mp<T>(m), mp<T>(out), B, E, N, nT, act);
+        },
+        "From pre[E,B,N]: m[T,B,N] = sum_e G[b,t,e] act(pre[e,b]) when m != 0, else out[B,E,N] = act(pre).");
+  m.def(("backward_rows" + sfx).c_str(),
+        [](uintptr_t pre, uintptr_t G, uintptr_t dm, uintptr_t dout, uintptr_t dp, uintptr_t dlogit, uintptr_t dG,
+           int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+          py::gil_scoped_release release;
+          mmoe::backward_rows<T>(cp<T>(pre), cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(dp), mp<T>(dlogit), mp<T>(dG),
+                                 B, E, N, nT, act);
+        },
+        "dp[E,B,N] = df * act'(pre[E,B,N]), df = sum_t G dm[T,B,N] (G != 0) or dout[B,E,N]; with G, dlogit[B,T,E] "
+        "of the gates' softmax when dlogit != 0, else dG[B,T,E].");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)
@@ -152,6 +248,17 @@ PYBIND11_MODULE(_C, m) {
                                         py::arg("relu") = static_cast<int>(mmoe::kRelu),
                                         py::arg("silu") = static_cast<int>(mmoe::kSilu),
                                         py::arg("gelu") = static_cast<int>(mmoe::kGelu));
+  py::class_<Block>(m, "Block", py::buffer_protocol(),
+                    "Memory for one tensor from the kept pool (torch.frombuffer(Block(n), dtype=...)); it returns to "
+                    "the pool when the last tensor over it dies.")
+      .def(py::init<size_t>(), py::arg("bytes"))
+      .def_buffer([](Block& b) {
+        return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.bytes)}, {static_cast<py::ssize_t>(1)});
+      });
+  m.def("release_blocks", []() { return BlockPool::get().release(); },
+        "Free the pool's kept blocks (those no tensor uses); returns the bytes freed.");
+  m.def("cached_block_bytes", []() { return BlockPool::get().cached(); });
   m.def("advise_huge_pages", [](uintptr_t p, size_t bytes) { mmoe::advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
         "Ask for transparent huge pages over a large buffer not yet touched (advice: the memory stays valid).");
   m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },

@@ -21,7 +21,7 @@ gate) and recompute what they need. Optional members:
   composes the two ops);
 - ``tolerance(dtype) -> float``: the relative error it promises, when looser than ``TOLERANCE`` (tf32);
 - ``mmoe_train``, ``expert_mixture_train``, ``grouped_linear_train``: the forward under eager autograd, returning
-  ``(out, saved)`` with what its backward wants kept (the pre-activations ``[B, E, N]``, and ``mmoe``'s gates);
+  ``(out, saved)`` with what its backward wants kept (the pre-activations, and ``mmoe``'s gates);
   the backend's backward members then also take ``saved=`` (empty: recompute). Without them the eager backward
   recomputes.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -171,3 +172,14 @@ def format_time(seconds: float | None, *, us_digits: int = 0) -> str:
 def format_ratio(numerator: float | None, denominator: float | None) -> str:
     """``1.23x``; ``-`` when either figure is missing."""
     return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace benchmark ``name``'s section of the markdown file ``path`` (between ``<!-- name:begin -->`` and
+    ``<!-- name:end -->``; appended when absent), so that every benchmark keeps its own."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"{begin}\n{text}{end}\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + section
+    path.write_text(new)

@@ -112,3 +112,28 @@ def test_matches_reference_backend_at_a_realistic_size():
     args = (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"])
     assert_close(mf.mmoe(*args, backend="cpp"), mf.mmoe(*[a.double() for a in args], backend="reference"), 1e-5,
                  "cpp at D=128, E=8, H=256")
+
+
+def test_the_training_gemm_setting_is_checked_and_auto_follows_the_cpu(monkeypatch):
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "fast")
+    with pytest.raises(ValueError, match="MMOE_FAST_CPU_GEMM must be one of"):
+        cpp.training_gemm()
+    for value in ("own", "blas"):
+        monkeypatch.setenv("MMOE_FAST_CPU_GEMM", value)
+        assert cpp.training_gemm() == value
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "auto")
+    intel_mkl = torch.backends.mkl.is_available() and cpp._cpu_vendor() == "GenuineIntel"
+    assert cpp.training_gemm() == ("blas" if intel_mkl else "own")
+
+
+def test_large_outputs_come_from_kept_blocks_and_can_be_released():
+    cpp.release_cached_memory()
+    t = cpp._fresh(torch.empty(0), (512, 1024))  # 2 MiB: a kept block
+    t.fill_(2.0)
+    assert t.sum().item() == 2.0 * t.numel() and cpp._C.cached_block_bytes() == 0
+    del t
+    assert cpp._C.cached_block_bytes() >= 2 << 20
+    again = cpp._fresh(torch.empty(0, dtype=torch.float64), (256, 1024))  # the same block, reused
+    assert cpp._C.cached_block_bytes() == 0 and again.dtype == torch.float64
+    del again
+    assert cpp.release_cached_memory() >= 2 << 20 and cpp._C.cached_block_bytes() == 0
