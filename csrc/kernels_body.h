@@ -340,18 +340,18 @@ struct Kern {
     T* at(T* dp, int64_t g, int64_t p) const { return dp + (g * P + p) * Bp * NR; }
   };
 
-  // acc[MR][NR] (+)= sum_k ap[k][MR] (x) bp[k][NR]: both operands packed, k contiguous.
-  static void tile_packed(const T* __restrict ap, const T* __restrict bp, int64_t n, T* __restrict out, int64_t ldo,
-                          bool add) {
-    V acc[MR][2] = {};
-    for (int64_t k = 0; k < n; ++k) {
-      const V w0 = load(bp + k * NR), w1 = load(bp + k * NR + L);
-      for (int i = 0; i < MR; ++i) {
-        const T ai = ap[k * MR + i];
-        acc[i][0] += ai * w0;
-        acc[i][1] += ai * w1;
-      }
+  // One step of a register tile: acc[i][:] += a[i * as] * w[0:NR] for the MR rows.
+  static void fma_step(V (&acc)[MR][2], const T* __restrict a, int64_t as, const T* __restrict w) {
+    const V w0 = load(w), w1 = load(w + L);
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i * as];
+      acc[i][0] += ai * w0;
+      acc[i][1] += ai * w1;
     }
+  }
+
+  // out[MR][NR] (row stride ldo) = acc, or += acc when `add`.
+  static void store_tile(V (&acc)[MR][2], T* out, int64_t ldo, bool add) {
     for (int i = 0; i < MR; ++i) {
       V o0 = acc[i][0], o1 = acc[i][1];
       if (add) {
@@ -363,27 +363,20 @@ struct Kern {
     }
   }
 
-  // acc[MR rows][NR] = sum over panels p and their columns j of rows[p][i][j] * wt[p*NR + j][NR] (da's GEMM:
-  // dp's row panels against W^T's packed rows).
-  static void tile_rows_panels(const T* __restrict rows, int64_t pstride, int64_t P, const T* __restrict wt,
-                               T* __restrict out) {
+  // out (+)= sum_k ap[k][MR] (x) bp[k][NR]: both operands packed, k contiguous.
+  static void tile_packed(const T* ap, const T* bp, int64_t n, T* out, int64_t ldo, bool add) {
     V acc[MR][2] = {};
-    for (int64_t p = 0; p < P; ++p) {
-      const T* a = rows + p * pstride;
-      const T* w = wt + p * NR * NR;
-      for (int j = 0; j < NR; ++j) {
-        const V w0 = load(w + j * NR), w1 = load(w + j * NR + L);
-        for (int i = 0; i < MR; ++i) {
-          const T ai = a[i * NR + j];
-          acc[i][0] += ai * w0;
-          acc[i][1] += ai * w1;
-        }
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      std::memcpy(out + i * NR, &acc[i][0], sizeof(V));
-      std::memcpy(out + i * NR + L, &acc[i][1], sizeof(V));
-    }
+    for (int64_t k = 0; k < n; ++k) fma_step(acc, ap + k * MR, 1, bp + k * NR);
+    store_tile(acc, out, ldo, add);
+  }
+
+  // out[MR rows][NR] = sum over panels p and their columns j of rows[p][i][j] * wt[p*NR + j][NR] (da's GEMM:
+  // dp's row panels against W^T's packed rows).
+  static void tile_rows_panels(const T* rows, int64_t pstride, int64_t P, const T* wt, T* out) {
+    V acc[MR][2] = {};
+    for (int64_t p = 0; p < P; ++p)
+      for (int j = 0; j < NR; ++j) fma_step(acc, rows + p * pstride + j, NR, wt + (p * NR + j) * NR);
+    store_tile(acc, out, NR, false);
   }
 
   // f = act(z), d = act'(z) over n values.
