@@ -69,22 +69,46 @@ struct Kern {
     tile<M>(a, lda, w, ldw, Kd, out);
   }
 
-  // ---- activations on one panel row: f = act(z) -------------------------------------
-  static void act_fwd(int act, const T* z, T* f) {
-    switch (act) {
-      case kRelu:
-        for (int j = 0; j < NR; ++j) f[j] = z[j] < T(0) ? T(0) : z[j];  // NaN stays NaN
-        break;
-      case kSilu:
-        for (int j = 0; j < NR; ++j) f[j] = z[j] / (T(1) + std::exp(-z[j]));
-        break;
-      case kGelu:
-        for (int j = 0; j < NR; ++j)
-          f[j] = T(0.5) * z[j] * (T(1) + std::tanh(T(kGeluC) * (z[j] + T(kGeluA) * z[j] * z[j] * z[j])));
-        break;
-      default:
-        for (int j = 0; j < NR; ++j) f[j] = z[j];
+  // ---- activations: the formulas once; kernels are instantiated per activation through with_act -------
+  template <int A>
+  static T fval(T z) {
+    if constexpr (A == kRelu) return z < T(0) ? T(0) : z;  // NaN stays NaN
+    else if constexpr (A == kSilu) return z / (T(1) + std::exp(-z));
+    else if constexpr (A == kGelu) return T(0.5) * z * (T(1) + std::tanh(T(kGeluC) * (z + T(kGeluA) * z * z * z)));
+    else return z;
+  }
+
+  template <int A>
+  static T fder(T z) {
+    if constexpr (A == kRelu) {
+      return z > T(0) ? T(1) : T(0);
+    } else if constexpr (A == kSilu) {
+      const T s = T(1) / (T(1) + std::exp(-z));
+      return s * (T(1) + z * (T(1) - s));
+    } else if constexpr (A == kGelu) {
+      const T th = std::tanh(T(kGeluC) * (z + T(kGeluA) * z * z * z));
+      return T(0.5) * (T(1) + th) + T(0.5) * z * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3) * T(kGeluA) * z * z);
+    } else {
+      return T(1);
     }
+  }
+
+  // fn(std::integral_constant<int, act>{}): one instantiation per activation, the switch outside the loops.
+  template <typename F>
+  static void with_act(int act, F&& fn) {
+    switch (act) {
+      case kRelu: return fn(std::integral_constant<int, kRelu>{});
+      case kSilu: return fn(std::integral_constant<int, kSilu>{});
+      case kGelu: return fn(std::integral_constant<int, kGelu>{});
+      default: return fn(std::integral_constant<int, kIdentity>{});
+    }
+  }
+
+  // f = act(z) on one panel row
+  static void act_fwd(int act, const T* z, T* f) {
+    with_act(act, [&](auto A) {
+      for (int j = 0; j < NR; ++j) f[j] = fval<A>(z[j]);
+    });
   }
 
   // ---- weights as panels ------------------------------------------------------------------------
@@ -379,73 +403,50 @@ struct Kern {
     store_tile(acc, out, NR, false);
   }
 
-  // f = act(z), d = act'(z) over n values.
-  static void act_fd(int act, const T* __restrict z, T* __restrict f, T* __restrict d, int64_t n) {
-    switch (act) {
-      case kRelu:
-        for (int64_t j = 0; j < n; ++j) {
-          f[j] = z[j] < T(0) ? T(0) : z[j];  // NaN stays NaN
-          d[j] = z[j] > T(0) ? T(1) : T(0);
-        }
-        break;
-      case kSilu:
-        for (int64_t j = 0; j < n; ++j) {
-          const T s = T(1) / (T(1) + std::exp(-z[j]));
-          f[j] = z[j] * s;
-          d[j] = s * (T(1) + z[j] * (T(1) - s));
-        }
-        break;
-      case kGelu:
-        for (int64_t j = 0; j < n; ++j) {
-          const T x = z[j], th = std::tanh(T(kGeluC) * (x + T(kGeluA) * x * x * x));
-          f[j] = T(0.5) * x * (T(1) + th);
-          d[j] = T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * T(kGeluC) * (T(1) + T(3) * T(kGeluA) * x * x);
-        }
-        break;
-      default:
-        for (int64_t j = 0; j < n; ++j) {
-          f[j] = z[j];
-          d[j] = T(1);
-        }
-    }
-  }
-
-  // Step 1 for row b: its dpre (and dlogit) columns into `row` (zeroed, group after group, P*NR each).
-  static void backward_row(int64_t b, const T* pre, const T* G, const T* dm, const T* dout, bool gates_fused, T* dG,
-                           int64_t B, int64_t E, int64_t N, int64_t nT, int act, const Layout& lay, T* row, T* f,
-                           T* d, T* dgrow) {
+  // Step 1 for row b: expert e's dpre columns to out + e * oe; with G, dG[b] (dG given) or, gates fused,
+  // dlogit[b] = G * (dG - sum_e G dG). dgrow: nT * E scratch values.
+  template <int A>
+  static void backward_row(int64_t b, const T* pre, const T* G, const T* dm, const T* dout, T* dG, T* dlogit,
+                           int64_t B, int64_t E, int64_t N, int64_t nT, T* out, int64_t oe, T* dgrow) {
     for (int64_t e = 0; e < E; ++e) {
-      const T* z = pre + (e * B + b) * N;
-      T* o = lay.groups == 1 ? row + e * N : row + e * lay.P * NR;
-      act_fd(act, z, f, d, N);
-      if (G) {
-        for (int64_t j = 0; j < N; ++j) o[j] = T(0);
-        for (int64_t t = 0; t < nT; ++t) {
-          const T g = G[(b * nT + t) * E + e];
-          const T* __restrict dmt = dm + (t * B + b) * N;
-          for (int64_t j = 0; j < N; ++j) o[j] += g * dmt[j];
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < N; ++j) s += dmt[j] * f[j];
-          dgrow[t * E + e] = s;
-        }
-        for (int64_t j = 0; j < N; ++j) o[j] *= d[j];
-      } else {
+      const T* __restrict z = pre + (e * B + b) * N;
+      T* __restrict o = out + e * oe;
+      if (!G) {
         const T* __restrict dt = dout + (b * E + e) * N;
-        for (int64_t j = 0; j < N; ++j) o[j] = dt[j] * d[j];
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) o[j] = dt[j] * fder<A>(z[j]);
+        continue;
       }
+      const T* __restrict dmb = dm + b * N;
+      const int64_t ts = B * N;  // dm's task stride
+      for (int64_t t = 0; t < nT; ++t) {  // df = sum_t G dm_t, and dG's dot products
+        const T g = G[(b * nT + t) * E + e];
+        const T* __restrict dmt = dmb + t * ts;
+        if (t == 0) {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) o[j] = g * dmt[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) o[j] += g * dmt[j];
+        }
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < N; ++j) s += dmt[j] * fval<A>(z[j]);
+        dgrow[t * E + e] = s;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) o[j] *= fder<A>(z[j]);
     }
     if (!G) return;
-    if (!gates_fused) {
+    if (!dlogit) {
       std::memcpy(dG + b * nT * E, dgrow, static_cast<size_t>(nT * E) * sizeof(T));
       return;
     }
-    T* o = row + E * N;  // dlogit = G * (dG - sum_e G dG), after the experts' columns
     for (int64_t t = 0; t < nT; ++t) {
       const T* g = G + (b * nT + t) * E;
       T s = 0;
       for (int64_t e = 0; e < E; ++e) s += g[e] * dgrow[t * E + e];
-      for (int64_t e = 0; e < E; ++e) o[t * E + e] = g[e] * (dgrow[t * E + e] - s);
+      for (int64_t e = 0; e < E; ++e) dlogit[t * E + e] = g[e] * (dgrow[t * E + e] - s);
     }
   }
 
@@ -473,9 +474,7 @@ struct Kern {
 #pragma omp parallel num_threads(threads_for(std::max(nblocks, items)))
     {
       T* row = scratch<T>(0, static_cast<size_t>(lay.groups * width));
-      T* f = scratch<T>(1, static_cast<size_t>(3 * N + nT * E));
-      T* d = f + N;
-      T* dgrow = f + 2 * N;
+      T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
       // A: [a_g^T; 1] in slivers ap[g][s][Bp][MR] (rows past B are zero)
 #pragma omp for schedule(static)
       for (int64_t gs = 0; gs < lay.groups * lay.KS; ++gs) {
@@ -512,7 +511,11 @@ struct Kern {
       for (int64_t rb = 0; rb < nblocks; ++rb)
         for (int64_t bb = rb * MR; bb < (rb + 1) * MR; ++bb) {
           std::fill(row, row + lay.groups * width, T(0));
-          if (bb < B) backward_row(bb, pre, G, dm, dout, fused, dG, B, E, N, nT, act, lay, row, f, d, dgrow);
+          if (bb < B)
+            with_act(act, [&](auto A) {
+              backward_row<A>(bb, pre, G, dm, dout, dG, fused ? row + E * N : nullptr, B, E, N, nT, row,
+                              lay.groups == 1 ? N : width, dgrow);
+            });
           for (int64_t g = 0; g < lay.groups; ++g)
             for (int64_t p = 0; p < lay.P; ++p)
               std::memcpy(lay.at(dp, g, p) + bb * NR, row + g * width + p * NR, sizeof(T) * NR);
@@ -565,53 +568,53 @@ struct Kern {
   static void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
                        int act) {
     const int64_t nblocks = (B + RB - 1) / RB;
-#pragma omp parallel num_threads(threads_for(nblocks))
-    {
-      T* f = scratch<T>(1, static_cast<size_t>(2 * N));
-      T* d = f + N;
-#pragma omp for schedule(static)
+    with_act(act, [&](auto A) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(nblocks))
       for (int64_t rb = 0; rb < nblocks; ++rb)
-        for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b)
-          for (int64_t e = 0; e < E; ++e) {
-            const T* z = pre + (e * B + b) * N;
-            if (!m) {
-              act_fd(act, z, out + (b * E + e) * N, d, N);
-              continue;
+        for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
+          if (!m) {
+            for (int64_t e = 0; e < E; ++e) {
+              const T* __restrict z = pre + (e * B + b) * N;
+              T* __restrict o = out + (b * E + e) * N;
+#pragma omp simd
+              for (int64_t j = 0; j < N; ++j) o[j] = fval<A>(z[j]);
             }
-            act_fd(act, z, f, d, N);
-            for (int64_t t = 0; t < nT; ++t) {
-              const T g = G[(b * nT + t) * E + e];
-              T* __restrict o = m + (t * B + b) * N;
-              if (e == 0)
-                for (int64_t j = 0; j < N; ++j) o[j] = g * f[j];
-              else
-                for (int64_t j = 0; j < N; ++j) o[j] += g * f[j];
+            continue;
+          }
+          for (int64_t t = 0; t < nT; ++t) {
+            T* __restrict o = m + (t * B + b) * N;
+            const T* g = G + (b * nT + t) * E;
+            for (int64_t e = 0; e < E; ++e) {
+              const T* __restrict z = pre + (e * B + b) * N;
+              const T ge = g[e];
+              if (e == 0) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) o[j] = ge * fval<A>(z[j]);
+              } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) o[j] += ge * fval<A>(z[j]);
+              }
             }
           }
-    }
+        }
+    });
   }
 
   // Step 1 of the backward alone: dp[e, b, :] (expert-major), and dlogit[B, nT, E] (gates fused) or dG.
-  static void rows(const T* pre, const T* G, const T* dm, const T* dout, bool fused, T* dp, T* dlogit, T* dG,
-                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-    Layout lay;
-    lay.groups = 1;
-    lay.cols = E * N + (fused ? nT * E : 0);
-    lay.P = panels(lay.cols);
+  static void rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
+                   int64_t E, int64_t N, int64_t nT, int act) {
     const int64_t nblocks = (B + RB - 1) / RB;
+    with_act(act, [&](auto A) {
 #pragma omp parallel num_threads(threads_for(nblocks))
-    {
-      T* row = scratch<T>(0, static_cast<size_t>(lay.P * NR));
-      T* f = scratch<T>(1, static_cast<size_t>(3 * N + nT * E));
+      {
+        T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
 #pragma omp for schedule(static)
-      for (int64_t rb = 0; rb < nblocks; ++rb)
-        for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
-          backward_row(b, pre, G, dm, dout, fused, dG, B, E, N, nT, act, lay, row, f, f + N, f + 2 * N);
-          for (int64_t e = 0; e < E; ++e)
-            std::memcpy(dp + (e * B + b) * N, row + e * N, static_cast<size_t>(N) * sizeof(T));
-          if (fused) std::memcpy(dlogit + b * nT * E, row + E * N, static_cast<size_t>(nT * E) * sizeof(T));
-        }
-    }
+        for (int64_t rb = 0; rb < nblocks; ++rb)
+          for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b)
+            backward_row<A>(b, pre, G, dm, dout, dG, dlogit ? dlogit + b * nT * E : nullptr, B, E, N, nT,
+                            dp + b * N, B * N, dgrow);
+      }
+    });
   }
 
   // ---- an InferenceSession's whole model ----------------------------------------------------------
@@ -766,7 +769,7 @@ void from_pre_entry(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E
 template <typename T>
 void rows_entry(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
                 int64_t E, int64_t N, int64_t nT, int act) {
-  Kern<T>::rows(pre, G, dm, dout, dlogit != nullptr, dp, dlogit, dG, B, E, N, nT, act);
+  Kern<T>::rows(pre, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act);
 }
 
 template <typename T>
