@@ -2,11 +2,15 @@
 returns. No speed targets: bounds are loose enough for a loaded, shared machine."""
 
 import math
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from mmoe_fast import timing
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def counter():
@@ -89,3 +93,25 @@ def test_formatting():
 
 def test_conditions_name_the_load_average():
     assert timing.conditions().startswith("load average ")
+
+
+def test_the_training_benchmark_runs_renders_and_draws(tmp_path, monkeypatch):
+    """benchmarks/bench_train.py on one tiny cell: every contender timed, the limit from the GEMM rates, the
+    table and the plot written (without raising the priority: tests never do)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    cell = bench.Cell("tiny", 9, 3, (5, 4), 2, (3,), 17)
+    rows = bench.run([cell], passes=1, min_time=0.0, compile_=False, threads=1)
+    assert set(rows[0]["times"]) == {"mmoe_fast", "batched eager", "loop"}
+    assert rows[0]["limit"] == 3 * cell.forward_flops() / rows[0]["roof"] > 0
+    text = bench.render(rows, "python benchmarks/bench_train.py", 1, tmp_path / "p.png")
+    assert "| tiny D=9 E=3 experts=[5, 4] T=2 / B=17 |" in text
+    bench.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    timing.write_section(tmp_path / "R.md", "bench_train", text)
+    timing.write_section(tmp_path / "R.md", "bench_train", text)  # replaced, not appended
+    assert (tmp_path / "R.md").read_text().count("<!-- bench_train:begin -->") == 1
