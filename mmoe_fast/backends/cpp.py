@@ -174,13 +174,18 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
     dG = torch.empty_like(G) if G is not None and not fused else None
     _kernel("backward_rows", a.dtype)(_ptr(pre), _ptr(G), _ptr(dm), _ptr(dout), _ptr(dp), _ptr(dlogit), _ptr(dG), B,
                                       E, N, T, ACTIVATION_CODES[activation])
-    at = a.t().expand(E, K, B) if a.dim() == 2 else a.permute(1, 2, 0)
-    dW = torch.bmm(at, dp)
+    if a.dim() == 2:
+        dW = torch.bmm(a.t().expand(E, K, B), dp)
+    else:  # dW[e]^T = dp[e]^T a_e, written through a transposed view: a's strided rows need no copy that way
+        dW = W.new_empty((E, K, N))
+        torch.bmm(dp.transpose(1, 2), a.transpose(0, 1), out=dW.transpose(1, 2))
     db = dp.sum(1)
     da = None
-    if input_grad:
-        per = torch.bmm(dp, W.transpose(1, 2))  # [E, B, K]
-        da = per.sum(0) if a.dim() == 2 else per.transpose(0, 1).contiguous()
+    if input_grad and a.dim() == 2:
+        da = torch.bmm(dp, W.transpose(1, 2)).sum(0)
+    elif input_grad:  # straight into a[B, E, K]'s layout
+        da = _fresh(a, a.shape)
+        torch.bmm(dp, W.transpose(1, 2), out=da.transpose(0, 1))
     dWg = dbg = None
     if fused:
         flat = dlogit.view(B, T * E)
