@@ -8,6 +8,14 @@ from mmoe_fast import reference
 from mmoe_fast.testing import assert_close
 
 
+def _assert_same_function(out, ref, params, what):
+    """out equals ref (float64), and so do their gradients for every tensor of params under one random cotangent."""
+    assert_close(out, ref, 1e-12, f"{what} forward")
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert_close(got, want, 1e-12, f"{what} grad")
+
+
 def _layer_ref(layer, x):
     ws, bs = list(layer.expert_weights), list(layer.expert_biases)
     m = reference.mmoe_layer(x, ws, bs, layer.gate_weight, layer.gate_bias, layer.activation)
@@ -23,11 +31,7 @@ def test_layer_matches_loop_reference(cls, hidden, gate_bias):
     x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     out, ref = layer(x), _layer_ref(layer, x)
     assert out.shape == (2, 6, layer.out_features)
-    assert_close(out, ref, 1e-12, "layer forward")
-    dm = torch.randn_like(ref)
-    params = [x, *layer.parameters()]
-    for g, r in zip(torch.autograd.grad(out, params, dm), torch.autograd.grad(ref, params, dm)):
-        assert_close(g, r, 1e-12, "layer grad")
+    _assert_same_function(out, ref, [x, *layer.parameters()], "layer")
 
 
 def test_omoe_gives_every_task_the_same_mixture():
@@ -115,11 +119,7 @@ def test_stacked_towers_equal_the_towers_module_by_module(T, K, hidden, B, share
     h = torch.randn(*((B, K) if shared else (T, B, K)), dtype=torch.float64, requires_grad=True)
     out, ref = towers(h), _towers_by_module(towers, h)
     assert type(out.grad_fn).__name__ == "_StackedTowersBackward"  # the stacked path ran
-    assert_close(out, ref, 1e-12, "towers forward")
-    g = torch.randn_like(ref)
-    params = [h, *towers.parameters()]
-    for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
-        assert_close(got, want, 1e-12, "towers grad")
+    _assert_same_function(out, ref, [h, *towers.parameters()], "towers")
 
 
 def test_towers_that_are_no_longer_plain_run_module_by_module():
