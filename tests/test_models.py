@@ -122,6 +122,19 @@ def test_stacked_towers_equal_the_towers_module_by_module(T, K, hidden, B, share
     _assert_same_function(out, ref, [h, *towers.parameters()], "towers")
 
 
+def test_towers_under_autocast_run_module_by_module_and_train():
+    torch.manual_seed(0)
+    towers = mf.models.common.Towers(2, 4, (3,))
+    h = torch.randn(2, 5, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = towers(h), _towers_by_module(towers, h)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    out.float().sum().backward()
+    assert h.grad is not None and all(p.grad is not None for p in towers.parameters())
+    meta = mf.models.common.Towers(2, 4, (3,)).to("meta")
+    assert meta(torch.empty(2, 5, 4, device="meta")).shape == (5, 2)
+
+
 def test_towers_that_are_no_longer_plain_run_module_by_module():
     """A hook, another module or a changed layer: the per-task loop runs the modules as they are."""
     torch.manual_seed(0)

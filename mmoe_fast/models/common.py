@@ -160,9 +160,9 @@ class Towers(nn.Module):
     """One small MLP per task, ``in_features -> tower_hidden... -> 1``; ``forward(h)`` -> ``[B, T]``.
 
     ``h`` is ``[T, B, in_features]`` (one input per task) or ``[B, in_features]`` (shared). In eager mode the
-    towers run as one batched GEMM per layer over the tasks (one autograd node in all); when compiling, tracing
-    or transforming, or when a tower is no longer plain ``Linear``/``ReLU`` (another module, a hook), one task
-    at a time, module by module.
+    towers run as one batched GEMM per layer over the tasks (one autograd node in all); when compiling, tracing,
+    transforming or under autocast, or when a tower is no longer plain ``Linear``/``ReLU`` (another module, a
+    hook), one task at a time, module by module.
     """
 
     def __init__(self, num_tasks: int, in_features: int, tower_hidden: Sequence[int] = (8,)) -> None:
@@ -179,6 +179,8 @@ class Towers(nn.Module):
     def _stacked_params(self, h: Tensor) -> list[Tensor] | None:
         """The towers' parameters in ``_StackedTowers``'s order, or None where it does not apply."""
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _hooked(self) or _hooked(self.towers)
+                or h.device.type not in ("cpu", "cuda")  # meta, fake, other devices: the modules as they are
+                or torch.is_autocast_enabled(h.device.type)  # the modules cast per layer as autocast says
                 or torch._C._functorch.peek_interpreter_stack() is not None or _global_hooks()
                 or torch.autograd.forward_ad._current_level >= 0):
             return None
