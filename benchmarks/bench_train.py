@@ -113,8 +113,7 @@ class LoopMMoE(nn.Module):
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     forward = model
-    opt = make_optimizer("adam", model if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-                         else model._orig_mod, lr=1e-3)
+    opt = make_optimizer("adam", getattr(model, "_orig_mod", model), lr=1e-3)  # a compiled module's own
 
     def step():
         opt.zero_grad(set_to_none=True)

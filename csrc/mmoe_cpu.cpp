@@ -259,8 +259,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("release_blocks", []() { return BlockPool::get().release(); },
         "Free the pool's kept blocks (those no tensor uses); returns the bytes freed.");
   m.def("cached_block_bytes", []() { return BlockPool::get().cached(); });
-  m.def("advise_huge_pages", [](uintptr_t p, size_t bytes) { mmoe::advise_huge_pages(reinterpret_cast<void*>(p), bytes); },
-        "Ask for transparent huge pages over a large buffer not yet touched (advice: the memory stays valid).");
   m.def("isa", []() { return std::string(mmoe::isa_name(mmoe::active_isa())); },
         "The instruction set new calls use: avx512, avx2 or base.");
   m.def("best_isa", []() { return std::string(mmoe::isa_name(mmoe::best_isa())); });
