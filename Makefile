@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 STAMP := $(VENV)/.mmoe_fast-installed
 
-.PHONY: setup census-data test demo bench lint clean
+.PHONY: setup census-data test demo bench compile-check lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ops.py
+
+# Every kernel variant compiled for sm_90 without a GPU (registers, spills, shared memory, wgmma,
+# pipelining), with the installed triton and, given TRITON36=DIR, again with the Triton 3.6 in DIR
+# (the GPU machines' version), e.g. made by `pip install --no-deps --target .triton36 triton==3.6.0`.
+TRITON36 ?=
+compile-check: setup
+	rc=0; env -u TRITON_INTERPRET $(PY) benchmarks/compile_check.py || rc=1; \
+	if [ -n "$(TRITON36)" ]; then \
+	  env -u TRITON_INTERPRET PYTHONPATH=$(abspath $(TRITON36)) $(PY) benchmarks/compile_check.py || rc=1; fi; \
+	exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check mmoe_fast tests benchmarks

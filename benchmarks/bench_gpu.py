@@ -1,25 +1,27 @@
-"""GPU check of the triton backend: correctness first, then timings against the eager and compiled forms.
+"""GPU check of the triton backend: correctness first, then timings against the best forms a user could pick.
 
 Correctness: forward and every gradient of a layer against the float64 loop reference, for fp32 with
-tf32 and with ieee dots, bf16, fp16 (and fp64 on small shapes), at the tolerance the backend promises.
-Timings (``triton.testing.do_bench`` medians through ``mmoe_fast.timing.kernel_time``, one process, ratios):
-one MMoE layer, forward (no_grad) and forward+backward, for the triton backend, the loop form
-(``mmoe_fast.reference``), the batched eager form (``backend="reference"``) and ``torch.compile`` of the
-batched math, next to the ceilings measured in the same run (a big ``torch.mm`` for FLOP/s, a big copy
-for bytes/s).
+ieee and with tf32 dots (operands rounded to nearest, as the interpreter checks on the CPU), bf16, fp16
+and fp64, every buffer the backend allocates filled with NaN first. ReLU only where a kink-free seed
+exists (``correctness_cases``; a test checks it): elsewhere smooth activations, so no seed search runs.
+Timings (``triton.testing.do_bench`` medians, one process): one MMoE layer, forward (no_grad) and
+forward+backward, for the triton backend, batched eager in the input dtype (cuBLAS bf16 / tf32 / fp32,
+as ``torch.set_float32_matmul_precision`` says), ``torch.compile`` of that same math, and the loop form,
+next to the roofs measured in the same run (a big ``torch.mm`` in the dtype, a big copy); a summary table last.
 
-    benchmarks/gpu_check.sh           # on a GPU: the two parts below, within 5 minutes on an H200
+    benchmarks/gpu_check.sh           # on a GPU: both parts, within 8 minutes on an H100/H200
     MMOE_FAST_TRITON_AUTOTUNE=0 python benchmarks/bench_gpu.py --part correctness
-    python benchmarks/bench_gpu.py --part timings
+    python benchmarks/bench_gpu.py --part timings [--json FILE]
     TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke   # both parts, tiny shapes, CPU, interpreter
-The correctness part runs each kernel's first config (autotuning every shape would compile hundreds of
-kernels); the timings part autotunes.
+The correctness part launches each kernel's first config without timing it (``MMOE_FAST_TRITON_AUTOTUNE=0``:
+autotuning every shape would compile and time hundreds of kernels); the timings part autotunes.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -39,14 +41,33 @@ def _import_package():
 _import_package()
 import mmoe_fast as mf  # noqa: E402
 from mmoe_fast import reference, timing  # noqa: E402
-from mmoe_fast.backends import reference as batched  # noqa: E402
 from mmoe_fast.backends import triton as tb  # noqa: E402
 from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs  # noqa: E402
 
-# (dtype, fp32 dot precision) pairs of the correctness pass.
-MODES = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None), (torch.float16, None)]
 BIG = (512, 16, 512, 3)  # D, E, H, T of the headline GPU timing shape
 PAPER = (100, 8, 16, 2)  # the paper's synthetic-data layer
+# ReLU's derivative jumps at 0: only shapes small enough for a kink-free seed (testing.kink_free_seed)
+# check it, in fp32 ieee and fp64; the big and the low-precision cases use smooth activations.
+RELU_SHAPES = (SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5])
+BIG_SHAPES = (Shape(1000, 64, 8, 96, 5), Shape(2049, 512, 16, 512, 3))
+WIDE_GATE = Shape(300, 40, 200, 24, 2)  # E > 128: the gate's two-pass (online) softmax
+
+
+def correctness_cases(smoke: bool) -> list[tuple]:
+    """(dtype, fp32 precision or None, shape, activation, hidden layers) of the correctness part."""
+    if smoke:
+        return [(torch.float32, "ieee", SHAPES[1], "relu", ()), (torch.float32, "tf32", SHAPES[6], "gelu", (33,)),
+                (torch.bfloat16, None, SHAPES[6], "silu", ())]
+    cases = [(torch.float32, "ieee", s, "relu", h) for s, h in zip(RELU_SHAPES, ((), (), (33,), ()))]
+    cases += [(torch.float64, None, s, "relu", h) for s, h in zip(RELU_SHAPES[1:3], ((33,), ()))]
+    smooth = ("gelu", "silu")
+    for dtype, prec in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None),
+                        (torch.float16, None)):
+        shapes = list(BIG_SHAPES) + ([] if prec == "ieee" else [RELU_SHAPES[2 if prec else 0]])
+        cases += [(dtype, prec, s, smooth[i % 2], (33,) if i == 0 else ()) for i, s in enumerate(shapes)]
+    cases.append((torch.float32, "tf32", WIDE_GATE, "gelu", ()))
+    cases.append((torch.bfloat16, None, WIDE_GATE, "silu", ()))
+    return cases
 
 
 def _set_precision(precision: str | None) -> None:
@@ -56,31 +77,32 @@ def _set_precision(precision: str | None) -> None:
         os.environ[tb.PRECISION_ENV] = precision
 
 
+def _poisoned(shape, dtype, device):
+    """Every buffer the backend allocates starts as NaN: an element no program writes cannot pass."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 def correctness(device: str, smoke: bool) -> list[str]:
     """Run every check; return the failures (one line each)."""
-    if smoke:
-        shapes, modes = [SHAPES[1], SHAPES[6]], MODES[:1] + MODES[2:3]
-    else:
-        # Few shapes: every new shape and flag combination compiles kernels (~1 s each).
-        shapes = [SHAPES[1], SHAPES[3], SHAPES[5], Shape(1000, 64, 8, 96, 5), Shape(2049, 512, 16, 512, 3)]
-        modes = MODES
-    cases = [(dtype, prec, shape) for dtype, prec in modes for shape in shapes]
-    cases += [(torch.float64, None, shape) for shape in shapes[:3]]
     failures = []
-    for i, (dtype, prec, shape) in enumerate(cases):
-        _set_precision(prec)
-        tol = tb.tolerance(dtype)
-        activation = ("relu", "gelu", "silu")[i % 3]
-        hidden = (33,) if i % 2 else ()
-        what = f"{str(dtype)[6:]:9s} {prec or '':5s} {shape} {activation} hidden={hidden} tol={tol:.0e}"
-        try:
-            check_layer("triton", shape, dtype=dtype, device=device, activation=activation, hidden=hidden, tol=tol)
-        except AssertionError as exc:
-            failures.append(f"{what}: {exc}")
-            print(f"FAIL {what}: {exc}", flush=True)
-        else:
-            print(f"ok   {what}", flush=True)
-    _set_precision(None)
+    unpoisoned, tb._new = tb._new, _poisoned
+    try:
+        for dtype, prec, shape, activation, hidden in correctness_cases(smoke):
+            _set_precision(prec)
+            tol = tb.tolerance(dtype)
+            what = f"{str(dtype)[6:]:9s} {prec or '':5s} {shape} {activation} hidden={hidden} tol={tol:.0e}"
+            start = time.monotonic()
+            try:
+                check_layer("triton", shape, dtype=dtype, device=device, activation=activation, hidden=hidden,
+                            tol=tol)
+            except AssertionError as exc:
+                failures.append(f"{what}: {exc}")
+                print(f"FAIL {what}: {exc}", flush=True)
+            else:
+                print(f"ok   {what} ({time.monotonic() - start:.1f} s)", flush=True)
+    finally:
+        tb._new = unpoisoned
+        _set_precision(None)
     print("correctness: all passed" if not failures else f"correctness: {len(failures)} FAILED", flush=True)
     return failures
 
@@ -96,9 +118,13 @@ def ceilings(device: str, dtype: torch.dtype, smoke: bool) -> tuple[float, float
     return flops, bandwidth
 
 
-def _batched_math(x, W, b, Wg, bg):
-    """The reference backend's math called directly (no custom op), so torch.compile sees through it."""
-    return batched.expert_mixture(x, W, b, batched.gate_softmax(x, Wg, bg), "relu")
+def native_batched(x, W, b, Wg, bg):
+    """One MMoE layer (relu) batched as a user writes it, in the input dtype throughout: two GEMMs on
+    cuBLAS (bf16/fp16, or fp32 in the precision torch's matmul setting gives) and a batched mixture."""
+    T, D, E = Wg.shape
+    G = torch.softmax((x @ Wg.permute(1, 0, 2).reshape(D, T * E)).view(-1, T, E) + bg, dim=-1)
+    f = torch.relu(torch.baddbmm(b[:, None], x.expand(E, -1, -1), W))  # [E, B, H]
+    return torch.einsum("bte,ebh->tbh", G, f)
 
 
 def layer_costs(B, D, E, H, T, itemsize) -> dict:
@@ -111,14 +137,15 @@ def layer_costs(B, D, E, H, T, itemsize) -> dict:
     return dict(fwd=(flops, fwd_bytes), fwdbwd=(3 * flops, fwd_bytes + bwd_bytes))
 
 
-def time_layer(device, dtype, B, dims, peak, compiled) -> list[str]:
+def time_layer(device, dtype, B, dims, peak, compiled) -> tuple[list[str], dict, dict]:
+    """(printed lines, {impl: (fwd s, fwd+bwd s)}, layer_costs) of one layer shape."""
     D, E, H, T = dims
     inp = make_inputs(Shape(B, D, E, H, T), dtype=dtype, device=device, seed=1)
     params = [inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]]
     impls = {
         "triton": lambda *p: mf.mmoe(*p, activation="relu", backend="triton"),
+        "batched eager": native_batched,
         "loop eager": lambda *p: reference.mmoe(*p, activation="relu"),
-        "batched eager": lambda *p: mf.mmoe(*p, activation="relu", backend="reference"),
     }
     if compiled is not None:
         impls["torch.compile"] = compiled
@@ -140,17 +167,36 @@ def time_layer(device, dtype, B, dims, peak, compiled) -> list[str]:
             cells.append(f"{sec * 1e3:9.3f} ms {flops / sec / 1e12:7.1f} TF/s {nbytes / sec / 1e9:7.1f} GB/s "
                          f"{100 * roof / sec:5.1f}% roof  x{sec / times['triton'][i]:5.2f}")
         lines.append(" | ".join(cells))
-    if (B, dims) == (8192, BIG) and "torch.compile" in times:
-        flops, nbytes = costs["fwd"]
-        roof = max(flops / peak[0], nbytes / peak[1])
-        tri = times["triton"]
-        lines.append(f"  issue targets at B=8192: fwd+bwd {times['batched eager'][1] / tri[1]:.2f}x batched eager "
-                     f"(>= 2), {times['torch.compile'][1] / tri[1]:.2f}x torch.compile (>= 1.3); forward at "
-                     f"{100 * roof / tri[0]:.0f}% of the roof that binds (>= 70%)")
-    return lines
+    return lines, times, costs
 
 
-def timings(device: str, smoke: bool, deadline: float) -> None:
+def summary_row(dtype, prec, dims, B, times, costs, peak) -> dict:
+    """One row of the closing table: triton's time, % of the roof that binds, and each ratio."""
+    row = dict(dtype=str(dtype)[6:], precision=prec or "", dims=list(dims), B=B)
+    for i, kind in enumerate(("fwd", "fwdbwd")):
+        flops, nbytes = costs[kind]
+        sec = times["triton"][i]
+        row[kind] = dict(ms=sec * 1e3, tflops=flops / sec / 1e12,
+                         roof_pct=100 * max(flops / peak[0], nbytes / peak[1]) / sec,
+                         **{f"x_{name}": t[i] / sec for name, t in times.items() if name != "triton"})
+    return row
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """Markdown: triton's forward and forward+backward per row, as % of roof and as speedups over the
+    batched eager and compiled forms (> 1: triton is faster)."""
+    out = ["| dtype | D,E,H,T | B | fwd ms | fwd % roof | fwd x eager | fwd x compile | fwd+bwd ms | "
+           "fwd+bwd x eager | fwd+bwd x compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in rows:
+        f, fb = r["fwd"], r["fwdbwd"]
+        out.append(f"| {r['dtype']} {r['precision']} | {','.join(map(str, r['dims']))} | {r['B']} | {f['ms']:.3f} | "
+                   f"{f['roof_pct']:.0f}% | {f['x_batched eager']:.2f} | {f.get('x_torch.compile', nan):.2f} | "
+                   f"{fb['ms']:.3f} | {fb['x_batched eager']:.2f} | {fb.get('x_torch.compile', nan):.2f} |")
+    return out
+
+
+def timings(device: str, smoke: bool, deadline: float) -> list[dict]:
     if smoke:
         plan = [(torch.float32, None, (16, 3, 16, 2), [17])]
     else:
@@ -160,11 +206,12 @@ def timings(device: str, smoke: bool, deadline: float) -> None:
     print("\nlayer timings: medians; TF/s and GB/s are model FLOPs and least bytes over the time; "
           "roof = the bound of the measured ceilings; xN = time / triton's time", flush=True)
     # dynamic=True: one compile serves every shape of a dtype (a recompile per B would not fit the budget)
-    compiled = None if smoke else torch.compile(_batched_math, dynamic=True)
+    compiled = None if smoke else torch.compile(native_batched, dynamic=True)
     start = time.monotonic()
+    rows = []
     for dtype, prec, dims, batches in plan:
         _set_precision(prec)
-        torch.set_float32_matmul_precision("high" if prec == "tf32" else "highest")  # torch.mm's fp32 too
+        torch.set_float32_matmul_precision("high" if prec == "tf32" else "highest")  # torch's fp32 GEMMs too
         peak = ceilings(device, dtype, smoke)
         print(f"\n{str(dtype)[6:]} {prec or ''} D,E,H,T={dims}: torch.mm {peak[0] / 1e12:.1f} TFLOP/s, "
               f"copy {peak[1] / 1e9:.0f} GB/s", flush=True)
@@ -172,11 +219,15 @@ def timings(device: str, smoke: bool, deadline: float) -> None:
         for B in batches:
             if time.monotonic() > deadline:
                 print(f"time budget spent: skipped B={B} and what follows", flush=True)
-                return
-            for line in time_layer(device, dtype, B, dims, peak, compiled):
+                return rows
+            lines, times, costs = time_layer(device, dtype, B, dims, peak, compiled)
+            for line in lines:
                 print(line, flush=True)
+            rows.append(summary_row(dtype, prec, dims, B, times, costs, peak))
             print(f"  ({time.monotonic() - start:.0f} s into the timings: autotuning and compiling included)")
     _set_precision(None)
+    torch.set_float32_matmul_precision("highest")
+    return rows
 
 
 def main() -> int:
@@ -184,6 +235,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (needs TRITON_INTERPRET=1)")
     parser.add_argument("--part", choices=("all", "correctness", "timings"), default="all")
     parser.add_argument("--budget", type=float, default=200.0, help="seconds before timings stop")
+    parser.add_argument("--json", default="", help="write the correctness failures and timing rows here")
+    parser.add_argument("--tuned-out", default="", help="write the autotuner's picks here, as a table for "
+                        "mmoe_fast/kernels/tuned_configs.json")
     args = parser.parse_args()
     start = time.monotonic()
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
@@ -196,8 +250,25 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"triton {importlib.import_module('triton').__version__}, host {timing.conditions()}", flush=True)
     failures = correctness(device, args.smoke) if args.part in ("all", "correctness") else []
-    if args.part in ("all", "timings"):
-        timings(device, args.smoke, start + args.budget)
+    rows = timings(device, args.smoke, start + args.budget) if args.part in ("all", "timings") else []
+    if rows:
+        print("\nsummary: triton's time, % of the roof that binds, and speedups (> 1: triton faster)")
+        print("\n".join(summary_table(rows)))
+        big = [r for r in rows if r["dims"] == list(BIG) and r["B"] == 8192 and r["dtype"] == "bfloat16"]
+        if big and "x_torch.compile" in big[0]["fwd"]:
+            f, fb = big[0]["fwd"], big[0]["fwdbwd"]
+            print(f"targets at bf16 B=8192 {BIG}: fwd+bwd {fb['x_batched eager']:.2f}x batched eager (>= 2), "
+                  f"{fb['x_torch.compile']:.2f}x torch.compile (>= 1.3); fwd {f['x_batched eager']:.2f}x / "
+                  f"{f['x_torch.compile']:.2f}x; forward at {f['roof_pct']:.0f}% of the roof that binds (>= 60%)")
+    if args.tuned_out:
+        from mmoe_fast.kernels import common
+
+        about = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                     torch=torch.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+        Path(args.tuned_out).write_text(json.dumps(common.tuned_table(**about), indent=1))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(dict(failures=failures, rows=rows, seconds=time.monotonic() - start), out, indent=1)
     print(f"\ntotal {time.monotonic() - start:.0f} s", flush=True)
     return 1 if failures else 0
 

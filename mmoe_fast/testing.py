@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops, reference
+from . import activations, ops, reference
 from .contract import TOLERANCE
 
 
@@ -201,6 +201,49 @@ def check_layer(backend: str, shape: Shape, *, dtype=torch.float32, device="cpu"
     ref_grads = torch.autograd.grad(ref, [t for t in _leaves(oracle) if t.requires_grad], dm)
     for name, g, r in zip(names, grads, ref_grads):
         assert_close(g, r, tol, f"{backend} grad {name}")
+
+
+def tf32_round(x: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """fp32 ``x`` at tf32's 10 mantissa bits: ``"nearest"`` (ties away from zero, PTX's ``cvt.rna.tf32.f32``,
+    what the triton backend does) or ``"truncate"`` (what tensor cores do to unrounded fp32). NaN stays NaN."""
+    if mode not in ("nearest", "truncate"):
+        raise ValueError(f"mode must be 'nearest' or 'truncate', got {mode!r}")
+    bits = x.to(torch.float32).view(torch.int32)
+    if mode == "nearest":
+        bits = bits + 0x1000
+    return torch.where(x.isnan(), x.to(torch.float32), (bits & -8192).view(torch.float32))
+
+
+def tf32_layer_errors(shape: Shape, activation: str, mode: str, seed: int = 0) -> dict[str, float]:
+    """Relative errors of a single-layer MMoE's forward and every gradient (names as ``check_layer``'s) when
+    each GEMM operand is rounded to tf32 (``tf32_round``'s ``mode``) and products add up in fp32, as tensor
+    cores do, against the float64 reference; the elementwise parts stay fp32. Inputs and ``dm`` are
+    ``check_layer``'s for ``seed``: this emulates a GPU check's tf32 case on the CPU at full size."""
+    def q(t):
+        return tf32_round(t, mode)
+
+    inp = make_inputs(shape, dtype=torch.float64, seed=seed)
+    x64, w64, b64, wg64, bg64 = (inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"],
+                                 inp["gate_bias"])
+    dm64 = torch.randn(shape.T, shape.B, shape.H, generator=torch.Generator().manual_seed(seed + 1),
+                       dtype=torch.float64)
+    x, w, b, wg, bg, dm = (t.float() for t in (x64, w64, b64, wg64, bg64, dm64))
+    G = torch.softmax(torch.einsum("bd,tde->bte", q(x), q(wg)) + bg, dim=-1)
+    pre = torch.einsum("bd,edh->ebh", q(x), q(w)) + b[:, None]
+    f = activations.apply(pre, activation)
+    m = torch.einsum("bte,ebh->tbh", G, f)
+    dpre = torch.einsum("bte,tbh->ebh", G, dm) * activations.grad(pre, activation)
+    dG = torch.einsum("tbh,ebh->bte", dm, f)
+    dlogit = G * (dG - (G * dG).sum(-1, keepdim=True))
+    mine = dict(forward=m,
+                x=torch.einsum("ebh,edh->bd", q(dpre), q(w)) + torch.einsum("bte,tde->bd", q(dlogit), q(wg)),
+                W0=torch.einsum("bd,ebh->edh", q(x), q(dpre)), b0=dpre.sum(1),
+                gate_weight=torch.einsum("bd,bte->tde", q(x), q(dlogit)), gate_bias=dlogit.sum(0))
+    leaves = [t.clone().requires_grad_() for t in (x64, w64, b64, wg64, bg64)]
+    ref = reference.mmoe(*leaves, activation)
+    grads = torch.autograd.grad(ref, leaves, dm64)
+    refs = dict(forward=ref.detach(), **dict(zip(["x", "W0", "b0", "gate_weight", "gate_bias"], grads)))
+    return {name: rel_err(mine[name], refs[name]) for name in refs}
 
 
 OP_SHAPE = Shape(5, 6, 3, 4, 2)

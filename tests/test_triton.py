@@ -7,6 +7,7 @@ so an element no program writes fails ``assert_close``'s finiteness check.
 """
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -134,10 +135,127 @@ def test_weight_gradient_slices_fill_a_gpu(monkeypatch):
     assert tb._weight_grad_splits(65536, 16, torch.device("cpu")) == 1
 
 
-def test_gate_columns_are_padded_for_tl_dot():
-    for T, E in [(1, 1), (3, 1), (1, 3), (2, 8), (3, 16), (5, 33)]:
-        t_pad, e_pad = tb._pads(T, E)
-        assert t_pad * e_pad >= 16 and t_pad >= T and e_pad >= E
+def test_gate_chunks_are_powers_of_two_a_dot_takes():
+    from mmoe_fast.kernels import gating
+
+    for E, block in [(1, 16), (8, 16), (17, 32), (64, 64), (65, 64), (1024, 64)]:
+        assert gating.e_block(E) == block and gating.e_block(E, with_dx=True) == 16
+
+
+# Gates wider than one chunk (E > 64: the online softmax's two passes) and many tasks, forward and every
+# gradient; the interpreter is slow, so D and H stay small.
+@pytest.mark.parametrize("shape", [Shape(3, 5, 129, 4, 2), Shape(17, 9, 300, 3, 1), Shape(2, 4, 5, 3, 40)],
+                         ids=str)
+def test_wide_gates_match_reference(shape):
+    check_layer("triton", shape, dtype=torch.float32, activation="gelu")
+
+
+def test_wide_gate_in_half_precision_keeps_fp32_logits():
+    """Between the two passes the raw logits wait in fp32 scratch, not in G's bf16."""
+    check_layer("triton", Shape(5, 7, 200, 4, 2), dtype=torch.bfloat16, activation="silu",
+                tol=tb.tolerance(torch.bfloat16))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the padded tile
+def test_tf32_rounds_operands_to_nearest(monkeypatch):
+    """With tf32, every fp32 operand is rounded to 10 mantissa bits, to nearest with ties away from zero
+    (the tensor cores alone would truncate): x @ [[1]] returns round(x), exactly; ieee returns x."""
+    from mmoe_fast.testing import tf32_round
+
+    lsb = 2.0**-10
+    values = [1 + 0.75 * lsb, 1 + 0.25 * lsb, 1 + 0.5 * lsb, -(1 + 0.5 * lsb), 3.0e38, -7.5, 0.0,
+              float("inf"), float("-inf"), float("nan"), 1e-40]
+    x = torch.tensor(values, dtype=torch.float32)[:, None]
+    w = torch.ones(1, 1, 1)
+    monkeypatch.setenv(tb.PRECISION_ENV, "tf32")
+    out = tb.grouped_linear(x, w, None, "identity")[:, 0, 0]
+    want = tf32_round(x[:, 0])
+    assert want[0] == 1 + lsb and want[1] == 1 and want[2] == 1 + lsb and want[3] == -(1 + lsb)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out[~want.isnan()], want[~want.isnan()])
+    monkeypatch.setenv(tb.PRECISION_ENV, "ieee")
+    out = tb.grouped_linear(x, w, None, "identity")[:, 0, 0]
+    assert torch.equal(out[~out.isnan()], x[:, 0][~out.isnan()])
+
+
+@pytest.mark.parametrize("shape,activation", [(SHAPES[1], "gelu"), (SHAPES[3], "silu"), (SHAPES[5], "relu")],
+                         ids=str)
+def test_tf32_layer_meets_tf32_tolerance(shape, activation, monkeypatch):
+    """The interpreter rounds the operands as a GPU would, then multiplies exactly: tf32 numerics on the CPU."""
+    monkeypatch.setenv(tb.PRECISION_ENV, "tf32")
+    assert tb.tolerance(torch.float32) == tb.TF32_TOLERANCE
+    check_layer("triton", shape, dtype=torch.float32, activation=activation, tol=tb.TF32_TOLERANCE)
+
+
+def test_autotune_keys_carry_the_code_changing_constexprs():
+    from mmoe_fast.kernels import gating, linear, mixture
+
+    assert {"ACT", "PREC", "TASKS", "HAS_BIAS"} <= set(mixture.expert_mixture_fwd.keys)
+    assert {"ACT", "PREC"} <= set(linear.grouped_linear_fwd.keys)
+    assert {"E_BLOCK", "WRITE_DX", "PREC"} <= set(gating.gate_softmax_bwd.keys)
+
+
+def test_first_fit_launches_the_first_kept_config_untimed():
+    """MMOE_FAST_TRITON_AUTOTUNE=0 on a GPU: FirstFit launches the first config the prune keeps."""
+    from mmoe_fast.kernels import common, linear
+
+    fn = linear.grouped_linear_fwd.fn
+    configs = [common.cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), common.cfg(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)]
+    seen = []
+
+    def prune(configs, named_args, **kwargs):
+        seen.append((named_args["B"], kwargs["ACT"]))
+        return configs[1:]
+
+    keys = ["B_BUCKET", "K", "N", "E", "ACT"]
+    launcher = common.FirstFit(fn, configs, keys, prune)
+    assert launcher.config((None, None, None, None, 5), {"ACT": "relu"})[0] is configs[1]
+    inp = make_inputs(Shape(37, 20, 3, 18, 1), seed=3)
+    x, w, b = inp["x"], inp["weights"][0], inp["biases"][0]
+    out = torch.full((37, 3, 18), float("nan"))
+    grids = []
+
+    def grid(meta):
+        grids.append(meta["BLOCK_M"])
+        return (triton_cdiv(37, meta["BLOCK_M"]) * triton_cdiv(18, meta["BLOCK_N"]) * 3,)
+
+    launcher[grid](x, w, b, out, 37, 20, 18, 3, 20, 0, 64, ACT="gelu", HAS_BIAS=True, DOT=tl_float32(),
+                   ACC=tl_float32(), PREC="ieee")
+    assert grids == [32] and seen[-1] == (37, "gelu")
+    want = torch.nn.functional.gelu(torch.einsum("bk,ekn->ben", x, w) + b, approximate="tanh")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):
+    """A table of GPU picks (bench_gpu.py --tuned-out) is read back by tuning key; FirstFit takes a hit over
+    its first config; the shipped table parses."""
+    from mmoe_fast.kernels import common, linear
+
+    assert isinstance(common.load_tuned(), dict)
+    fn = linear.grouped_linear_fwd.fn
+    keys = ["B_BUCKET", "K", "N", "E", "ACT"]
+    x, w = torch.ones(3, 20), torch.ones(2, 20, 18)
+    args = (x, w, w, x, 3, 20, 18, 2, 20, 0, 4)
+    key = common.tuning_key(keys, fn.arg_names, args, dict(ACT="relu", HAS_BIAS=True))
+    assert key == (4, 20, 18, 2, "relu", "torch.float32", "torch.float32", "torch.float32", "torch.float32")
+    picked = common.cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)
+    monkeypatch.setattr(common, "KERNELS", {"grouped_linear_fwd": SimpleNamespace(cache={key: picked})})
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(common.tuned_table(device="test")))
+    table = common.load_tuned(path)
+    got = table["grouped_linear_fwd"][key]
+    assert (got.kwargs, got.num_warps, got.num_stages) == (picked.kwargs, 8, 2)
+    first = common.cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    launcher = common.FirstFit(fn, [first], keys, None, table["grouped_linear_fwd"])
+    assert launcher.config(args, dict(ACT="relu", HAS_BIAS=True))[0] is got
+    assert launcher.config(args, dict(ACT="gelu", HAS_BIAS=True))[0] is first  # another key: the first config
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def tl_float32():
+    return importlib.import_module("triton.language").float32
 
 
 def test_autotune_configs_refuse_small_dot_blocks():
@@ -147,22 +265,43 @@ def test_autotune_configs_refuse_small_dot_blocks():
         common.autotune([common.cfg(BLOCK_M=8)], common.cfg(BLOCK_M=8), key=[])
 
 
-def test_gpu_benchmark_smoke_mode_runs():
-    """benchmarks/bench_gpu.py --smoke: the GPU script's correctness pass, tiny, on the interpreter."""
+def test_gpu_benchmark_smoke_mode_runs(tmp_path):
+    """benchmarks/bench_gpu.py --smoke: the GPU script's both parts, tiny, on the interpreter, with its files."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--json",
+                           str(tmp_path / "t.json"), "--tuned-out", str(tmp_path / "tuned.json")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "correctness: all passed" in proc.stdout
+    assert "correctness: all passed" in proc.stdout and "| dtype |" in proc.stdout  # the summary table
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["failures"] == [] and result["rows"][0]["B"] == 17
+    assert "kernels" in json.loads((tmp_path / "tuned.json").read_text())
 
 
 def test_kernels_compile_for_a_gpu_without_spills():
-    """The interpreter never compiles: lower each kernel to an sm_90 cubin (Triton's bundled ptxas)."""
+    """The interpreter never compiles: lower each kernel to an sm_90 cubin (Triton's bundled ptxas) with
+    no spill and shared memory within the limit, the main GEMMs on wgmma and pipelined (tf32, bf16)."""
     bin_dir = Path(importlib.import_module("triton").__file__).parent / "backends" / "nvidia" / "bin"
     if not (bin_dir / "ptxas").exists():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--quick",
                            "--dtypes", "fp32,bf16"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "all compiled" in proc.stdout
+    failed = [line for line in proc.stdout.splitlines() if line.split(" ", 1)[0] not in ("ok", "command:", "triton")]
+    assert proc.returncode == 0, "\n".join(failed)[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("all ") and " variants compiled for sm_90 with triton " in summary, summary
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("ok ")]
+
+    def wgmma_pipelined(kernel, mode, alignment="aligned"):  # the (wgmma, pipelined) answers of these lines
+        return {(f[f.index("wgmma") + 1], f[f.index("pipelined") + 1]) for f in rows
+                if f[1:4] == [kernel, mode, alignment] and "DOT=ACC" not in f}  # not the gate's dWg
+
+    for kernel in ("expert_mixture_fwd", "expert_mixture_bwd_rows", "grouped_linear_fwd", "grouped_linear_bwd_rows",
+                   "input_grad", "weight_grad"):
+        for mode in ("fp32-tf32", "bf16"):
+            assert wgmma_pipelined(kernel, mode) == {("yes", "yes")}, (kernel, mode)
+        assert {w for w, _ in wgmma_pipelined(kernel, "fp32-ieee")} == {"no"}, kernel  # ieee fp32: no wgmma
+    assert wgmma_pipelined("expert_mixture_fwd", "bf16", "unaligned")
+    gate = [f for f in rows if f[1].startswith("gate_softmax")]
+    assert {f"E_BLOCK={e}" for e in (16, 64)} <= {w for f in gate for w in f}

@@ -1,14 +1,15 @@
 """Triton backend: fused gate softmax and fused expert mixture, forward and backward (``mmoe_fast.kernels``).
 
-Forward:  ``gate_softmax`` is one GEMM for all tasks with the softmax in its epilogue; ``expert_mixture``
-          mixes the expert outputs tile by tile in registers, never writing ``[B, E, H]``.
+Forward:  ``gate_softmax`` is a GEMM per (row block, task) with the softmax in its epilogue (any T and E:
+          experts in chunks of <= 64, an online softmax past one chunk); ``expert_mixture`` mixes the
+          expert outputs tile by tile in registers, never writing ``[B, E, H]``.
 Backward: one row-parallel kernel recomputes ``pre`` (the backward ops get only the inputs) and writes
           ``dG`` and ``dpre``; two GEMM kernels give ``da`` and ``dW``/``db``. Weight gradients are
           reduced without atomics (per-slice partial buffers summed in a fixed order): deterministic.
           ``mmoe_backward`` fuses the gate's backward in (one dx, fp32 dG).
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 fp32, fp64, fp16 and bf16 inputs; fp32 accumulation (fp64 for fp64); outputs in the input dtype.
-fp32 ``tl.dot`` precision: ``precision()``.
+fp32 ``tl.dot`` precision: ``precision()`` (tf32 rounds the operands to nearest first).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def precision() -> str:
     """``tl.dot`` input precision for fp32: ``"tf32"`` or ``"ieee"``.
 
     ``$MMOE_FAST_TRITON_PRECISION`` when set; else it follows ``torch.get_float32_matmul_precision()``
-    (``"highest"``, torch's default, gives ``"ieee"``). The interpreter always computes exact fp32.
+    (``"highest"``, torch's default, gives ``"ieee"``). tf32 rounds each fp32 operand to nearest (ties away)
+    before the tensor cores, which would truncate it; the interpreter does the same rounding, then exact fp32
+    products, so it shows tf32's numerics on the CPU.
     """
     env = os.environ.get(PRECISION_ENV)
     if env:
@@ -70,7 +73,7 @@ def precision() -> str:
 
 def tolerance(dtype: torch.dtype) -> float:
     """The relative error this backend promises for ``dtype`` under the current ``precision()``."""
-    if dtype == torch.float32 and precision() == "tf32" and not INTERPRET:
+    if dtype == torch.float32 and precision() == "tf32":  # the interpreter rounds the operands the same way
         return TF32_TOLERANCE
     if dtype in _HALF and INTERPRET:
         return INTERPRETER_HALF_TOLERANCE
@@ -97,15 +100,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(n)
-
-
-def _pads(T: int, E: int) -> tuple[int, int]:
-    """Powers of two with T_PAD * E_PAD >= 16, the least a GPU's tl.dot takes."""
-    t_pad, e_pad = triton.next_power_of_2(T), triton.next_power_of_2(E)
-    while t_pad * e_pad < 16:
-        e_pad *= 2
-    assert t_pad * e_pad >= 16 and t_pad >= T and e_pad >= E
-    return t_pad, e_pad
 
 
 def _strides(a: torch.Tensor, K: int) -> tuple[int, int]:
@@ -164,11 +158,13 @@ def gate_softmax(x, Wg, bg):
     """G[B, T, E] = softmax_e(x[B, D] @ Wg[t] + bg[t])."""
     B, D = x.shape
     T, _, E = Wg.shape
-    t_pad, e_pad = _pads(T, E)
+    block = gating.e_block(E)
     G = _new((B, T, E), x.dtype, x.device)
-    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]),)  # noqa: E731
-    gating.gate_softmax_fwd[grid](x, Wg, Wg if bg is None else bg, G, B, D, T, E, _bucket(B),
-                                  HAS_BIAS=bg is not None, T_PAD=t_pad, E_PAD=e_pad, **_kinds(x.dtype))
+    # Raw logits between the two passes of a gate wider than one chunk.
+    scratch = _new((B, T, E) if E > block else (1,), _acc_dtype(x.dtype), x.device)
+    grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]) * T,)  # noqa: E731
+    gating.gate_softmax_fwd[grid](x, Wg, Wg if bg is None else bg, G, scratch, B, D, T, E, _bucket(B),
+                                  HAS_BIAS=bg is not None, E_BLOCK=block, **_kinds(x.dtype))
     return G
 
 
@@ -176,14 +172,14 @@ def _gate_backward(dG, G, x, Wg, with_dx: bool):
     """(dx[B, D] | None, dlogit[B, T, E] in ACC dtype)."""
     B, D = x.shape
     T, _, E = Wg.shape
-    t_pad, e_pad = _pads(T, E)
     dx = _new((B, D), x.dtype, x.device) if with_dx else None
     dlogit = _new((B, T, E), _acc_dtype(x.dtype), x.device)
     kinds = _kinds(x.dtype)
     d_blocks = (lambda META: triton.cdiv(D, META["BLOCK_D"])) if with_dx else (lambda META: 1)
     grid = lambda META: (triton.cdiv(B, META["BLOCK_M"]), d_blocks(META))  # noqa: E731
     gating.gate_softmax_bwd[grid](dG, G, Wg, dlogit if dx is None else dx, dlogit, B, D, T, E, _bucket(B),
-                                  WRITE_DX=with_dx, T_PAD=t_pad, E_PAD=e_pad, ACC=kinds["ACC"], PREC=kinds["PREC"])
+                                  WRITE_DX=with_dx, E_BLOCK=gating.e_block(E, with_dx), ACC=kinds["ACC"],
+                                  PREC=kinds["PREC"])
     return dx, dlogit
 
 

@@ -1,10 +1,14 @@
-"""Pieces shared by the kernels: activations, the expert pre-activation tile, autotune configs.
+"""Pieces shared by the kernels: activations, the expert pre-activation tile, the dot, autotune configs.
 
 ``pre_tile`` is the one GEMM every expert kernel runs (forward, and the backward's recompute):
 ``a_e[rows] @ W[e][:, cols] + b[e][cols]`` accumulated in ``ACC`` (fp32, fp64 for fp64 inputs).
+``mma`` is every kernel's ``tl.dot``: with ``PREC="tf32"`` it rounds fp32 operands to tf32 (nearest, ties
+away) first; the tensor cores would truncate them, about doubling the error.
 """
 
+import json
 import os
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -13,26 +17,112 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # MMOE_FAST_TRITON_AUTOTUNE=0: each kernel's first GPU config that fits (quick start: a correctness run).
 AUTOTUNE = os.environ.get("MMOE_FAST_TRITON_AUTOTUNE", "1") != "0"
+# Configs tuned on a GPU (benchmarks/bench_gpu.py --tuned-out writes them), by kernel and tuning key: an
+# autotuned kernel starts with them in its cache, so a first run need not tune the shapes they cover.
+TUNED_FILE = Path(__file__).with_name("tuned_configs.json")
+KERNELS: dict = {}  # name -> the autotuned (or FirstFit) kernel, for tuned_table()
+# Constexprs that change the code a config runs, so tuning keys carry them (tensor dtypes are added by Triton).
+TUNE_CONSTEXPRS = ("ACT", "PREC", "HAS_BIAS", "TASKS", "T_PAD", "E_BLOCK", "GATE", "WRITE_DX")
 
+
+def tuning_key(keys, arg_names, args, kwargs) -> tuple:
+    """The key Triton's autotuner (3.6 to 3.9) files a launch under: the ``keys`` arguments' values, then
+    the dtype of every tensor argument, in argument order."""
+    named = {k: v for k, v in {**dict(zip(arg_names, args)), **kwargs}.items() if k in arg_names}
+    return (*(named[k] for k in keys if k in named), *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+
+
+def _config(entry: dict) -> triton.Config:
+    return triton.Config(entry["kwargs"], num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+
+
+def load_tuned(path: Path = TUNED_FILE) -> dict:
+    """{kernel name: {tuning key: Config}} from a table ``tuned_table`` wrote; {} when there is none."""
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())
+    return {name: {tuple(key): _config(entry) for key, entry in rows} for name, rows in table["kernels"].items()}
+
+
+def tuned_table(**about) -> dict:
+    """Every autotuned kernel's picks so far, as JSON for ``load_tuned`` (``about``: where they came from)."""
+    kernels = {}
+    for name, kernel in KERNELS.items():
+        cache = getattr(kernel, "cache", {})
+        kernels[name] = [[list(key), dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)]
+                         for key, c in cache.items()]
+    return dict(about, triton=triton.__version__, kernels=kernels)
+
+
+class FirstFit:
+    """A kernel launched with its tuned config for this key when the table has one, else the first of its
+    configs that ``prune`` keeps; never timed.
+
+    ``triton.autotune`` benchmarks whenever it holds more than one config, even when the prune leaves one
+    (Triton 3.6), so ``MMOE_FAST_TRITON_AUTOTUNE=0`` launches through this instead. ``kernel[grid](...)``
+    as for an autotuned kernel; ``configs``/``early_config_prune``/``fn``/``keys`` as the autotuner has them.
+    """
+
+    def __init__(self, fn, configs, keys, prune=None, tuned=None):
+        self.fn, self.configs, self.keys, self.early_config_prune = fn, configs, keys, prune
+        self.arg_names = fn.arg_names
+        self.tuned = tuned or {}
+
+    def config(self, args, kwargs):
+        named = dict(zip(self.arg_names, args))
+        tuned = self.tuned.get(tuning_key(self.keys, self.arg_names, args, kwargs))
+        if tuned is not None:
+            return tuned, named
+        kept = self.early_config_prune(self.configs, named, **kwargs) if self.early_config_prune else self.configs
+        return kept[0], named
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            cfg, named = self.config(args, kwargs)
+            meta = {**named, **kwargs, **cfg.kwargs}
+            return self.fn[grid(meta) if callable(grid) else grid](
+                *args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return launch
 
 
 def autotune(gpu_configs, interpret_config, key, prune=None):
-    """``triton.autotune`` over ``gpu_configs`` on a GPU; the interpreter gets one config (it cannot tune).
+    """``triton.autotune`` over ``gpu_configs`` on a GPU, its cache seeded from ``TUNED_FILE``; the
+    interpreter gets one config (it cannot tune).
 
+    ``key`` gets the kernel's own ``TUNE_CONSTEXPRS`` added.
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
     configs = [interpret_config] if INTERPRET else gpu_configs
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"
-    if INTERPRET:
-        return triton.autotune(configs, key=key)
 
-    def keep(configs, named_args, **kwargs):
-        kept = prune(configs, named_args, **kwargs) if prune is not None else configs
-        return kept if AUTOTUNE else kept[:1]  # without tuning: the first config that fits
+    def decorate(fn):
+        keys = [*key, *(name for name in TUNE_CONSTEXPRS if name in fn.arg_names)]
+        if INTERPRET:
+            return triton.autotune(configs, key=keys)(fn)
+        tuned = load_tuned().get(fn.__name__, {})
+        if not AUTOTUNE:
+            kernel = FirstFit(fn, configs, keys, prune, tuned)
+        else:
+            kernel = triton.autotune(configs, key=keys,
+                                     prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+            kernel.cache.update(tuned)
+        KERNELS[fn.__name__] = kernel
+        return kernel
 
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": keep})
+    return decorate
+
+
+def fp32_fma(kwargs) -> bool:
+    """Whether a launch's dot runs exact fp32 (``PREC="ieee"`` on fp32 operands): no tensor cores, so its
+    operands live in registers and configs that fit a tf32/bf16 launch can spill (compile_check.py)."""
+    return kwargs.get("PREC") == "ieee" and kwargs.get("DOT", kwargs.get("ACC")) == tl.float32
+
+
+def without(configs, drop):
+    """``configs`` less those ``drop(config)`` is true for (the first one if that leaves none)."""
+    return [c for c in configs if not drop(c)] or configs[:1]
 
 
 def cfg(num_warps=4, num_stages=3, **blocks):
@@ -85,6 +175,28 @@ def act_grad(pre, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tf32(x):
+    """fp32 ``x`` rounded to tf32's 10 mantissa bits, to nearest with ties away from zero (PTX's
+    ``cvt.rna.tf32.f32``), as integer arithmetic: the same code runs under the interpreter. NaN and
+    infinities stay as they are; a value that rounds past the largest finite one becomes infinite."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 == 0xFFFFE000
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
+def mma(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a @ b`` with the operands cast to ``DOT``; tf32 rounds fp32 operands to nearest first."""
+    a = a.to(DOT)
+    b = b.to(DOT)
+    if PREC == "tf32":
+        if DOT == tl.float32:
+            a = _tf32(a)
+            b = _tf32(b)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def pre_tile(a_ptr, w_ptr, bias_ptr, e, rows, cols, B, K, N, stride_ab, stride_ae,
              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -104,7 +216,7 @@ def pre_tile(a_ptr, w_ptr, bias_ptr, e, rows, cols, B, K, N, stride_ab, stride_a
         k = k0 + ks
         a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
         w = tl.load(w_cols + k[:, None] * N, mask=(k[:, None] < K) & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT), w.to(DOT), acc, input_precision=PREC)
+        acc = mma(a, w, acc, DOT, PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e * N + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     return acc

@@ -12,7 +12,7 @@
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, pre_tile
+from .common import act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, without
 
 _TILE_CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -48,7 +48,14 @@ def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, s
              mask=(rows < B)[:, None] & (cols < N)[None, :])
 
 
-@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY)
+def _bwd_rows_fit(configs, named_args, **kwargs):
+    """Exact fp32 dots spill at 128x128 (compile_check.py)."""
+    if fp32_fma(kwargs):
+        return without(configs, lambda c: c.kwargs["BLOCK_N"] == 128)
+    return configs
+
+
+@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_bwd_rows_fit)
 @triton.jit
 def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N, E, stride_ab, stride_ae, B_BUCKET,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
@@ -66,13 +73,22 @@ def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N,
 
 
 # input_grad's output tile is [BLOCK_M, BLOCK_K]; BLOCK_N steps through its long reduction (E * N for
-# a shared input).
-@autotune(
-    [cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32), cfg(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, num_warps=8),
-     cfg(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_stages=4)],
-    cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),
-    key=_KEY,
-)
+# a shared input). The last two are for exact fp32 dots, which spill in the others (compile_check.py,
+# Triton 3.6 and 3.9): 8 warps without the gate's share, a 16-wide reduction step with it.
+_INPUT_GRAD_CONFIGS = [
+    cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32), cfg(BLOCK_M=128, BLOCK_K=64, BLOCK_N=32, num_warps=8),
+    cfg(BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_stages=4),
+    cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16),
+]
+
+
+def _input_grad_fit(configs, named_args, **kwargs):
+    if fp32_fma(kwargs):
+        return [configs[-1] if kwargs.get("GATE") else configs[-2]]
+    return configs[:-2]
+
+
+@autotune(_INPUT_GRAD_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_input_grad_fit)
 @triton.jit
 def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_PROGRAM,
                stride_yb, stride_ye, stride_db, stride_de, B_BUCKET,
@@ -102,7 +118,7 @@ def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_P
                          mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
             wt = tl.load(w_ptr + e * K * N + ks[None, :] * N + ns[:, None],
                          mask=(ns < N)[:, None] & (ks < K)[None, :], other=0.0)
-            acc = tl.dot(dy.to(DOT), wt.to(DOT), acc, input_precision=PREC)
+            acc = mma(dy, wt, acc, DOT, PREC)
     if GATE:
         for c0 in range(0, T * E, BLOCK_N):
             c = c0 + tl.arange(0, BLOCK_N)
@@ -111,7 +127,7 @@ def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_P
                          other=0.0)
             wgt = tl.load(wg_ptr + (c // E)[:, None] * (K * E) + ks[None, :] * E + (c % E)[:, None],
                           mask=c_ok[:, None] & (ks < K)[None, :], other=0.0)
-            acc = tl.dot(dl.to(ACC), wgt.to(ACC), acc, input_precision=PREC)
+            acc = mma(dl, wgt, acc, ACC, PREC)
     tl.store(da_ptr + rows64[:, None] * stride_db + j * stride_de + ks[None, :], acc.to(da_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (ks < K)[None, :])
 
@@ -121,6 +137,8 @@ def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_P
      cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8), cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)],
     cfg(BLOCK_B=32, BLOCK_K=32, BLOCK_N=32),
     key=["B_BUCKET", "K", "N", "E", "ROWS_PER_SPLIT"],
+    prune=lambda configs, named_args, **kw: without(configs, lambda c: fp32_fma(kw) and c.num_warps == 8
+                                                      and c.kwargs["BLOCK_N"] == 64),  # spills (compile_check.py)
 )
 @triton.jit
 def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, stride_ab, stride_ae, stride_yb, stride_ye,
@@ -148,7 +166,7 @@ def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, strid
                      mask=(ks < K)[:, None] & row_ok[None, :], other=0.0)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_yb + e * stride_ye + ns[None, :],
                      mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
-        acc = tl.dot(at.to(DOT), dy.to(DOT), acc, input_precision=PREC)
+        acc = mma(at, dy, acc, DOT, PREC)
         dbias += tl.sum(dy.to(ACC), axis=0)
     slot = s * E + e
     tl.store(dw_ptr + (slot * K + ks[:, None]).to(tl.int64) * N + ns[None, :], acc.to(dw_ptr.dtype.element_ty),

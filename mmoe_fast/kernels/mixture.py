@@ -12,7 +12,7 @@ Backward: a program owns rows x one expert; it recomputes ``pre`` tile by tile (
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, pre_tile
+from .common import act, act_grad, autotune, cfg, fp32_fma, pre_tile
 
 _CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -27,16 +27,28 @@ _BWD_CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32),
     cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=8),
 ]
+# Exact fp32 dots (no tensor cores) keep their operands in registers: narrower tiles, the only ones that
+# compile without spills for every TASKS under Triton 3.6 and 3.9 (compile_check.py).
+_FMA_CONFIGS = [cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)]
 _INTERPRET_CONFIG = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
 MAX_TASKS = 4  # task accumulators one forward program holds; more tasks run as several task groups
 
 
 def _fits_registers(configs, named_args, **kwargs):
     """Keep configs whose fp32 tiles (TASKS accumulators and the pre-activation) take <= 90 registers a
-    thread: the rest of the kernel takes ~100-150 more (compile_check.py), and 255 is the most a thread has."""
+    thread: the rest of the kernel takes ~100-150 more (compile_check.py), and 255 is the most a thread has.
+    Exact fp32 dots take ``_FMA_CONFIGS`` (the last ones) instead."""
+    if fp32_fma(kwargs):
+        return configs[-len(_FMA_CONFIGS):]
+    configs = configs[:-len(_FMA_CONFIGS)]
     tiles = (kwargs["TASKS"] + 1) * (2 if kwargs["ACC"] == tl.float64 else 1)
     fit = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * tiles <= 90 * 32 * c.num_warps]
     return fit or configs[:1]
+
+
+def _bwd_fits(configs, named_args, **kwargs):
+    """Exact fp32 dots: only the first config compiles without spills for every flag (compile_check.py)."""
+    return configs[:1] if fp32_fma(kwargs) else configs
 
 
 @triton.jit
@@ -55,7 +67,7 @@ def _store_task(m_ptr, acc, t, T, B, N, rows, cols):
                  mask=(rows < B)[:, None] & (cols < N)[None, :])
 
 
-@autotune(_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"], prune=_fits_registers)
+@autotune(_CONFIGS + _FMA_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"], prune=_fits_registers)
 @triton.jit
 def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stride_ab, stride_ae, B_BUCKET,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TASKS: tl.constexpr,
@@ -96,7 +108,7 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
         _store_task(m_ptr, acc3, t0 + 3, T, B, N, rows, cols)
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"])
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits)
 @triton.jit
 def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_ptr, B, K, N, E, T,
                             stride_ab, stride_ae, B_BUCKET,
