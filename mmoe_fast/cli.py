@@ -29,7 +29,7 @@ _OPTION_OF = {"n_rows": "--n-train", "batch_size": "--batch-size", "seed": "--se
               "config.num_experts": "--experts", "config.expert_hidden": "--expert-hidden",
               "config.bottom_hidden": "--bottom-hidden", "config.in_features": "--d",
               "data.correlation": "--correlation", "data.d": "--d", "data.n_train": "--n-train",
-              "data.n_val": "--n-val", "data.seed": "--seed"}
+              "data.n_val": "--n-val", "data.seed": "--seed", "data.labels": "--labels"}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -50,8 +50,9 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
             if where is not None:
                 files.output_dir(where, option)
     torch.manual_seed(args.seed)
+    labels = args.labels or ("click_conversion" if args.model == "esmm" else "regression")
     spec = synthetic_spec(correlation=args.correlation, d=args.d, n_train=args.n_train, n_val=args.n_val,
-                          seed=args.seed)
+                          seed=args.seed, labels=labels)
     data = load_splits(spec)
     task_types = data["task_types"]
     # Only the options the user gave: a model that has no use for one refuses it by name.
@@ -64,7 +65,8 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     used = "none (no fused op in this model)" if setting is None else backends.backend_name(
         backends.resolve(setting, device, torch.float32))
     say(f"model {args.model}: {models.count_parameters(model)} parameters; backend {used}; "
-        f"synthetic data, correlation {args.correlation}, {args.n_train} train / {args.n_val} validation rows")
+        f"synthetic data ({labels} labels), correlation {args.correlation}, {args.n_train} train / {args.n_val} "
+        "validation rows")
     if distributed.world_size() > 1:
         say(f"DDP: {distributed.world_size()} ranks ({torch.distributed.get_backend()}), "
             f"{args.batch_size} rows per global batch")
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(under torchrun: DDP, gloo on CPU, nccl on CUDA)")
     tr.add_argument("--data", choices=["synthetic"], default="synthetic")
     tr.add_argument("--correlation", type=correlation, default=0.5, help="task correlation p in [-1, 1]")
+    tr.add_argument("--labels", choices=["regression", "binary", "click_conversion"], default=None,
+                    help="synthetic targets: the paper's regression (default), each above its median as binary, "
+                    "or ESMM's click and click-then-conversion (the default for --model esmm)")
     tr.add_argument("--model", choices=sorted(models.MODELS), default="mmoe")
     tr.add_argument("--backend", default="auto", choices=["auto", *backends.BACKENDS])
     tr.add_argument("--n-train", type=positive_int, default=10000)

@@ -1,8 +1,10 @@
 """Training loop: per-task losses and metrics, Adam/AdamW, early stopping, exact checkpoints, DDP.
 
 Losses follow ``model.task_types``: BCE with logits for ``"binary"``, MSE for ``"regression"``. The loss
-minimized is ``sum_t loss_weights[t] * loss_t``, plus ``model.extra_loss()`` when the model defines one.
-Metrics per task: ROC AUC for binary tasks, MSE and R^2 for regression (scikit-learn).
+minimized is ``sum_t loss_weights[t] * loss_t``, plus ``model.extra_loss()`` when the model defines one;
+``loss_t`` is the batch's sum of ``w[i, t] * l[i, t]`` over its rows divided by the number of rows, where
+``w`` is 1, or the per-row/per-task ``sample_weight`` times the ``label_mask`` (0 for a missing label).
+Metrics per task: ROC AUC for binary tasks, MSE and R^2 for regression (scikit-learn), over labeled rows.
 Under ``torchrun`` (see :mod:`mmoe_fast.distributed`) each rank trains on its shard of every global batch.
 """
 
@@ -48,36 +50,58 @@ def json_safe(value):
     return value
 
 
-def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], reduction: str = "mean") -> Tensor:
-    """Per-task losses ``[T]`` of ``outputs[B, T]``: BCE with logits for binary tasks, MSE for regression.
+def task_losses(outputs: Tensor, targets: Tensor, task_types: Sequence[str], reduction: str = "mean",
+                mask: Tensor | None = None) -> Tensor:
+    """Per-task losses of ``outputs[B, T]``: BCE with logits for binary tasks, MSE for regression.
 
-    ``reduction`` is ``"mean"`` (over the batch) or ``"sum"``.
+    ``reduction``: ``"mean"`` (over the batch; with ``mask[B, T]``, over each task's labeled rows: NaN where
+    it has none), ``"sum"`` (``[T]``) or ``"none"`` (``[B, T]``). Where ``mask`` is False the target is
+    ignored (it may be NaN) and the row adds nothing.
     """
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        targets = torch.where(mask, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
     losses = []
     for t, kind in enumerate(task_types):
         loss = F.binary_cross_entropy_with_logits if kind == "binary" else F.mse_loss
-        losses.append(loss(outputs[:, t], targets[:, t], reduction=reduction))
-    return torch.stack(losses)
+        losses.append(loss(outputs[:, t], targets[:, t], reduction="none"))
+    each = torch.stack(losses, dim=1)
+    if mask is not None:
+        each = each * mask
+    if reduction == "none":
+        return each
+    if reduction == "sum":
+        return each.sum(0)
+    rows = mask.sum(0) if mask is not None else torch.full((len(task_types),), len(each), device=each.device)
+    return each.sum(0) / rows
 
 
-def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str]) -> list[dict]:
+def task_metrics(outputs: Tensor, targets: Tensor, task_types: Sequence[str], mask: Tensor | None = None) -> list[dict]:
     """Per-task metrics of ``outputs[N, T]``: ``{"auc"}`` for binary tasks, ``{"mse", "r2"}`` for regression.
 
-    AUC is NaN when the labels hold a single class (it is undefined there). Binary targets must be exactly
-    0 or 1 and no target may be NaN (ValueError naming the task).
+    ``mask[N, T]``: only rows where it is True count for a task (their targets may be NaN elsewhere).
+    AUC is NaN when the labels hold a single class (it is undefined there), every metric NaN for a task
+    without labeled rows. Binary targets must be exactly 0 or 1 and no counted target may be NaN
+    (ValueError naming the task).
     """
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        targets = torch.where(mask, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
     check_targets(targets, task_types, "targets")
     from sklearn.metrics import mean_squared_error, r2_score, roc_auc_score  # imported late: it is slow to load
 
     out, tgt = outputs.detach().double().cpu().numpy(), targets.detach().double().cpu().numpy()
+    keep = np.ones(tgt.shape, dtype=bool) if mask is None else mask.cpu().numpy()
     metrics = []
     for t, kind in enumerate(task_types):
+        o, y = out[keep[:, t], t], tgt[keep[:, t], t]
         if kind == "binary":
-            two_classes = len(np.unique(tgt[:, t])) == 2
-            metrics.append({"auc": float(roc_auc_score(tgt[:, t], out[:, t])) if two_classes else math.nan})
+            two_classes = len(np.unique(y)) == 2
+            metrics.append({"auc": float(roc_auc_score(y, o)) if two_classes else math.nan})
+        elif len(y) == 0:
+            metrics.append({"mse": math.nan, "r2": math.nan})
         else:
-            metrics.append({"mse": float(mean_squared_error(tgt[:, t], out[:, t])),
-                            "r2": float(r2_score(tgt[:, t], out[:, t]))})
+            metrics.append({"mse": float(mean_squared_error(y, o)), "r2": float(r2_score(y, o))})
     return metrics
 
 
@@ -93,7 +117,7 @@ def check_targets(y: Tensor, task_types: Sequence[str], name: str = "y") -> None
         if nan.any():
             rows = nan.nonzero().flatten()
             raise ValueError(f"{name}: task{t} ({kind}) has {len(rows)} NaN target(s), first at row {int(rows[0])}; "
-                             "missing labels are not supported: drop those rows")
+                             "for missing labels give fit a label_mask (e.g. ~y.isnan()), or drop those rows")
         bad = ((column != 0) & (column != 1)) if kind == "binary" else ~torch.isfinite(column)
         if bad.any():
             row = int(bad.nonzero()[0])
@@ -141,6 +165,37 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def label_weights(y: Tensor, sample_weight: Tensor | None, label_mask: Tensor | None, name: str = "y"
+                  ) -> Tensor | None:
+    """``w[N, T]`` = ``sample_weight`` (``[N]`` or ``[N, T]``, finite, >= 0) times ``label_mask`` (``[N, T]``,
+    True or 1 where a label is known); None when both are None (every weight 1). ValueError naming the
+    problem for a bad shape or value, and for a task left without any weight."""
+    if sample_weight is None and label_mask is None:
+        return None
+    n, num_tasks = y.shape
+    w = torch.ones(n, num_tasks)
+    if sample_weight is not None:
+        sw = torch.as_tensor(sample_weight, dtype=torch.float32).cpu()
+        if sw.dim() == 1:
+            sw = sw[:, None]
+        if sw.dim() != 2 or sw.shape[0] != n or sw.shape[1] not in (1, num_tasks):
+            raise ValueError(f"{name}: sample_weight must be [{n}] or [{n}, {num_tasks}], "
+                             f"got {tuple(torch.as_tensor(sample_weight).shape)}")
+        if not torch.isfinite(sw).all() or (sw < 0).any():
+            raise ValueError(f"{name}: sample_weight must be finite and >= 0")
+        w = w * sw
+    if label_mask is not None:
+        mask = torch.as_tensor(label_mask).cpu()
+        if mask.shape != (n, num_tasks) or not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"{name}: label_mask must be [{n}, {num_tasks}] of True/False (or 1/0), "
+                             f"got {tuple(mask.shape)} {mask.dtype}")
+        w = w * mask.to(torch.float32)
+    empty = (w.sum(0) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: task{empty[0]} has no labeled rows of positive weight (label_mask, sample_weight)")
+    return w
+
+
 @dataclass
 class _Progress:
     """Everything, besides model, optimizer and RNGs, that a resumed run needs to continue exactly."""
@@ -150,6 +205,7 @@ class _Progress:
     batch: int = 0  # batches of this epoch done; 0 means the epoch has not started
     order: Tensor | None = None  # this epoch's row permutation
     loss_sum: list[float] = field(default_factory=list)  # per-task loss summed over this epoch's rows
+    weight_sum: list[float] = field(default_factory=list)  # per-task label weight summed over them (rows if unweighted)
     extra_sum: float = 0.0  # extra_loss summed over this epoch's steps
     rows: int = 0
     best: float | None = None  # best main-task validation metric so far
@@ -269,7 +325,8 @@ class ResumeMismatch(ValueError):
 # under other values would give neither run. Model, its config and the checkpoint_extra entries (the data
 # spec) are checked too. lr, weight_decay, the run's length and patience may change: they are applied from the
 # resumed step on, and said.
-_FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task")
+_FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task", "label_weights", "scheduler",
+          "clip_grad_norm")
 
 
 def _differences(saved: object, given: object, name: str) -> list[tuple[str, object, object]]:
@@ -296,7 +353,9 @@ def fit(
     optimizer: str = "adam", weight_decay: float = 0.0, main_task: int = 0, patience: int | None = None,
     log_dir: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None, resume: str | os.PathLike | None = None,
-    checkpoint_extra: dict | None = None,
+    checkpoint_extra: dict | None = None, sample_weight: Tensor | None = None, label_mask: Tensor | None = None,
+    val_label_mask: Tensor | None = None, clip_grad_norm: float | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -304,7 +363,16 @@ def fit(
     epoch's rows), ``train_extra_loss`` when the model has ``extra_loss``, and with validation data
     ``val_loss`` and ``val_metrics`` (per task, see :func:`task_metrics`).
 
-    - Inputs must be finite and binary targets exactly 0 or 1 (ValueError naming the row and task).
+    - Inputs must be finite and binary targets exactly 0 or 1 (ValueError naming the row and task), except
+      where ``label_mask[N, T]`` (``val_label_mask`` for validation) is False: a missing label, which adds
+      nothing to the loss or the metrics (``~y.isnan()`` makes one from NaN labels).
+    - ``sample_weight``: ``[N]`` or ``[N, T]`` non-negative weights; each task's loss is the batch's weighted
+      sum over its rows divided by the number of rows (the mean when every weight is 1); the recorded
+      ``train_loss`` is the epoch's weighted mean over labeled rows.
+    - ``clip_grad_norm``: clip the gradients' global L2 norm to this before each update.
+    - ``scheduler``: ``scheduler(optimizer)`` makes a learning-rate scheduler (e.g. ``lambda opt:
+      torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=1000)``), stepped after every update, saved
+      in checkpoints and restored on resume; each record has the ``lr`` at the end of its epoch.
     - ``steps``, when given, replaces ``epochs``: train that many optimizer steps (the last epoch may be partial).
     - ``patience``: stop when the main task's validation metric (AUC up for binary, MSE down for
       regression) has not improved for that many epochs; the best epoch's weights are restored at the end.
@@ -327,6 +395,17 @@ def fit(
     """
     weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
         loss_weights, dtype=torch.float32)
+    if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
+    label_w = label_weights(y, sample_weight, label_mask, "y")
+    val_mask = None
+    if val_label_mask is not None:
+        if y_val is None:
+            raise ValueError("val_label_mask needs x_val, y_val")
+        val_mask = label_weights(y_val, None, val_label_mask, "y_val").to(torch.bool)
+    # Unlabeled entries take a placeholder target, so the checks below see only real labels.
+    y = y if label_mask is None else torch.where(torch.as_tensor(label_mask).to(torch.bool), y, 0.0)
+    y_val = y_val if val_mask is None else torch.where(val_mask, y_val, 0.0)
     _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
                     checkpoint_every, batch_size, steps)
     if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
@@ -337,13 +416,17 @@ def fit(
     weights = weights.to(device)
     say = log if distributed.is_main() else (lambda _: None)
     opt = make_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay)
+    sched = scheduler(opt) if scheduler is not None else None
     gen = torch.Generator().manual_seed(seed)
     n, num_tasks = len(x), len(model.task_types)
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     options = {"n_rows": n, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
                "loss_weights": weights.tolist(), "main_task": main_task, "lr": lr, "weight_decay": weight_decay,
-               "total_steps": total, "patience": patience}
+               "total_steps": total, "patience": patience,
+               # What else changes the objective or the update: compared on resume when the checkpoint has them.
+               "label_weights": None if label_w is None else _fingerprint(label_w),
+               "scheduler": None if sched is None else type(sched).__name__, "clip_grad_norm": clip_grad_norm}
     higher_is_better = model.task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
     has_extra = callable(getattr(model, "extra_loss", None))
@@ -357,7 +440,7 @@ def fit(
             if found is None:
                 raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
             resume = found
-        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say)
+        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
     watched = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
     last_saved: list[Path] = []  # the newest step checkpoint, for the divergence message
@@ -368,7 +451,8 @@ def fit(
         path = checkpoint.save(model, checkpoint_dir / f"step-{p.step:07d}.pt", **entries, trainer={
             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "n_rows": n, "batch_size": batch_size, "options": options, "progress": asdict(p)})
+            "n_rows": n, "batch_size": batch_size, "options": options, "progress": asdict(p),
+            "scheduler": None if sched is None else sched.state_dict()})
         last_saved[:] = [path]
 
     def diverged(what: str) -> FloatingPointError:
@@ -381,22 +465,27 @@ def fit(
     while p.batch > 0 or (p.step < total and not p.stopped):
         if p.batch == 0:
             p.order = torch.randperm(n, generator=gen)
-            p.loss_sum, p.extra_sum, p.rows = [0.0] * num_tasks, 0.0, 0
+            p.loss_sum, p.weight_sum, p.extra_sum, p.rows = [0.0] * num_tasks, [0.0] * num_tasks, 0.0, 0
         net.train()
         with tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", leave=False,
                   disable=not progress or not distributed.is_main()) as bar:
             while p.batch < per_epoch and p.step < total:
                 rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
-                sums, extra = _backward(net, model, opt, x, y, rows, weights, has_extra, device)
+                sums, wsums, extra = _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device)
                 if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
                     raise diverged(f"non-finite training loss before the update (per-task sums {sums}, "
                                    f"extra_loss {extra})")
+                if clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 # After the update too, the last one included: a finite loss can still give a non-finite step.
                 bad = _non_finite(watched)
                 if bad is not None:
                     raise diverged(f"the update made the weight {bad!r} non-finite")
                 p.loss_sum = [a + b for a, b in zip(p.loss_sum, sums)]
+                p.weight_sum = [a + b for a, b in zip(p.weight_sum, wsums)]
                 p.extra_sum += extra
                 p.rows += len(rows)
                 p.batch += 1
@@ -405,14 +494,17 @@ def fit(
                 bar.set_postfix(loss=f"{sum(sums) / len(rows):.4f}")
                 if p.step == total or (checkpoint_every is not None and p.step % checkpoint_every == 0):
                     save_step()
-        record = {"epoch": p.epoch, "step": p.step, "train_loss": [s / p.rows for s in p.loss_sum]}
+        record = {"epoch": p.epoch, "step": p.step,
+                  "train_loss": [s / w if w > 0 else math.nan for s, w in zip(p.loss_sum, p.weight_sum)],
+                  "lr": opt.param_groups[0]["lr"]}
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
         if x_val is not None:
             out = distributed.gather_shards(predict(model, distributed.shard(x_val)), len(x_val))
             y_dev = y_val.to(out)
-            record["val_loss"] = task_losses(out, y_dev, model.task_types).double().tolist()
-            record["val_metrics"] = task_metrics(out, y_dev, model.task_types)
+            vm = None if val_mask is None else val_mask.to(out.device)
+            record["val_loss"] = task_losses(out, y_dev, model.task_types, mask=vm).double().tolist()
+            record["val_metrics"] = task_metrics(out, y_dev, model.task_types, mask=vm)
             value = record["val_metrics"][main_task][main_metric]
             if math.isnan(value) and patience is not None:
                 raise FloatingPointError(f"epoch {p.epoch}: task{main_task}'s validation {main_metric} is nan "
@@ -441,21 +533,38 @@ def fit(
     return p.history
 
 
-def _backward(net, model, opt, x, y, rows, weights, has_extra, device) -> tuple[list[float], float]:
-    """Gradients of the global batch ``rows``; returns its per-task loss sums (over all ranks) and the extra loss."""
+def _fingerprint(t: Tensor) -> str:
+    """A short digest of a tensor's values (the label weights a checkpointed run trained with)."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device
+              ) -> tuple[list[float], list[float], float]:
+    """Gradients of the global batch ``rows``; returns its per-task weighted loss sums and label weight sums
+    (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
     xb, yb = x[local].to(device), y[local].to(device)
     out = net(xb)
-    sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")
+    if label_w is None:
+        sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")
+        wsums = torch.full_like(sums, float(len(local)))
+    else:
+        wb = label_w[local].to(device=device, dtype=out.dtype)
+        sums = (task_losses(out, yb.to(out.dtype), model.task_types, reduction="none", mask=wb > 0) * wb).sum(0)
+        wsums = wb.sum(0)
     # Scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss,
     # whatever the shard sizes.
     loss = (weights * sums).sum() * (distributed.world_size() / len(rows))
     extra = model.extra_loss() if has_extra else torch.zeros((), device=device)
     opt.zero_grad(set_to_none=True)
     (loss + extra).backward()
-    stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), extra.detach().float().reshape(1)]))
+    stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), wsums.detach().float(),
+                                                  extra.detach().float().reshape(1)]))
     stats = stats.double().cpu().tolist()
-    return stats[:-1], stats[-1] / distributed.world_size()
+    t = len(model.task_types)
+    return stats[:t], stats[t:2 * t], stats[-1] / distributed.world_size()
 
 
 def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entries: dict) -> None:
@@ -477,7 +586,8 @@ def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entri
         raise ResumeMismatch(path, found)
 
 
-def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say) -> _Progress:
+def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say, sched=None
+                     ) -> _Progress:
     ckpt = checkpoint.read(path)
     state = ckpt.get("trainer")
     if state is None:
@@ -491,6 +601,8 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         progress = _Progress(**state["progress"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
     except ResumeMismatch:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or foreign trainer entry
@@ -502,7 +614,9 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
         say(f"{path} records no run options (an older checkpoint): lr, weight decay and patience are this run's")
         saved = {}
     for group in opt.param_groups:  # load_state_dict brought back the checkpoint's values: this run's win
-        group["lr"], group["weight_decay"] = options["lr"], options["weight_decay"]
+        if sched is None:  # a scheduler owns the lr: it continues from the checkpoint's
+            group["lr"] = options["lr"]
+        group["weight_decay"] = options["weight_decay"]
     for key in ("lr", "weight_decay", "total_steps", "patience"):
         if key in saved and saved[key] != options[key]:
             say(f"resume: {key} {saved[key]} (checkpoint) -> {options[key]}, applied from step {progress.step}")
@@ -517,4 +631,6 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
         progress.stopped = options["patience"] is not None and progress.bad_epochs >= options["patience"]
     if progress.best_state is not None:
         progress.best_state = {k: v.to(device) for k, v in progress.best_state.items()}
+    if len(progress.weight_sum) != len(progress.loss_sum):  # a checkpoint from before label weights: rows
+        progress.weight_sum = [float(progress.rows)] * len(progress.loss_sum)
     return progress

@@ -24,7 +24,8 @@ def test_train_runs_and_reports_losses_and_backend(model, capsys):
 
 
 def test_train_refuses_a_model_that_cannot_fit_the_data(capsys):
-    rc = cli.main(["train", "--model", "esmm", "--n-train", "50", "--n-val", "10", "--epochs", "1", "--no-progress"])
+    rc = cli.main(["train", "--model", "esmm", "--labels", "regression", "--n-train", "50", "--n-val", "10",
+                   "--epochs", "1", "--no-progress"])
     assert rc == 2 and "ESMM" in capsys.readouterr().err
 
 

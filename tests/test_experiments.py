@@ -178,6 +178,6 @@ def test_gates_reads_the_model_that_train_writes(tmp_path):
     out = tmp_path / "gates"
     assert cli.main(["gates", str(ckpt / "model.pt"), "--out", str(out)]) == 0
     result, table = _outputs(out)
-    assert [r[0] for r in _table_rows(table)] == ["task1", "task2"] and result["rows"] == 40
+    assert [r[0] for r in _table_rows(table)] == ["task0", "task1"] and result["rows"] == 40
     assert np.shape(result["mean_gate_weights"]) == (2, 3)
     assert cli.main(["gates", str(ckpt / "step-0000001.pt"), "--out", str(tmp_path / "step")]) == 0

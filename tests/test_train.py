@@ -195,9 +195,9 @@ def test_logs_are_json_lines_and_csv(tmp_path):
     assert [r["step"] for r in history] == [5, 7]  # steps replace epochs; the last epoch is partial
     assert [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()] == history
     header, *rows = (tmp_path / "train.csv").read_text().splitlines()
-    assert header.split(",") == ["epoch", "step", "train_loss_task0", "train_loss_task1", "val_loss_task0",
+    assert header.split(",") == ["epoch", "step", "train_loss_task0", "train_loss_task1", "lr", "val_loss_task0",
                                  "val_loss_task1", "val_auc_task0", "val_mse_task1", "val_r2_task1"]
-    assert len(rows) == 2 and float(rows[1].split(",")[6]) == pytest.approx(history[1]["val_metrics"][0]["auc"])
+    assert len(rows) == 2 and float(rows[1].split(",")[7]) == pytest.approx(history[1]["val_metrics"][0]["auc"])
 
 
 def test_non_finite_loss_raises_before_the_update():

@@ -10,11 +10,23 @@ import torch
 from .census import load_census
 from .synthetic import make_synthetic
 
+LABELS = ("regression", "binary", "click_conversion")
 
-def synthetic_spec(*, correlation: float, d: int, n_train: int, n_val: int, seed: int) -> dict:
-    """The spec of the paper's synthetic data: ``n_train + n_val`` rows of ``d`` features, tasks of ``correlation``."""
-    return {"name": "synthetic", "correlation": correlation, "d": d, "n_train": n_train, "n_val": n_val,
+
+def synthetic_spec(*, correlation: float, d: int, n_train: int, n_val: int, seed: int,
+                   labels: str = "regression") -> dict:
+    """The spec of the paper's synthetic data: ``n_train + n_val`` rows of ``d`` features, tasks of ``correlation``.
+
+    ``labels``: ``"regression"`` (the paper's), ``"binary"`` (each task's target above its median) or
+    ``"click_conversion"`` (ESMM's: task0 = target0 above its median, a click; task1 = a click and target1
+    above its median, a conversion after it)."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    spec = {"name": "synthetic", "correlation": correlation, "d": d, "n_train": n_train, "n_val": n_val,
             "seed": seed}
+    if labels != "regression":  # absent for the paper's: specs saved before this option stay equal
+        spec["labels"] = labels
+    return spec
 
 
 def census_spec(*, group: int, path: str | None = None, split_seed: int = 0, train_rows: int | None = None) -> dict:
@@ -31,8 +43,13 @@ def load_splits(spec: dict) -> dict:
     if spec["name"] == "synthetic":
         n_train, n_val = spec["n_train"], spec["n_val"]
         x, y = make_synthetic(n_train + n_val, d=spec["d"], correlation=spec["correlation"], seed=spec["seed"])
+        labels = spec.get("labels", "regression")
+        if labels != "regression":  # each task's target above its median over the data set: about half
+            above = (y > y.median(dim=0).values).float()
+            y = above if labels == "binary" else torch.stack((above[:, 0], above[:, 0] * above[:, 1]), dim=1)
+        kind = "regression" if labels == "regression" else "binary"
         return dict(x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:],
-                    x_test=None, y_test=None, task_names=("task1", "task2"), task_types=("regression",) * 2)
+                    x_test=None, y_test=None, task_names=("task0", "task1"), task_types=(kind,) * 2)
     if spec["name"] == "census":
         data = load_census(spec["group"], path=spec.get("path"), seed=spec.get("split_seed", 0))
         x_train, y_train = data.x_train, data.y_train

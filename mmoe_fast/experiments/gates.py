@@ -48,7 +48,7 @@ def gates(args: argparse.Namespace) -> int:
     weights = mean_gate_weights(model, x)
     task_names = list(splits["task_names"])
     if len(task_names) != model.num_tasks:
-        task_names = [f"task{t + 1}" for t in range(model.num_tasks)]
+        task_names = [f"task{t}" for t in range(model.num_tasks)]
     gate_names = task_names if weights.shape[0] == model.num_tasks else ["shared gate"]
     num_experts = weights.shape[1]
     rows = [[g, *(f"{v:.3f}" for v in w)] for g, w in zip(gate_names, weights.tolist())]

@@ -239,3 +239,10 @@ class MultiTaskModel(FusedModule):
     def config(self) -> dict:
         """The constructor's arguments by name, e.g. ``{"in_features": 100, "num_tasks": 2, "num_experts": 8, ...}``."""
         return dict(self._config)
+
+    def predict_proba(self, x):
+        """``[B, T]`` predictions: the probability (sigmoid of the logit) for each binary task, the value itself
+        for each regression task. Grad mode and train/eval mode are the caller's."""
+        out = self(x)
+        binary = torch.tensor([t == "binary" for t in self.task_types], device=out.device)
+        return torch.where(binary, torch.sigmoid(out), out)

@@ -1,0 +1,211 @@
+"""The trainer's practitioner options against hand-written references: per-task sample weights, label masks
+(missing labels), gradient clipping, learning-rate schedulers (with exact resume), probabilities for every
+model, and ``train --model esmm`` on click/conversion labels."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmoe_fast import cli, models
+from mmoe_fast.data import load_splits, synthetic_spec
+from mmoe_fast.models import MMoE
+from mmoe_fast.train import fit, label_weights, task_losses, task_metrics
+
+TASK_TYPES = ("binary", "regression")
+
+
+def _data(n=60, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    label = (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).float()
+    return x, torch.stack([label, x[:, 1] - x[:, 2]], dim=1)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return MMoE(6, 2, num_experts=3, expert_hidden=4, tower_hidden=(3,), task_types=TASK_TYPES, backend="reference")
+
+
+def _quiet(**kw):
+    return dict(progress=False, log=lambda _: None, **kw)
+
+
+def _mask(n, seed=1):
+    m = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)) > 0.3
+    m[0] = True  # both tasks keep labels
+    return m
+
+
+def test_masked_task_losses_and_metrics_match_their_definitions():
+    x, y = _data()
+    out = torch.randn(60, 2, generator=torch.Generator().manual_seed(5))
+    mask = _mask(60)
+    y_nan = torch.where(mask, y, torch.nan)
+    got = task_losses(out, y_nan, TASK_TYPES, mask=mask)
+    m0, m1 = mask[:, 0], mask[:, 1]
+    want = torch.stack([F.binary_cross_entropy_with_logits(out[m0, 0], y[m0, 0]), F.mse_loss(out[m1, 1], y[m1, 1])])
+    torch.testing.assert_close(got, want)
+    each = task_losses(out, y_nan, TASK_TYPES, reduction="none", mask=mask)
+    assert each.shape == (60, 2) and torch.isfinite(each).all() and (each[~mask] == 0).all()
+    metrics = task_metrics(out, y_nan, TASK_TYPES, mask=mask)
+    assert metrics == task_metrics(out[m0], y[m0], TASK_TYPES)[:1] + task_metrics(out[m1], y[m1], TASK_TYPES)[1:]
+
+
+def test_one_weighted_step_equals_the_hand_written_step():
+    """Loss per task = sum over the batch of w * l, divided by the batch's rows; AdamW with weight decay, so
+    the step depends on the loss's scale."""
+    x, y = _data()
+    weights, lr, wd = (2.0, 0.5), 0.01, 0.1
+    sw = torch.rand(60, 2, generator=torch.Generator().manual_seed(2)) * 3
+    mask = _mask(60)
+    w = sw * mask
+    expected = _model()
+    opt = torch.optim.AdamW(expected.parameters(), lr=lr, weight_decay=wd)
+    out = expected(x)
+    y0 = torch.where(mask, y, 0.0)
+    loss = (weights[0] * (w[:, 0] * F.binary_cross_entropy_with_logits(out[:, 0], y0[:, 0], reduction="none")).sum()
+            + weights[1] * (w[:, 1] * (out[:, 1] - y0[:, 1]) ** 2).sum()) / 60
+    loss.backward()
+    opt.step()
+    model = _model()
+    history = fit(model, x, torch.where(mask, y, torch.nan), steps=1, batch_size=60, lr=lr, loss_weights=weights,
+                  optimizer="adamw", weight_decay=wd, sample_weight=sw, label_mask=mask, **_quiet())
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    sums = [(w[:, 0] * F.binary_cross_entropy_with_logits(_model()(x)[:, 0], y0[:, 0], reduction="none")).sum(),
+            (w[:, 1] * (_model()(x)[:, 1] - y0[:, 1]) ** 2).sum()]
+    torch.testing.assert_close(torch.tensor(history[0]["train_loss"]),
+                               torch.stack(sums).detach() / w.sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_masked_label_contributes_nothing():
+    """Whatever a masked target holds (NaN, 0, 1e6), training gives the same bits."""
+    x, y = _data()
+    mask = _mask(60)
+    finals = []
+    for filler in (torch.nan, 0.0, 1e6):
+        model = _model()
+        y_fill = torch.where(mask, y, torch.full_like(y, filler))
+        y_fill[:, 0] = torch.where(mask[:, 0], y[:, 0], 0.0 if filler != filler else filler)  # binary: 0/1 or NaN
+        fit(model, x[:48], y_fill[:48], x_val=x[48:], y_val=y_fill[48:], epochs=2, batch_size=16,
+            label_mask=mask[:48], val_label_mask=mask[48:], **_quiet())
+        finals.append(model.state_dict())
+    for other in finals[1:]:
+        for k, v in finals[0].items():
+            assert torch.equal(other[k], v), k
+
+
+def test_unit_sample_weights_are_the_unweighted_run():
+    x, y = _data()
+    a, b = _model(), _model()
+    ha = fit(a, x, y, epochs=2, batch_size=16, **_quiet())
+    hb = fit(b, x, y, epochs=2, batch_size=16, sample_weight=torch.ones(60), **_quiet())
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    assert ha[-1]["train_loss"] == pytest.approx(hb[-1]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sample_weight=torch.ones(59)), "sample_weight must be"),
+    (dict(sample_weight=-torch.ones(60)), "finite and >= 0"),
+    (dict(sample_weight=torch.full((60,), math.inf)), "finite and >= 0"),
+    (dict(label_mask=torch.ones(60, 3, dtype=torch.bool)), "label_mask must be"),
+    (dict(label_mask=torch.full((60, 2), 0.5)), "label_mask must be"),
+    (dict(label_mask=torch.tensor([[True, False]] * 60)), "task1 has no labeled rows"),
+    (dict(val_label_mask=torch.ones(10, 2, dtype=torch.bool)), "val_label_mask needs x_val"),
+    (dict(clip_grad_norm=0.0), "clip_grad_norm must be"),
+    (dict(clip_grad_norm=math.nan), "clip_grad_norm must be"),
+])
+def test_bad_weights_masks_and_clipping_are_refused(kwargs, match):
+    x, y = _data()
+    with pytest.raises(ValueError, match=match):
+        fit(_model(), x, y, steps=1, **_quiet(**kwargs))
+
+
+def test_nan_labels_without_a_mask_say_how_to_mask_them():
+    x, y = _data()
+    y[3, 1] = torch.nan
+    with pytest.raises(ValueError, match="label_mask"):
+        fit(_model(), x, y, steps=1, **_quiet())
+    label_weights(y, None, ~y.isnan())  # the suggested mask is accepted
+
+
+def test_gradient_clipping_bounds_each_update(monkeypatch):
+    """With a tiny clip, every step's gradient norm is at most the clip when the optimizer sees it."""
+    x, y = _data()
+    seen = []
+    step = torch.optim.Adam.step
+
+    def watched(self, *args, **kwargs):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"]
+                                                     if p.grad is not None]))
+        seen.append(float(norm))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", watched)
+    fit(_model(), x, y, steps=4, batch_size=16, clip_grad_norm=1e-3, **_quiet())
+    assert len(seen) == 4 and max(seen) <= 1e-3 * (1 + 1e-5)
+    seen.clear()
+    fit(_model(), x, y, steps=4, batch_size=16, **_quiet())
+    assert min(seen) > 1e-2  # unclipped, the norm is far above
+
+
+def _step_lr(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+
+def test_scheduler_steps_after_every_update_and_is_recorded():
+    x, y = _data()
+    history = fit(_model(), x, y, epochs=2, batch_size=20, lr=0.1, scheduler=_step_lr, **_quiet())
+    assert [r["lr"] for r in history] == pytest.approx([0.1 * 0.5**3, 0.1 * 0.5**6])
+
+
+def test_resume_with_a_scheduler_continues_exactly(tmp_path):
+    x, y = _data()
+
+    def run(name, model, **kw):
+        return fit(model, x, y, batch_size=10, lr=0.05, seed=1, scheduler=_step_lr, clip_grad_norm=0.5,
+                   sample_weight=torch.linspace(0.5, 2, 60), checkpoint_dir=tmp_path / name, **_quiet(**kw))
+
+    straight = _model()
+    history = run("straight", straight, steps=9)
+    run("stopped", _model(), steps=4)
+    resumed = _model(seed=5)
+    assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="label_weights"):
+        fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, scheduler=_step_lr, clip_grad_norm=0.5, steps=9,
+            resume=tmp_path / "stopped", **_quiet())
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_predict_proba_for_every_model(name):
+    torch.manual_seed(0)
+    types = ("binary", "binary") if name == "esmm" else ("binary", "regression")
+    model = models.build_model(name, 7, 2, task_types=types)
+    x = torch.randn(5, 7)
+    out = model(x)
+    proba = model.predict_proba(x)
+    torch.testing.assert_close(proba[:, 0], torch.sigmoid(out[:, 0]))
+    torch.testing.assert_close(proba[:, 1], torch.sigmoid(out[:, 1]) if types[1] == "binary" else out[:, 1])
+
+
+def test_synthetic_click_conversion_labels_nest():
+    spec = synthetic_spec(correlation=0.5, d=10, n_train=300, n_val=50, seed=0, labels="click_conversion")
+    data = load_splits(spec)
+    y = data["y_train"]
+    assert data["task_types"] == ("binary", "binary") and data["task_names"] == ("task0", "task1")
+    assert ((y == 0) | (y == 1)).all() and (y[:, 1] <= y[:, 0]).all() and 0 < y[:, 1].mean() < y[:, 0].mean() < 1
+    assert "labels" not in synthetic_spec(correlation=0.5, d=10, n_train=3, n_val=1, seed=0)  # old specs stay equal
+    with pytest.raises(ValueError, match="labels must be"):
+        synthetic_spec(correlation=0.5, d=10, n_train=3, n_val=1, seed=0, labels="ranks")
+
+
+def test_train_command_trains_esmm(capsys):
+    assert cli.main(["train", "--model", "esmm", "--epochs", "1", "--n-train", "300", "--n-val", "100",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "click_conversion labels" in out and "task0 auc=" in out and "task1 auc=" in out
