@@ -34,11 +34,46 @@ def test_reproduce_correlation(tmp_path, capsys):
                    *SYNTHETIC_TINY, "--out", str(out)])
     assert rc == 0
     result, table = _outputs(out)
-    assert [r[0] for r in _table_rows(table)] == ["mmoe", "shared-bottom"]
+    rows = _table_rows(table)
+    assert [r[0] for r in rows] == ["mmoe", "shared-bottom"]
     assert "p = 1.0" in table and "p = 0.0" in table and table in capsys.readouterr().out
+    assert "alpha, beta fixed by task seed 0" in table and result["settings"]["task_seed"] == 0
+    assert "vs mmoe" in rows[1][1] and "vs mmoe" not in rows[0][1]
     assert len(result["runs"]) == 2 * 2 * 2 and len(result["runs"][0]["history"]) == 2
     assert set(result["summary"]) == {"mmoe@1.0", "mmoe@0.0", "shared-bottom@1.0", "shared-bottom@0.0"}
+    # The paired difference is the mean over seeds of (shared-bottom - mmoe) on the same data.
+    val = {(r["model"], r["seed"]): r["final_val_loss"] for r in result["runs"] if r["correlation"] == 0.0}
+    diffs = [val["shared-bottom", s] - val["mmoe", s] for s in (0, 1)]
+    cell = result["summary"]["shared-bottom@0.0"]
+    assert cell["val_loss_minus_mmoe"] == pytest.approx(np.mean(diffs)) and cell["pairs"] == 2
+    assert cell["val_loss_minus_mmoe_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(2))
     assert (out / "mmoe_p1.0.pt").exists() and (out / "shared-bottom_p0.0.pt").exists()
+    assert mf.checkpoint.read(out / "mmoe_p1.0.pt")["data"]["task_seed"] == 0
+    def mmoe_loss(p):
+        return np.mean([r["final_val_loss"] for r in result["runs"] if r["model"] == "mmoe" and r["correlation"] == p])
+
+    mmoe_change = mmoe_loss(0.0) - mmoe_loss(1.0)
+    assert result["summary"]["mmoe@0.0"]["val_loss_change_from_p1.0"] == pytest.approx(mmoe_change)
+    assert "Change of validation loss from p = 1.0 to p = 0.0" in table and ("Here: held" in table
+                                                                            or "Here: not held" in table)
+
+
+def test_reproduce_correlation_can_redraw_the_tasks_per_run(tmp_path):
+    out = tmp_path / "corr"
+    assert cli.main(["reproduce", "correlation", "--models", "mmoe", "--p", "0.5", "--seeds", "2", "--redraw-tasks",
+                     *SYNTHETIC_TINY, "--out", str(out)]) == 0
+    result, table = _outputs(out)
+    assert result["settings"]["task_seed"] is None and "redrawn with each run's data" in table
+
+
+def test_paired_differences_and_standard_errors():
+    from mmoe_fast.experiments.synthetic import mean_se, paired
+
+    diff, se, n = paired({0: 1.0, 1: 2.0, 2: 4.0, 5: 9.0}, {0: 0.5, 1: 1.0, 2: 3.0})
+    assert (diff, n) == (pytest.approx(np.mean([0.5, 1.0, 1.0])), 3)
+    assert se == pytest.approx(np.std([0.5, 1.0, 1.0], ddof=1) / np.sqrt(3))
+    assert np.isnan(paired({0: 1.0}, {0: 2.0})[1]) and paired({0: 1.0}, {1: 1.0})[2] == 0
+    assert mean_se([1.0, 3.0]) == (2.0, pytest.approx(1.0))
 
 
 def test_reproduce_trainability(tmp_path):

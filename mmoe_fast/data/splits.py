@@ -14,18 +14,20 @@ LABELS = ("regression", "binary", "click_conversion")
 
 
 def synthetic_spec(*, correlation: float, d: int, n_train: int, n_val: int, seed: int,
-                   labels: str = "regression") -> dict:
+                   labels: str = "regression", task_seed: int | None = None) -> dict:
     """The spec of the paper's synthetic data: ``n_train + n_val`` rows of ``d`` features, tasks of ``correlation``.
 
     ``labels``: ``"regression"`` (the paper's), ``"binary"`` (each task's target above its median) or
     ``"click_conversion"`` (ESMM's: task0 = target0 above its median, a click; task1 = a click and target1
-    above its median, a conversion after it)."""
+    above its median, a conversion after it). ``task_seed``: see ``make_synthetic`` (None: from ``seed``)."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
     spec = {"name": "synthetic", "correlation": correlation, "d": d, "n_train": n_train, "n_val": n_val,
             "seed": seed}
-    if labels != "regression":  # absent for the paper's: specs saved before this option stay equal
+    if labels != "regression":  # absent at their defaults: specs saved before these options stay equal
         spec["labels"] = labels
+    if task_seed is not None:
+        spec["task_seed"] = task_seed
     return spec
 
 
@@ -42,7 +44,8 @@ def load_splits(spec: dict) -> dict:
     """
     if spec["name"] == "synthetic":
         n_train, n_val = spec["n_train"], spec["n_val"]
-        x, y = make_synthetic(n_train + n_val, d=spec["d"], correlation=spec["correlation"], seed=spec["seed"])
+        x, y = make_synthetic(n_train + n_val, d=spec["d"], correlation=spec["correlation"], seed=spec["seed"],
+                              task_seed=spec.get("task_seed"))
         labels = spec.get("labels", "regression")
         if labels != "regression":  # each task's target above its median over the data set: about half
             above = (y > y.median(dim=0).values).float()

@@ -35,6 +35,12 @@ def _synthetic_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d", type=positive_int, default=100, help="input dimension")
     parser.add_argument("--data-seed", type=non_negative_int, default=None,
                         help="one data set for every run (default: each run draws its data with its own seed)")
+    parser.add_argument("--task-seed", type=non_negative_int, default=0,
+                        help="the seed of the tasks' nonlinearity (alpha, beta), fixed for the whole study so that "
+                        "every run poses the same problem (default 0)")
+    parser.add_argument("--redraw-tasks", dest="task_seed", action="store_const", const=None,
+                        help="draw alpha, beta with each run's data instead (the spread then mixes problem "
+                        "difficulty into model quality)")
 
 
 def _census_options(parser: argparse.ArgumentParser) -> None:
