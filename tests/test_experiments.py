@@ -1,5 +1,6 @@
 """The experiment commands on tiny settings, and the pieces they are built of."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -38,6 +39,14 @@ def test_reproduce_correlation(tmp_path, capsys):
     assert [r[0] for r in rows] == ["mmoe", "shared-bottom"]
     assert "p = 1.0" in table and "p = 0.0" in table and table in capsys.readouterr().out
     assert "alpha, beta fixed by task seed 0" in table and result["settings"]["task_seed"] == 0
+    # Each model's lr: the grid value whose pilot (its own seed, the middle p) ended lowest; the runs use it.
+    assert len(result["pilots"]) == 2 * 3 and {r["seed"] for r in result["pilots"]} == {10_000}
+    for name in ("mmoe", "shared-bottom"):
+        tried = [r for r in result["pilots"] if r["model"] == name]
+        best = min(tried, key=lambda r: r["final_val_loss"])["lr"]
+        assert result["settings"]["learning_rates"][name] == best
+        assert {r["lr"] for r in result["runs"] if r["model"] == name} == {best}
+    assert "lr per model from a pilot over 0.0001, 0.001, 0.01" in table
     assert "vs mmoe" in rows[1][1] and "vs mmoe" not in rows[0][1]
     assert len(result["runs"]) == 2 * 2 * 2 and len(result["runs"][0]["history"]) == 2
     assert set(result["summary"]) == {"mmoe@1.0", "mmoe@0.0", "shared-bottom@1.0", "shared-bottom@0.0"}
@@ -58,12 +67,30 @@ def test_reproduce_correlation(tmp_path, capsys):
                                                                             or "Here: not held" in table)
 
 
-def test_reproduce_correlation_can_redraw_the_tasks_per_run(tmp_path):
+def test_reproduce_correlation_can_redraw_the_tasks_per_run_and_fix_the_lr(tmp_path):
     out = tmp_path / "corr"
     assert cli.main(["reproduce", "correlation", "--models", "mmoe", "--p", "0.5", "--seeds", "2", "--redraw-tasks",
-                     *SYNTHETIC_TINY, "--out", str(out)]) == 0
+                     "--lr", "0.003", *SYNTHETIC_TINY, "--out", str(out)]) == 0
     result, table = _outputs(out)
     assert result["settings"]["task_seed"] is None and "redrawn with each run's data" in table
+    assert result["pilots"] == [] and "lr 0.003 for every model" in table
+    assert {r["lr"] for r in result["runs"]} == {0.003}
+
+
+def test_a_diverging_pilot_counts_as_worst(monkeypatch):
+    from mmoe_fast.experiments import synthetic
+
+    def fake_run(name, splits, *, seed, epochs, batch_size, lr, progress):
+        if lr == 1e-2:
+            raise FloatingPointError("diverged")
+        return None, {"history": [{"val_loss": [lr * 100, lr * 100]}]}
+
+    monkeypatch.setattr(synthetic, "train_run", fake_run)
+    args = argparse.Namespace(lr=None, lr_grid=[1e-3, 1e-4, 1e-2], p=[0.0, 0.5, 1.0], seed=0, models=["mmoe"],
+                              epochs=1, batch_size=8, d=5, n_train=20, n_val=10, data_seed=None, task_seed=0)
+    lrs, pilots = synthetic.pilot_learning_rates(args)
+    assert lrs == {"mmoe": 1e-4} and [r["final_val_loss"] for r in pilots][2] == float("inf")
+    assert {r["correlation"] for r in pilots} == {0.5}
 
 
 def test_paired_differences_and_standard_errors():

@@ -43,6 +43,13 @@ def _synthetic_options(parser: argparse.ArgumentParser) -> None:
                         "difficulty into model quality)")
 
 
+def _lr_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="one learning rate for every model (default: each model's pick of --lr-grid)")
+    parser.add_argument("--lr-grid", type=list_of(positive_float), default=[1e-4, 1e-3, 1e-2],
+                        help="learning rates a pilot run per model chooses from (the paper's grid by default)")
+
+
 def _census_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", type=int, choices=[1, 2], default=1,
                         help="1: income (main) + never married; 2: education (main) + never married")
@@ -80,7 +87,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     corr.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0], help="task correlations")
     corr.add_argument("--seeds", type=positive_int, default=3, help="runs per model and p")
     _synthetic_options(corr)
-    _common(corr, epochs=10, batch_size=128, lr=1e-3)
+    _lr_options(corr)
+    _common(corr, epochs=10, batch_size=128, lr=None)
     _with_full(corr, reproduce_correlation, {"seeds": 20, "epochs": 50, "n_train": 100000})
 
     tr = rsub.add_parser("trainability", help="final-loss histograms over seeded runs (Figure 5)")
@@ -88,7 +96,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--p", type=list_of(correlation), default=[0.5, 0.9], help="task correlations")
     tr.add_argument("--runs", type=positive_int, default=12, help="seeded runs per model and p")
     _synthetic_options(tr)
-    _common(tr, epochs=5, batch_size=128, lr=1e-3)
+    _lr_options(tr)
+    _common(tr, epochs=5, batch_size=128, lr=None)
     _with_full(tr, reproduce_trainability, {"runs": 200, "epochs": 50, "n_train": 100000})
 
     cen = rsub.add_parser("census", help="census-income AUCs (Tables 1 and 2)")

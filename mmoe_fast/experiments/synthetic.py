@@ -14,6 +14,7 @@ from ..data import load_splits, synthetic_spec
 from .common import fmt, markdown_table, mean_loss, mean_std, output_dir, train_run, write_outputs
 
 DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
+PILOT_SEED_OFFSET = 10_000  # the pilot's data and initialization seed, past any study run's
 
 
 def synthetic_data_spec(args: argparse.Namespace, correlation: float, seed: int) -> dict:
@@ -23,10 +24,45 @@ def synthetic_data_spec(args: argparse.Namespace, correlation: float, seed: int)
                           task_seed=getattr(args, "task_seed", None))
 
 
+def pilot_learning_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[dict]]:
+    """``({model: lr}, pilot runs)``: each model's learning rate, the one of ``args.lr_grid`` whose pilot run
+    ends with the lowest validation loss. The pilot runs at the middle correlation of ``args.p`` on a seed no
+    study run uses (``args.seed + PILOT_SEED_OFFSET``), so the choice is not made on the runs it is judged by;
+    a run that diverges counts as infinitely bad. ``--lr`` fixes every model's rate and skips the pilot."""
+    if args.lr is not None:
+        return {name: args.lr for name in args.models}, []
+    p = sorted(args.p)[len(args.p) // 2]
+    seed = args.seed + PILOT_SEED_OFFSET
+    splits = load_splits(synthetic_data_spec(args, p, seed))
+    chosen, pilots = {}, []
+    for name in args.models:
+        for lr in args.lr_grid:
+            try:
+                _, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                                   progress=False)
+                loss = mean_loss(rec["history"][-1]["val_loss"])
+            except FloatingPointError:  # diverged
+                loss = float("inf")
+            loss = loss if np.isfinite(loss) else float("inf")
+            pilots.append({"model": name, "lr": lr, "correlation": p, "seed": seed, "final_val_loss": loss})
+            print(f"pilot {name} lr={lr:g} p={p}: val loss {loss:.4f}", flush=True)
+        tried = [r for r in pilots if r["model"] == name]
+        chosen[name] = min(tried, key=lambda r: r["final_val_loss"])["lr"]
+    print("learning rates: " + ", ".join(f"{n} {lr:g}" for n, lr in chosen.items()), flush=True)
+    return chosen, pilots
+
+
+def learning_rate_text(args: argparse.Namespace, lrs: dict[str, float]) -> str:
+    if args.lr is not None:
+        return f"lr {args.lr:g} for every model"
+    return (f"lr per model from a pilot over {', '.join(f'{v:g}' for v in args.lr_grid)}: "
+            + ", ".join(f"{n} {lr:g}" for n, lr in lrs.items()))
+
+
 def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seeds: Sequence[int],
-                   save_first: Path | None) -> list[dict]:
-    """One run of every ``args.models`` per correlation and seed; with ``save_first``, the first seed's models
-    are saved there as ``<model>_p<p>.pt``."""
+                   save_first: Path | None, lrs: dict[str, float]) -> list[dict]:
+    """One run of every ``args.models`` per correlation and seed, at the model's ``lrs``; with ``save_first``,
+    the first seed's models are saved there as ``<model>_p<p>.pt``."""
     runs, total = [], len(args.models) * len(correlations) * len(seeds)
     for p in correlations:
         for seed in seeds:
@@ -34,8 +70,8 @@ def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seed
             splits = load_splits(spec)
             for name in args.models:
                 model, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
-                                       lr=args.lr, progress=args.progress)
-                rec.update(correlation=p, final_train_loss=mean_loss(rec["history"][-1]["train_loss"]),
+                                       lr=lrs[name], progress=args.progress)
+                rec.update(correlation=p, lr=lrs[name], final_train_loss=mean_loss(rec["history"][-1]["train_loss"]),
                            final_val_loss=mean_loss(rec["history"][-1]["val_loss"]))
                 runs.append(rec)
                 print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: train loss {rec['final_train_loss']:.4f}, "
@@ -48,7 +84,7 @@ def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seed
 def synthetic_settings(args: argparse.Namespace) -> dict:
     """The options of a synthetic study, for its ``result.json``."""
     return {k: getattr(args, k, None) for k in ("models", "d", "n_train", "n_val", "data_seed", "task_seed", "epochs",
-                                                "batch_size", "lr")}
+                                                "batch_size", "lr", "lr_grid")}
 
 
 def paired(values: dict[int, float], base: dict[int, float]) -> tuple[float, float, int]:
@@ -88,7 +124,7 @@ def correlation_verdict(args: argparse.Namespace, pick, summary: dict) -> str:
         text += (f"Paper (Figure 4): MMoE's loss barely changes as the tasks' correlation falls, while OMoE's and "
                  f"Shared-Bottom's grow. Here: {'held' if held else 'not held'} (criterion: every other model's "
                  f"change above MMoE's and above twice its standard error), in this regime ({args.epochs} epochs, "
-                 f"lr {args.lr}, {args.n_train} rows).\n")
+                 f"{args.n_train} rows, the learning rates above).\n")
     return text
 
 
@@ -98,7 +134,8 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
     out = output_dir(args, "results/correlation")
     seeds = list(range(args.seed, args.seed + args.seeds))
     start = time.perf_counter()
-    runs = synthetic_runs(args, args.p, seeds, save_first=out)
+    lrs, pilots = pilot_learning_rates(args)
+    runs = synthetic_runs(args, args.p, seeds, save_first=out, lrs=lrs)
     seconds = time.perf_counter() - start
 
     def pick(name, p):
@@ -129,7 +166,7 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
              else f"alpha, beta fixed by task seed {args.task_seed}")
     table = (f"Final validation loss (mean over tasks; mean ± standard error over {len(seeds)} seeds; in brackets "
              f"the mean paired difference to {base} over the same seeds ± its standard error: > 0 is worse than "
-             f"{base}), {args.epochs} epochs of {args.n_train} rows, {tasks}:\n\n"
+             f"{base}), {args.epochs} epochs of {args.n_train} rows, {tasks}, {learning_rate_text(args, lrs)}:\n\n"
              + markdown_table(["model", *[f"p = {p}" for p in args.p]], rows))
     table += correlation_verdict(args, pick, summary)
     table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
@@ -151,7 +188,8 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
         return fig
 
     result = {"command": "reproduce correlation", "settings": {**synthetic_settings(args), "p": args.p,
-              "seeds": seeds}, "summary": summary, "runs": runs, "seconds": seconds}
+              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
+              "seconds": seconds}
     write_outputs(out, result, table, draw)
     return 0
 
@@ -161,7 +199,8 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
     out = output_dir(args, "results/trainability")
     seeds = list(range(args.seed, args.seed + args.runs))
     start = time.perf_counter()
-    runs = synthetic_runs(args, args.p, seeds, save_first=None)
+    lrs, pilots = pilot_learning_rates(args)
+    runs = synthetic_runs(args, args.p, seeds, save_first=None, lrs=lrs)
     seconds = time.perf_counter() - start
 
     def losses(name, p):
@@ -177,7 +216,7 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
             rows.append([p, name, stats["runs"], *(fmt(stats[k]) for k in ("mean", "std", "min", "median", "max"))])
     varies = "initialization varies" if args.data_seed is not None else "data and initialization vary"
     table = (f"Final validation loss (mean over tasks) over seeded runs ({varies} with the seed), "
-             f"{args.epochs} epochs of {args.n_train} rows:\n\n"
+             f"{args.epochs} epochs of {args.n_train} rows, {learning_rate_text(args, lrs)}:\n\n"
              + markdown_table(["p", "model", "runs", "mean", "std", "min", "median", "max"], rows))
     table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
 
@@ -195,6 +234,7 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
         return fig
 
     result = {"command": "reproduce trainability", "settings": {**synthetic_settings(args), "p": args.p,
-              "seeds": seeds}, "summary": summary, "runs": runs, "seconds": seconds}
+              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
+              "seconds": seconds}
     write_outputs(out, result, table, draw)
     return 0
