@@ -52,6 +52,11 @@ def pilot_learning_rates(args: argparse.Namespace) -> tuple[dict[str, float], li
     return chosen, pilots
 
 
+def tasks_text(args: argparse.Namespace) -> str:
+    return ("alpha, beta redrawn with each run's data" if getattr(args, "task_seed", None) is None
+            else f"alpha, beta fixed by task seed {args.task_seed}")
+
+
 def learning_rate_text(args: argparse.Namespace, lrs: dict[str, float]) -> str:
     if args.lr is not None:
         return f"lr {args.lr:g} for every model"
@@ -162,8 +167,7 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
                 cell += f" (vs {base}: {diff:+.4f} ± {fmt(diff_se)})"
             cells.append(cell)
         rows.append([name, *cells])
-    tasks = ("alpha, beta redrawn with each run's data" if getattr(args, "task_seed", None) is None
-             else f"alpha, beta fixed by task seed {args.task_seed}")
+    tasks = tasks_text(args)
     table = (f"Final validation loss (mean over tasks; mean ± standard error over {len(seeds)} seeds; in brackets "
              f"the mean paired difference to {base} over the same seeds ± its standard error: > 0 is worse than "
              f"{base}), {args.epochs} epochs of {args.n_train} rows, {tasks}, {learning_rate_text(args, lrs)}:\n\n"
@@ -216,7 +220,7 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
             rows.append([p, name, stats["runs"], *(fmt(stats[k]) for k in ("mean", "std", "min", "median", "max"))])
     varies = "initialization varies" if args.data_seed is not None else "data and initialization vary"
     table = (f"Final validation loss (mean over tasks) over seeded runs ({varies} with the seed), "
-             f"{args.epochs} epochs of {args.n_train} rows, {learning_rate_text(args, lrs)}:\n\n"
+             f"{args.epochs} epochs of {args.n_train} rows, {tasks_text(args)}, {learning_rate_text(args, lrs)}:\n\n"
              + markdown_table(["p", "model", "runs", "mean", "std", "min", "median", "max"], rows))
     table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
 
