@@ -142,7 +142,7 @@ def test_gates_from_a_census_checkpoint(census_run, tmp_path):
     assert cli.main(["gates", str(census_run / "best_mmoe.pt"), "--split", "test", "--out", str(out)]) == 0
     result, table = _outputs(out)
     rows = _table_rows(table)
-    assert [r[0] for r in rows] == ["income", "never_married"] and len(rows[0]) == 1 + 8
+    assert [r[0] for r in rows] == ["income", "never_married"] and len(rows[0]) == 1 + 8 + 1  # + entropy
     np.testing.assert_allclose(np.sum(result["mean_gate_weights"], axis=1), 1.0, rtol=1e-6)
     assert result["rows"] == 16
 
@@ -152,7 +152,7 @@ def test_gates_from_a_census_checkpoint(census_run, tmp_path):
 
 def test_gates_refuses_a_model_without_gates_or_other_data(census_run, tmp_path, capsys):
     assert cli.main(["gates", str(census_run / "best_shared-bottom.pt"), "--out", str(tmp_path)]) == 2
-    assert "has no MMoE gates" in capsys.readouterr().err
+    assert "has no gates (MMoE, OMoE, CGC and PLE have them)" in capsys.readouterr().err
     mf.save(models.MMoE(3, 2), tmp_path / "small.pt", data={"name": "census", "group": 1, "path": FIXTURE})
     assert cli.main(["gates", str(tmp_path / "small.pt"), "--out", str(tmp_path)]) == 2
     assert "checkpoint's model takes 3" in capsys.readouterr().err
@@ -243,3 +243,46 @@ def test_gates_reads_the_model_that_train_writes(tmp_path):
     assert [r[0] for r in _table_rows(table)] == ["task0", "task1"] and result["rows"] == 40
     assert np.shape(result["mean_gate_weights"]) == (2, 3)
     assert cli.main(["gates", str(ckpt / "step-0000001.pt"), "--out", str(tmp_path / "step")]) == 0
+
+
+def test_gate_tables_of_ple_match_a_hand_computed_forward():
+    """Per level: task gates spread over all experts (zero outside a task's own and the shared ones), the inner
+    level's shared gate last, each level's gates computed on the previous level's output; entropies and
+    collapse warnings from the same weights."""
+    torch.manual_seed(0)
+    model = models.PLE(5, 2, num_levels=2, num_specific_experts=2, num_shared_experts=1, expert_hidden=4,
+                       backend="reference")
+    x = torch.randn(23, 5)
+    tables = experiments.gate_tables(model, x, ["a", "b"], batch_size=6)
+    assert [t.title for t in tables] == ["level 0: ", "level 1: "]
+    assert tables[0].gates == ["a", "b", "shared"] and tables[1].gates == ["a", "b"]
+    assert tables[0].experts == ["a:0", "a:1", "b:0", "b:1", "shared:0"]
+    level0 = model.levels[0]
+    task = torch.softmax(torch.einsum("bd,tde->bte", x, level0.task_gate_weight) + level0.task_gate_bias, dim=-1)
+    shared = torch.softmax(x @ level0.shared_gate_weight[0] + level0.shared_gate_bias[0], dim=-1)
+    want = torch.zeros(3, 5, dtype=torch.float64)
+    want[0, [0, 1, 4]] = task[:, 0].double().mean(0)
+    want[1, [2, 3, 4]] = task[:, 1].double().mean(0)
+    want[2] = shared.double().mean(0)
+    torch.testing.assert_close(tables[0].weights, want, rtol=1e-5, atol=1e-7)
+    h = -(task * task.log()).sum(-1).double() / np.log(3)
+    torch.testing.assert_close(tables[0].entropy[:2], h.mean(0), rtol=1e-5, atol=1e-7)
+    h1 = model.levels[1].full_gates(level0(x)).double().mean(0)
+    torch.testing.assert_close(tables[1].weights, h1, rtol=1e-5, atol=1e-7)
+    assert tables[0].warnings() == []
+    collapsed = experiments.gates.GateTable("", ["a"], ["0", "1", "2"], torch.tensor([[0.95, 0.05, 0.0]]),
+                                            torch.tensor([0.1]))
+    assert collapsed.warnings() == ["a's gate has collapsed: 0.95 of its weight on expert 0",
+                                    "experts no gate uses (under 0.01 of every gate's weight): 2"]
+
+
+def test_gates_command_on_a_cgc_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert cli.main(["train", "--model", "cgc", "--n-train", "100", "--n-val", "40", "--d", "6", "--epochs", "1",
+                     "--no-progress", "--checkpoint-dir", str(ckpt)]) == 0
+    assert cli.main(["gates", str(ckpt / "model.pt"), "--out", str(tmp_path / "gates")]) == 0
+    result, table = _outputs(tmp_path / "gates")
+    assert result["gates"] == ["task0", "task1"] and len(result["levels"]) == 1
+    assert result["levels"][0]["experts"][:3] == ["task0:0", "task0:1", "task0:2"]
+    np.testing.assert_allclose(np.sum(result["mean_gate_weights"], axis=1), 1.0, rtol=1e-6)
+    assert "entropy" in table and all(0 <= h <= 1 for h in result["levels"][0]["entropy"])

@@ -12,8 +12,8 @@ and 2), ``tune``, ``gates``, and ``commands`` (the argparse side).
 from .census import DEFAULT_CENSUS_MODELS, PAPER_CENSUS_MAIN_AUC
 from .commands import add_commands
 from .common import main_score, train_run
-from .gates import mean_gate_weights
+from .gates import gate_tables, mean_gate_weights
 from .synthetic import DEFAULT_SYNTHETIC_MODELS
 
 __all__ = ["DEFAULT_CENSUS_MODELS", "DEFAULT_SYNTHETIC_MODELS", "PAPER_CENSUS_MAIN_AUC", "add_commands", "main_score",
-           "mean_gate_weights", "train_run"]
+           "gate_tables", "mean_gate_weights", "train_run"]

@@ -109,11 +109,19 @@ class ExtractionLayer(FusedModule):
             return self._one_call(inputs, task, shared)
         return self._per_group(inputs, task, shared)
 
-    def _one_call(self, inputs: Tensor, task: Tensor, shared: Tensor | None) -> Tensor:
+    def _spread(self, task: Tensor, shared: Tensor | None) -> Tensor:
+        """``[B, T (+1), E]``: the task gates at their experts' columns (zero elsewhere), the shared gate last."""
         B, T = task.shape[:2]
         gates = task.new_zeros(B, T, self.num_experts).scatter(2, self.task_columns.expand(B, -1, -1), task)
-        if shared is not None:
-            gates = torch.cat((gates, shared), dim=1)
+        return gates if shared is None else torch.cat((gates, shared), dim=1)
+
+    def full_gates(self, inputs: Tensor) -> Tensor:
+        """Every gate of this level over all ``E`` experts, ``[B, T (+1), E]`` (zero outside a task's experts; the
+        shared gate last when the level has one), for ``forward``'s ``inputs``."""
+        return self._spread(*self._gates(inputs))
+
+    def _one_call(self, inputs: Tensor, task: Tensor, shared: Tensor | None) -> Tensor:
+        gates = self._spread(task, shared)
         a = inputs if inputs.dim() == 2 else inputs[self.expert_group].transpose(0, 1)  # [B, E, K]
         return self._experts(a, 0, self.num_experts, gates)
 
