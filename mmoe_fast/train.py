@@ -165,6 +165,22 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _as_tensor(value, name: str, dtype: torch.dtype | None):
+    """``value`` as a tensor: a tensor as it is, a NumPy array or a pandas DataFrame/Series (anything with
+    ``to_numpy``) converted, in ``dtype`` when given (floating data takes the model's dtype); None stays None."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a tensor, a NumPy array or a pandas DataFrame/Series, "
+                        f"got {type(value).__name__}")
+    if value.dtype == object:
+        raise TypeError(f"{name} holds Python objects (a column of strings?): give numbers")
+    t = torch.from_numpy(np.ascontiguousarray(value))
+    return t if dtype is None or t.dtype == torch.bool else t.to(dtype)
+
+
 def label_weights(y: Tensor, sample_weight: Tensor | None, label_mask: Tensor | None, name: str = "y"
                   ) -> Tensor | None:
     """``w[N, T]`` = ``sample_weight`` (``[N]`` or ``[N, T]``, finite, >= 0) times ``label_mask`` (``[N, T]``,
@@ -363,6 +379,7 @@ def fit(
     epoch's rows), ``train_extra_loss`` when the model has ``extra_loss``, and with validation data
     ``val_loss`` and ``val_metrics`` (per task, see :func:`task_metrics`).
 
+    - ``x``, ``y`` (and the other per-row inputs) are tensors, NumPy arrays or pandas DataFrames/Series (numbers).
     - Inputs must be finite and binary targets exactly 0 or 1 (ValueError naming the row and task), except
       where ``label_mask[N, T]`` (``val_label_mask`` for validation) is False: a missing label, which adds
       nothing to the loss or the metrics (``~y.isnan()`` makes one from NaN labels).
@@ -395,6 +412,11 @@ def fit(
     """
     weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
         loss_weights, dtype=torch.float32)
+    dtype = next(model.parameters()).dtype
+    x, y, x_val, y_val = (_as_tensor(v, n, dtype) for v, n in ((x, "x"), (y, "y"), (x_val, "x_val"), (y_val, "y_val")))
+    sample_weight = _as_tensor(sample_weight, "sample_weight", torch.float32)
+    label_mask, val_label_mask = (_as_tensor(v, n, None) for v, n in ((label_mask, "label_mask"),
+                                                                       (val_label_mask, "val_label_mask")))
     if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
     label_w = label_weights(y, sample_weight, label_mask, "y")

@@ -4,6 +4,7 @@ model, and ``train --model esmm`` on click/conversion labels."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,3 +210,31 @@ def test_train_command_trains_esmm(capsys):
                      "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "click_conversion labels" in out and "task0 auc=" in out and "task1 auc=" in out
+
+
+def test_numpy_and_pandas_inputs_train_like_tensors():
+    x, y = _data()
+    mask = _mask(60)
+    a, b = _model(), _model()
+    fit(a, x, y, epochs=2, batch_size=16, label_mask=mask, sample_weight=torch.linspace(0.5, 2, 60), **_quiet())
+    fit(b, x.double().numpy(), y.numpy(), epochs=2, batch_size=16, label_mask=mask.numpy(),
+        sample_weight=np.linspace(0.5, 2, 60), **_quiet())
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+    class Frame:  # what fit reads of a pandas DataFrame (pandas is not a dependency)
+        def __init__(self, array):
+            self.array = array
+
+        def to_numpy(self):
+            return self.array
+
+    c, d = _model(), _model()
+    fit(c, Frame(x.numpy()), Frame(y.numpy()), epochs=1, batch_size=16, **_quiet())
+    fit(d, x, y, epochs=1, batch_size=16, **_quiet())
+    for k, v in c.state_dict().items():
+        assert torch.equal(d.state_dict()[k], v), k
+    with pytest.raises(TypeError, match="x must be a tensor, a NumPy array"):
+        fit(_model(), x.tolist(), y, steps=1, **_quiet())
+    with pytest.raises(TypeError, match="Python objects"):
+        fit(_model(), np.array([["a"] * 6] * 60, dtype=object), y, steps=1, **_quiet())
