@@ -222,6 +222,9 @@ def _read_model(model: Any, who: str) -> _Spec:
     if type(model) not in _LAYER_TYPES:
         raise UnsupportedModelError(f"{who} packs MMoE, OMoE or SharedBottom models (exactly those classes: a "
                                     f"subclass may compute something else), got {type(model).__name__}")
+    if "encoder" in getattr(model, "_modules", {}):
+        raise UnsupportedModelError(f"{who} takes models of dense in_features; this {type(model).__name__} is built on "
+                                    "feature columns (mmoe_fast.features), whose embedding lookups it does not pack")
     r = _Reader(who)
     if _global_hooks():
         raise r.fail("", model, "global forward hooks are registered (nn.modules.module.register_module_forward_"

@@ -14,7 +14,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,8 +125,28 @@ def check_targets(y: Tensor, task_types: Sequence[str], name: str = "y") -> None
             raise ValueError(f"{name}: task{t} targets must be {need}; row {row} has {column[row].item()!r}")
 
 
-def check_features(x: Tensor, name: str = "x") -> None:
-    """ValueError naming the row and column of the first non-finite value of ``x[N, D]``."""
+def num_rows(x) -> int:
+    """The rows of ``x``: a tensor's length, or a dict of feature columns' (``mmoe_fast.features``)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def take(x, index):
+    """``x[index]`` of a tensor, or of every column of a dict of feature columns."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def check_features(x, name: str = "x") -> None:
+    """ValueError naming the row and column of the first non-finite value of ``x[N, D]`` (of each floating
+    column of a dict of feature columns)."""
+    if isinstance(x, dict):
+        for key, column in x.items():
+            if column.is_floating_point():
+                check_features(column.reshape(len(column), -1), f"{name}[{key!r}]")
+        return
     bad = ~torch.isfinite(x)
     if bad.any():
         row, col = bad.nonzero()[0].tolist()
@@ -134,13 +154,13 @@ def check_features(x: Tensor, name: str = "x") -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+def predict(model: nn.Module, x, batch_size: int = 4096) -> Tensor:
     """``model(x)`` in eval mode, ``[N, T]`` on the model's device, computed ``batch_size`` rows at a time."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        parts = [model(x[s : s + batch_size].to(device)) for s in range(0, len(x), batch_size)]
+        parts = [model(_to(take(x, slice(s, s + batch_size)), device)) for s in range(0, num_rows(x), batch_size)]
     finally:
         model.train(was_training)
     if not parts:
@@ -170,6 +190,8 @@ def _as_tensor(value, name: str, dtype: torch.dtype | None):
     ``to_numpy``) converted, in ``dtype`` when given (floating data takes the model's dtype); None stays None."""
     if value is None or isinstance(value, Tensor):
         return value
+    if isinstance(value, Mapping):  # feature columns: each as it is (ids stay integers)
+        return {k: _as_tensor(v, f"{name}[{k!r}]", None) for k, v in value.items()}
     if hasattr(value, "to_numpy"):
         value = value.to_numpy()
     if not isinstance(value, np.ndarray):
@@ -240,10 +262,17 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
             continue
         if a is None or b is None:
             raise ValueError(f"{name}: give both or neither")
+        if isinstance(a, dict):
+            if not a or any(not isinstance(v, Tensor) or v.dim() == 0 or len(v) != len(b) for v in a.values()):
+                raise ValueError(f"{name}: every feature column must be a tensor of {len(b)} rows (pad multi-valued "
+                                 "columns to [N, L] with -1)")
+            if b.dim() != 2 or b.shape[1] != num_tasks:
+                raise ValueError(f"{name}: y must be [N, {num_tasks}], got {tuple(b.shape)}")
+            continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or b.shape[1] != num_tasks:
             raise ValueError(f"{name} must be [N, D] and [N, {num_tasks}] (one column per task), "
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if len(x) == 0:
+    if num_rows(x) == 0:
         raise ValueError("x has no rows")
     if weights.shape != (num_tasks,) or not torch.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"loss_weights must be {num_tasks} finite non-negative numbers, got {weights.tolist()}")
@@ -440,7 +469,7 @@ def fit(
     opt = make_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
     gen = torch.Generator().manual_seed(seed)
-    n, num_tasks = len(x), len(model.task_types)
+    n, num_tasks = num_rows(x), len(model.task_types)
     per_epoch = math.ceil(n / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     options = {"n_rows": n, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
@@ -522,7 +551,8 @@ def fit(
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
         if x_val is not None:
-            out = distributed.gather_shards(predict(model, distributed.shard(x_val)), len(x_val))
+            shard = slice(distributed.rank(), None, distributed.world_size())  # distributed.shard's rows
+            out = distributed.gather_shards(predict(model, take(x_val, shard)), num_rows(x_val))
             y_dev = y_val.to(out)
             vm = None if val_mask is None else val_mask.to(out.device)
             record["val_loss"] = task_losses(out, y_dev, model.task_types, mask=vm).double().tolist()
@@ -567,7 +597,7 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device
     """Gradients of the global batch ``rows``; returns its per-task weighted loss sums and label weight sums
     (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
-    xb, yb = x[local].to(device), y[local].to(device)
+    xb, yb = _to(take(x, local), device), y[local].to(device)
     out = net(xb)
     if label_w is None:
         sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")

@@ -7,12 +7,15 @@ value for ``"regression"`` ones (``model.task_types`` tells the trainer which lo
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .. import features
 
 TASK_TYPES = ("binary", "regression")
 
@@ -228,6 +231,25 @@ class MultiTaskModel(FusedModule):
         self._config = {k: v for k, v in bound.arguments.items() if k != "self"}
         return self
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every model takes feature columns (``mmoe_fast.features``) in place of ``in_features``: its
+        ``__init__`` sees their width, and the model gets ``encoder`` and a forward pre-hook that encodes the
+        dict of column tensors ``forward`` is given. (The outermost ``__init__`` of a subclass chain does it.)"""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def init_with_columns(self, in_features, *args, **kw):
+            if not features.is_columns(in_features):
+                return init(self, in_features, *args, **kw)
+            init(self, features.width(in_features), *args, **kw)
+            self.encoder = features.FeatureEncoder(in_features)
+            self.register_forward_pre_hook(features.encode_inputs)
+
+        cls.__init__ = init_with_columns  # type: ignore[method-assign]
+
     def __init__(self, num_tasks: int, task_types: Sequence[str] | None) -> None:
         super().__init__()
         self.num_tasks = positive(num_tasks, "num_tasks")
@@ -238,7 +260,10 @@ class MultiTaskModel(FusedModule):
 
     def config(self) -> dict:
         """The constructor's arguments by name, e.g. ``{"in_features": 100, "num_tasks": 2, "num_experts": 8, ...}``."""
-        return dict(self._config)
+        config = dict(self._config)
+        if features.is_columns(config.get("in_features")):  # plain data, as a checkpoint stores it
+            config["in_features"] = [features.to_dict(features.from_dict(c)) for c in config["in_features"]]
+        return config
 
     def predict_proba(self, x):
         """``[B, T]`` predictions: the probability (sigmoid of the logit) for each binary task, the value itself
