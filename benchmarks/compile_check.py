@@ -13,7 +13,8 @@ the configured stages, whether the PTX uses wgmma and whether the TTGIR pipeline
 to shared memory, cp.async or TMA, into a multi-buffer). It exits 1 on a compile failure, a spill, shared
 memory over the arch's per-block limit, or a main GEMM kernel (``MAIN``) whose tf32/bf16/fp16 dot is not on
 wgmma (sm_90) or, at aligned shapes, not pipelined (ieee fp32 has no wgmma; unaligned 2-byte rows are too
-narrow for cp.async). Spills of unaligned variants are reported and counted, and fail only with ``--strict``.
+narrow for cp.async). Spills of unaligned and of fp64 variants are reported and counted, and fail only with
+``--strict`` (a compile failure always fails).
 The configs compiled are those each kernel's prune keeps for the variant: the ones a launch can run.
 
     python benchmarks/compile_check.py [--arch 90] [--quick] [--only NAME] [--dtypes fp32,bf16,fp16] [--jobs N]
@@ -138,6 +139,7 @@ class Job:
     need_wgmma: bool
     need_pipeline: bool
     aligned: bool
+    strict: bool  # its spills fail the check (aligned, not fp64: fp64 is for checking results, not speed)
 
 
 def _jobs(args) -> list[Job]:
@@ -184,7 +186,8 @@ def _jobs(args) -> list[Job]:
                         prec == "ieee" and consts.get("DOT", DTYPES[acc_name]) == tl.float32)
                     jobs.append(Job(fn, sig, consts, attrs, cfg.num_warps, cfg.num_stages, what,
                                     need_wgmma=main and fast_dot and args.arch == 90,
-                                    need_pipeline=main and fast_dot and aligned, aligned=aligned))
+                                    need_pipeline=main and fast_dot and aligned, aligned=aligned,
+                                    strict=aligned and dtype_name != "fp64"))
     return jobs
 
 
@@ -240,7 +243,7 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--quick", action="store_true", help="one activation, first config, fewer variants")
     parser.add_argument("--only", default="", help="kernels whose name contains this")
-    parser.add_argument("--dtypes", default="fp32,bf16,fp16",
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16,fp64",
                         help=f"comma-separated, of {', '.join(MODES)} and fp32 (both precisions); fp64 runs "
                         "correctly but its large tiles spill: it is for checking, not speed")
     parser.add_argument("--strict", action="store_true", help="fail on unaligned variants' spills too")
@@ -261,15 +264,16 @@ def main() -> int:
         results = [(i, _compile(i)) for i in range(len(_JOBS))]
     for i, (problems, line) in results:
         if problems:
-            (bad if _JOBS[i].aligned or args.strict or "FAIL" in problems else loose).append(problems)
+            (bad if _JOBS[i].strict or args.strict or "FAIL" in problems else loose).append(problems)
         print(line, flush=True)
     took = time.monotonic() - start
     where = f"for sm_{args.arch} with triton {triton.__version__} in {took:.0f} s"
     counts = lambda found: ", ".join(f"{n} {p}" for p in ("FAIL", "SPILL", "SMEM", "NOWGMMA", "NOPIPE")  # noqa: E731
                                      if (n := sum(p in b.split(",") for b in found)))
-    unaligned = sum(not j.aligned for j in _JOBS)
-    tail = (f"; unaligned variants (sizes or strides not multiples of 16) with problems: {len(loose)} of "
-            f"{unaligned} ({counts(loose)}; reported, not failed; --strict fails them)" if loose else "")
+    lenient = sum(not j.strict for j in _JOBS)
+    tail = (f"; unaligned or fp64 variants (sizes or strides not multiples of 16; fp64 checks results, not "
+            f"speed) with problems: {len(loose)} of {lenient} ({counts(loose)}; reported, not failed; --strict "
+            "fails them)" if loose else "")
     if not bad:
         print(f"all {len(_JOBS)} variants compiled {where}: aligned ones without spills, smem <= {_LIMIT} B, main "
               f"kernels on {'wgmma and ' if args.arch == 90 else ''}pipelined where required{tail}")

@@ -372,6 +372,7 @@ class ResumeMismatch(ValueError):
 # resumed step on, and said.
 _FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task", "label_weights", "scheduler",
           "clip_grad_norm")
+_ADDED = ("label_weights", "scheduler", "clip_grad_norm")  # of _FIXED, the ones older checkpoints lack
 
 
 def _differences(saved: object, given: object, name: str) -> list[tuple[str, object, object]]:
@@ -477,7 +478,7 @@ def fit(
                "total_steps": total, "patience": patience,
                # What else changes the objective or the update: compared on resume when the checkpoint has them.
                "label_weights": None if label_w is None else _fingerprint(label_w),
-               "scheduler": None if sched is None else type(sched).__name__, "clip_grad_norm": clip_grad_norm}
+               "scheduler": _scheduler_setting(sched), "clip_grad_norm": clip_grad_norm}
     higher_is_better = model.task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
     has_extra = callable(getattr(model, "extra_loss", None))
@@ -585,6 +586,15 @@ def fit(
     return p.history
 
 
+def _scheduler_setting(sched) -> str | None:
+    """A scheduler's class and settings (its state less the progress it keeps), for the resume check."""
+    if sched is None:
+        return None
+    progress = {"last_epoch", "_last_lr", "_step_count", "_get_lr_called_within_step", "_is_initial"}
+    state = {k: v for k, v in sched.state_dict().items() if k not in progress}
+    return f"{type(sched).__name__}({', '.join(f'{k}={state[k]!r}' for k in sorted(state))})"
+
+
 def _fingerprint(t: Tensor) -> str:
     """A short digest of a tensor's values (the label weights a checkpointed run trained with)."""
     import hashlib
@@ -623,7 +633,11 @@ def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entri
     """:class:`ResumeMismatch` listing every setting of this run that differs from the checkpoint's run."""
     state = ckpt["trainer"]
     saved = state.get("options", {"n_rows": state["n_rows"], "batch_size": state["batch_size"]})
+    # Settings added after a checkpoint was written were off (None) in its run.
+    saved = {**dict.fromkeys(_ADDED), **saved} if "options" in state else saved
     found = [d for key in _FIXED if key in saved for d in _differences(saved[key], options[key], key)]
+    if options["scheduler"] is not None and "lr" in saved and saved["lr"] != options["lr"]:
+        found.append(("lr", saved["lr"], options["lr"]))  # a scheduler's lr continues: a new one cannot apply
     if saved.get("patience") is None and options["patience"] is not None and "patience" in saved:
         # The best epoch's weights were not kept without patience: restoring them would be impossible.
         found.append(("patience", None, options["patience"]))
@@ -654,7 +668,7 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         progress = _Progress(**state["progress"])
         if sched is not None:
-            sched.load_state_dict(state["scheduler"])
+            sched.load_state_dict(state["scheduler"])  # present: _check_resume refused a run without one
     except ResumeMismatch:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a damaged or foreign trainer entry

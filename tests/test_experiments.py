@@ -93,6 +93,29 @@ def test_a_diverging_pilot_counts_as_worst(monkeypatch):
     assert {r["correlation"] for r in pilots} == {0.5}
 
 
+def test_the_pilot_draws_its_own_data_under_data_seed(monkeypatch):
+    from mmoe_fast.experiments import synthetic
+
+    specs = []
+    monkeypatch.setattr(synthetic, "load_splits", lambda spec: specs.append(spec) or {})
+    monkeypatch.setattr(synthetic, "train_run", lambda *a, **k: (None, {"history": [{"val_loss": [1.0]}]}))
+    args = argparse.Namespace(lr=None, lr_grid=[1e-3], p=[0.5], seed=3, models=["mmoe"], epochs=1, batch_size=8,
+                              d=5, n_train=20, n_val=10, data_seed=7, task_seed=0)
+    synthetic.pilot_learning_rates(args)
+    assert specs[0]["seed"] == 3 + synthetic.PILOT_SEED_OFFSET != 7
+
+
+def test_the_verdict_needs_standard_errors():
+    from mmoe_fast.experiments import synthetic
+
+    runs = {("mmoe", 1.0): 0.10, ("mmoe", 0.0): 0.11, ("omoe", 1.0): 0.10, ("omoe", 0.0): 0.30}
+    args = argparse.Namespace(p=[1.0, 0.0], models=["mmoe", "omoe"], epochs=1, n_train=10)
+    summary = {f"{m}@{p}": {} for m in ("mmoe", "omoe") for p in (1.0, 0.0)}
+    text = synthetic.correlation_verdict(
+        args, lambda name, p: [{"seed": 0, "final_val_loss": runs[name, p]}], summary)
+    assert "undetermined" in text
+
+
 def test_paired_differences_and_standard_errors():
     from mmoe_fast.experiments.synthetic import mean_se, paired
 
@@ -271,9 +294,11 @@ def test_gate_tables_of_ple_match_a_hand_computed_forward():
     torch.testing.assert_close(tables[1].weights, h1, rtol=1e-5, atol=1e-7)
     assert tables[0].warnings() == []
     collapsed = experiments.gates.GateTable("", ["a"], ["0", "1", "2"], torch.tensor([[0.95, 0.05, 0.0]]),
-                                            torch.tensor([0.1]))
+                                            torch.tensor([0.1]), [3])
     assert collapsed.warnings() == ["a's gate has collapsed: 0.95 of its weight on expert 0",
                                     "experts no gate uses (under 0.01 of every gate's weight): 2"]
+    single = experiments.gates.GateTable("", ["a"], ["0"], torch.tensor([[1.0]]), torch.tensor([0.0]), [1])
+    assert single.warnings() == []  # a gate of one expert cannot collapse
 
 
 def test_gates_command_on_a_cgc_checkpoint(tmp_path):

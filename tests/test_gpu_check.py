@@ -40,7 +40,7 @@ def test_correctness_cases_cover_every_mode(bench_gpu):
     assert modes == {(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None),
                      (torch.float16, None), (torch.float64, None)}
     shapes = {shape for _, _, shape, _, _ in cases}
-    assert any(s.B == 1 for s in shapes) and any(s.E == 1 for s in shapes) and any(s.E > 128 for s in shapes)
+    assert any(s.B == 1 for s in shapes) and any(s.E == 1 for s in shapes) and any(s.E > 64 for s in shapes)
     assert any(s.T > 4 for s in shapes) and any(h for *_, h in cases)  # task groups; hidden expert layers
     assert len(cases) <= 24  # each case compiles kernels on a fresh GPU: the check must end within minutes
 

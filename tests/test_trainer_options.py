@@ -238,3 +238,29 @@ def test_numpy_and_pandas_inputs_train_like_tensors():
         fit(_model(), x.tolist(), y, steps=1, **_quiet())
     with pytest.raises(TypeError, match="Python objects"):
         fit(_model(), np.array([["a"] * 6] * 60, dtype=object), y, steps=1, **_quiet())
+
+
+def test_resume_refuses_a_new_lr_or_other_scheduler_settings_and_checks_old_checkpoints(tmp_path):
+    from mmoe_fast import checkpoint
+
+    x, y = _data()
+    kw = dict(batch_size=10, seed=1, checkpoint_dir=tmp_path / "a", steps=4)
+    fit(_model(), x, y, lr=0.05, scheduler=_step_lr, **_quiet(**kw))
+    ckpt = tmp_path / "a" / "step-0000004.pt"
+    with pytest.raises(ValueError, match=r"lr 0.05 \(checkpoint\) vs 0.5 \(now\)"):
+        fit(_model(), x, y, lr=0.5, scheduler=_step_lr, resume=ckpt, **_quiet(batch_size=10, seed=1, steps=9))
+    with pytest.raises(ValueError, match="scheduler StepLR.*gamma=0.5.*vs StepLR.*gamma=0.9"):
+        fit(_model(), x, y, lr=0.05, resume=ckpt, scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.9),
+            **_quiet(batch_size=10, seed=1, steps=9))
+    # A checkpoint from before these settings existed: its run had none of them.
+    old = torch.load(ckpt, weights_only=False)
+    for key in ("label_weights", "scheduler", "clip_grad_norm"):
+        del old["trainer"]["options"][key]
+    del old["trainer"]["scheduler"]
+    torch.save(old, tmp_path / "old.pt")
+    for extra, name in ((dict(sample_weight=torch.ones(60) * 2), "label_weights"), (dict(clip_grad_norm=1.0),
+                        "clip_grad_norm"), (dict(scheduler=_step_lr), "scheduler")):
+        with pytest.raises(ValueError, match=f"{name} None \\(checkpoint\\)"):
+            fit(_model(), x, y, lr=0.05, resume=tmp_path / "old.pt", **_quiet(batch_size=10, seed=1, steps=9,
+                                                                                **extra))
+    assert checkpoint.read(tmp_path / "old.pt")["trainer"]["options"]["lr"] == 0.05

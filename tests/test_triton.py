@@ -286,7 +286,7 @@ def test_kernels_compile_for_a_gpu_without_spills():
         pytest.skip("this triton has no bundled NVIDIA toolchain")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_check.py"), "--quick",
-                           "--dtypes", "fp32,bf16"], env=env, capture_output=True, text=True, timeout=600)
+                           "--dtypes", "fp32,bf16,fp64"], env=env, capture_output=True, text=True, timeout=600)
     failed = [line for line in proc.stdout.splitlines() if line.split(" ", 1)[0] not in ("ok", "command:", "triton")]
     assert proc.returncode == 0, "\n".join(failed)[-3000:] + proc.stderr[-3000:]
     summary = proc.stdout.strip().splitlines()[-1]

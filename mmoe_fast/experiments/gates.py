@@ -31,10 +31,13 @@ class GateTable:
     experts: list[str]
     weights: Tensor
     entropy: Tensor
+    reach: list[int]  # how many experts each gate can weight
 
     def warnings(self) -> list[str]:
+        """A gate of two or more experts that has collapsed onto one; experts no gate uses."""
         found = [f"{self.title}{g}'s gate has collapsed: {w.max().item():.2f} of its weight on expert "
-                 f"{self.experts[int(w.argmax())]}" for g, w in zip(self.gates, self.weights) if w.max() > COLLAPSE]
+                 f"{self.experts[int(w.argmax())]}" for g, w, r in zip(self.gates, self.weights, self.reach)
+                 if r > 1 and w.max() > COLLAPSE]
         unused = [e for e, w in zip(self.experts, self.weights.max(dim=0).values) if w < UNUSED]
         if unused:
             found.append(f"{self.title}experts no gate uses (under {UNUSED} of every gate's weight): "
@@ -66,7 +69,8 @@ def gate_tables(model: nn.Module, x: Tensor, task_names: list[str], batch_size: 
                 _accumulate(ops.gate_softmax(x[i : i + batch_size], layer.gate_weight, layer.gate_bias,
                                              backend=layer.backend), reach, total, entropy)
             names = task_names if count == len(task_names) else ["shared gate"]
-            return [GateTable("", names, [str(e) for e in range(layer.num_experts)], total / n, entropy / n)]
+            return [GateTable("", names, [str(e) for e in range(layer.num_experts)], total / n, entropy / n,
+                              reach.tolist())]
         if isinstance(model, PLE):
             tables = []
             for index, level in enumerate(model.levels):
@@ -83,7 +87,7 @@ def gate_tables(model: nn.Module, x: Tensor, task_names: list[str], batch_size: 
                 experts += [f"shared:{i}" for i in range(Sh)]
                 title = f"level {index}: " if len(model.levels) > 1 else ""
                 tables.append(GateTable(title, task_names[:T] + ["shared"] * (count - T), experts, total / n,
-                                        entropy / n))
+                                        entropy / n, reach.tolist()))
             return tables
     raise ValueError(f"{type(model).__name__} has no gates (MMoE, OMoE, CGC and PLE have them)")
 

@@ -193,7 +193,7 @@ def mma(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
         if DOT == tl.float32:
             a = _tf32(a)
             b = _tf32(b)
-    return tl.dot(a, b, acc, input_precision=PREC)
+    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)  # 3.6 assumes fp32 otherwise
 
 
 @triton.jit
