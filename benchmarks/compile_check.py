@@ -14,7 +14,7 @@ to shared memory, cp.async or TMA, into a multi-buffer). It exits 1 on a compile
 memory over the arch's per-block limit, or a main GEMM kernel (``MAIN``) whose tf32/bf16/fp16 dot is not on
 wgmma (sm_90) or, at aligned shapes, not pipelined (ieee fp32 has no wgmma; unaligned 2-byte rows are too
 narrow for cp.async). Spills of unaligned and of fp64 variants are reported and counted, and fail only with
-``--strict`` (a compile failure always fails).
+``--strict`` (a compile failure or shared memory over the limit always fails: the launch would).
 The configs compiled are those each kernel's prune keeps for the variant: the ones a launch can run.
 
     python benchmarks/compile_check.py [--arch 90] [--quick] [--only NAME] [--dtypes fp32,bf16,fp16] [--jobs N]
@@ -264,7 +264,9 @@ def main() -> int:
         results = [(i, _compile(i)) for i in range(len(_JOBS))]
     for i, (problems, line) in results:
         if problems:
-            (bad if _JOBS[i].strict or args.strict or "FAIL" in problems else loose).append(problems)
+            # A compile failure or a block over the shared-memory limit (its launch would fail) always counts.
+            hard = "FAIL" in problems or "SMEM" in problems
+            (bad if _JOBS[i].strict or args.strict or hard else loose).append(problems)
         print(line, flush=True)
     took = time.monotonic() - start
     where = f"for sm_{args.arch} with triton {triton.__version__} in {took:.0f} s"
