@@ -26,6 +26,7 @@ from .train import OPTIMIZERS, ResumeMismatch, fit
 # The settings fit compares on resume, by the option of `train` that sets them.
 _OPTION_OF = {"n_rows": "--n-train", "batch_size": "--batch-size", "seed": "--seed", "optimizer": "--optimizer",
               "loss_weights": "--loss-weights", "patience": "--patience", "model": "--model",
+              "loss_weighting": "--loss-weighting", "clip_grad_norm": "--clip-grad-norm",
               "config.num_experts": "--experts", "config.expert_hidden": "--expert-hidden",
               "config.bottom_hidden": "--bottom-hidden", "config.in_features": "--d",
               "data.correlation": "--correlation", "data.d": "--d", "data.n_train": "--n-train",
@@ -75,7 +76,8 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress, steps=args.steps,
         loss_weights=args.loss_weights, optimizer=args.optimizer, weight_decay=args.weight_decay,
         patience=args.patience, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_extra={"data": spec})
+        checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_extra={"data": spec},
+        loss_weighting=args.loss_weighting, clip_grad_norm=args.clip_grad_norm)
     say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     tr.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     tr.add_argument("--loss-weights", type=floats, default=None, help="per-task loss weights, e.g. 1,0.5")
+    tr.add_argument("--loss-weighting", choices=["static", "uncertainty"], default="static",
+                    help="static: --loss-weights; uncertainty: learned per-task log variances (Kendall et al. 2018)")
+    tr.add_argument("--clip-grad-norm", type=positive_float, default=None,
+                    help="clip the gradients' global L2 norm to this before each update")
     tr.add_argument("--patience", type=positive_int, default=None,
                     help="early stopping: epochs without a better task-0 validation metric")
     tr.add_argument("--log-dir", default=None, help="write train.jsonl and train.csv here")

@@ -31,12 +31,21 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 MODEL_FILE = "model.pt"
 
 
-def make_optimizer(name: str, model: nn.Module, **options) -> torch.optim.Optimizer:
+LOSS_WEIGHTINGS = ("static", "uncertainty")
+_LOG_VARS = "loss_log_variances"  # the param group of the uncertainty weighting's parameters
+
+
+def make_optimizer(name: str, model: nn.Module, log_variances: Tensor | None = None, **options
+                   ) -> torch.optim.Optimizer:
     """``OPTIMIZERS[name]`` over ``model``'s parameters, fused (one kernel over all parameters) where torch offers
-    it for them: the per-parameter loop costs 2-9x as much per step (``python benchmarks/bench_train.py``)."""
+    it for them: the per-parameter loop costs 2-9x as much per step (``python benchmarks/bench_train.py``).
+    ``log_variances`` (the uncertainty weighting's) join as a second group without weight decay."""
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return OPTIMIZERS[name](params, fused=fused or None, **options)
+    groups: list[dict] = [{"params": params}]
+    if log_variances is not None:
+        groups.append({"params": [log_variances], "weight_decay": 0.0, "role": _LOG_VARS})
+    return OPTIMIZERS[name](groups, fused=fused or None, **options)
 
 
 def json_safe(value):
@@ -371,8 +380,9 @@ class ResumeMismatch(ValueError):
 # spec) are checked too. lr, weight_decay, the run's length and patience may change: they are applied from the
 # resumed step on, and said.
 _FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task", "label_weights", "scheduler",
-          "clip_grad_norm")
-_ADDED = ("label_weights", "scheduler", "clip_grad_norm")  # of _FIXED, the ones older checkpoints lack
+          "clip_grad_norm", "loss_weighting")
+# Of _FIXED, the ones older checkpoints lack, with the value their runs had.
+_ADDED = {"label_weights": None, "scheduler": None, "clip_grad_norm": None, "loss_weighting": "static"}
 
 
 def _differences(saved: object, given: object, name: str) -> list[tuple[str, object, object]]:
@@ -401,7 +411,7 @@ def fit(
     checkpoint_every: int | None = None, resume: str | os.PathLike | None = None,
     checkpoint_extra: dict | None = None, sample_weight: Tensor | None = None, label_mask: Tensor | None = None,
     val_label_mask: Tensor | None = None, clip_grad_norm: float | None = None,
-    scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], object] | None = None, loss_weighting: str = "static",
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -417,6 +427,10 @@ def fit(
       sum over its rows divided by the number of rows (the mean when every weight is 1); the recorded
       ``train_loss`` is the epoch's weighted mean over labeled rows.
     - ``clip_grad_norm``: clip the gradients' global L2 norm to this before each update.
+    - ``loss_weighting="uncertainty"`` (Kendall et al. 2018): the loss is ``sum_t loss_weights[t] * (exp(-s_t) *
+      loss_t + s_t)`` with a learned log variance ``s_t`` per task (starting at 0, trained by the same optimizer
+      without weight decay, kept in checkpoints); records carry ``loss_log_variance``. ``"static"`` (default):
+      ``sum_t loss_weights[t] * loss_t``.
     - ``scheduler``: ``scheduler(optimizer)`` makes a learning-rate scheduler (e.g. ``lambda opt:
       torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=1000)``), stepped after every update, saved
       in checkpoints and restored on resume; each record has the ``lr`` at the end of its epoch.
@@ -447,6 +461,8 @@ def fit(
     sample_weight = _as_tensor(sample_weight, "sample_weight", torch.float32)
     label_mask, val_label_mask = (_as_tensor(v, n, None) for v, n in ((label_mask, "label_mask"),
                                                                        (val_label_mask, "val_label_mask")))
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     if clip_grad_norm is not None and not (math.isfinite(clip_grad_norm) and clip_grad_norm > 0):
         raise ValueError(f"clip_grad_norm must be a finite number > 0, got {clip_grad_norm!r}")
     label_w = label_weights(y, sample_weight, label_mask, "y")
@@ -467,7 +483,9 @@ def fit(
     device = next(model.parameters()).device
     weights = weights.to(device)
     say = log if distributed.is_main() else (lambda _: None)
-    opt = make_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay)
+    log_vars = (nn.Parameter(torch.zeros(len(model.task_types), device=device))
+                if loss_weighting == "uncertainty" else None)
+    opt = make_optimizer(optimizer, model, log_vars, lr=lr, weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
     gen = torch.Generator().manual_seed(seed)
     n, num_tasks = num_rows(x), len(model.task_types)
@@ -478,7 +496,8 @@ def fit(
                "total_steps": total, "patience": patience,
                # What else changes the objective or the update: compared on resume when the checkpoint has them.
                "label_weights": None if label_w is None else _fingerprint(label_w),
-               "scheduler": _scheduler_setting(sched), "clip_grad_norm": clip_grad_norm}
+               "scheduler": _scheduler_setting(sched), "clip_grad_norm": clip_grad_norm,
+               "loss_weighting": loss_weighting}
     higher_is_better = model.task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
     has_extra = callable(getattr(model, "extra_loss", None))
@@ -492,7 +511,7 @@ def fit(
             if found is None:
                 raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
             resume = found
-        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched)
+        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched, log_vars)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
     watched = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
     last_saved: list[Path] = []  # the newest step checkpoint, for the divergence message
@@ -504,7 +523,8 @@ def fit(
             "optimizer": opt.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "n_rows": n, "batch_size": batch_size, "options": options, "progress": asdict(p),
-            "scheduler": None if sched is None else sched.state_dict()})
+            "scheduler": None if sched is None else sched.state_dict(),
+            "loss_log_variances": None if log_vars is None else log_vars.detach().cpu()})
         last_saved[:] = [path]
 
     def diverged(what: str) -> FloatingPointError:
@@ -523,7 +543,8 @@ def fit(
                   disable=not progress or not distributed.is_main()) as bar:
             while p.batch < per_epoch and p.step < total:
                 rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
-                sums, wsums, extra = _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device)
+                sums, wsums, extra = _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device,
+                                               log_vars)
                 if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
                     raise diverged(f"non-finite training loss before the update (per-task sums {sums}, "
                                    f"extra_loss {extra})")
@@ -549,6 +570,8 @@ def fit(
         record = {"epoch": p.epoch, "step": p.step,
                   "train_loss": [s / w if w > 0 else math.nan for s, w in zip(p.loss_sum, p.weight_sum)],
                   "lr": opt.param_groups[0]["lr"]}
+        if log_vars is not None:
+            record["loss_log_variance"] = log_vars.detach().double().cpu().tolist()
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
         if x_val is not None:
@@ -602,7 +625,7 @@ def _fingerprint(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device
+def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, log_vars=None
               ) -> tuple[list[float], list[float], float]:
     """Gradients of the global batch ``rows``; returns its per-task weighted loss sums and label weight sums
     (over all ranks), and the extra loss."""
@@ -618,10 +641,16 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device
         wsums = wb.sum(0)
     # Scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss,
     # whatever the shard sizes.
-    loss = (weights * sums).sum() * (distributed.world_size() / len(rows))
+    per_task = sums * (distributed.world_size() / len(rows))
+    if log_vars is None:
+        loss = (weights * per_task).sum()
+    else:  # each rank adds the whole s_t: its gradient is averaged over the ranks below, as DDP does the model's
+        loss = (weights * (torch.exp(-log_vars) * per_task + log_vars)).sum()
     extra = model.extra_loss() if has_extra else torch.zeros((), device=device)
     opt.zero_grad(set_to_none=True)
     (loss + extra).backward()
+    if log_vars is not None and distributed.world_size() > 1 and log_vars.grad is not None:
+        distributed.all_reduce_sum(log_vars.grad).div_(distributed.world_size())
     stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), wsums.detach().float(),
                                                   extra.detach().float().reshape(1)]))
     stats = stats.double().cpu().tolist()
@@ -634,7 +663,7 @@ def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entri
     state = ckpt["trainer"]
     saved = state.get("options", {"n_rows": state["n_rows"], "batch_size": state["batch_size"]})
     # Settings added after a checkpoint was written were off (None) in its run.
-    saved = {**dict.fromkeys(_ADDED), **saved} if "options" in state else saved
+    saved = {**_ADDED, **saved} if "options" in state else saved
     found = [d for key in _FIXED if key in saved for d in _differences(saved[key], options[key], key)]
     if options["scheduler"] is not None and "lr" in saved and saved["lr"] != options["lr"]:
         found.append(("lr", saved["lr"], options["lr"]))  # a scheduler's lr continues: a new one cannot apply
@@ -652,8 +681,8 @@ def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entri
         raise ResumeMismatch(path, found)
 
 
-def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say, sched=None
-                     ) -> _Progress:
+def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say, sched=None,
+                     log_vars=None) -> _Progress:
     ckpt = checkpoint.read(path)
     state = ckpt.get("trainer")
     if state is None:
@@ -661,6 +690,9 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
     try:
         _check_resume(path, ckpt, model, options, entries)
         model.load_state_dict(ckpt["state_dict"])
+        if log_vars is not None:  # present: _check_resume refused a run without them
+            with torch.no_grad():
+                log_vars.copy_(state["loss_log_variances"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -682,7 +714,8 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
     for group in opt.param_groups:  # load_state_dict brought back the checkpoint's values: this run's win
         if sched is None:  # a scheduler owns the lr: it continues from the checkpoint's
             group["lr"] = options["lr"]
-        group["weight_decay"] = options["weight_decay"]
+        if group.get("role") != _LOG_VARS:  # the log variances take no weight decay
+            group["weight_decay"] = options["weight_decay"]
     for key in ("lr", "weight_decay", "total_steps", "patience"):
         if key in saved and saved[key] != options[key]:
             say(f"resume: {key} {saved[key]} (checkpoint) -> {options[key]}, applied from step {progress.step}")

@@ -21,16 +21,19 @@ def _outputs(folder):
     return checkpoint.read(folder / "ckpt" / "model.pt")["state_dict"], history
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--loss-weighting", "uncertainty", "--clip-grad-norm", "0.5"]],
+                         ids=["static", "uncertainty-clipped"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, capsys, extra):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
+    args = [*ARGS, *extra]
     io = ["--log-dir", "{}/log", "--checkpoint-dir", "{}/ckpt"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mmoe_fast",
-         *ARGS, *(a.format(ddp) for a in io)], capture_output=True, text=True, timeout=120)
+         *args, *(a.format(ddp) for a in io)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DDP: 2 ranks (gloo), 45 rows per global batch" in proc.stdout
     assert proc.stdout.count("epoch   2") == 1  # only rank 0 prints
-    assert cli.main([*ARGS, *(a.format(single) for a in io)]) == 0
+    assert cli.main([*args, *(a.format(single) for a in io)]) == 0
     assert "DDP" not in capsys.readouterr().out
 
     (ddp_params, ddp_history), (params, history) = _outputs(ddp), _outputs(single)
@@ -39,6 +42,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, capsys):
     assert [r["step"] for r in ddp_history] == [r["step"] for r in history] == [3, 6]
     for a, b in zip(ddp_history, history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert ("loss_log_variance" in a) == ("loss_log_variance" in b) == bool(extra)
+        if extra:  # the log variances' gradients are averaged over the ranks as the model's are
+            assert a["loss_log_variance"] == pytest.approx(b["loss_log_variance"], rel=1e-5, abs=1e-7)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         for ma, mb in zip(a["val_metrics"], b["val_metrics"]):
             assert ma == pytest.approx(mb, rel=1e-5)

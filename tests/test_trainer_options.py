@@ -264,3 +264,44 @@ def test_resume_refuses_a_new_lr_or_other_scheduler_settings_and_checks_old_chec
             fit(_model(), x, y, lr=0.05, resume=tmp_path / "old.pt", **_quiet(batch_size=10, seed=1, steps=9,
                                                                                 **extra))
     assert checkpoint.read(tmp_path / "old.pt")["trainer"]["options"]["lr"] == 0.05
+
+
+def test_uncertainty_weighting_step_equals_the_hand_written_step():
+    """Kendall et al.: sum_t w_t (exp(-s_t) L_t + s_t), s_t learned from 0 by the same optimizer, no weight decay."""
+    x, y = _data()
+    weights, lr, wd = (2.0, 0.5), 0.01, 0.1
+    expected = _model()
+    s = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.AdamW([{"params": expected.parameters()}, {"params": [s], "weight_decay": 0.0}], lr=lr,
+                            weight_decay=wd)
+    out = expected(x)
+    losses = torch.stack([F.binary_cross_entropy_with_logits(out[:, 0], y[:, 0]), F.mse_loss(out[:, 1], y[:, 1])])
+    (torch.tensor(weights) * (torch.exp(-s) * losses + s)).sum().backward()
+    opt.step()
+    model = _model()
+    history = fit(model, x, y, steps=1, batch_size=60, lr=lr, loss_weights=weights, optimizer="adamw",
+                  weight_decay=wd, loss_weighting="uncertainty", **_quiet())
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(history[0]["loss_log_variance"], dtype=torch.float64), s.detach().double())
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        fit(_model(), x, y, steps=1, loss_weighting="gradnorm", **_quiet())
+
+
+def test_resume_with_uncertainty_weighting_continues_exactly(tmp_path):
+    x, y = _data()
+
+    def run(name, model, **kw):
+        return fit(model, x, y, batch_size=10, lr=0.05, seed=1, loss_weighting="uncertainty", weight_decay=0.01,
+                   optimizer="adamw", checkpoint_dir=tmp_path / name, **_quiet(**kw))
+
+    straight = _model()
+    history = run("straight", straight, steps=9)
+    run("stopped", _model(), steps=4)
+    resumed = _model(seed=5)
+    assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"loss_weighting uncertainty \(checkpoint\) vs static \(now\)"):
+        fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, steps=9, optimizer="adamw", weight_decay=0.01,
+            resume=tmp_path / "stopped", **_quiet())
