@@ -8,25 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import TASK_TYPES, _data, _model  # tests/ is on sys.path: the trainer tests' data
 
 from mmoe_fast import cli, models
 from mmoe_fast.data import load_splits, synthetic_spec
-from mmoe_fast.models import MMoE
 from mmoe_fast.train import fit, label_weights, task_losses, task_metrics
-
-TASK_TYPES = ("binary", "regression")
-
-
-def _data(n=60, d=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    label = (x[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).float()
-    return x, torch.stack([label, x[:, 1] - x[:, 2]], dim=1)
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return MMoE(6, 2, num_experts=3, expert_hidden=4, tower_hidden=(3,), task_types=TASK_TYPES, backend="reference")
 
 
 def _quiet(**kw):
@@ -163,12 +149,10 @@ def test_scheduler_steps_after_every_update_and_is_recorded():
     assert [r["lr"] for r in history] == pytest.approx([0.1 * 0.5**3, 0.1 * 0.5**6])
 
 
-def test_resume_with_a_scheduler_continues_exactly(tmp_path):
-    x, y = _data()
-
-    def run(name, model, **kw):
-        return fit(model, x, y, batch_size=10, lr=0.05, seed=1, scheduler=_step_lr, clip_grad_norm=0.5,
-                   sample_weight=torch.linspace(0.5, 2, 60), checkpoint_dir=tmp_path / name, **_quiet(**kw))
+def _resumes_exactly(tmp_path, x, y, **kw):
+    """A run stopped at step 4 and resumed (from other initial weights) ends as the run never stopped."""
+    def run(name, model, **more):
+        return fit(model, x, y, batch_size=10, lr=0.05, seed=1, checkpoint_dir=tmp_path / name, **_quiet(**kw, **more))
 
     straight = _model()
     history = run("straight", straight, steps=9)
@@ -177,6 +161,11 @@ def test_resume_with_a_scheduler_continues_exactly(tmp_path):
     assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
     for k, v in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_resume_with_a_scheduler_continues_exactly(tmp_path):
+    x, y = _data()
+    _resumes_exactly(tmp_path, x, y, scheduler=_step_lr, clip_grad_norm=0.5, sample_weight=torch.linspace(0.5, 2, 60))
     with pytest.raises(ValueError, match="label_weights"):
         fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, scheduler=_step_lr, clip_grad_norm=0.5, steps=9,
             resume=tmp_path / "stopped", **_quiet())
@@ -290,18 +279,7 @@ def test_uncertainty_weighting_step_equals_the_hand_written_step():
 
 def test_resume_with_uncertainty_weighting_continues_exactly(tmp_path):
     x, y = _data()
-
-    def run(name, model, **kw):
-        return fit(model, x, y, batch_size=10, lr=0.05, seed=1, loss_weighting="uncertainty", weight_decay=0.01,
-                   optimizer="adamw", checkpoint_dir=tmp_path / name, **_quiet(**kw))
-
-    straight = _model()
-    history = run("straight", straight, steps=9)
-    run("stopped", _model(), steps=4)
-    resumed = _model(seed=5)
-    assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
-    for k, v in straight.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
+    _resumes_exactly(tmp_path, x, y, loss_weighting="uncertainty", weight_decay=0.01, optimizer="adamw")
     with pytest.raises(ValueError, match=r"loss_weighting uncertainty \(checkpoint\) vs static \(now\)"):
         fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, steps=9, optimizer="adamw", weight_decay=0.01,
             resume=tmp_path / "stopped", **_quiet())
