@@ -126,6 +126,18 @@ void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, 
 }
 
 template <typename T>
+void towers_forward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                    const T* const* w, const T* const* bias, T* out, T* save) {
+  MMOE_DISPATCH(active_isa(), towers_forward_entry<T>(h, shared, B, nT, L, widths, w, bias, out, save))
+}
+
+template <typename T>
+void towers_backward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                     const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
+  MMOE_DISPATCH(active_isa(), towers_backward_entry<T>(h, shared, B, nT, L, widths, w, save, dout, dh, dw, db))
+}
+
+template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out) {
   out.E = E;
   out.K = K;
@@ -158,7 +170,11 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
                                  int64_t, int);                                                                \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
-  template void session_run<T>(const Model<T>&, const T*, T*, int64_t);
+  template void session_run<T>(const Model<T>&, const T*, T*, int64_t);                                                 \
+  template void towers_forward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,      \
+                                  const T* const*, T*, T*);                                                      \
+  template void towers_backward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,     \
+                                   const T*, const T*, T*, T* const*, T* const*);
 
 MMOE_INSTANTIATE(float)
 MMOE_INSTANTIATE(double)

@@ -108,6 +108,16 @@ void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int6
 template <typename T>
 void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
                    int64_t E, int64_t N, int64_t nT, int act);
+// Every task's training tower (Linear, ReLU, ..., Linear -> 1) on h[nT, B, K0] or a shared h[B, K0]:
+// layer l of task t has w[l * nT + t] ([N, K], nn.Linear's layout) and bias[l * nT + t]; widths: K0, N0, ...,
+// 1. Forward: out[B, nT] and save[nT, B, sum of hidden widths] (after ReLU). Backward from dout[B, nT]:
+// dw, db (overwritten) and, dh given, dh[nT, B, K0].
+template <typename T>
+void towers_forward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                    const T* const* w, const T* const* bias, T* out, T* save);
+template <typename T>
+void towers_backward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                     const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

@@ -327,21 +327,27 @@ struct Kern {
     });
   }
 
-  static int threads_for(int64_t items) {
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads(), items)));
+  // Threads for `items` work items of `work` multiply-adds in all: at most one per kWorkPerThread, since waking
+  // a sleeping OpenMP thread costs tens of microseconds (25-60 us measured on a 2-core VM), as much as
+  // ~2M multiply-adds on one core: a training step's small calls, between which the team goes to sleep, run
+  // faster on the calling thread alone.
+  static constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+  static int threads_for(int64_t items, int64_t work = INT64_MAX) {
+    const int64_t by_work = std::max<int64_t>(1, work / kWorkPerThread);
+    return static_cast<int>(std::max<int64_t>(1, std::min({static_cast<int64_t>(max_threads()), items, by_work})));
   }
 
   // The forward of one layer: m from a, W and the gates G, or from gates computed here (gw, on a = x).
   static void mixture_forward(const T* a, bool shared, const Panels& w, const Panels* gw, const T* G, T* m, int64_t B,
                               int64_t nT, int act, T* save_pre, T* save_G) {
-#pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * w.P))
+#pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * w.P, B * w.E * w.Kd * w.P * NR))
     mixture_items(a, shared, w, a, gw, G, m, B, nT, act, save_pre, save_G);
   }
 
   static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act,
                               T* save = nullptr) {
     const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
-#pragma omp parallel num_threads(threads_for(items))
+#pragma omp parallel num_threads(threads_for(items, B * w.E * w.Kd * w.P * NR))
     for_items(items, nblocks > 1, [&](int64_t it) {
       const int64_t r0 = (it / w.P) * RB;
       grouped_item(a, shared, w, out, save, B, act, r0, std::min(B, r0 + RB), it % w.P);
@@ -471,7 +477,7 @@ struct Kern {
     const int64_t KP = panels(Kd);
     T* wt = scratch<T>(7, static_cast<size_t>(da ? lay.groups * KP * width * NR : 1));  // [g][q][width][NR]
     const int64_t nblocks = lay.Bp / MR, items = lay.groups * lay.P * lay.KS;
-#pragma omp parallel num_threads(threads_for(std::max(nblocks, items)))
+#pragma omp parallel num_threads(threads_for(std::max(nblocks, items), lay.Bp * lay.groups * width * KW * (da ? 2 : 1)))
     {
       T* row = scratch<T>(0, static_cast<size_t>(lay.groups * width));
       T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
@@ -569,7 +575,7 @@ struct Kern {
                        int act) {
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(nblocks))
+#pragma omp parallel for schedule(static) num_threads(threads_for(nblocks, B * E * N * (nT + 1)))
       for (int64_t rb = 0; rb < nblocks; ++rb)
         for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
           if (!m) {
@@ -605,7 +611,7 @@ struct Kern {
                    int64_t E, int64_t N, int64_t nT, int act) {
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
-#pragma omp parallel num_threads(threads_for(nblocks))
+#pragma omp parallel num_threads(threads_for(nblocks, B * E * N * (nT + 2)))
       {
         T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
 #pragma omp for schedule(static)
@@ -700,6 +706,114 @@ struct Kern {
   }
 };
 
+// ---- training towers: every task's small MLP, forward and backward -------------------------------
+// Task t's tower is L layers (Linear, ReLU, ..., Linear -> 1); layer l of task t has the nn.Linear weight
+// w[l * nT + t] ([N_l, K_l], row-major) and bias bias[l * nT + t]; widths = K_0, N_0 (= K_1), ..., N_{L-1} = 1.
+// The input is h[nT, B, K_0], or one h[B, K_0] shared by the tasks. For towers this small the training step
+// is a few thousand multiply-adds per row: one call for all tasks and layers, row by row (each layer a dot
+// product per output, vectorized over K), saves the tens of tensor ops a batched formulation costs.
+// Work is split by task only, each task's rows in order: the same bits for any thread count.
+template <typename T>
+int64_t tower_hidden_width(int64_t L, const int64_t* widths) {
+  int64_t hid = 0;
+  for (int64_t l = 1; l < L; ++l) hid += widths[l];
+  return hid;
+}
+
+// One thread per task, as the work allows (see Kern::threads_for).
+template <typename T>
+int tower_threads(int64_t B, int64_t nT, int64_t L, const int64_t* widths) {
+  int64_t macs = 0;
+  for (int64_t l = 0; l < L; ++l) macs += widths[l] * widths[l + 1];
+  return Kern<T>::threads_for(nT, B * nT * macs);
+}
+
+// out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer.
+template <typename T>
+void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                          const T* const* w, const T* const* bias, T* out, T* save) {
+  const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
+#pragma omp parallel for schedule(static) num_threads(tower_threads<T>(B, nT, L, widths))
+  for (int64_t t = 0; t < nT; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* a = shared ? h + b * K0 : h + (t * B + b) * K0;
+      T* row = save + (t * B + b) * hid;
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t K = widths[l], N = widths[l + 1];
+        const T* W = w[l * nT + t];
+        const T* bl = bias[l * nT + t];
+        for (int64_t n = 0; n < N; ++n) {
+          const T* __restrict wn = W + n * K;
+          T z = 0;
+#pragma omp simd reduction(+ : z)
+          for (int64_t k = 0; k < K; ++k) z += wn[k] * a[k];
+          z += bl[n];
+          if (l == L - 1)
+            out[b * nT + t] = z;
+          else
+            row[n] = z < T(0) ? T(0) : z;  // NaN stays NaN
+        }
+        a = row;
+        row += N;
+      }
+    }
+  }
+}
+
+// From dout[B, nT]: dw, db (per layer and task, as w and bias; overwritten) and, dh given, dh[nT, B, K_0]
+// (each task's own input gradient; a shared input's is their sum, taken by the caller).
+template <typename T>
+void towers_backward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                           const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
+  const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
+  int64_t widest = 0;
+  for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, widths[l]);
+#pragma omp parallel num_threads(tower_threads<T>(B, nT, L, widths))
+  {
+    T* dz = scratch<T>(0, static_cast<size_t>(2 * widest));
+    T* da = dz + widest;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < nT; ++t) {
+      for (int64_t l = 0; l < L; ++l) {
+        std::fill(dw[l * nT + t], dw[l * nT + t] + widths[l] * widths[l + 1], T(0));
+        std::fill(db[l * nT + t], db[l * nT + t] + widths[l + 1], T(0));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const T* row = save + (t * B + b) * hid;
+        dz[0] = dout[b * nT + t];
+        int64_t off = hid;  // layer l's input starts at row + off - K_l (for l > 0)
+        for (int64_t l = L - 1; l >= 0; --l) {
+          const int64_t K = widths[l], N = widths[l + 1];
+          off -= (l > 0 ? K : 0);
+          const T* __restrict a = l > 0 ? row + off : (shared ? h + b * K0 : h + (t * B + b) * K0);
+          const T* W = w[l * nT + t];
+          T* dW = dw[l * nT + t];
+          T* dbl = db[l * nT + t];
+          const bool wants_da = l > 0 || dh != nullptr;
+          if (wants_da) std::fill(da, da + K, T(0));
+          for (int64_t n = 0; n < N; ++n) {
+            const T g = dz[n];
+            dbl[n] += g;
+            T* __restrict dWn = dW + n * K;
+            const T* __restrict wn = W + n * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) dWn[k] += g * a[k];
+            if (wants_da) {
+#pragma omp simd
+              for (int64_t k = 0; k < K; ++k) da[k] += g * wn[k];
+            }
+          }
+          if (l > 0) {
+            for (int64_t k = 0; k < K; ++k) dz[k] = a[k] > T(0) ? da[k] : T(0);  // relu'(z) = [relu(z) > 0]
+          } else if (dh) {
+            std::copy(da, da + K, dh + (t * B + b) * K0);
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---- entry points on unpacked weights (the ops) ---------------------------------------------------
 template <typename T>
 void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* wg, const T* bg, const T* G, T* m,
@@ -722,7 +836,7 @@ void gate_entry(const T* x, const T* wg, const T* bg, T* G, int64_t B, int64_t D
   std::vector<T> buf(static_cast<size_t>(P * D * Kt::NR + P * Kt::NR));
   Kt::pack_gate(wg, bg, D, nT, E, buf.data(), buf.data() + P * D * Kt::NR);
   const typename Kt::Panels gw{buf.data(), nullptr, buf.data() + P * D * Kt::NR, 1, D, nT * E, P, true};
-#pragma omp parallel num_threads(Kt::threads_for(nblocks))
+#pragma omp parallel num_threads(Kt::threads_for(nblocks, B * D * nT * E))
   Kt::for_items(nblocks, true, [&](int64_t rb) {
     const int64_t r0 = rb * Kt::RB;
     Kt::gate_block(x, gw, G + r0 * nT * E, nT, E, r0, std::min(B, r0 + Kt::RB));

@@ -2,12 +2,17 @@
 // Pointers arrive as integers (tensor.data_ptr()), row-major and contiguous, 0 for an absent bias;
 // sizes as int64. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -22,6 +27,55 @@ const T* cp(uintptr_t p) {
 template <typename T>
 T* mp(uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+// fit's loss and its gradient in one pass over out[B, nT]: task t's loss is BCE with logits (binary[t] != 0) or
+// the squared error; a row with weight w[b, t] <= 0 (w given) adds nothing and its target is not read.
+// sums[t] = sum_b w * loss (double accumulation), dz[b, t] = coef[t] * w * dloss/dz (BCE: sigmoid(z) - y;
+// squared error: 2 (z - y)). BCE's loss is max(z, 0) - z y + log1p(exp(-|z|)), exact for every z.
+template <typename T>
+void loss_grad(const T* out, const T* y, const uint8_t* binary, const T* coef, const T* w, T* dz, double* sums,
+               int64_t B, int64_t nT) {
+  std::fill(sums, sums + nT, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < nT; ++t) {
+      const int64_t i = b * nT + t;
+      const T wt = w ? w[i] : T(1);
+      if (w && !(wt > T(0))) {
+        dz[i] = T(0);
+        continue;
+      }
+      const T z = out[i], yv = y[i];
+      T loss, g;
+      if (binary[t]) {
+        loss = std::max(z, T(0)) - z * yv + std::log1p(std::exp(-std::abs(z)));
+        g = T(1) / (T(1) + std::exp(-z)) - yv;
+      } else {
+        const T d = z - yv;
+        loss = d * d;
+        g = T(2) * d;
+      }
+      sums[t] += static_cast<double>(wt * loss);
+      dz[i] = g * (coef[t] * wt);
+    }
+}
+
+// Tower layers from widths [K0, N0, ..., 1] and one pointer per (layer, task) in w and bias.
+int64_t checked_layers(const std::vector<int64_t>& widths, const std::vector<uintptr_t>& w,
+                       const std::vector<uintptr_t>& bias, int64_t nT) {
+  const int64_t L = static_cast<int64_t>(widths.size()) - 1;
+  if (L < 1 || nT < 1 || static_cast<int64_t>(w.size()) != L * nT || static_cast<int64_t>(bias.size()) != L * nT)
+    throw std::invalid_argument("towers: widths must list L + 1 sizes and w, bias L * T pointers");
+  for (int64_t v : widths)
+    if (v < 1) throw std::invalid_argument("towers: every width must be at least 1");
+  return L;
+}
+
+template <typename T>
+std::vector<T*> pointers(const std::vector<uintptr_t>& p) {
+  std::vector<T*> out(p.size());
+  for (size_t i = 0; i < p.size(); ++i) out[i] = reinterpret_cast<T*>(p[i]);
+  return out;
 }
 
 // The softmax's backward: dlogit = G * (dG - sum_e G dG); dbg[t, e] = sum_b dlogit, summed in row order.
@@ -228,6 +282,44 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "dp[E,B,N] = df * act'(pre[E,B,N]), df = sum_t G dm[T,B,N] (G != 0) or dout[B,E,N]; with G, dlogit[B,T,E] "
         "of the gates' softmax when dlogit != 0, else dG[B,T,E].");
+  m.def(("loss_grad" + sfx).c_str(),
+        [](uintptr_t out, uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef, uintptr_t w, uintptr_t dz,
+           int64_t B) {
+          const int64_t nT = static_cast<int64_t>(binary.size());
+          std::vector<double> sums(static_cast<size_t>(nT));
+          {
+            py::gil_scoped_release release;
+            loss_grad<T>(cp<T>(out), cp<T>(y), binary.data(), cp<T>(coef), cp<T>(w), mp<T>(dz), sums.data(), B, nT);
+          }
+          return sums;
+        },
+        "Per-task loss sums (list) of out[B,T] against y[B,T] (binary[t]: BCE with logits, else squared error), "
+        "rows weighted by w[B,T] (0: none; a weight <= 0 skips the row), and dz[B,T] = coef[t] w dloss/dz.");
+  m.def(("towers_forward" + sfx).c_str(),
+        [](uintptr_t h, bool shared, int64_t B, int64_t nT, const std::vector<int64_t>& widths,
+           const std::vector<uintptr_t>& w, const std::vector<uintptr_t>& bias, uintptr_t out, uintptr_t save) {
+          const int64_t L = checked_layers(widths, w, bias, nT);
+          const auto wp = pointers<const T>(w), bp = pointers<const T>(bias);
+          py::gil_scoped_release release;
+          mmoe::towers_forward<T>(cp<T>(h), shared, B, nT, L, widths.data(), wp.data(), bp.data(), mp<T>(out),
+                                  mp<T>(save));
+        },
+        "Every task's tower (Linear, ReLU, ..., Linear -> 1) on h[T,B,K0] (or shared h[B,K0]): out[B,T], and "
+        "save[T,B,sum of hidden widths] for the backward. widths = [K0, N0, ..., 1]; w, bias: layer by layer, "
+        "task by task, nn.Linear's [N,K] and [N].");
+  m.def(("towers_backward" + sfx).c_str(),
+        [](uintptr_t h, bool shared, int64_t B, int64_t nT, const std::vector<int64_t>& widths,
+           const std::vector<uintptr_t>& w, uintptr_t save, uintptr_t dout, uintptr_t dh,
+           const std::vector<uintptr_t>& dw, const std::vector<uintptr_t>& db) {
+          const int64_t L = checked_layers(widths, w, db, nT);
+          checked_layers(widths, dw, db, nT);
+          const auto wp = pointers<const T>(w);
+          const auto dwp = pointers<T>(dw), dbp = pointers<T>(db);
+          py::gil_scoped_release release;
+          mmoe::towers_backward<T>(cp<T>(h), shared, B, nT, L, widths.data(), wp.data(), cp<T>(save), cp<T>(dout),
+                                   mp<T>(dh), dwp.data(), dbp.data());
+        },
+        "towers_forward's backward from dout[B,T]: dw, db (as w and bias) and, dh != 0, dh[T,B,K0].");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)

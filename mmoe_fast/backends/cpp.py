@@ -122,6 +122,16 @@ def training_gemm() -> str:
 
 _AUTO_GEMM = "blas" if torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel" else "own"
 
+# Under "blas", GEMMs smaller than this (B x E x K x N multiply-adds) still run on _C's kernels: one C++ call in
+# place of several torch ops, whose Python and dispatch costs outweigh MKL's speed there (the paper's model at
+# B = 128: 2.5M multiply-adds).
+BLAS_MIN_MACS = 1 << 22
+
+
+def _blas(a: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether a training GEMM of ``a`` and ``W[E, K, N]`` runs on torch's BLAS (see ``training_gemm``)."""
+    return training_gemm() == "blas" and a.shape[0] * W.numel() >= BLAS_MIN_MACS
+
 
 def _mixture(a, W, b, Wg, bg, G, T, activation, save):
     """m[T, B, H] and, when ``save``, pre[E, B, H] and (gates computed here: Wg given) G[B, T, E]."""
@@ -202,7 +212,7 @@ def expert_mixture(a, W, b, G, activation):
 
 def expert_mixture_train(a, W, b, G, activation):
     """(m, (pre,)): the forward, keeping the pre-activations for ``expert_mixture_backward(saved=...)``."""
-    if training_gemm() == "blas":
+    if _blas(a, W):
         m, pre = _blas_train(a, W, b, G, G.shape[1], activation)
         return m, (pre,)
     m, pre, _ = _mixture(a, W, b, None, None, G, G.shape[1], activation, True)
@@ -215,7 +225,7 @@ def mmoe(x, W, b, Wg, bg, activation):
 
 def mmoe_train(x, W, b, Wg, bg, activation):
     """(m, (pre, G)): the forward, keeping the pre-activations and gates for ``mmoe_backward(saved=...)``."""
-    if training_gemm() == "blas":
+    if _blas(x, W):
         G = gate_softmax(x, Wg, bg)
         m, pre = _blas_train(x, W, b, G, Wg.shape[0], activation)
         return m, (pre, G)
@@ -241,7 +251,7 @@ def _backward_from(a, W, b, activation, input_grad, saved, **kw):
     """The backward from what a training forward saved: torch's GEMMs under ``blas`` (the saved pre is then the
     same either way), else the one C++ call (which also recomputes when nothing was saved)."""
     pre = saved[0] if saved else None
-    if pre is not None and training_gemm() == "blas":
+    if pre is not None and _blas(a, W):
         kw.pop("bg", None)
         return _blas_backward(a, W, pre, activation, input_grad, **kw)
     return _backward(a, W, b, activation, input_grad, pre, **kw)
@@ -267,7 +277,7 @@ def grouped_linear(a, W, b, activation):
 
 def grouped_linear_train(a, W, b, activation):
     """(out, (pre,)): the forward, keeping the pre-activations for ``grouped_linear_backward(saved=...)``."""
-    if training_gemm() == "blas":
+    if _blas(a, W):
         out, pre = _blas_train(a, W, b, None, 0, activation)
         return out, (pre,)
     E, K, N = W.shape
@@ -279,3 +289,52 @@ def grouped_linear_train(a, W, b, activation):
 
 def grouped_linear_backward(dout, a, W, b, activation, input_grad=True, saved=()):
     return _backward_from(a, W, b, activation, input_grad, saved, dout=dout)[:3]
+
+
+def towers_forward(h, num_layers, params):
+    """Every task's tower in one call: ``(out[B, T], save)``. ``h[T, B, K]`` or shared ``[B, K]`` (contiguous);
+    ``params`` layer by layer, the T weights ``[N, K]`` then the T biases ``[N]``, contiguous."""
+    T = len(params) // (2 * num_layers)
+    B = h.shape[-2]
+    widths = [h.shape[-1]] + [params[2 * T * layer].shape[0] for layer in range(num_layers)]
+    ptrs = [p.data_ptr() for p in params]
+    w = [ptrs[2 * T * layer + t] for layer in range(num_layers) for t in range(T)]
+    b = [ptrs[2 * T * layer + T + t] for layer in range(num_layers) for t in range(T)]
+    out = h.new_empty((B, T))
+    save = h.new_empty((T, B, sum(widths[1:-1])))
+    _kernel("towers_forward", h.dtype)(h.data_ptr(), h.dim() == 2, B, T, widths, w, b, out.data_ptr(),
+                                       save.data_ptr())
+    return out, save
+
+
+def towers_backward(dout, h, num_layers, params, save, input_grad):
+    """``(dh or None, grads)`` of ``towers_forward``: ``grads`` one per parameter, in ``params``' order; ``dh``
+    (when ``input_grad``) as ``h``: a shared input's gradient is the sum of the tasks'."""
+    T = len(params) // (2 * num_layers)
+    B = h.shape[-2]
+    widths = [h.shape[-1]] + [params[2 * T * layer].shape[0] for layer in range(num_layers)]
+    grads = [torch.empty_like(p) for p in params]
+    ptrs = [p.data_ptr() for p in params]
+    gptrs = [g.data_ptr() for g in grads]
+    order = [2 * T * layer + t for layer in range(num_layers) for t in range(T)]
+    dh = h.new_empty((T, B, widths[0])) if input_grad else None
+    dout = dout.resolve_neg().contiguous()  # kept alive through the call
+    _kernel("towers_backward", h.dtype)(h.data_ptr(), h.dim() == 2, B, T, widths, [ptrs[i] for i in order],
+                                        save.data_ptr(), dout.data_ptr(), _ptr(dh),
+                                        [gptrs[i] for i in order], [gptrs[i + T] for i in order])
+    if dh is not None and h.dim() == 2:
+        dh = dh.sum(0) if T > 1 else dh[0]
+    return dh, grads
+
+
+def loss_grad(out, y, binary, coef, w):
+    """``(sums, dz)``: per-task loss sums (a list of floats, summed in double) of ``out[B, T]`` against ``y``
+    (``binary[t]``: BCE with logits, else squared error), rows weighted by ``w[B, T]`` (None: ones; a weight <= 0
+    skips the row, whose target may then be NaN), and ``dz = coef[t] * w * dloss/dout``."""
+    out, y = out.resolve_neg().contiguous(), y.to(out.dtype).resolve_neg().contiguous()
+    coef = coef.to(out.dtype).resolve_neg().contiguous()
+    w = None if w is None else w.to(out.dtype).resolve_neg().contiguous()
+    dz = torch.empty_like(out)
+    sums = _kernel("loss_grad", out.dtype)(out.data_ptr(), y.data_ptr(), [bool(b) for b in binary], coef.data_ptr(),
+                                           _ptr(w), dz.data_ptr(), out.shape[0])
+    return sums, dz

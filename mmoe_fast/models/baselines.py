@@ -28,7 +28,7 @@ class _TaskNetworks(MultiTaskModel):
         self.task_hidden = layers(task_hidden, "task_hidden")
         self.activation = activations.check_activation(activation)
         self.backend = backends.check_backend_name(backend)
-        self.towers = Towers(num_tasks, self.task_hidden[-1], sizes(tower_hidden, "tower_hidden"))
+        self.towers = Towers(num_tasks, self.task_hidden[-1], sizes(tower_hidden, "tower_hidden"), backend)
 
     def _layer(self, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         return ops.grouped_linear(h, weight, bias, activation=self.activation, backend=self.backend)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module
 
-from .. import features
+from .. import backends, features
+from ..backends import cpp as cpp_backend
 
 TASK_TYPES = ("binary", "regression")
 
@@ -84,18 +86,54 @@ def _stacked_towers(h: Tensor, num_layers: int, params: Sequence[Tensor]) -> tup
     return a.squeeze(-1).t().contiguous(), inputs, weights
 
 
+def towers_forward(h: Tensor, num_layers: int, backend: str | None, params: Sequence[Tensor]
+                   ) -> tuple[Tensor, tuple[Tensor, ...], bool]:
+    """``(out[B, T], saved, in_cpp)``: every tower's output, what ``towers_backward`` needs, and whether the C++
+    backend ran it (see ``Towers``). ``params`` as in ``_stacked_towers``."""
+    if _towers_in_cpp(h, params, backend):
+        out, save = cpp_backend.towers_forward(h.resolve_neg().contiguous(), num_layers, params)
+        return out, (save,), True
+    out, inputs, weights = _stacked_towers(h, num_layers, params)
+    return out, (*inputs[1:], *weights), False
+
+
+def towers_backward(grad: Tensor, h: Tensor, num_layers: int, params: Sequence[Tensor], saved: Sequence[Tensor],
+                    in_cpp: bool, input_grad: bool) -> tuple[Tensor | None, list[Tensor]]:
+    """``(dh or None, one gradient per parameter)`` from ``grad[B, T]`` and ``towers_forward``'s ``saved``; the
+    backward uses ``relu'(z) = [relu(z) > 0]`` on the saved layer outputs."""
+    L = num_layers
+    if in_cpp:
+        return cpp_backend.towers_backward(grad, h.resolve_neg().contiguous(), L, params, saved[0], input_grad)
+    inputs, weights = [h if h.dim() == 3 else None, *saved[: L - 1]], saved[L - 1 :]
+    dz = grad.t().unsqueeze(-1)  # [T, B, 1]
+    grads_w, grads_b, dh = [None] * L, [None] * L, None
+    for layer in reversed(range(L)):
+        a = inputs[layer] if layer > 0 or h.dim() == 3 else h.expand(weights[0].shape[0], *h.shape)
+        grads_w[layer] = torch.bmm(dz.transpose(1, 2), a)
+        grads_b[layer] = dz.sum(1)
+        if layer > 0 or input_grad:
+            da = torch.bmm(dz, weights[layer])
+            if layer > 0:
+                dz = da * (a > 0)
+            else:
+                dh = da if h.dim() == 3 else da.sum(0)
+    param_grads: list[Tensor] = []
+    for layer in range(L):
+        param_grads += [*grads_w[layer].unbind(0), *grads_b[layer].unbind(0)]
+    return dh, param_grads
+
+
 class _StackedTowers(torch.autograd.Function):
-    """Every task's tower as one autograd node: ``forward(h, num_layers, *params) -> [B, T]`` (see
-    ``_stacked_towers``); ``h[T, B, K]`` or shared ``[B, K]``. A per-task loop costs a few ops and autograd nodes
-    per task and layer, most of a training step at small batches. The backward uses ``relu'(z) = [relu(z) > 0]``
-    on the saved layer inputs; under ``create_graph`` it differentiates the plain formulas instead, so that
-    higher derivatives stay exact.
+    """Every task's tower as one autograd node: ``forward(h, num_layers, backend, *params) -> [B, T]`` (see
+    ``towers_forward``); ``h[T, B, K]`` or shared ``[B, K]``. A per-task loop costs a few ops and autograd nodes
+    per task and layer, most of a training step at small batches. Under ``create_graph`` the backward
+    differentiates the plain formulas instead, so that higher derivatives stay exact.
     """
 
     @staticmethod
-    def forward(ctx, h, num_layers, *params):
-        out, inputs, weights = _stacked_towers(h, num_layers, params)
-        ctx.save_for_backward(h, *params, *inputs[1:], *weights)
+    def forward(ctx, h, num_layers, backend, *params):
+        out, saved, ctx.in_cpp = towers_forward(h, num_layers, backend, params)
+        ctx.save_for_backward(h, *params, *saved)
         ctx.num_layers, ctx.num_params = num_layers, len(params)
         return out
 
@@ -104,45 +142,39 @@ class _StackedTowers(torch.autograd.Function):
         L, P = ctx.num_layers, ctx.num_params
         saved = ctx.saved_tensors
         h, params = saved[0], saved[1 : 1 + P]
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:])
         if torch.is_grad_enabled():  # create_graph: differentiate the formulas, differentiably
-            wanted = [t for t, need in zip((h, *params), (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]))
-                      if need]
+            wanted = [t for t, need in zip((h, *params), needs) if need]
             out = _stacked_towers(h, L, params)[0]
             got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
-            grads = [next(got) if need else None
-                     for need in (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])]
-            return (grads[0], None, *grads[1:])
-        inputs, weights = [h if h.dim() == 3 else None, *saved[1 + P : P + L]], saved[P + L :]
-        dz = grad.t().unsqueeze(-1)  # [T, B, 1]
-        grads_w, grads_b, dh = [None] * L, [None] * L, None
-        for layer in reversed(range(L)):
-            a = inputs[layer] if layer > 0 or h.dim() == 3 else h.expand(weights[0].shape[0], *h.shape)
-            grads_w[layer] = torch.bmm(dz.transpose(1, 2), a)
-            grads_b[layer] = dz.sum(1)
-            if layer > 0 or ctx.needs_input_grad[0]:
-                da = torch.bmm(dz, weights[layer])
-                if layer > 0:
-                    dz = da * (a > 0)
-                else:
-                    dh = da if h.dim() == 3 else da.sum(0)
-        param_grads = []
-        for layer in range(L):
-            param_grads += [*grads_w[layer].unbind(0), *grads_b[layer].unbind(0)]
-        return (dh, None, *param_grads)
+            grads = [next(got) if need else None for need in needs]
+            return (grads[0], None, None, *grads[1:])
+        dh, param_grads = towers_backward(grad, h, L, params, saved[1 + P :], ctx.in_cpp, needs[0])
+        return (dh, None, None, *param_grads)
+
+
+# Up to this many multiply-adds per training forward (batch x every tower weight), the towers run in one C++
+# call (row by row, vectorized over each layer's inputs); above it, as batched GEMMs, which then win
+# (python benchmarks/bench_train.py --towers measures both).
+CPP_TOWERS_MAX_MACS = 1 << 18
+
+
+def _towers_in_cpp(h: Tensor, params: Sequence[Tensor], backend: str | None) -> bool:
+    """Whether the C++ backend runs these towers: ``backend`` (the model's; None: ``"auto"``) resolves to it for
+    ``h``, the parameters are contiguous, and the towers are small enough."""
+    if not h.is_cpu or backends.resolve(backend or "auto", h.device, h.dtype) is not cpp_backend:
+        return False
+    macs = 0
+    for p in params:
+        if not p.is_contiguous() or p.is_neg():  # the kernel reads memory: a negative-bit view's is not its value
+            return False
+        if p.dim() == 2:
+            macs += p.shape[0] * p.shape[1]
+    return macs * h.shape[-2] <= CPP_TOWERS_MAX_MACS
 
 
 # The forwards the stacked towers reproduce: a class-level patch of either makes them step aside.
 _PLAIN_FORWARDS = {nn.Sequential: nn.Sequential.forward, nn.Linear: nn.Linear.forward, nn.ReLU: nn.ReLU.forward}
-
-
-def _plain_linear_relu(modules: nn.Module) -> bool:
-    """Whether ``modules`` is exactly ``Linear, ReLU, ..., Linear`` with their own forwards and no hooks anywhere
-    (what the stacked towers compute; anything else takes the per-task loop, which runs modules as they are)."""
-    if _hooked(modules) or type(modules) is not nn.Sequential:
-        return False
-    kinds = [type(m) for m in modules]
-    expected = [nn.Linear if i % 2 == 0 else nn.ReLU for i in range(len(kinds))]
-    return len(kinds) % 2 == 1 and kinds == expected and not any(_hooked(m) for m in modules)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -153,54 +185,147 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
                 or module._global_backward_pre_hooks)
+
+
+class Guard:
+    """What a fused path read off a module tree, with the cheapest checks that it still holds for an input ``t``.
+
+    Working a path out again at every forward costs a hundred microseconds of Python (module attributes are
+    slow), as much as the step it saves at small batches. ``holds(t)`` checks, in a few microseconds, what could
+    have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module, the
+    child modules and every parameter by identity, and each parameter's dtype, device, shape and layout against
+    ``t`` and what was read. ``value`` is what the path computed (``None``: it does not apply).
+    """
+
+    __slots__ = ("modules", "children", "params", "forwards", "value")
+
+    def __init__(self, modules: Sequence[nn.Module], value) -> None:
+        self.modules = tuple(modules)
+        self.children = tuple((m, tuple(m._modules.values())) for m in self.modules if m._modules)
+        self.params = tuple((m, name, p, p.shape, p.is_contiguous()) for m in self.modules
+                            for name, p in m._parameters.items() if p is not None)
+        self.forwards = tuple({(type(m), type(m).forward) for m in self.modules})
+        self.value = value
+
+    def holds(self, t: Tensor) -> bool:
+        if not plain_eager(t):
+            return False
+        for m in self.modules:
+            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or "forward" in m.__dict__):
+                return False
+        for cls, forward in self.forwards:
+            if cls.forward is not forward:
+                return False
+        for m, kids in self.children:
+            if tuple(m._modules.values()) != kids:
+                return False
+        dtype, cuda = t.dtype, t.is_cuda
+        for m, name, p, shape, contiguous in self.params:
+            if (m._parameters.get(name) is not p or p.dtype != dtype or p.is_cuda != cuda or p.shape != shape
+                    or p.is_contiguous() != contiguous):
+                return False
+        if cuda and any(entry[2].get_device() != t.get_device() for entry in self.params):
+            return False
+        return True
+
+
+def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Module]], compute: Callable[[], object]):
+    """``compute()`` for ``owner``'s fused path on input ``t``, kept on ``owner`` with a ``Guard`` over
+    ``modules()`` and computed again only when the guard no longer holds."""
+    guard = owner.__dict__.get("_guard")
+    if guard is not None and guard.holds(t):
+        return guard.value
+    value = compute() if plain_eager(t) else None
+    owner.__dict__["_guard"] = Guard(modules(), value) if value is not None else None
+    return value
 
 
 class Towers(nn.Module):
     """One small MLP per task, ``in_features -> tower_hidden... -> 1``; ``forward(h)`` -> ``[B, T]``.
 
-    ``h`` is ``[T, B, in_features]`` (one input per task) or ``[B, in_features]`` (shared). In eager mode the
-    towers run as one batched GEMM per layer over the tasks (one autograd node in all); when compiling, tracing,
-    transforming or under autocast, or when a tower is no longer plain ``Linear``/``ReLU`` (another module, a
-    hook), one task at a time, module by module.
+    ``h`` is ``[T, B, in_features]`` (one input per task) or ``[B, in_features]`` (shared). In eager mode all
+    towers are one autograd node: on CPU, where ``backend`` (the model's; None: ``"auto"``) resolves to the C++
+    backend and the towers are small (``CPP_TOWERS_MAX_MACS``), one C++ call each way; else one batched GEMM per
+    layer over the tasks. When compiling, tracing, transforming or under autocast, or when a tower is no longer
+    plain ``Linear``/``ReLU`` (another module, a hook), one task at a time, module by module.
     """
 
-    def __init__(self, num_tasks: int, in_features: int, tower_hidden: Sequence[int] = (8,)) -> None:
+    def __init__(self, num_tasks: int, in_features: int, tower_hidden: Sequence[int] = (8,),
+                 backend: str | None = None) -> None:
         super().__init__()
         self.towers = nn.ModuleList(mlp((in_features, *tower_hidden), 1) for _ in range(num_tasks))
+        self.backend = backend
 
     def forward(self, h: Tensor) -> Tensor:
         params = self._stacked_params(h)
         if params is not None:
-            return _StackedTowers.apply(h, len(self.towers[0]) // 2 + 1, *params)
+            return _StackedTowers.apply(h, len(params) // (2 * len(self.towers._modules)), self.backend, *params)
         outs = [tower(h if h.dim() == 2 else h[t]) for t, tower in enumerate(self.towers)]
         return torch.cat(outs, dim=1)
 
     def _stacked_params(self, h: Tensor) -> list[Tensor] | None:
         """The towers' parameters in ``_StackedTowers``'s order, or None where it does not apply."""
-        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or _hooked(self) or _hooked(self.towers)
-                or h.device.type not in ("cpu", "cuda")  # meta, fake, other devices: the modules as they are
-                or torch.is_autocast_enabled(h.device.type)  # the modules cast per layer as autocast says
-                or torch._C._functorch.peek_interpreter_stack() is not None or _global_hooks()
-                or torch.autograd.forward_ad._current_level >= 0):
+        return guarded(self, h, self._tower_modules, lambda: None if _hooked(self) else _tower_params(self.towers, h))
+
+    def _tower_modules(self) -> list[nn.Module]:
+        """Every module the stacked towers stand in for (what their ``Guard`` watches)."""
+        return [self, self.towers, *(m for seq in self.towers._modules.values() for m in (seq, *seq._modules.values()))]
+
+
+def plain_eager(t: Tensor) -> bool:
+    """Whether ops on ``t`` run in plain eager mode on a CPU or CUDA device: nothing compiles, traces, transforms
+    (``torch.func``, forward-mode AD) or autocasts, and no global module hook is set (the fused paths that stand
+    in for several modules apply only then; otherwise the modules run as they are)."""
+    if t.is_cpu:
+        if torch.is_autocast_enabled("cpu"):
+            return False
+    elif not t.is_cuda or torch.is_autocast_enabled("cuda"):  # meta, fake, other devices: the modules as they are
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch.autograd.forward_ad._current_level >= 0 or _global_hooks())
+
+
+def _tower_params(towers: nn.ModuleList, h: Tensor) -> list[Tensor] | None:
+    """The parameters of plain ``Linear, ReLU, ..., Linear(-> 1)`` towers of one shape, layer by layer (the T
+    weights, then the T biases), all of ``h``'s dtype and device; None for anything else. Reads the modules'
+    own dicts: this runs at every forward, and attribute access on modules costs a microsecond a time."""
+    if _hooked(towers):
+        return None
+    seqs = list(towers._modules.values())
+    if not seqs or any(type(seq) is not nn.Sequential or _hooked(seq) for seq in seqs):
+        return None
+    layers = [list(seq._modules.values()) for seq in seqs]
+    depth = len(layers[0])
+    if depth % 2 == 0 or any(len(mods) != depth for mods in layers):
+        return None
+    params: list[Tensor] = []
+    for i in range(0, depth, 2):
+        linears = [mods[i] for mods in layers]
+        if any(type(lin) is not nn.Linear or _hooked(lin) for lin in linears):
             return None
-        towers = list(self.towers)
-        if not towers or not all(_plain_linear_relu(t) for t in towers):
+        params += [lin._parameters["weight"] for lin in linears]
+        params += [lin._parameters["bias"] for lin in linears]
+        if i + 1 < depth and any(type(mods[i + 1]) is not nn.ReLU or _hooked(mods[i + 1]) for mods in layers):
             return None
-        if len({len(t) for t in towers}) != 1 or towers[0][-1].out_features != 1:
+    T = len(seqs)
+    for layer in range(0, len(params), 2 * T):
+        shape = params[layer].shape
+        if any(w.shape != shape for w in params[layer + 1 : layer + T]):
             return None
-        params: list[Tensor] = []
-        for i in range(0, len(towers[0]), 2):
-            layers = [t[i] for t in towers]
-            if any(lin.bias is None for lin in layers) or len({lin.weight.shape for lin in layers}) != 1:
-                return None
-            params += [lin.weight for lin in layers] + [lin.bias for lin in layers]
-        if {(p.dtype, p.device) for p in params} != {(h.dtype, h.device)}:
+        if any(b is None for b in params[layer + T : layer + 2 * T]):
             return None
-        return params
+    if params[-2 * T].shape[0] != 1:  # the last layer's weight [1, K]: one output per task
+        return None
+    dtype, cuda = h.dtype, h.is_cuda
+    if any(p.dtype != dtype or p.is_cuda != cuda for p in params):
+        return None
+    if cuda and any(p.get_device() != h.get_device() for p in params):
+        return None
+    return params
 
 
 class FusedModule(nn.Module):

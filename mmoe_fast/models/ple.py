@@ -180,7 +180,7 @@ class PLE(MultiTaskModel):
             ))
             width = levels[-1].out_features
         self.levels = nn.ModuleList(levels)
-        self.towers = Towers(num_tasks, width, sizes(tower_hidden, "tower_hidden"))
+        self.towers = Towers(num_tasks, width, sizes(tower_hidden, "tower_hidden"), backend)
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
