@@ -25,9 +25,91 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, files
+from .backends import cpp as cpp_backend
 from .models import model_name
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+class _LeanFusedAdam:
+    """torch's fused Adam/AdamW step, from a step on: the same kernel (``torch._fused_adam_``/``_fused_adamw_``)
+    on the same state, updated the same way bit for bit, without re-gathering the state in Python at every step
+    (``Optimizer.step``'s ``_init_group`` and per-parameter step-count increments cost 100-170 us a step for a
+    dozen small tensors, as much as a small model's whole forward). Each group's step counts become 0-dim views
+    of one tensor (one add for all). Anything else (a closure, a missing or sparse gradient, options the fused
+    kernel does not take, state loaded or replaced since) runs torch's own step, which keeps the views in step.
+    The class and its ``state_dict`` are torch's (a subclass), so checkpoints do not change."""
+
+    def step(self, closure=None):
+        if closure is not None or not self._lean_step():
+            return super().step(closure)  # type: ignore[misc]
+        return None
+
+    def _lean_step(self) -> bool:
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            return False
+        cache = self.__dict__.get("_lean")
+        if cache is None or len(cache) != len(self.param_groups):
+            cache = self.__dict__["_lean"] = [None] * len(self.param_groups)
+        work = []
+        for i, group in enumerate(self.param_groups):
+            entry = cache[i]
+            if entry is None or not self._lean_holds(group, entry):
+                entry = cache[i] = self._lean_build(group)
+                if entry is None:
+                    return False
+            grads = [p.grad for p in entry[1]]
+            if any(g is None or g.is_sparse for g in grads):
+                return False
+            work.append((group, entry, grads))
+        for group, (_, params, _, exp_avgs, exp_avg_sqs, steps, counts), grads in work:
+            beta1, beta2 = group["betas"]
+            counts.add_(1)
+            kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
+            kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
+                   beta1=float(beta1), beta2=float(beta2), weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=False, grad_scale=None, found_inf=None)
+        return True
+
+    def _lean_holds(self, group: dict, entry: tuple) -> bool:
+        listed, params, states, exp_avgs, exp_avg_sqs, steps, _ = entry
+        if group["params"] is not listed or len(listed) != len(params):
+            return False
+        state = self.state
+        for p, q, st, m, v, c in zip(listed, params, states, exp_avgs, exp_avg_sqs, steps):
+            if p is not q or state.get(p) is not st or st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v \
+                    or st.get("step") is not c:
+                return False
+        return True
+
+    def _lean_build(self, group: dict) -> tuple | None:
+        """The group's cached lists, its step counts made views of one tensor; None where the lean step does
+        not apply (torch's step runs: before the first step, say, when the state does not exist yet)."""
+        if (not group.get("fused") or group.get("amsgrad") or group.get("maximize") or group.get("capturable")
+                or group.get("differentiable") or not group["params"]):
+            return None
+        params = list(group["params"])
+        states = [self.state.get(p) for p in params]
+        if any(st is None or not {"step", "exp_avg", "exp_avg_sq"} <= st.keys() for st in states):
+            return None
+        kinds = {(p.dtype, p.device) for p in params}
+        steps = [st["step"] for st in states]
+        if len(kinds) != 1 or len({(c.dtype, c.device) for c in steps}) != 1 or any(c.dim() != 0 for c in steps):
+            return None
+        counts = torch.stack(steps)
+        for k, st in enumerate(states):
+            st["step"] = counts[k]
+        return (group["params"], params, states, [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], counts)
+
+
+class Adam(_LeanFusedAdam, torch.optim.Adam):
+    """``torch.optim.Adam``, with ``_LeanFusedAdam``'s step when fused."""
+
+
+class AdamW(_LeanFusedAdam, torch.optim.AdamW):
+    """``torch.optim.AdamW``, with ``_LeanFusedAdam``'s step when fused."""
+
+
+OPTIMIZERS = {"adam": Adam, "adamw": AdamW}
 MODEL_FILE = "model.pt"
 
 
@@ -631,6 +713,9 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
     xb, yb = _to(take(x, local), device), y[local].to(device)
+    fused = _fused_forward(net, model, xb, has_extra, log_vars)
+    if fused is not None:
+        return _fused_backward(fused, model, opt, yb, label_w, local, weights, device)
     out = net(xb)
     if label_w is None:
         sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")
@@ -656,6 +741,57 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     stats = stats.double().cpu().tolist()
     t = len(model.task_types)
     return stats[:t], stats[t:2 * t], stats[-1] / distributed.world_size()
+
+
+# fit's step skips autograd where the model offers ``fused_training_forward`` (MMoE, OMoE): the same kernels and
+# loss, its gradient formed directly (tests compare the two paths). False: autograd always.
+FUSED_STEP = True
+
+
+def _fused_forward(net, model, xb, has_extra, log_vars):
+    """``model.fused_training_forward(xb)`` where fit may use it (one process, no extra loss, static loss
+    weights), else None."""
+    fused = getattr(model, "fused_training_forward", None)
+    if not FUSED_STEP or fused is None or net is not model or has_extra or log_vars is not None:
+        return None
+    return fused(xb)
+
+
+def _fused_backward(fused, model, opt, yb, label_w, local, weights, device) -> tuple[list[float], list[float], float]:
+    """``_backward`` without autograd (one process, see ``_fused_forward``): the loss sums and their gradient in
+    one pass, then the model's backward kernels, whose gradients become the parameters' ``.grad``."""
+    out, backward = fused
+    wb = None if label_w is None else label_w[local].to(device=device, dtype=out.dtype)
+    coef = weights.to(out.dtype) * (1.0 / len(local))
+    if out.is_cpu and out.dtype in (torch.float32, torch.float64) and cpp_backend.unavailable_reason() is None:
+        sums, dz = cpp_backend.loss_grad(out, yb, [t == "binary" for t in model.task_types], coef, wb)
+    else:
+        targets = yb.to(out.dtype)
+        if wb is None:
+            each = task_losses(out, targets, model.task_types, reduction="sum")
+        else:
+            each = (task_losses(out, targets, model.task_types, reduction="none", mask=wb > 0) * wb).sum(0)
+        sums, dz = each.double().tolist(), _loss_grad(out, targets, model.task_types, coef, wb)
+    grads = backward(dz)
+    if len(grads) != sum(len(group["params"]) for group in opt.param_groups):
+        opt.zero_grad(set_to_none=True)  # a parameter the model's backward does not cover keeps no old gradient
+    for param, grad in grads:
+        param.grad = grad
+    wsums = [float(len(local))] * len(sums) if wb is None else wb.sum(0).double().tolist()
+    return sums, wsums, 0.0
+
+
+def _loss_grad(out: Tensor, targets: Tensor, task_types: Sequence[str], coef: Tensor, wb: Tensor | None) -> Tensor:
+    """The gradient with respect to ``out[B, T]`` of ``sum_t coef[t] sum_b wb[b, t] loss_t(out[b, t])`` (BCE with
+    logits or MSE, as ``task_losses``; ``wb`` None: all ones; a row with ``wb`` 0 adds nothing, whatever its
+    target), in the order autograd multiplies it out."""
+    if wb is not None:
+        mask = wb > 0
+        targets = torch.where(mask, targets, torch.zeros((), dtype=targets.dtype, device=targets.device))
+        coef = coef * wb * mask
+    binary = torch.tensor([t == "binary" for t in task_types], device=out.device)
+    each = torch.where(binary, torch.sigmoid(out) - targets, 2 * (out - targets))
+    return each * coef
 
 
 def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entries: dict) -> None:

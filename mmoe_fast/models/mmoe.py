@@ -5,13 +5,26 @@ The backend is a plain attribute, so the ``state_dict`` is the same whichever ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .. import activations, backends, ops
-from .common import FusedModule, MultiTaskModel, Towers, positive, sizes, uniform_
+from .. import _checks, activations, backends, ops
+from ..backends import reference as reference_backend
+from .common import (
+    FusedModule,
+    MultiTaskModel,
+    Towers,
+    _hooked,
+    _stacked_towers,
+    guarded,
+    positive,
+    sizes,
+    towers_backward,
+    towers_forward,
+    uniform_,
+)
 
 
 class MMoELayer(FusedModule):
@@ -96,10 +109,126 @@ class MMoE(MultiTaskModel):
         super().__init__(num_tasks, task_types)
         self.mixture = self.layer_class(in_features, num_experts, expert_hidden, num_tasks, gate_bias=gate_bias,
                                         activation=activation, backend=backend)
-        self.towers = Towers(num_tasks, self.mixture.out_features, sizes(tower_hidden, "tower_hidden"))
+        self.towers = Towers(num_tasks, self.mixture.out_features, sizes(tower_hidden, "tower_hidden"), backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        args = self._one_node(x) if torch.is_grad_enabled() else None
+        if args is not None:
+            return _MMoEModel.apply(*args)
         return self.towers(self.mixture(x))
+
+    def fused_training_forward(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], list]] | None:
+        """``(out[B, T], backward)`` with no autograd graph, where the whole model runs on the fused kernels
+        alone (as ``_MMoEModel``); ``backward(dout[B, T])`` returns ``(parameter, gradient)`` for every
+        parameter that requires one. None where the model cannot (a subclass's ``forward``, hooks on the model, the
+        reference backend: the caller then uses autograd). ``fit`` takes this path to skip autograd's
+        bookkeeping, most of a small model's training step."""
+        if type(self).forward is not MMoE.forward or _hooked(self):  # a subclass's forward or a hook must run
+            return None
+        args = self._one_node(x)
+        if args is None or x.requires_grad or backends.resolve(args[6], x.device, x.dtype) is reference_backend:
+            return None  # the reference backend: plain PyTorch and autograd throughout, as it is there to check
+        with torch.no_grad():
+            out, state = _one_node_forward(args)
+
+        def backward(dout: Tensor) -> list:
+            with torch.no_grad():
+                grads = _one_node_backward(args, state, dout, input_grad=False)
+            params = (*args[1:5], *args[9:])
+            return [(p, g) for p, g in zip(params, grads[1:]) if p is not None and p.requires_grad]
+
+        return out, backward
+
+    def _one_node(self, x: Tensor) -> tuple | None:
+        """``_MMoEModel``'s arguments where the whole model can train as one node (plain eager mode, one expert
+        layer, plain towers, no hooks on the layers, something to differentiate), else None (the layers run
+        one by one)."""
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            return None
+        plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
+        if plan is None or x.shape[1] != plan[0].shape[1] or x.shape[0] == 0:
+            return None  # the layers' own path says what is wrong (or handles B = 0)
+        if not (x.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in plan)):
+            return None
+        return (x, *plan)
+
+    def _one_node_modules(self) -> list[nn.Module]:
+        return [self, self.mixture, *self.towers._tower_modules()]
+
+    def _one_node_plan(self, x: Tensor) -> tuple | None:
+        layer, towers = self.mixture, self.towers
+        if _hooked(layer) or type(layer).forward is not MMoELayer.forward:
+            return None
+        weights, biases = layer.expert_weights._parameters, layer.expert_biases._parameters
+        if len(weights) != 1 or layer.gate_weight.shape[0] not in (1, self.num_tasks):
+            return None
+        tower_params = towers._stacked_params(x)
+        if tower_params is None:
+            return None
+        w, b, wg, bg = weights["0"], biases["0"], layer.gate_weight, layer.gate_bias
+        _checks.check_gate(x, wg, bg)
+        _checks.check_experts(x, w, b, a_name="x")
+        if w.shape[0] != wg.shape[2]:
+            return None
+        num_layers = len(tower_params) // (2 * self.num_tasks)
+        return (w, b, wg, bg, layer.activation, layer.backend, towers.backend, num_layers, *tower_params)
+
+
+def _one_node_forward(args: tuple) -> tuple[Tensor, tuple]:
+    """``(out[B, T], state)``: the fused layer's training forward (``ops``' eager path, pre-activations kept),
+    then the towers' (``towers_forward``). ``args``: ``MMoE._one_node``'s."""
+    x, w, b, wg, bg, activation, backend, tower_backend, num_layers, *tower_params = args
+    m, saved = ops._mmoe_train(False, x, w, b, wg, bg, activation, backend)
+    h = m if wg.shape[0] != 1 else m[0]  # one shared gate (OMoE): every tower sees the same mixture
+    out, tower_saved, in_cpp = towers_forward(h, num_layers, tower_backend, tower_params)
+    return out, (h, saved, tower_saved, in_cpp)
+
+
+def _one_node_backward(args: tuple, state: tuple, grad: Tensor, input_grad: bool) -> list:
+    """Gradients of ``(x, w, b, wg, bg, *tower_params)`` from ``grad[B, T]`` (``x``'s None unless
+    ``input_grad``; ``bg``'s None without a gate bias)."""
+    x, w, b, wg, bg, activation, backend, tower_backend, num_layers, *tower_params = args
+    h, saved, tower_saved, in_cpp = state
+    dh, tower_grads = towers_backward(grad, h, num_layers, tower_params, tower_saved, in_cpp, True)
+    dm = dh if wg.shape[0] != 1 else dh.unsqueeze(0)
+    dx, dw, db, dwg, dbg = ops._mmoe_backward_from(dm, x, w, b, wg, bg, activation, backend, input_grad, saved)
+    return [dx if input_grad else None, dw, db, dwg, None if bg is None else dbg, *tower_grads]
+
+
+class _MMoEModel(torch.autograd.Function):
+    """A whole MMoE/OMoE (one expert layer) as one autograd node: ``_one_node_forward``/``_one_node_backward``,
+    the same kernels as the layers run one by one, in a quarter of the Python and autograd work, which is most
+    of a training step at small batches (no input gradient unless ``x`` needs one). Under ``create_graph`` the
+    backward runs the layers' own differentiable paths instead."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out, (h, saved, tower_saved, ctx.in_cpp) = _one_node_forward(args)
+        x, w, b, wg, bg, *others = args
+        ctx.save_for_backward(x, w, b, wg, bg, *others[4:], h, *saved, *tower_saved)
+        ctx.others, ctx.counts = others[:4], (len(others) - 4, len(saved))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        P, S = ctx.counts
+        x, w, b, wg, bg, *rest = ctx.saved_tensors
+        tower_params, h, saved, tower_saved = rest[:P], rest[P], rest[P + 1 : P + 1 + S], rest[P + 1 + S :]
+        needs = ctx.needs_input_grad
+        flags = (*needs[:5], *needs[9:])
+        if torch.is_grad_enabled():  # create_graph: the layers' differentiable paths
+            activation, backend, _, num_layers = ctx.others
+            inputs = (x, w, b, wg, bg, *tower_params)
+            wanted = [t for t, need in zip(inputs, flags) if need]
+            m = ops.mmoe(x, w, b, wg, bg, activation=activation, backend=backend)
+            out = _stacked_towers(m if wg.shape[0] != 1 else m[0], num_layers, tower_params)[0]
+            got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
+            grads = [next(got) if need else None for need in flags]
+        else:
+            args = (x, w, b, wg, bg, *ctx.others, *tower_params)
+            grads = _one_node_backward(args, (h, saved, tower_saved, ctx.in_cpp), grad, needs[0])
+            grads = [g if need else None for g, need in zip(grads, flags)]
+        return (*grads[:5], None, None, None, None, *grads[5:])
 
 
 class OMoE(MMoE):

@@ -1,0 +1,287 @@
+"""The eager fast paths that stand in for several modules: the towers in one C++ call, a whole MMoE/OMoE as one
+autograd node, and the guards that make them step aside when anything they read has changed."""
+
+import pytest
+import torch
+from torch import nn
+
+import mmoe_fast as mf
+from mmoe_fast import reference
+from mmoe_fast.backends import cpp as cpp_backend
+from mmoe_fast.models import common
+from mmoe_fast.testing import assert_close
+
+needs_cpp = pytest.mark.skipif(cpp_backend.unavailable_reason() is not None, reason="mmoe_fast._C is not built")
+
+
+def _towers_by_module(towers, h):
+    return torch.cat([tower(h if h.dim() == 2 else h[t]) for t, tower in enumerate(towers.towers)], dim=1)
+
+
+def _grads(out, params, g):
+    return torch.autograd.grad(out, params, g, retain_graph=True)
+
+
+def _same(out, ref, params, what, tol=1e-12):
+    assert_close(out, ref, tol, f"{what} forward")
+    g = torch.randn_like(ref)
+    for got, want in zip(_grads(out, params, g), _grads(ref, params, g)):
+        assert_close(got, want, tol, f"{what} gradient")
+
+
+@needs_cpp
+@pytest.mark.parametrize("path", ["cpp", "batched"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["h-grad", "no-h-grad"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per-task", "shared"])
+@pytest.mark.parametrize("T,K,hidden,B", [(1, 1, (), 1), (1, 5, (3,), 1), (2, 16, (8,), 7), (3, 9, (4, 6), 33),
+                                          (5, 33, (8,), 130), (2, 17, (5, 3, 2), 65)])
+def test_towers_on_each_path_equal_the_modules_in_float64(T, K, hidden, B, shared, input_grad, path, monkeypatch):
+    monkeypatch.setattr(common, "CPP_TOWERS_MAX_MACS", 1 << 40 if path == "cpp" else 0)
+    torch.manual_seed(T * 100 + K + B)
+    towers = common.Towers(T, K, hidden).double()
+    h = torch.randn(*((B, K) if shared else (T, B, K)), dtype=torch.float64, requires_grad=input_grad)
+    out, ref = towers(h), _towers_by_module(towers, h)
+    assert type(out.grad_fn).__name__ == "_StackedTowersBackward" and out.grad_fn.in_cpp == (path == "cpp")
+    params = [*towers.parameters(), *([h] if input_grad else [])]
+    _same(out, ref, params, f"towers ({path})")
+
+
+@needs_cpp
+def test_towers_in_cpp_give_the_same_bits_on_one_thread_and_two(monkeypatch):
+    monkeypatch.setattr(common, "CPP_TOWERS_MAX_MACS", 1 << 40)
+    torch.manual_seed(0)
+    towers = common.Towers(2, 64, (8,))
+    h = torch.randn(2, 4096, 64, requires_grad=True)  # 4.3M multiply-adds: over the one-thread limit
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = towers(h)
+            results.append([out, *torch.autograd.grad(out, [h, *towers.parameters()], torch.ones_like(out))])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _mmoe_layers(model, x):
+    """The model's layers one by one (what the one-node path stands in for)."""
+    return model.towers(model.mixture(x))
+
+
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-data", "x-grad"])
+@pytest.mark.parametrize("B,D,T,E,H,towers", [(1, 5, 1, 1, 3, ()), (1, 7, 2, 3, 4, (5,)), (7, 10, 2, 3, 5, (4,)),
+                                              (33, 9, 3, 5, 7, (6, 3)), (130, 100, 2, 8, 16, (8,))])
+def test_a_whole_mmoe_trains_as_one_node_equal_to_its_layers_and_the_oracle(cls, B, D, T, E, H, towers, x_grad):
+    torch.manual_seed(B + D + T)
+    model = cls(D, T, num_experts=E, expert_hidden=H, tower_hidden=towers).double()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=x_grad)
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_MMoEModelBackward"
+    params = [*model.parameters(), *([x] if x_grad else [])]
+    ref = _mmoe_layers(model, x)
+    assert type(ref.grad_fn).__name__ != "_MMoEModelBackward"
+    _same(out, ref, params, "one node")
+    layer = model.mixture
+    m = reference.mmoe_layer(x, [layer.expert_weights[0]], [layer.expert_biases[0]], layer.gate_weight,
+                             layer.gate_bias, layer.activation).expand(T, -1, -1)
+    _same(out, _towers_by_module(model.towers, m), params, "one node against the oracle", tol=1e-10)
+
+
+def test_the_one_node_is_float32_exact_to_the_layers():
+    torch.manual_seed(0)
+    model = mf.MMoE(100, 2, num_experts=8, expert_hidden=16)
+    x = torch.randn(128, 100)
+    out, ref = model(x), _mmoe_layers(model, x)
+    g = torch.randn_like(out)
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(out, list(model.parameters()), g),
+                                                 _grads(ref, list(model.parameters()), g)))
+
+
+def test_the_one_node_keeps_the_fused_ops_no_second_derivative_rule():
+    torch.manual_seed(0)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    params = list(model.parameters())
+    first = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+    want = torch.autograd.grad(_mmoe_layers(model, x).square().sum(), params, create_graph=True)
+    for a, b in zip(first, want):
+        assert_close(a, b, 1e-12, "first derivative under create_graph")
+    with pytest.raises(RuntimeError, match="second derivatives of mmoe_fast::mmoe"):
+        torch.autograd.grad(sum(g.sum() for g in first), params)
+
+
+def _outputs_and_grads(model, x):
+    out = model(x)
+    return [out, *torch.autograd.grad(out.sum(), list(model.parameters()))]
+
+
+def test_the_fast_paths_see_every_change_made_after_a_first_call():
+    """Hooks, replaced modules or parameters, a new dtype: each change after the first forward is honoured."""
+    torch.manual_seed(0)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4, tower_hidden=(5,)).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    assert type(model(x).grad_fn).__name__ == "_MMoEModelBackward"
+
+    seen = []
+    handle = model.towers.towers[1][0].register_forward_hook(lambda m, i, o: seen.append(1) or o * 2)
+    out = model(x)
+    assert seen and type(out.grad_fn).__name__ != "_MMoEModelBackward"
+    handle.remove()
+    assert type(model(x).grad_fn).__name__ == "_MMoEModelBackward"
+
+    handle = model.mixture.register_forward_pre_hook(lambda m, args: (args[0] * 0,))
+    assert_close(model(x), model.towers(model.mixture(torch.zeros_like(x))), 1e-12, "a pre-hook on the layer")
+    handle.remove()
+
+    model.towers.towers[0][0] = nn.Linear(4, 5).double()  # a new layer: its weights, not the cached ones
+    for got, want in zip(_outputs_and_grads(model, x), [_mmoe_layers(model, x)]):
+        assert_close(got, want, 1e-12, "replaced tower layer")
+    model.mixture.gate_weight = nn.Parameter(torch.randn(2, 6, 3, dtype=torch.float64))
+    assert_close(model(x), _mmoe_layers(model, x), 1e-12, "replaced gate weight")
+    model.towers.towers[1][1] = nn.Tanh()  # no longer Linear/ReLU: module by module
+    out = model(x)
+    assert type(out.grad_fn).__name__ != "_MMoEModelBackward"
+    assert_close(out, _towers_by_module(model.towers, model.mixture(x)), 1e-12, "tanh tower")
+    model.towers.towers[1][1] = nn.ReLU()
+
+    model.float()  # the same parameters, now float32: the dtype is checked at every call
+    xf = x.float()
+    out = model(xf)
+    assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "_MMoEModelBackward"
+    assert_close(out, _mmoe_layers(model, xf), 1e-6, "after .float()")
+    with pytest.raises(TypeError, match="dtype"):
+        model(x)  # float64 data into a float32 model: the same error as the layers give
+
+
+def test_the_one_node_steps_aside_where_it_cannot_stand_in():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    deep = mf.MMoE(6, 2, num_experts=3, expert_hidden=(4, 3))
+    assert type(deep(x).grad_fn).__name__ != "_MMoEModelBackward"  # two expert layers: the layers run
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    with torch.no_grad():
+        assert model(x).grad_fn is None
+    model.requires_grad_(False)
+    assert model(x).grad_fn is None  # nothing to differentiate
+    assert type(model(x.requires_grad_()).grad_fn).__name__ == "_MMoEModelBackward"
+    with pytest.raises(ValueError, match="gate_weight|expert_weight"):
+        model(torch.randn(4, 7))
+    assert model(torch.randn(0, 6)).shape == (0, 2)
+
+
+def _fit_both_ways(monkeypatch, make, x, y, **kw):
+    from mmoe_fast import train
+
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(train, "FUSED_STEP", fused)
+        model = make()
+        calls = []
+        original = type(model).fused_training_forward
+
+        def counted(self, xb, original=original, calls=calls):
+            got = original(self, xb)
+            calls.append(got is not None)
+            return got
+
+        monkeypatch.setattr(type(model), "fused_training_forward", counted)
+        history = train.fit(model, x, y, epochs=3, batch_size=16, progress=False, log=lambda s: None, **kw)
+        results.append((model, history, calls))
+    return results
+
+
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
+@pytest.mark.parametrize("options", ["plain", "masked", "weighted", "clipped"])
+def test_fit_without_autograd_trains_as_with_it(cls, options, monkeypatch):
+    """fit's autograd-free step (fused_training_forward and the loss gradient formed directly) gives the autograd
+    step's losses and weights within float32 rounding, binary and regression tasks, masks and weights included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 6, generator=g)
+    y = torch.stack([(x[:, 0] > 0).float(), x[:, 1] - x[:, 2]], dim=1)
+    kw = {}
+    if options == "masked":
+        kw["label_mask"] = torch.rand(70, 2, generator=g) > 0.3
+        y = torch.where(kw["label_mask"], y, torch.nan)
+    elif options == "weighted":
+        kw["sample_weight"] = torch.rand(70, 2, generator=g) * 2
+    elif options == "clipped":
+        kw["clip_grad_norm"] = 0.05
+
+    def make():
+        torch.manual_seed(1)
+        return cls(6, 2, num_experts=3, expert_hidden=5, tower_hidden=(4,), task_types=("binary", "regression"))
+
+    (fast, fast_history, fast_calls), (slow, slow_history, slow_calls) = _fit_both_ways(monkeypatch, make, x, y, **kw)
+    assert fast_calls and all(fast_calls) and not slow_calls  # each run took the path it was told to
+    for a, b in zip(fast_history, slow_history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert_close(p, q, 1e-4, name)
+
+
+def test_fit_keeps_autograd_for_a_subclass_forward_and_for_hooks(monkeypatch):
+    from mmoe_fast import train
+
+    class Doubled(mf.MMoE):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    x, y = torch.randn(40, 6), (torch.rand(40, 2) > 0.5).float()
+    model = Doubled(6, 2, num_experts=3, expert_hidden=4)
+    assert model.fused_training_forward(x) is None
+    plain = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    assert plain.fused_training_forward(x) is not None
+    seen = []
+    plain.register_forward_hook(lambda m, i, o: seen.append(1))
+    assert plain.fused_training_forward(x) is None
+    train.fit(plain, x, y, epochs=1, batch_size=20, progress=False, log=lambda s: None)
+    assert len(seen) == 2  # the hook ran at both steps
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("B,types", [(1, ("binary",)), (37, ("binary", "regression")), (5, ("regression",) * 3)])
+def test_the_loss_and_its_gradient_formed_directly_equal_autograd_in_float64(B, types, weighted):
+    from mmoe_fast.train import _loss_grad, task_losses
+
+    g = torch.Generator().manual_seed(B)
+    T = len(types)
+    out = torch.randn(B, T, generator=g, dtype=torch.float64) * 20  # large logits too: BCE must stay exact
+    y = torch.stack([(torch.rand(B, generator=g) > 0.5).double() if t == "binary"
+                     else torch.randn(B, generator=g, dtype=torch.float64) for t in types], dim=1)
+    coef = torch.rand(T, generator=g, dtype=torch.float64)
+    wb = None
+    if weighted:
+        wb = torch.rand(B, T, generator=g, dtype=torch.float64) * (torch.rand(B, T, generator=g) > 0.3)
+        y = torch.where(wb > 0, y, torch.nan)  # a skipped row's target is never read
+    z = out.clone().requires_grad_()
+    each = task_losses(z, y, types, reduction="none", mask=None if wb is None else wb > 0)
+    sums = (each if wb is None else each * wb).sum(0)
+    (coef * sums).sum().backward()
+    assert torch.isfinite(z.grad).all()
+    direct = _loss_grad(out, y, types, coef, wb)
+    assert_close(direct, z.grad, 1e-12, "torch formula")
+    if cpp_backend.unavailable_reason() is None:
+        got_sums, got = cpp_backend.loss_grad(out, y, [t == "binary" for t in types], coef, wb)
+        assert_close(got, z.grad, 1e-12, "C++ gradient")
+        assert_close(torch.tensor(got_sums, dtype=torch.float64), sums.detach(), 1e-12, "C++ loss sums")
+
+
+@needs_cpp
+def test_the_cpp_paths_read_negative_bit_views_by_value(monkeypatch):
+    """Kernels read memory: a negative-bit view (its memory holds minus its values) must not reach them as is."""
+    monkeypatch.setattr(common, "CPP_TOWERS_MAX_MACS", 1 << 40)
+    torch.manual_seed(0)
+    towers = common.Towers(2, 5, (4,)).double()
+    lin = towers.towers[0][0]
+    lin.weight = nn.Parameter(torch._neg_view(-lin.weight.detach()))
+    h = torch._neg_view(-torch.randn(2, 6, 5, dtype=torch.float64)).requires_grad_()
+    out = towers(h)
+    _same(out, _towers_by_module(towers, h), [h, *towers.parameters()], "negative views")
+    out, y = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, 2, dtype=torch.float64)
+    coef = torch.ones(2, dtype=torch.float64)
+    plain = cpp_backend.loss_grad(out, y, [False, False], coef, None)
+    viewed = cpp_backend.loss_grad(torch._neg_view(-out), torch._neg_view(-y), [False, False], coef, None)
+    assert plain[0] == viewed[0] and torch.equal(plain[1], viewed[1])
