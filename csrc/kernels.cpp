@@ -115,14 +115,15 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
 }
 
 template <typename T>
-void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, G, m, out, B, E, N, nT, act))
+void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
+              int act) {
+  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, rowmajor, G, m, out, B, E, N, nT, act))
 }
 
 template <typename T>
-void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
-                   int64_t E, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), rows_entry<T>(pre, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act))
+void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
+                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), rows_entry<T>(pre, rowmajor, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act))
 }
 
 template <typename T>
@@ -135,6 +136,11 @@ template <typename T>
 void towers_backward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
                      const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
   MMOE_DISPATCH(active_isa(), towers_backward_entry<T>(h, shared, B, nT, L, widths, w, save, dout, dh, dw, db))
+}
+
+template <typename T>
+void softmax_rows(const T* logits, T* out, int64_t rows, int64_t E) {
+  MMOE_DISPATCH(active_isa(), softmax_entry<T>(logits, out, rows, E))
 }
 
 template <typename T>
@@ -165,11 +171,12 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
                                    int64_t, int);                                                                \
   template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, const T*, const T*, \
                             const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int);  \
-  template void from_pre<T>(const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int);             \
-  template void backward_rows<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
+  template void from_pre<T>(const T*, bool, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int);             \
+  template void backward_rows<T>(const T*, bool, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
                                  int64_t, int);                                                                \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
+  template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);                                                 \
   template void towers_forward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,      \
                                   const T* const*, T*, T*);                                                      \

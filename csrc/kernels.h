@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -100,14 +101,15 @@ template <typename T>
 void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, const T* G, const T* dm, const T* dout,
               const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
               int64_t N, int64_t nT, int act);
-// Around a GEMM done elsewhere, on pre[E, B, N]: m[nT, B, N] = sum_e G act(pre[e]) (m given), else
+// Around a GEMM done elsewhere, on pre[E, B, N] (or pre[B, E, N]: rowmajor): m[nT, B, N] = sum_e G act(pre[e]) (m given), else
 // out[B, E, N] = act(pre); and the backward's elementwise step: dp[E, B, N] = df * act'(pre) with
 // df = sum_t G dm (a mixture) or dout; dlogit[B, nT, E] (gates fused: given) or dG[B, nT, E].
 template <typename T>
-void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act);
+void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
+              int act);
 template <typename T>
-void backward_rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
-                   int64_t E, int64_t N, int64_t nT, int act);
+void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
+                   int64_t B, int64_t E, int64_t N, int64_t nT, int act);
 // Every task's training tower (Linear, ReLU, ..., Linear -> 1) on h[nT, B, K0] or a shared h[B, K0]:
 // layer l of task t has w[l * nT + t] ([N, K], nn.Linear's layout) and bias[l * nT + t]; widths: K0, N0, ...,
 // 1. Forward: out[B, nT] and save[nT, B, sum of hidden widths] (after ReLU). Backward from dout[B, nT]:
@@ -118,6 +120,9 @@ void towers_forward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, c
 template <typename T>
 void towers_backward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
                      const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db);
+// out[r, :] = softmax(logits[r, :]) for rows of E values (max-subtracted; vectorized exp).
+template <typename T>
+void softmax_rows(const T* logits, T* out, int64_t rows, int64_t E);
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

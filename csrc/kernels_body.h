@@ -69,6 +69,38 @@ struct Kern {
     tile<M>(a, lda, w, ldw, Kd, out);
   }
 
+  // ---- exp on a vector: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^7 (float) or r^13
+  // (double), whose remainder is under half an ulp there, times 2^n put into the exponent bits. Below the
+  // smallest normal result it gives 0 (std::exp would give a subnormal: an absolute difference under 1e-37),
+  // above the largest +inf; NaN stays NaN. Softmax's exps (tens of thousands a call) cost ~10 ns each through
+  // std::exp, one element at a time: the gates' whole time at the paper's sizes.
+  typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> IT;
+  typedef IT VI __attribute__((vector_size(kVecBytes)));
+
+  static V vexp(V x) {
+    constexpr bool f32 = sizeof(T) == 4;
+    constexpr T lo = f32 ? T(-87.3) : T(-708.3), hi = f32 ? T(88.7) : T(709.7);
+    constexpr T log2e = T(1.4426950408889634), ln2_hi = f32 ? T(0.693359375) : T(0.6931471803691238);
+    constexpr T ln2_lo = f32 ? T(-2.12194440e-4) : T(1.9082149292705877e-10);
+    constexpr T magic = f32 ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^23 (2^52): rounds to an integer
+    const V under = x < lo ? V{} + T(1) : V{}, over = x > hi ? V{} + T(1) : V{};
+    V xc = x < lo ? V{} + lo : x;
+    xc = xc > hi ? V{} + hi : xc;
+    const V n = (xc * log2e + magic) - magic;
+    const V r = (xc - n * ln2_hi) - n * ln2_lo;
+    constexpr int terms = f32 ? 7 : 13;
+    V p = V{} + T(1);
+    for (int k = terms; k >= 1; --k) p = p * (r * (T(1) / T(k))) + T(1);  // Horner: 1 + r (1 + r/2 (1 + ...))
+    const VI e = __builtin_convertvector(n, VI) + (f32 ? 127 : 1023);
+    const VI bits = e << (f32 ? 23 : 52);
+    V scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    V y = p * scale;
+    y = under != T(0) ? V{} : y;
+    y = over != T(0) ? V{} + std::numeric_limits<T>::infinity() : y;
+    return x != x ? x : y;  // NaN in, NaN out
+  }
+
   // ---- activations: the formulas once; kernels are instantiated per activation through with_act -------
   template <int A>
   static T fval(T z) {
@@ -263,6 +295,41 @@ struct Kern {
     for (int64_t c = 0; c < P * NR; ++c) b[c] = (bg && c < N) ? bg[c] : T(0);
   }
 
+  // out[g, :] = softmax(z[g, :]) for nG groups of E values, z[nG * E] in a buffer of W >= nG * E values, W a
+  // whole number of vectors (overwritten: less each group's max, then exp). Max-subtracted; exps by vexp.
+  static void softmax_groups(T* z, int64_t W, T* out, int64_t nG, int64_t E) {
+    for (int64_t g = 0; g < nG; ++g) {
+      T* zg = z + g * E;
+      T mx = zg[0];
+      for (int64_t e = 1; e < E; ++e) mx = zg[e] > mx ? zg[e] : mx;
+      if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
+      for (int64_t e = 0; e < E; ++e) zg[e] -= mx;
+    }
+    for (int64_t c = 0; c < W; c += L) {
+      const V v = vexp(load(z + c));
+      std::memcpy(z + c, &v, sizeof v);
+    }
+    for (int64_t g = 0; g < nG; ++g) {
+      const T* zg = z + g * E;
+      T sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += zg[e];
+      for (int64_t e = 0; e < E; ++e) out[g * E + e] = zg[e] / sum;
+    }
+  }
+
+  // out[r, :] = softmax(logits[r, :]) for `rows` rows of E values (logits computed elsewhere, a BLAS GEMM's).
+  static void softmax_rows(const T* logits, T* out, int64_t rows, int64_t E) {
+    constexpr int64_t kChunk = 64;  // rows per buffer
+    const int64_t W = (kChunk * E + L - 1) / L * L;
+    T* buf = scratch<T>(0, static_cast<size_t>(W));
+    for (int64_t r = 0; r < rows; r += kChunk) {
+      const int64_t n = std::min(kChunk, rows - r);
+      std::memcpy(buf, logits + r * E, static_cast<size_t>(n * E) * sizeof(T));
+      std::fill(buf + n * E, buf + W, T(0));
+      softmax_groups(buf, W, out + r * E, n, E);
+    }
+  }
+
   // G[b, t, :] = softmax(x[b] @ Wg[t] + bg[t]) for rows [r0, r1), written from G's row r0 on;
   // max-subtracted. gw: pack_gate's panels.
   static void gate_block(const T* x, const Panels& gw, T* G, int64_t nT, int64_t E, int64_t r0, int64_t r1) {
@@ -276,20 +343,7 @@ struct Kern {
         for (int i = 0; i < mr; ++i)
           for (int j = 0; j < NR; ++j) logits[i * W + p * NR + j] = pre[i * NR + j] + gw.bias[p * NR + j];
       }
-      for (int i = 0; i < mr; ++i)
-        for (int64_t t = 0; t < nT; ++t) {
-          T* z = logits + i * W + t * E;
-          T mx = z[0];
-          for (int64_t e = 1; e < E; ++e) mx = z[e] > mx ? z[e] : mx;
-          if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
-          T sum = 0;
-          for (int64_t e = 0; e < E; ++e) {
-            z[e] = std::exp(z[e] - mx);
-            sum += z[e];
-          }
-          T* out = G + ((r - r0 + i) * nT + t) * E;
-          for (int64_t e = 0; e < E; ++e) out[e] = z[e] / sum;
-        }
+      for (int i = 0; i < mr; ++i) softmax_groups(logits + i * W, W, G + (r - r0 + i) * nT * E, nT, E);
     }
   }
 
@@ -327,7 +381,8 @@ struct Kern {
     });
   }
 
-  // Threads for `items` work items of `work` multiply-adds in all: at most one per kWorkPerThread, since waking
+  // Threads for `items` work items of `work` multiply-adds in all (elementwise passes count 8 per element: their
+  // short loops run that much slower than a GEMM's): at most one per kWorkPerThread, since waking
   // a sleeping OpenMP thread costs tens of microseconds (25-60 us measured on a 2-core VM), as much as
   // ~2M multiply-adds on one core: a training step's small calls, between which the team goes to sleep, run
   // faster on the calling thread alone.
@@ -411,11 +466,12 @@ struct Kern {
 
   // Step 1 for row b: expert e's dpre columns to out + e * oe; with G, dG[b] (dG given) or, gates fused,
   // dlogit[b] = G * (dG - sum_e G dG). dgrow: nT * E scratch values.
+  // pre's layout: expert-major [E, B, N] (rowmajor false) or [B, E, N].
   template <int A>
-  static void backward_row(int64_t b, const T* pre, const T* G, const T* dm, const T* dout, T* dG, T* dlogit,
-                           int64_t B, int64_t E, int64_t N, int64_t nT, T* out, int64_t oe, T* dgrow) {
+  static void backward_row(int64_t b, const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dG,
+                           T* dlogit, int64_t B, int64_t E, int64_t N, int64_t nT, T* out, int64_t oe, T* dgrow) {
     for (int64_t e = 0; e < E; ++e) {
-      const T* __restrict z = pre + (e * B + b) * N;
+      const T* __restrict z = pre + (rowmajor ? (b * E + e) * N : (e * B + b) * N);
       T* __restrict o = out + e * oe;
       if (!G) {
         const T* __restrict dt = dout + (b * E + e) * N;
@@ -519,7 +575,7 @@ struct Kern {
           std::fill(row, row + lay.groups * width, T(0));
           if (bb < B)
             with_act(act, [&](auto A) {
-              backward_row<A>(bb, pre, G, dm, dout, dG, fused ? row + E * N : nullptr, B, E, N, nT, row,
+              backward_row<A>(bb, pre, false, G, dm, dout, dG, fused ? row + E * N : nullptr, B, E, N, nT, row,
                               lay.groups == 1 ? N : width, dgrow);
             });
           for (int64_t g = 0; g < lay.groups; ++g)
@@ -571,16 +627,17 @@ struct Kern {
 
   // ---- passes around a GEMM done elsewhere (BLAS): pre[E, B, N] in, pre[E, B, N]-shaped dp out -----------
   // m[t, b, :] = sum_e G[b, t, e] act(pre[e, b, :]) (G given), or out[b, e, :] = act(pre[e, b, :]) (m null).
-  static void from_pre(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
-                       int act) {
+  static void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N,
+                       int64_t nT, int act) {
+    const int64_t pe = rowmajor ? N : B * N, pb = rowmajor ? E * N : N;  // pre's expert and row strides
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(nblocks, B * E * N * (nT + 1)))
+#pragma omp parallel for schedule(static) num_threads(threads_for(nblocks, 8 * B * E * N * (nT + 1)))
       for (int64_t rb = 0; rb < nblocks; ++rb)
         for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
           if (!m) {
             for (int64_t e = 0; e < E; ++e) {
-              const T* __restrict z = pre + (e * B + b) * N;
+              const T* __restrict z = pre + e * pe + b * pb;
               T* __restrict o = out + (b * E + e) * N;
 #pragma omp simd
               for (int64_t j = 0; j < N; ++j) o[j] = fval<A>(z[j]);
@@ -591,7 +648,7 @@ struct Kern {
             T* __restrict o = m + (t * B + b) * N;
             const T* g = G + (b * nT + t) * E;
             for (int64_t e = 0; e < E; ++e) {
-              const T* __restrict z = pre + (e * B + b) * N;
+              const T* __restrict z = pre + e * pe + b * pb;
               const T ge = g[e];
               if (e == 0) {
 #pragma omp simd
@@ -606,19 +663,20 @@ struct Kern {
     });
   }
 
-  // Step 1 of the backward alone: dp[e, b, :] (expert-major), and dlogit[B, nT, E] (gates fused) or dG.
-  static void rows(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
-                   int64_t E, int64_t N, int64_t nT, int act) {
+  // Step 1 of the backward alone: dp in pre's layout (dp[e, b, :] expert-major, or dp[b, e, :]), and
+  // dlogit[B, nT, E] (gates fused) or dG.
+  static void rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
+                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
-#pragma omp parallel num_threads(threads_for(nblocks, B * E * N * (nT + 2)))
+#pragma omp parallel num_threads(threads_for(nblocks, 8 * B * E * N * (nT + 2)))
       {
         T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
 #pragma omp for schedule(static)
         for (int64_t rb = 0; rb < nblocks; ++rb)
           for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b)
-            backward_row<A>(b, pre, G, dm, dout, dG, dlogit ? dlogit + b * nT * E : nullptr, B, E, N, nT,
-                            dp + b * N, B * N, dgrow);
+            backward_row<A>(b, pre, rowmajor, G, dm, dout, dG, dlogit ? dlogit + b * nT * E : nullptr, B, E, N, nT,
+                            rowmajor ? dp + b * E * N : dp + b * N, rowmajor ? N : B * N, dgrow);
       }
     });
   }
@@ -876,14 +934,20 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
 }
 
 template <typename T>
-void from_pre_entry(const T* pre, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-  Kern<T>::from_pre(pre, G, m, out, B, E, N, nT, act);
+void from_pre_entry(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N,
+                    int64_t nT, int act) {
+  Kern<T>::from_pre(pre, rowmajor, G, m, out, B, E, N, nT, act);
 }
 
 template <typename T>
-void rows_entry(const T* pre, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG, int64_t B,
-                int64_t E, int64_t N, int64_t nT, int act) {
-  Kern<T>::rows(pre, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act);
+void rows_entry(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
+                int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  Kern<T>::rows(pre, rowmajor, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act);
+}
+
+template <typename T>
+void softmax_entry(const T* logits, T* out, int64_t rows, int64_t E) {
+  Kern<T>::softmax_rows(logits, out, rows, E);
 }
 
 template <typename T>

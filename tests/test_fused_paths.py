@@ -1,6 +1,8 @@
 """The eager fast paths that stand in for several modules: the towers in one C++ call, a whole MMoE/OMoE as one
 autograd node, and the guards that make them step aside when anything they read has changed."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -285,3 +287,60 @@ def test_the_cpp_paths_read_negative_bit_views_by_value(monkeypatch):
     plain = cpp_backend.loss_grad(out, y, [False, False], coef, None)
     viewed = cpp_backend.loss_grad(torch._neg_view(-out), torch._neg_view(-y), [False, False], coef, None)
     assert plain[0] == viewed[0] and torch.equal(plain[1], viewed[1])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fits_adam_updates_bit_for_bit_as_torchs_fused_adam(name):
+    """The lean step (torch's fused kernel on kept state) against torch's own step: a skipped parameter (no
+    gradient), a state reloaded from a copy, a new learning rate, and two groups."""
+    from mmoe_fast.train import OPTIMIZERS
+
+    torch.manual_seed(0)
+    ours_params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True),
+                   torch.randn(2, requires_grad=True)]
+    torch_params = [p.detach().clone().requires_grad_() for p in ours_params]
+
+    def groups(ps):
+        return [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}]
+
+    reference_cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    ours = OPTIMIZERS[name](groups(ours_params), lr=1e-2, weight_decay=0.1, fused=True)
+    theirs = reference_cls(groups(torch_params), lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(7):
+        for p, q in zip(ours_params, torch_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:
+            ours_params[1].grad = torch_params[1].grad = None
+        if step == 5:
+            ours.load_state_dict(copy.deepcopy(ours.state_dict()))
+            for opt in (ours, theirs):
+                opt.param_groups[0]["lr"] = 3e-3
+        ours.step()
+        theirs.step()
+        assert all(torch.equal(p, q) for p, q in zip(ours_params, torch_params)), f"step {step}"
+    assert ours.__dict__.get("_lean")  # the lean step ran
+    assert [float(ours.state[p]["step"]) for p in ours_params] == [7.0, 6.0, 7.0]
+
+
+@needs_cpp
+@pytest.mark.parametrize("forward_gemm,backward_gemm", [("blas", "own"), ("own", "blas")])
+def test_a_gemm_setting_changed_between_forward_and_backward_still_gives_the_gradients(
+        forward_gemm, backward_gemm, monkeypatch):
+    """The saved pre-activations' layout (torch's one GEMM writes them row-major) decides the backward's path."""
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 0)
+    torch.manual_seed(0)
+    x = torch.randn(11, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    wg = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    bg = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", forward_gemm)
+    out = mf.mmoe(x, w, b, wg, bg, backend="cpp")
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", backward_gemm)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, w, b, wg, bg], g)
+    ref = reference.mmoe_layer(x, [w], [b], wg, bg, "relu").expand(2, -1, -1)
+    want = torch.autograd.grad(ref, [x, w, b, wg, bg], g)
+    for a, c in zip(got, want):
+        assert_close(a, c, 1e-10, f"{forward_gemm} forward, {backward_gemm} backward")

@@ -150,52 +150,84 @@ def _per_expert(a: torch.Tensor, E: int) -> torch.Tensor:
     return a.expand(E, *a.shape) if a.dim() == 2 else a.transpose(0, 1)
 
 
-def _blas_pre(a, W, b):
-    """pre[E, B, N] = a_e @ W[e] + b[e] by torch's batched GEMM, into a kept block."""
+def _side_by_side(W: torch.Tensor) -> torch.Tensor:
+    """W[E, K, N] as one [K, E * N] matrix, every expert's columns side by side (a copy: K x E x N values)."""
     E, K, N = W.shape
+    return W.permute(1, 0, 2).reshape(K, E * N)
+
+
+def _blas_pre(a, W, b):
+    """The pre-activations by torch's GEMMs, into a kept block: for a shared x[B, K], one GEMM against every
+    expert's weights side by side, ``pre[B, E * N]`` (row-major: rows b, then experts; one well-shaped GEMM
+    runs at MKL's full rate where E narrow ones do not); for a[B, E, K], one batched GEMM, ``pre[E, B, N]``."""
+    E, K, N = W.shape
+    if a.dim() == 2:
+        pre = _fresh(a, (a.shape[0], E * N))
+        if b is None:
+            return torch.mm(a, _side_by_side(W), out=pre)
+        return torch.addmm(b.reshape(E * N), a, _side_by_side(W), out=pre)
     pre = _fresh(a, (E, a.shape[0], N))
     if b is None:
         return torch.bmm(_per_expert(a, E), W, out=pre)
     return torch.baddbmm(b.unsqueeze(1), _per_expert(a, E), W, out=pre)
 
 
+def _blas_gates(x, Wg, bg):
+    """G[B, T, E]: every task's logits in one torch GEMM (Wg side by side), then the softmax in C++ (torch's
+    takes 200 us over 2048 rows of 8 experts, ten times this)."""
+    T, D, E = Wg.shape
+    logits = torch.mm(x, _side_by_side(Wg)) if bg is None else torch.addmm(bg.reshape(T * E), x, _side_by_side(Wg))
+    G = x.new_empty((x.shape[0], T, E))
+    _kernel("softmax_rows", x.dtype)(logits.data_ptr(), G.data_ptr(), x.shape[0] * T, E)
+    return G
+
+
 def _blas_train(a, W, b, G, T, activation):
-    """(m[T, B, N] or, G None, out[B, E, N]; pre[E, B, N]): the GEMM by torch, the rest in one C++ pass."""
+    """(m[T, B, N] or, G None, out[B, E, N]; pre as ``_blas_pre``): the GEMM by torch, the rest in one C++ pass."""
     E, K, N = W.shape
     B = a.shape[0]
     pre = _blas_pre(a, W, b)
+    rowmajor = pre.dim() == 2
     if G is None:
         out = _fresh(a, (B, E, N))
-        _kernel("from_pre", a.dtype)(_ptr(pre), 0, 0, _ptr(out), B, E, N, 0, ACTIVATION_CODES[activation])
+        _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, 0, 0, _ptr(out), B, E, N, 0, ACTIVATION_CODES[activation])
         return out, pre
     m = _fresh(a, (T, B, N))
-    _kernel("from_pre", a.dtype)(_ptr(pre), _ptr(G), _ptr(m), 0, B, E, N, T, ACTIVATION_CODES[activation])
+    _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(m), 0, B, E, N, T, ACTIVATION_CODES[activation])
     return m, pre
 
 
 def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None, Wg=None):
-    """(da, dW, db, dG, dWg, dbg) from the saved pre[E, B, N]: the elementwise step in C++, the GEMMs by torch."""
+    """(da, dW, db, dG, dWg, dbg) from the saved pre (``_blas_pre``'s layouts, or the kernels' [E, B, N]): the
+    elementwise step in C++, the GEMMs by torch."""
     E, K, N = W.shape
     B = a.shape[0]
     fused = Wg is not None
     T = Wg.shape[0] if fused else (0 if G is None else G.shape[1])
-    dp = _fresh(a, (E, B, N))
+    rowmajor = pre.dim() == 2  # pre[B, E * N], from a shared x
+    dp = _fresh(a, tuple(pre.shape))
     dlogit = a.new_empty((B, T, E)) if fused else None
     dG = torch.empty_like(G) if G is not None and not fused else None
-    _kernel("backward_rows", a.dtype)(_ptr(pre), _ptr(G), _ptr(dm), _ptr(dout), _ptr(dp), _ptr(dlogit), _ptr(dG), B,
-                                      E, N, T, ACTIVATION_CODES[activation])
-    if a.dim() == 2:
-        dW = torch.bmm(a.t().expand(E, K, B), dp)
-    else:  # dW[e]^T = dp[e]^T a_e, written through a transposed view: a's strided rows need no copy that way
-        dW = W.new_empty((E, K, N))
-        torch.bmm(dp.transpose(1, 2), a.transpose(0, 1), out=dW.transpose(1, 2))
-    db = dp.sum(1)
+    _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), _ptr(dp), _ptr(dlogit),
+                                      _ptr(dG), B, E, N, T, ACTIVATION_CODES[activation])
     da = None
-    if input_grad and a.dim() == 2:
-        da = torch.bmm(dp, W.transpose(1, 2)).sum(0)
-    elif input_grad:  # straight into a[B, E, K]'s layout
-        da = _fresh(a, a.shape)
-        torch.bmm(dp, W.transpose(1, 2), out=da.transpose(0, 1))
+    if rowmajor:
+        dW = torch.mm(a.t(), dp).view(K, E, N).transpose(0, 1).contiguous()
+        db = dp.view(B, E, N).sum(0)
+        if input_grad:
+            da = torch.mm(dp, _side_by_side(W).t())
+    else:
+        if a.dim() == 2:
+            dW = torch.bmm(a.t().expand(E, K, B), dp)
+        else:  # dW[e]^T = dp[e]^T a_e, written through a transposed view: a's strided rows need no copy that way
+            dW = W.new_empty((E, K, N))
+            torch.bmm(dp.transpose(1, 2), a.transpose(0, 1), out=dW.transpose(1, 2))
+        db = dp.sum(1)
+        if input_grad and a.dim() == 2:
+            da = torch.bmm(dp, W.transpose(1, 2)).sum(0)
+        elif input_grad:  # straight into a[B, E, K]'s layout
+            da = _fresh(a, a.shape)
+            torch.bmm(dp, W.transpose(1, 2), out=da.transpose(0, 1))
     dWg = dbg = None
     if fused:
         flat = dlogit.view(B, T * E)
@@ -226,7 +258,7 @@ def mmoe(x, W, b, Wg, bg, activation):
 def mmoe_train(x, W, b, Wg, bg, activation):
     """(m, (pre, G)): the forward, keeping the pre-activations and gates for ``mmoe_backward(saved=...)``."""
     if _blas(x, W):
-        G = gate_softmax(x, Wg, bg)
+        G = _blas_gates(x, Wg, bg)
         m, pre = _blas_train(x, W, b, G, Wg.shape[0], activation)
         return m, (pre, G)
     m, pre, G = _mixture(x, W, b, Wg, bg, None, Wg.shape[0], activation, True)
@@ -248,10 +280,10 @@ def _backward(a, W, b, activation, input_grad, pre, G=None, dm=None, dout=None, 
 
 
 def _backward_from(a, W, b, activation, input_grad, saved, **kw):
-    """The backward from what a training forward saved: torch's GEMMs under ``blas`` (the saved pre is then the
-    same either way), else the one C++ call (which also recomputes when nothing was saved)."""
+    """The backward from what a training forward saved: torch's GEMMs for a pre torch's GEMM wrote (row-major,
+    a shared input's) or under ``blas``, else the one C++ call (which also recomputes when nothing was saved)."""
     pre = saved[0] if saved else None
-    if pre is not None and _blas(a, W):
+    if pre is not None and (pre.dim() == 2 or _blas(a, W)):  # a row-major pre came from torch's GEMM
         kw.pop("bg", None)
         return _blas_backward(a, W, pre, activation, input_grad, **kw)
     return _backward(a, W, b, activation, input_grad, pre, **kw)
