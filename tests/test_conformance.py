@@ -119,14 +119,18 @@ def test_weight_gradients_when_the_input_needs_none(name, dtype, shape, split, h
 @pytest.mark.parametrize("split", [False, True], ids=["mmoe", "gate_softmax+expert_mixture"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], Shape(70, 100, 8, 16, 2)], ids=str)
 @pytest.mark.parametrize("name,dtype,gemm", [pytest.param(n, d, g, id=f"{n}-{str(d)[6:]}-{g}") for n in NAMES
-                                             for d in _dtypes(n) for g in (("own", "blas") if n == "cpp" else ("-",))])
+                                             for d in _dtypes(n)
+                                             for g in (("own", "blas", "blas-batched") if n == "cpp" else ("-",))])
 def test_saved_and_recomputed_pre_activations_give_the_oracles_gradients(name, dtype, shape, split, hidden, recompute,
                                                                        input_grad, gemm, monkeypatch):
     """The eager backward from the forward's saved pre-activations, and from recomputed ones, both match, with the
-    C++ backend's training GEMMs on its own kernels and on torch's (other backends ignore the setting)."""
+    C++ backend's training GEMMs on its own kernels and on torch's, one GEMM for the experts side by side or a
+    batched one (other backends ignore the setting)."""
     if name == "cpp":
-        monkeypatch.setenv("MMOE_FAST_CPU_GEMM", gemm)
+        monkeypatch.setenv("MMOE_FAST_CPU_GEMM", gemm.split("-")[0])
         monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 0)  # "blas" at every size: these shapes are small
+        if gemm == "blas-batched":  # a shared input's experts by the batched GEMM, not side by side in one
+            monkeypatch.setattr(cpp_backend, "SIDE_BY_SIDE_MAX_N", 0)
     check_layer(name, shape, dtype=dtype, activation="relu" if recompute else "silu", split=split, hidden=hidden,
                 recompute=recompute, input_grad=input_grad, tol=_tol(name, dtype))
 
