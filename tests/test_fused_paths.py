@@ -344,3 +344,18 @@ def test_a_gemm_setting_changed_between_forward_and_backward_still_gives_the_gra
     want = torch.autograd.grad(ref, [x, w, b, wg, bg], g)
     for a, c in zip(got, want):
         assert_close(a, c, 1e-10, f"{forward_gemm} forward, {backward_gemm} backward")
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "over-a-million"])
+def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big):
+    from mmoe_fast.train import _non_finite
+
+    n = (1 << 20) if big else 7
+    tensors = [("a", torch.zeros(n)), ("b", torch.ones(3, dtype=torch.float64)), ("c", torch.zeros(2, 2))]
+    assert _non_finite(tensors) is None
+    tensors[2][1][1, 0] = float("inf")
+    assert _non_finite(tensors) == "c"
+    tensors[0][1][n - 1] = float("nan")
+    assert _non_finite(tensors) == "a"
+    huge = [("h", torch.full((4,), 1e308, dtype=torch.float64))]  # finite, but its sum overflows
+    assert _non_finite(huge) is None
