@@ -359,3 +359,57 @@ def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big
     assert _non_finite(tensors) == "a"
     huge = [("h", torch.full((4,), 1e308, dtype=torch.float64))]  # finite, but its sum overflows
     assert _non_finite(huge) is None
+
+
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
+@pytest.mark.parametrize("B,D,T,E,H,towers", [(1, 5, 1, 1, 3, ()), (7, 10, 2, 3, 5, (4,)), (33, 9, 3, 5, 7, (6, 3)),
+                                              (1500, 100, 2, 8, 16, (8,))])
+def test_the_no_grad_forward_runs_the_same_kernels_directly(cls, B, D, T, E, H, towers):
+    """Under no_grad a whole MMoE/OMoE runs its kernels straight from the guarded plan: bitwise the layers'
+    output, and the oracle's in float64; a hook added later is honoured."""
+    torch.manual_seed(B + E)
+    for dtype in (torch.float32, torch.float64):
+        model = cls(D, T, num_experts=E, expert_hidden=H, tower_hidden=towers).to(dtype)
+        x = torch.randn(B, D, dtype=dtype)
+        with torch.no_grad():
+            out = model(x)
+            assert torch.equal(out, _mmoe_layers(model, x))
+    layer = model.mixture
+    m = reference.mmoe_layer(x, [layer.expert_weights[0]], [layer.expert_biases[0]], layer.gate_weight,
+                             layer.gate_bias, layer.activation).expand(T, -1, -1)
+    with torch.no_grad():
+        assert_close(out, _towers_by_module(model.towers, m), 1e-10, "no_grad forward against the oracle")
+        handle = model.towers.towers[0][-1].register_forward_hook(lambda mod, i, o: o + 1)
+        assert_close(model(x)[:, 0], out[:, 0] + 1, 1e-12, "a hook added after a first call")
+        handle.remove()
+
+
+def test_a_patched_layer_or_towers_forward_runs_as_it_is(monkeypatch):
+    torch.manual_seed(0)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    x = torch.randn(5, 6)
+    model(x)  # a first call: the plan is kept
+    original = mf.Towers.forward
+    monkeypatch.setattr(mf.Towers, "forward", lambda self, h: original(self, h) * 0)
+    assert not model(x).any()
+    with torch.no_grad():
+        assert not model(x).any()
+    monkeypatch.undo()
+    assert model(x).any()
+    fresh = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    layer_forward = mf.MMoELayer.forward
+    monkeypatch.setattr(mf.MMoELayer, "forward", lambda self, x: layer_forward(self, x) * 0)  # before any call
+    with torch.no_grad():
+        assert torch.equal(fresh(x), fresh.towers(torch.zeros(2, 5, 4)))
+
+
+def test_fit_runs_a_class_level_patch_of_the_models_forward(monkeypatch):
+    from mmoe_fast import train
+
+    forward, calls = mf.MMoE.forward, []
+    monkeypatch.setattr(mf.MMoE, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    assert model.fused_training_forward(torch.randn(4, 6)) is None
+    train.fit(model, torch.randn(40, 6), (torch.rand(40, 2) > 0.5).float(), epochs=1, batch_size=20,
+              progress=False, log=lambda s: None)
+    assert len(calls) == 2

@@ -112,9 +112,10 @@ class MMoE(MultiTaskModel):
         self.towers = Towers(num_tasks, self.mixture.out_features, sizes(tower_hidden, "tower_hidden"), backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        args = self._one_node(x) if torch.is_grad_enabled() else None
+        grad = torch.is_grad_enabled()
+        args = self._one_node(x, grad)
         if args is not None:
-            return _MMoEModel.apply(*args)
+            return _MMoEModel.apply(*args) if grad else _one_node_forward(args, save=False)[0]
         return self.towers(self.mixture(x))
 
     def fused_training_forward(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], list]] | None:
@@ -123,7 +124,7 @@ class MMoE(MultiTaskModel):
         parameter that requires one. None where the model cannot (a subclass's ``forward``, hooks on the model, the
         reference backend: the caller then uses autograd). ``fit`` takes this path to skip autograd's
         bookkeeping, most of a small model's training step."""
-        if type(self).forward is not MMoE.forward or _hooked(self):  # a subclass's forward or a hook must run
+        if type(self).forward is not _ORIGINAL_FORWARDS[MMoE] or _hooked(self):  # another forward or a hook runs
             return None
         args = self._one_node(x)
         if args is None or x.requires_grad or backends.resolve(args[6], x.device, x.dtype) is reference_backend:
@@ -139,16 +140,17 @@ class MMoE(MultiTaskModel):
 
         return out, backward
 
-    def _one_node(self, x: Tensor) -> tuple | None:
-        """``_MMoEModel``'s arguments where the whole model can train as one node (plain eager mode, one expert
-        layer, plain towers, no hooks on the layers, something to differentiate), else None (the layers run
-        one by one)."""
+    def _one_node(self, x: Tensor, grad: bool = True) -> tuple | None:
+        """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, one expert
+        layer, plain towers, no hooks on the layers; with ``grad``, something to differentiate), else None (the
+        layers run one by one). Under no_grad the same kernels then run with no op dispatch and no checks
+        repeated: the forward of a small model is mostly those."""
         if not isinstance(x, Tensor) or x.dim() != 2:
             return None
         plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
         if plan is None or x.shape[1] != plan[0].shape[1] or x.shape[0] == 0:
             return None  # the layers' own path says what is wrong (or handles B = 0)
-        if not (x.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in plan)):
+        if grad and not (x.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in plan)):
             return None
         return (x, *plan)
 
@@ -157,7 +159,8 @@ class MMoE(MultiTaskModel):
 
     def _one_node_plan(self, x: Tensor) -> tuple | None:
         layer, towers = self.mixture, self.towers
-        if _hooked(layer) or type(layer).forward is not MMoELayer.forward:
+        if (_hooked(layer) or type(layer).forward is not _ORIGINAL_FORWARDS[MMoELayer]
+                or type(towers).forward is not _ORIGINAL_FORWARDS[Towers]):  # a patched or subclass forward runs
             return None
         weights, biases = layer.expert_weights._parameters, layer.expert_biases._parameters
         if len(weights) != 1 or layer.gate_weight.shape[0] not in (1, self.num_tasks):
@@ -174,11 +177,15 @@ class MMoE(MultiTaskModel):
         return (w, b, wg, bg, layer.activation, layer.backend, towers.backend, num_layers, *tower_params)
 
 
-def _one_node_forward(args: tuple) -> tuple[Tensor, tuple]:
-    """``(out[B, T], state)``: the fused layer's training forward (``ops``' eager path, pre-activations kept),
-    then the towers' (``towers_forward``). ``args``: ``MMoE._one_node``'s."""
+def _one_node_forward(args: tuple, save: bool = True) -> tuple[Tensor, tuple]:
+    """``(out[B, T], state)``: the fused layer's training forward (``ops``' eager path, pre-activations kept;
+    not ``save``: its plain forward, nothing kept), then the towers' (``towers_forward``). ``args``:
+    ``MMoE._one_node``'s."""
     x, w, b, wg, bg, activation, backend, tower_backend, num_layers, *tower_params = args
-    m, saved = ops._mmoe_train(False, x, w, b, wg, bg, activation, backend)
+    if save:
+        m, saved = ops._mmoe_train(False, x, w, b, wg, bg, activation, backend)
+    else:
+        m, saved = ops._mmoe_forward(x, w, b, wg, bg, activation, backend), ()
     h = m if wg.shape[0] != 1 else m[0]  # one shared gate (OMoE): every tower sees the same mixture
     out, tower_saved, in_cpp = towers_forward(h, num_layers, tower_backend, tower_params)
     return out, (h, saved, tower_saved, in_cpp)
@@ -229,6 +236,10 @@ class _MMoEModel(torch.autograd.Function):
             grads = _one_node_backward(args, (h, saved, tower_saved, ctx.in_cpp), grad, needs[0])
             grads = [g if need else None for g, need in zip(grads, flags)]
         return (*grads[:5], None, None, None, None, *grads[5:])
+
+
+# The forwards the one-node paths stand in for, as defined (a class-level patch later makes them step aside).
+_ORIGINAL_FORWARDS = {MMoELayer: MMoELayer.forward, Towers: Towers.forward, MMoE: MMoE.forward}
 
 
 class OMoE(MMoE):
