@@ -2,11 +2,10 @@
 
 Step = zero_grad, forward, BCE-with-logits (mean over the batch) summed over tasks, backward, Adam(lr=1e-3).step:
 - ``mmoe_fast``: ``mf.MMoE(D, T, num_experts=E, expert_hidden=H, tower_hidden=...)`` on ``backend="auto"``, in the
-  step ``fit`` takes: with one expert layer, no autograd at all (``fused_training_forward``: the kernels, the loss
-  gradient formed directly); with deeper experts, ``loss.backward()``; fit's Adam (torch's fused kernel, its
-  state kept ready between steps: the same update bit for bit);
-- ``mmoe_fast (autograd)``: the same model under ``loss.backward()`` (one autograd node for the whole model where
-  it has one expert layer, else one per fused layer and the towers) and torch's fused Adam, as the others below;
+  step ``fit`` takes: no autograd at all (``fused_training_forward``: the kernels, the loss gradient formed
+  directly); fit's Adam (torch's fused kernel, its state kept ready between steps: the same update bit for bit);
+- ``mmoe_fast (autograd)``: the same model under ``loss.backward()`` (one autograd node for the whole model) and
+  torch's fused Adam, as the others below;
 - ``batched eager``: plain PyTorch, one GEMM for every expert, one for every gate, softmax, one bmm mixture,
   the same towers (``BatchedMMoE`` below);
 - ``torch.compile``: ``torch.compile`` of that module (the whole step's forward and backward graphs);
@@ -247,7 +246,7 @@ def render(rows: list[dict], command: str, threads: int, plot_path: Path | None 
              f"Machine: {os.cpu_count()} CPUs, {threads} threads; torch {torch.__version__}; _C instruction set: "
              f"{mf.backends.cpp.isa()}; {timing.conditions()}.  ",
              "Step: zero_grad, forward, BCE-with-logits summed over tasks, backward, Adam. mmoe_fast: the step `fit` "
-             "takes (no autograd with one expert layer; fit's Adam); every other column: `loss.backward()` and "
+             "takes (no autograd; fit's Adam); every other column: `loss.backward()` and "
              "torch's `Adam(fused=True)`; "
              "towers of the cell's widths, float32. Each figure: best of the interleaved passes' medians, one process."
              + (f" Drawn in `{plot_path}`." if plot_path else ""),

@@ -127,7 +127,7 @@ class MMoE(MultiTaskModel):
         if type(self).forward is not _ORIGINAL_FORWARDS[MMoE] or _hooked(self):  # another forward or a hook runs
             return None
         args = self._one_node(x)
-        if args is None or x.requires_grad or backends.resolve(args[6], x.device, x.dtype) is reference_backend:
+        if args is None or x.requires_grad or backends.resolve(args[-4], x.device, x.dtype) is reference_backend:
             return None  # the reference backend: plain PyTorch and autograd throughout, as it is there to check
         with torch.no_grad():
             out, state = _one_node_forward(args)
@@ -135,16 +135,17 @@ class MMoE(MultiTaskModel):
         def backward(dout: Tensor) -> list:
             with torch.no_grad():
                 grads = _one_node_backward(args, state, dout, input_grad=False)
-            params = (*args[1:5], *args[9:])
+            params = args[1:-_OTHERS]
             return [(p, g) for p, g in zip(params, grads[1:]) if p is not None and p.requires_grad]
 
         return out, backward
 
     def _one_node(self, x: Tensor, grad: bool = True) -> tuple | None:
-        """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, one expert
-        layer, plain towers, no hooks on the layers; with ``grad``, something to differentiate), else None (the
-        layers run one by one). Under no_grad the same kernels then run with no op dispatch and no checks
-        repeated: the forward of a small model is mostly those."""
+        """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, plain towers,
+        no hooks on the layers; with ``grad``, something to differentiate), else None (the layers run one by
+        one): ``(x, wg, bg, w_0, b_0, ..., w_L-1, b_L-1, *tower_params, activation, backend, tower_backend,
+        expert_layers, tower_layers)``. Under no_grad the same kernels then run with no op dispatch and no
+        checks repeated: the forward of a small model is mostly those."""
         if not isinstance(x, Tensor) or x.dim() != 2:
             return None
         plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
@@ -155,87 +156,156 @@ class MMoE(MultiTaskModel):
         return (x, *plan)
 
     def _one_node_modules(self) -> list[nn.Module]:
-        return [self, self.mixture, *self.towers._tower_modules()]
+        return [self, self.mixture, self.mixture.expert_weights, self.mixture.expert_biases,
+                *self.towers._tower_modules()]
 
     def _one_node_plan(self, x: Tensor) -> tuple | None:
         layer, towers = self.mixture, self.towers
         if (_hooked(layer) or type(layer).forward is not _ORIGINAL_FORWARDS[MMoELayer]
                 or type(towers).forward is not _ORIGINAL_FORWARDS[Towers]):  # a patched or subclass forward runs
             return None
-        weights, biases = layer.expert_weights._parameters, layer.expert_biases._parameters
-        if len(weights) != 1 or layer.gate_weight.shape[0] not in (1, self.num_tasks):
+        weights = list(layer.expert_weights._parameters.values())
+        biases = list(layer.expert_biases._parameters.values())
+        if len(weights) != len(biases) or not weights or layer.gate_weight.shape[0] not in (1, self.num_tasks):
             return None
         tower_params = towers._stacked_params(x)
         if tower_params is None:
             return None
-        w, b, wg, bg = weights["0"], biases["0"], layer.gate_weight, layer.gate_bias
+        wg, bg = layer.gate_weight, layer.gate_bias
         _checks.check_gate(x, wg, bg)
-        _checks.check_experts(x, w, b, a_name="x")
-        if w.shape[0] != wg.shape[2]:
+        a = x
+        for w, b in zip(weights, biases):  # each layer's shapes, as the layers would check them
+            _checks.check_experts(a, w, b, a_name="x" if a is x else "a")
+            a = w.new_empty((x.shape[0] if a is x else 1, w.shape[0], w.shape[2]))
+        if weights[-1].shape[0] != wg.shape[2]:
             return None
-        num_layers = len(tower_params) // (2 * self.num_tasks)
-        return (w, b, wg, bg, layer.activation, layer.backend, towers.backend, num_layers, *tower_params)
+        experts = [t for pair in zip(weights, biases) for t in pair]
+        return (wg, bg, *experts, *tower_params, layer.activation, layer.backend, towers.backend, len(weights),
+                len(tower_params) // (2 * self.num_tasks))
+
+
+_OTHERS = 5  # the non-tensor arguments that end MMoE._one_node's tuple
+
+
+def _split(args: tuple) -> tuple:
+    """``MMoE._one_node``'s tuple as ``(x, wg, bg, experts, tower_params, activation, backend, tower_backend,
+    tower_layers)``, ``experts`` the ``(w, b)`` pairs."""
+    activation, backend, tower_backend, layers, tower_layers = args[-_OTHERS:]
+    x, wg, bg = args[:3]
+    flat = args[3 : 3 + 2 * layers]
+    return (x, wg, bg, list(zip(flat[::2], flat[1::2])), args[3 + 2 * layers : -_OTHERS], activation, backend,
+            tower_backend, tower_layers)
 
 
 def _one_node_forward(args: tuple, save: bool = True) -> tuple[Tensor, tuple]:
-    """``(out[B, T], state)``: the fused layer's training forward (``ops``' eager path, pre-activations kept;
-    not ``save``: its plain forward, nothing kept), then the towers' (``towers_forward``). ``args``:
-    ``MMoE._one_node``'s."""
-    x, w, b, wg, bg, activation, backend, tower_backend, num_layers, *tower_params = args
-    if save:
-        m, saved = ops._mmoe_train(False, x, w, b, wg, bg, activation, backend)
+    """``(out[B, T], state)``: the layers' training forwards (``ops``' eager paths, pre-activations kept; not
+    ``save``: their plain forwards, nothing kept), then the towers' (``towers_forward``). ``state``: groups of
+    tensors (``_one_node_backward`` reads them) and whether the towers ran in C++."""
+    x, wg, bg, experts, tower_params, activation, backend, tower_backend, tower_layers = _split(args)
+    groups: list[tuple] = []
+    if len(experts) == 1:  # gates and mixture in one op
+        (w, b), = experts
+        if save:
+            m, saved = ops._mmoe_train(False, x, w, b, wg, bg, activation, backend)
+        else:
+            m, saved = ops._mmoe_forward(x, w, b, wg, bg, activation, backend), ()
+        groups.append(saved)
     else:
-        m, saved = ops._mmoe_forward(x, w, b, wg, bg, activation, backend), ()
+        a = x
+        for w, b in experts[:-1]:
+            if save:
+                out, saved = ops._grouped_linear_train(False, a, w, b, activation, backend)
+            else:
+                out, saved = ops._grouped_linear_forward(a, w, b, activation, backend), ()
+            groups += [(a,), saved]
+            a = out
+        G = ops._gate_softmax_forward(x, wg, bg, backend)
+        w, b = experts[-1]
+        if save:
+            m, saved = ops._expert_mixture_train(False, a, w, b, G, activation, backend)
+        else:
+            m, saved = ops._expert_mixture_forward(a, w, b, G, activation, backend), ()
+        groups += [(a, G), saved]
     h = m if wg.shape[0] != 1 else m[0]  # one shared gate (OMoE): every tower sees the same mixture
-    out, tower_saved, in_cpp = towers_forward(h, num_layers, tower_backend, tower_params)
-    return out, (h, saved, tower_saved, in_cpp)
+    out, tower_saved, in_cpp = towers_forward(h, tower_layers, tower_backend, tower_params)
+    return out, ([(h,), tower_saved, *groups], in_cpp)
 
 
 def _one_node_backward(args: tuple, state: tuple, grad: Tensor, input_grad: bool) -> list:
-    """Gradients of ``(x, w, b, wg, bg, *tower_params)`` from ``grad[B, T]`` (``x``'s None unless
-    ``input_grad``; ``bg``'s None without a gate bias)."""
-    x, w, b, wg, bg, activation, backend, tower_backend, num_layers, *tower_params = args
-    h, saved, tower_saved, in_cpp = state
-    dh, tower_grads = towers_backward(grad, h, num_layers, tower_params, tower_saved, in_cpp, True)
+    """Gradients of ``args``' tensors (``x``, ``wg``, ``bg``, the experts', the towers') from ``grad[B, T]``:
+    ``x``'s None unless ``input_grad``, ``bg``'s None without a gate bias."""
+    x, wg, bg, experts, tower_params, activation, backend, tower_backend, tower_layers = _split(args)
+    groups, in_cpp = state
+    (h,), tower_saved, *groups = groups
+    dh, tower_grads = towers_backward(grad, h, tower_layers, tower_params, tower_saved, in_cpp, True)
     dm = dh if wg.shape[0] != 1 else dh.unsqueeze(0)
-    dx, dw, db, dwg, dbg = ops._mmoe_backward_from(dm, x, w, b, wg, bg, activation, backend, input_grad, saved)
-    return [dx if input_grad else None, dw, db, dwg, None if bg is None else dbg, *tower_grads]
+    if len(experts) == 1:
+        (w, b), = experts
+        dx, dw, db, dwg, dbg = ops._mmoe_backward_from(dm, x, w, b, wg, bg, activation, backend, input_grad,
+                                                       groups[0])
+        expert_grads = [dw, db]
+    else:
+        (a, G), saved = groups[-2], groups[-1]
+        w, b = experts[-1]
+        da, dw, db, dG = ops._expert_mixture_eager_backward(dm, a, w, b, G, activation, backend, True, saved)
+        dx, dwg, dbg = ops._gate_softmax_eager_backward(dG, x, wg, bg, backend, input_grad, (G,))
+        expert_grads = [dw, db]
+        for layer in reversed(range(len(experts) - 1)):
+            (a,), saved = groups[2 * layer], groups[2 * layer + 1]
+            w, b = experts[layer]
+            first = layer == 0
+            da, dw, db = ops._grouped_linear_eager_backward(da, a, w, b, activation, backend,
+                                                            input_grad if first else True, saved)
+            expert_grads = [dw, db, *expert_grads]
+        if input_grad:
+            dx = da + dx
+    return [dx if input_grad else None, dwg, None if bg is None else dbg, *expert_grads, *tower_grads]
 
 
 class _MMoEModel(torch.autograd.Function):
-    """A whole MMoE/OMoE (one expert layer) as one autograd node: ``_one_node_forward``/``_one_node_backward``,
-    the same kernels as the layers run one by one, in a quarter of the Python and autograd work, which is most
-    of a training step at small batches (no input gradient unless ``x`` needs one). Under ``create_graph`` the
-    backward runs the layers' own differentiable paths instead."""
+    """A whole MMoE/OMoE as one autograd node: ``_one_node_forward``/``_one_node_backward``, the same kernels as
+    the layers run one by one, in a fraction of the Python and autograd work, which is most of a training step
+    at small batches (no input gradient unless ``x`` needs one). Under ``create_graph`` the backward runs the
+    layers' own differentiable paths instead."""
 
     @staticmethod
     def forward(ctx, *args):
-        out, (h, saved, tower_saved, ctx.in_cpp) = _one_node_forward(args)
-        x, w, b, wg, bg, *others = args
-        ctx.save_for_backward(x, w, b, wg, bg, *others[4:], h, *saved, *tower_saved)
-        ctx.others, ctx.counts = others[:4], (len(others) - 4, len(saved))
+        out, (groups, ctx.in_cpp) = _one_node_forward(args)
+        tensors = args[:-_OTHERS]
+        ctx.save_for_backward(*tensors, *(t for g in groups for t in g))
+        ctx.others, ctx.sizes = args[-_OTHERS:], (len(tensors), [len(g) for g in groups])
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        P, S = ctx.counts
-        x, w, b, wg, bg, *rest = ctx.saved_tensors
-        tower_params, h, saved, tower_saved = rest[:P], rest[P], rest[P + 1 : P + 1 + S], rest[P + 1 + S :]
-        needs = ctx.needs_input_grad
-        flags = (*needs[:5], *needs[9:])
+        count, sizes = ctx.sizes
+        saved = ctx.saved_tensors
+        tensors, rest = saved[:count], saved[count:]
+        args = (*tensors, *ctx.others)
+        flags = ctx.needs_input_grad[:count]
         if torch.is_grad_enabled():  # create_graph: the layers' differentiable paths
-            activation, backend, _, num_layers = ctx.others
-            inputs = (x, w, b, wg, bg, *tower_params)
-            wanted = [t for t, need in zip(inputs, flags) if need]
-            m = ops.mmoe(x, w, b, wg, bg, activation=activation, backend=backend)
-            out = _stacked_towers(m if wg.shape[0] != 1 else m[0], num_layers, tower_params)[0]
+            x, wg, bg, experts, tower_params, activation, backend, _, tower_layers = _split(args)
+            wanted = [t for t, need in zip(tensors, flags) if need]
+            a = x
+            for w, b in experts[:-1]:
+                a = ops.grouped_linear(a, w, b, activation=activation, backend=backend)
+            w, b = experts[-1]
+            if len(experts) == 1:
+                m = ops.mmoe(x, w, b, wg, bg, activation=activation, backend=backend)
+            else:
+                m = ops.expert_mixture(a, w, b, ops.gate_softmax(x, wg, bg, backend=backend), activation=activation,
+                                       backend=backend)
+            out = _stacked_towers(m if wg.shape[0] != 1 else m[0], tower_layers, tower_params)[0]
             got = iter(torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True))
             grads = [next(got) if need else None for need in flags]
         else:
-            args = (x, w, b, wg, bg, *ctx.others, *tower_params)
-            grads = _one_node_backward(args, (h, saved, tower_saved, ctx.in_cpp), grad, needs[0])
+            groups, start = [], 0
+            for n in sizes:
+                groups.append(tuple(rest[start : start + n]))
+                start += n
+            grads = _one_node_backward(args, (groups, ctx.in_cpp), grad, flags[0])
             grads = [g if need else None for g, need in zip(grads, flags)]
-        return (*grads[:5], None, None, None, None, *grads[5:])
+        return (*grads, *(None,) * _OTHERS)
 
 
 # The forwards the one-node paths stand in for, as defined (a class-level patch later makes them step aside).
