@@ -70,16 +70,18 @@ struct Kern {
   }
 
   // ---- exp on a vector: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^7 (float) or r^13
-  // (double), whose remainder is under half an ulp there, times 2^n put into the exponent bits. Below the
-  // smallest normal result it gives 0 (std::exp would give a subnormal: an absolute difference under 1e-37),
-  // above the largest +inf; NaN stays NaN. Softmax's exps (tens of thousands a call) cost ~10 ns each through
+  // (double), whose remainder is under half an ulp there, times 2^n put into the exponent bits: within one ulp
+  // (0.66 ulp measured with AVX-512, 0.85 with SSE). Below the smallest normal result it gives 0 (std::exp
+  // would give a subnormal: an absolute difference under 1.2e-38), above the largest finite one +inf (from
+  // 88.37 for float, 709.43 for double: slightly early, unreachable for softmax's x <= 0); NaN stays NaN. Softmax's exps (tens of thousands a call) cost ~10 ns each through
   // std::exp, one element at a time: the gates' whole time at the paper's sizes.
   typedef std::conditional_t<sizeof(T) == 4, int32_t, int64_t> IT;
   typedef IT VI __attribute__((vector_size(kVecBytes)));
 
   static V vexp(V x) {
     constexpr bool f32 = sizeof(T) == 4;
-    constexpr T lo = f32 ? T(-87.3) : T(-708.3), hi = f32 ? T(88.7) : T(709.7);
+    // lo: the smallest normal result (exp(-87.336), exp(-708.396)); hi: n at most 127 (1023) after rounding.
+    constexpr T lo = f32 ? T(-87.33) : T(-708.39), hi = f32 ? T(88.37) : T(709.43);
     constexpr T log2e = T(1.4426950408889634), ln2_hi = f32 ? T(0.693359375) : T(0.6931471803691238);
     constexpr T ln2_lo = f32 ? T(-2.12194440e-4) : T(1.9082149292705877e-10);
     constexpr T magic = f32 ? T(12582912.0) : T(6755399441055744.0);  // 1.5 * 2^23 (2^52): rounds to an integer

@@ -40,7 +40,10 @@ class _LeanFusedAdam:
 
     def step(self, closure=None):
         if closure is not None or not self._lean_step():
-            return super().step(closure)  # type: ignore[misc]
+            step = super().step  # type: ignore[misc]
+            if getattr(step, "hooked", False):  # torch's hook wrapper: this class's own already ran the hooks
+                return step.__wrapped__(self, closure)
+            return step(closure)
         return None
 
     def _lean_step(self) -> bool:
@@ -69,9 +72,15 @@ class _LeanFusedAdam:
                    maximize=False, grad_scale=None, found_inf=None)
         return True
 
+    @staticmethod
+    def _lean_options(group: dict) -> bool:
+        """The group's options are what the fused kernel does (checked at every step: they may be changed)."""
+        return bool(group.get("fused") and not (group.get("amsgrad") or group.get("maximize")
+                                                or group.get("capturable") or group.get("differentiable")))
+
     def _lean_holds(self, group: dict, entry: tuple) -> bool:
         listed, params, states, exp_avgs, exp_avg_sqs, steps, _ = entry
-        if group["params"] is not listed or len(listed) != len(params):
+        if group["params"] is not listed or len(listed) != len(params) or not self._lean_options(group):
             return False
         state = self.state
         for p, q, st, m, v, c in zip(listed, params, states, exp_avgs, exp_avg_sqs, steps):
@@ -83,8 +92,7 @@ class _LeanFusedAdam:
     def _lean_build(self, group: dict) -> tuple | None:
         """The group's cached lists, its step counts made views of one tensor; None where the lean step does
         not apply (torch's step runs: before the first step, say, when the state does not exist yet)."""
-        if (not group.get("fused") or group.get("amsgrad") or group.get("maximize") or group.get("capturable")
-                or group.get("differentiable") or not group["params"]):
+        if not self._lean_options(group) or not group["params"]:
             return None
         params = list(group["params"])
         states = [self.state.get(p) for p in params]
@@ -484,6 +492,10 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> str | None:
     non-finite sum looks tensor by tensor (float64 values near its range may overflow the sum: then none is
     named)."""
     values = [t for _, t in tensors]
+    if not values:
+        return None
+    if any(t.device.type == "mps" for t in values):  # no float64 there: tensor by tensor
+        return next((name for name, t in tensors if not t.isfinite().all()), None)
     if len({t.device for t in values}) == 1 and sum(t.numel() for t in values) < (1 << 20):
         total = torch.cat([t.reshape(-1) for t in values]).sum(dtype=torch.float64)
     else:

@@ -141,8 +141,12 @@ def test_the_fast_paths_see_every_change_made_after_a_first_call():
     handle.remove()
 
     model.towers.towers[0][0] = nn.Linear(4, 5).double()  # a new layer: its weights, not the cached ones
-    for got, want in zip(_outputs_and_grads(model, x), [_mmoe_layers(model, x)]):
-        assert_close(got, want, 1e-12, "replaced tower layer")
+    got = _outputs_and_grads(model, x)
+    ref = _mmoe_layers(model, x)
+    want = [ref, *torch.autograd.grad(ref.sum(), list(model.parameters()))]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert_close(a, b, 1e-12, "replaced tower layer")
     model.mixture.gate_weight = nn.Parameter(torch.randn(2, 6, 3, dtype=torch.float64))
     assert_close(model(x), _mmoe_layers(model, x), 1e-12, "replaced gate weight")
     model.mixture.expert_weights[0] = nn.Parameter(torch.randn(3, 6, 4, dtype=torch.float64))
@@ -168,10 +172,10 @@ def test_the_one_node_steps_aside_where_it_cannot_stand_in():
     torch.manual_seed(0)
     x = torch.randn(5, 6)
     model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
-    with torch.no_grad():
-        assert model(x).grad_fn is None
+    assert model._one_node(x) is not None
     model.requires_grad_(False)
-    assert model(x).grad_fn is None  # nothing to differentiate
+    assert model._one_node(x) is None  # nothing to differentiate: the layers run (and record no graph)
+    assert model(x).grad_fn is None
     assert type(model(x.requires_grad_()).grad_fn).__name__ == "_MMoEModelBackward"
     with pytest.raises(ValueError, match="gate_weight|expert_weight"):
         model(torch.randn(4, 7))
@@ -282,11 +286,15 @@ def test_the_cpp_paths_read_negative_bit_views_by_value(monkeypatch):
     monkeypatch.setattr(common, "CPP_TOWERS_MAX_MACS", 1 << 40)
     torch.manual_seed(0)
     towers = common.Towers(2, 5, (4,)).double()
-    lin = towers.towers[0][0]
-    lin.weight = nn.Parameter(torch._neg_view(-lin.weight.detach()))
     h = torch._neg_view(-torch.randn(2, 6, 5, dtype=torch.float64)).requires_grad_()
     out = towers(h)
-    _same(out, _towers_by_module(towers, h), [h, *towers.parameters()], "negative views")
+    assert out.grad_fn.in_cpp  # a negative-bit input reaches the C++ path, resolved
+    _same(out, _towers_by_module(towers, h), [h, *towers.parameters()], "a negative-bit input")
+    lin = towers.towers[0][0]
+    lin.weight = nn.Parameter(torch._neg_view(-lin.weight.detach()))
+    out = towers(h)
+    assert not out.grad_fn.in_cpp  # a negative-bit weight is read by torch's GEMMs instead
+    _same(out, _towers_by_module(towers, h), [h, *towers.parameters()], "a negative-bit weight")
     out, y = torch.randn(4, 2, dtype=torch.float64), torch.rand(4, 2, dtype=torch.float64)
     coef = torch.ones(2, dtype=torch.float64)
     plain = cpp_backend.loss_grad(out, y, [False, False], coef, None)
@@ -324,7 +332,7 @@ def test_fits_adam_updates_bit_for_bit_as_torchs_fused_adam(name):
         ours.step()
         theirs.step()
         assert all(torch.equal(p, q) for p, q in zip(ours_params, torch_params)), f"step {step}"
-    assert ours.__dict__.get("_lean")  # the lean step ran
+    assert all(entry is not None for entry in ours.__dict__["_lean"])  # the lean step ran for both groups
     assert [float(ours.state[p]["step"]) for p in ours_params] == [7.0, 6.0, 7.0]
 
 
@@ -418,3 +426,81 @@ def test_fit_runs_a_class_level_patch_of_the_models_forward(monkeypatch):
     train.fit(model, torch.randn(40, 6), (torch.rand(40, 2) > 0.5).float(), epochs=1, batch_size=20,
               progress=False, log=lambda s: None)
     assert len(calls) == 2
+
+
+def test_plain_attributes_changed_after_a_first_call_are_used():
+    """The activation and backend are read at every call, not kept with the plan; so is a gate bias set later."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4, gate_bias=False).double()
+    model(x)
+    model.mixture.activation = "gelu"
+    model.mixture.gate_bias = nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+    ref = _mmoe_layers(model, x)
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_MMoEModelBackward"
+    _same(out, ref, list(model.parameters()), "gelu and a new gate bias")
+    with torch.no_grad():
+        assert torch.equal(model(x), _mmoe_layers(model, x))
+    model.mixture.backend = "reference"
+    assert model.fused_training_forward(x) is None  # the reference backend: autograd throughout
+
+
+@needs_cpp
+def test_towers_that_do_not_fit_their_input_raise_as_the_modules_do(monkeypatch):
+    """Widths that do not chain, an input of another width or task count: the modules' errors, never numbers."""
+    monkeypatch.setattr(common, "CPP_TOWERS_MAX_MACS", 1 << 40)
+    towers = common.Towers(2, 5, (4,))
+    for t in range(2):
+        towers.towers[t][2] = nn.Linear(3, 1)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        towers(torch.randn(2, 3, 5))
+    with pytest.raises(IndexError):
+        common.Towers(3, 5, (4,))(torch.randn(1, 2, 5))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        common.Towers(2, 5, (4,))(torch.randn(2, 3, 6))
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4, tower_hidden=(5,))
+    model(torch.randn(4, 6))
+    model.towers.towers.append(copy.deepcopy(model.towers.towers[0]))  # three towers for two tasks
+    with pytest.raises(IndexError):
+        model(torch.randn(4, 6))
+
+
+def test_shared_tower_modules_train_through_autograd_in_fit(monkeypatch):
+    """Two tasks sharing one tower: their gradients must add up, which assigning .grad would not do."""
+    from mmoe_fast import train
+
+    x, y = torch.randn(64, 6), (torch.rand(64, 2) > 0.5).float()
+    models = []
+    for fused in (True, False):
+        monkeypatch.setattr(train, "FUSED_STEP", fused)
+        torch.manual_seed(1)
+        model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4, tower_hidden=(5,))
+        model.towers.towers[1] = model.towers.towers[0]
+        assert model.fused_training_forward(x) is None
+        train.fit(model, x, y, epochs=2, batch_size=16, progress=False, log=lambda s: None)
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fits_adam_follows_options_changed_mid_run_and_runs_step_hooks_once():
+    from mmoe_fast.train import OPTIMIZERS
+
+    torch.manual_seed(0)
+    p, q = torch.randn(4, requires_grad=True), None
+    q = p.detach().clone().requires_grad_()
+    ours = OPTIMIZERS["adam"]([p], lr=1e-2, fused=True)
+    theirs = torch.optim.Adam([q], lr=1e-2, fused=True)
+    calls = []
+    ours.register_step_post_hook(lambda *a: calls.append(1))
+    for step in range(5):
+        g = torch.randn(4)
+        p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:
+            for opt in (ours, theirs):
+                opt.param_groups[0]["maximize"] = True  # the fused kernel's fast path does not maximize
+        ours.step()
+        theirs.step()
+        assert torch.equal(p, q), f"step {step}"
+    assert len(calls) == 5

@@ -194,27 +194,30 @@ class Guard:
 
     Working a path out again at every forward costs a hundred microseconds of Python (module attributes are
     slow), as much as the step it saves at small batches. ``holds(t)`` checks, in a few microseconds, what could
-    have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module, the
-    child modules and every parameter by identity, and each parameter's dtype, device, shape and layout against
-    ``t`` and what was read. ``value`` is what the path computed (``None``: it does not apply).
+    have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module, each
+    module's class and its class's ``forward``, the child modules and every parameter slot by identity (an empty
+    slot too), and each parameter's dtype, device, shape and layout against ``t`` and what was read. ``value``
+    is what the path computed (``None``: it does not apply); plain attributes (an activation's name, a backend)
+    are the path's to read at each call.
     """
 
-    __slots__ = ("modules", "children", "params", "forwards", "value")
+    __slots__ = ("modules", "types", "children", "params", "forwards", "value")
 
     def __init__(self, modules: Sequence[nn.Module], value) -> None:
         self.modules = tuple(modules)
+        self.types = tuple(type(m) for m in self.modules)
         self.children = tuple((m, tuple(m._modules.values())) for m in self.modules if m._modules)
-        self.params = tuple((m, name, p, p.shape, p.is_contiguous()) for m in self.modules
-                            for name, p in m._parameters.items() if p is not None)
+        self.params = tuple((m, name, p, None if p is None else p.shape, p is not None and p.is_contiguous())
+                            for m in self.modules for name, p in m._parameters.items())
         self.forwards = tuple({(type(m), type(m).forward) for m in self.modules})
         self.value = value
 
     def holds(self, t: Tensor) -> bool:
         if not plain_eager(t):
             return False
-        for m in self.modules:
-            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or "forward" in m.__dict__):
+        for m, cls in zip(self.modules, self.types):
+            if (type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks or "forward" in m.__dict__):
                 return False
         for cls, forward in self.forwards:
             if cls.forward is not forward:
@@ -224,10 +227,12 @@ class Guard:
                 return False
         dtype, cuda = t.dtype, t.is_cuda
         for m, name, p, shape, contiguous in self.params:
-            if (m._parameters.get(name) is not p or p.dtype != dtype or p.is_cuda != cuda or p.shape != shape
-                    or p.is_contiguous() != contiguous):
+            if m._parameters.get(name) is not p:
                 return False
-        if cuda and any(entry[2].get_device() != t.get_device() for entry in self.params):
+            if p is not None and (p.dtype != dtype or p.is_cuda != cuda or p.shape != shape
+                                  or p.is_contiguous() != contiguous):
+                return False
+        if cuda and any(entry[2] is not None and entry[2].get_device() != t.get_device() for entry in self.params):
             return False
         return True
 
@@ -267,8 +272,15 @@ class Towers(nn.Module):
         return torch.cat(outs, dim=1)
 
     def _stacked_params(self, h: Tensor) -> list[Tensor] | None:
-        """The towers' parameters in ``_StackedTowers``'s order, or None where it does not apply."""
-        return guarded(self, h, self._tower_modules, lambda: None if _hooked(self) else _tower_params(self.towers, h))
+        """The towers' parameters in ``_StackedTowers``'s order, or None where it does not apply (``h`` not
+        ``[T, B, K]`` or ``[B, K]`` for these towers: the modules then say what is wrong)."""
+        params = guarded(self, h, self._tower_modules,
+                         lambda: None if _hooked(self) else _tower_params(self.towers, h))
+        if params is None or h.dim() not in (2, 3) or h.shape[-1] != params[0].shape[1]:
+            return None
+        if h.dim() == 3 and h.shape[0] != len(self.towers._modules):
+            return None
+        return params
 
     def _tower_modules(self) -> list[nn.Module]:
         """Every module the stacked towers stand in for (what their ``Guard`` watches)."""
@@ -312,13 +324,17 @@ def _tower_params(towers: nn.ModuleList, h: Tensor) -> list[Tensor] | None:
         if i + 1 < depth and any(type(mods[i + 1]) is not nn.ReLU or _hooked(mods[i + 1]) for mods in layers):
             return None
     T = len(seqs)
+    width = params[0].shape[1]
     for layer in range(0, len(params), 2 * T):
         shape = params[layer].shape
-        if any(w.shape != shape for w in params[layer + 1 : layer + T]):
+        if len(shape) != 2 or shape[1] != width or any(w.shape != shape for w in params[layer + 1 : layer + T]):
+            return None  # each layer must take the previous one's outputs (else the modules' error is the answer)
+        if any(b is None or b.shape != (shape[0],) for b in params[layer + T : layer + 2 * T]):
             return None
-        if any(b is None for b in params[layer + T : layer + 2 * T]):
-            return None
+        width = shape[0]
     if params[-2 * T].shape[0] != 1:  # the last layer's weight [1, K]: one output per task
+        return None
+    if len({id(p) for p in params}) != len(params):  # a module shared by towers: its gradients add up
         return None
     dtype, cuda = h.dtype, h.is_cuda
     if any(p.dtype != dtype or p.is_cuda != cuda for p in params):

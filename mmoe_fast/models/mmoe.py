@@ -141,19 +141,25 @@ class MMoE(MultiTaskModel):
         return out, backward
 
     def _one_node(self, x: Tensor, grad: bool = True) -> tuple | None:
-        """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, plain towers,
-        no hooks on the layers; with ``grad``, something to differentiate), else None (the layers run one by
-        one): ``(x, wg, bg, w_0, b_0, ..., w_L-1, b_L-1, *tower_params, activation, backend, tower_backend,
-        expert_layers, tower_layers)``. Under no_grad the same kernels then run with no op dispatch and no
-        checks repeated: the forward of a small model is mostly those."""
+        """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, plain towers
+        of matching widths, one per task, no hooks on the layers, no shared parameters; with ``grad``,
+        something to differentiate), else None (the layers run one by one): ``(x, wg, bg, w_0, b_0, ...,
+        w_L-1, b_L-1, *tower_params, activation, backend, tower_backend, expert_layers, tower_layers)``.
+        Under no_grad the same kernels then run with no op dispatch and no checks repeated: the forward of a
+        small model is mostly those."""
         if not isinstance(x, Tensor) or x.dim() != 2:
             return None
         plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
         if plan is None or x.shape[1] != plan[0].shape[1] or x.shape[0] == 0:
             return None  # the layers' own path says what is wrong (or handles B = 0)
-        if grad and not (x.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in plan)):
+        if grad and not (x.requires_grad or any(p is not None and p.requires_grad for p in plan[:-2])):
             return None
-        return (x, *plan)
+        # Plain attributes, read at every call (the guard watches modules and parameters, not these).
+        layer = self._modules["mixture"]
+        activation, backend = layer.__dict__.get("activation"), layer.__dict__.get("backend")
+        if activation not in activations.ACTIVATIONS or not isinstance(backend, str):
+            return None  # the layer's own checks say what is wrong
+        return (x, *plan[:-2], activation, backend, self._modules["towers"].__dict__.get("backend"), *plan[-2:])
 
     def _one_node_modules(self) -> list[nn.Module]:
         return [self, self.mixture, self.mixture.expert_weights, self.mixture.expert_biases,
@@ -168,7 +174,9 @@ class MMoE(MultiTaskModel):
         biases = list(layer.expert_biases._parameters.values())
         if len(weights) != len(biases) or not weights or layer.gate_weight.shape[0] not in (1, self.num_tasks):
             return None
-        tower_params = towers._stacked_params(x)
+        if len(towers.towers._modules) != self.num_tasks:
+            return None
+        tower_params = towers._stacked_params(weights[-1].new_empty((self.num_tasks, 1, weights[-1].shape[-1])))
         if tower_params is None:
             return None
         wg, bg = layer.gate_weight, layer.gate_bias
@@ -180,8 +188,10 @@ class MMoE(MultiTaskModel):
         if weights[-1].shape[0] != wg.shape[2]:
             return None
         experts = [t for pair in zip(weights, biases) for t in pair]
-        return (wg, bg, *experts, *tower_params, layer.activation, layer.backend, towers.backend, len(weights),
-                len(tower_params) // (2 * self.num_tasks))
+        tensors = [t for t in (wg, bg, *experts, *tower_params) if t is not None]
+        if len({id(t) for t in tensors}) != len(tensors):  # a shared parameter: its gradients would have to add up
+            return None
+        return (wg, bg, *experts, *tower_params, len(weights), len(tower_params) // (2 * self.num_tasks))
 
 
 _OTHERS = 5  # the non-tensor arguments that end MMoE._one_node's tuple
