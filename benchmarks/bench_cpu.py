@@ -151,7 +151,7 @@ def bench_train(min_time: float, compile_: bool) -> dict[str, float]:
 def render(inf: dict[str, dict[int, float]], train: dict[str, float], command: str, threads: int) -> str:
     session = inf["cpp InferenceSession.run"]
     lines = [
-        f"## CPU: inference latency and training step (bench_cpu.py, {datetime.date(2026, 11, 29)})",
+        f"## CPU: inference latency and training step (bench_cpu.py, {datetime.date.today()})",
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {threads} threads; torch {torch.__version__}, "

@@ -738,13 +738,9 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     if fused is not None:
         return _fused_backward(fused, model, opt, yb, label_w, local, weights, device)
     out = net(xb)
-    if label_w is None:
-        sums = task_losses(out, yb.to(out.dtype), model.task_types, reduction="sum")
-        wsums = torch.full_like(sums, float(len(local)))
-    else:
-        wb = label_w[local].to(device=device, dtype=out.dtype)
-        sums = (task_losses(out, yb.to(out.dtype), model.task_types, reduction="none", mask=wb > 0) * wb).sum(0)
-        wsums = wb.sum(0)
+    wb = None if label_w is None else label_w[local].to(device=device, dtype=out.dtype)
+    sums = _loss_sums(out, yb.to(out.dtype), model.task_types, wb)
+    wsums = torch.full_like(sums, float(len(local))) if wb is None else wb.sum(0)
     # Scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss,
     # whatever the shard sizes.
     per_task = sums * (distributed.world_size() / len(rows))
@@ -788,11 +784,8 @@ def _fused_backward(fused, model, opt, yb, label_w, local, weights, device) -> t
         sums, dz = cpp_backend.loss_grad(out, yb, [t == "binary" for t in model.task_types], coef, wb)
     else:
         targets = yb.to(out.dtype)
-        if wb is None:
-            each = task_losses(out, targets, model.task_types, reduction="sum")
-        else:
-            each = (task_losses(out, targets, model.task_types, reduction="none", mask=wb > 0) * wb).sum(0)
-        sums, dz = each.double().tolist(), _loss_grad(out, targets, model.task_types, coef, wb)
+        sums = _loss_sums(out, targets, model.task_types, wb).double().tolist()
+        dz = _loss_grad(out, targets, model.task_types, coef, wb)
     grads = backward(dz)
     if len(grads) != sum(len(group["params"]) for group in opt.param_groups):
         opt.zero_grad(set_to_none=True)  # a parameter the model's backward does not cover keeps no old gradient
@@ -800,6 +793,14 @@ def _fused_backward(fused, model, opt, yb, label_w, local, weights, device) -> t
         param.grad = grad
     wsums = [float(len(local))] * len(sums) if wb is None else wb.sum(0).double().tolist()
     return sums, wsums, 0.0
+
+
+def _loss_sums(out: Tensor, targets: Tensor, task_types: Sequence[str], wb: Tensor | None) -> Tensor:
+    """Per-task loss sums ``[T]`` of a batch, each row weighted by ``wb[B, T]`` (None: ones; 0: a missing label,
+    whose target is not read)."""
+    if wb is None:
+        return task_losses(out, targets, task_types, reduction="sum")
+    return (task_losses(out, targets, task_types, reduction="none", mask=wb > 0) * wb).sum(0)
 
 
 def _loss_grad(out: Tensor, targets: Tensor, task_types: Sequence[str], coef: Tensor, wb: Tensor | None) -> Tensor:

@@ -204,7 +204,7 @@ def _fit_both_ways(monkeypatch, make, x, y, **kw):
 
 
 @pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
-@pytest.mark.parametrize("options", ["plain", "masked", "weighted", "clipped"])
+@pytest.mark.parametrize("options", ["plain", "masked", "weighted", "clipped", "torch-loss"])
 def test_fit_without_autograd_trains_as_with_it(cls, options, monkeypatch):
     """fit's autograd-free step (fused_training_forward and the loss gradient formed directly) gives the autograd
     step's losses and weights within float32 rounding, binary and regression tasks, masks and weights included."""
@@ -219,6 +219,12 @@ def test_fit_without_autograd_trains_as_with_it(cls, options, monkeypatch):
         kw["sample_weight"] = torch.rand(70, 2, generator=g) * 2
     elif options == "clipped":
         kw["clip_grad_norm"] = 0.05
+    elif options == "torch-loss":  # the loss and its gradient by torch ops, as off the CPU; with a mask
+        from mmoe_fast import train
+
+        monkeypatch.setattr(train.cpp_backend, "unavailable_reason", lambda: "pretend")
+        kw["label_mask"] = torch.rand(70, 2, generator=g) > 0.3
+        y = torch.where(kw["label_mask"], y, torch.nan)
 
     def make():
         torch.manual_seed(1)
@@ -504,3 +510,29 @@ def test_fits_adam_follows_options_changed_mid_run_and_runs_step_hooks_once():
         theirs.step()
         assert torch.equal(p, q), f"step {step}"
     assert len(calls) == 5
+
+
+def test_fit_without_autograd_resumes_exactly(tmp_path):
+    """Stopped at step 4 and resumed (fit's Adam keeping its state as views), the run ends as if never stopped."""
+    from mmoe_fast import train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 6, generator=g)
+    y = torch.stack([(x[:, 0] > 0).float(), x[:, 1]], dim=1)
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return mf.MMoE(6, 2, num_experts=3, expert_hidden=(5, 4), task_types=("binary", "regression"))
+
+    def run(name, m, **kw):
+        return train.fit(m, x, y, batch_size=10, lr=0.05, seed=1, checkpoint_dir=tmp_path / name, progress=False,
+                         log=lambda s: None, **kw)
+
+    assert model(0).fused_training_forward(x) is not None
+    straight = model(0)
+    history = run("straight", straight, steps=9)
+    run("stopped", model(0), steps=4)
+    resumed = model(5)
+    assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k

@@ -328,15 +328,22 @@ def grouped_linear_backward(dout, a, W, b, activation, input_grad=True, saved=()
     return _backward_from(a, W, b, activation, input_grad, saved, dout=dout)[:3]
 
 
-def towers_forward(h, num_layers, params):
-    """Every task's tower in one call: ``(out[B, T], save)``. ``h[T, B, K]`` or shared ``[B, K]`` (contiguous);
-    ``params`` layer by layer, the T weights ``[N, K]`` then the T biases ``[N]``, contiguous."""
+def _tower_layout(h, num_layers, params):
+    """``(T, B, widths, w, b)`` of the towers: widths ``[K0, N0, ..., 1]`` and each of ``params``' weight and bias
+    pointers (``params`` layer by layer, the T weights ``[N, K]`` then the T biases ``[N]``) in the kernels'
+    order, layer by layer, task by task."""
     T = len(params) // (2 * num_layers)
-    B = h.shape[-2]
     widths = [h.shape[-1]] + [params[2 * T * layer].shape[0] for layer in range(num_layers)]
     ptrs = [p.data_ptr() for p in params]
     w = [ptrs[2 * T * layer + t] for layer in range(num_layers) for t in range(T)]
     b = [ptrs[2 * T * layer + T + t] for layer in range(num_layers) for t in range(T)]
+    return T, h.shape[-2], widths, w, b
+
+
+def towers_forward(h, num_layers, params):
+    """Every task's tower in one call: ``(out[B, T], save)``. ``h[T, B, K]`` or shared ``[B, K]`` (contiguous);
+    ``params`` as ``_tower_layout``'s, contiguous."""
+    T, B, widths, w, b = _tower_layout(h, num_layers, params)
     out = h.new_empty((B, T))
     save = h.new_empty((T, B, sum(widths[1:-1])))
     _kernel("towers_forward", h.dtype)(h.data_ptr(), h.dim() == 2, B, T, widths, w, b, out.data_ptr(),
@@ -347,18 +354,13 @@ def towers_forward(h, num_layers, params):
 def towers_backward(dout, h, num_layers, params, save, input_grad):
     """``(dh or None, grads)`` of ``towers_forward``: ``grads`` one per parameter, in ``params``' order; ``dh``
     (when ``input_grad``) as ``h``: a shared input's gradient is the sum of the tasks'."""
-    T = len(params) // (2 * num_layers)
-    B = h.shape[-2]
-    widths = [h.shape[-1]] + [params[2 * T * layer].shape[0] for layer in range(num_layers)]
+    T, B, widths, w, _ = _tower_layout(h, num_layers, params)
     grads = [torch.empty_like(p) for p in params]
-    ptrs = [p.data_ptr() for p in params]
-    gptrs = [g.data_ptr() for g in grads]
-    order = [2 * T * layer + t for layer in range(num_layers) for t in range(T)]
+    _, _, _, dw, db = _tower_layout(h, num_layers, grads)
     dh = h.new_empty((T, B, widths[0])) if input_grad else None
     dout = dout.resolve_neg().contiguous()  # kept alive through the call
-    _kernel("towers_backward", h.dtype)(h.data_ptr(), h.dim() == 2, B, T, widths, [ptrs[i] for i in order],
-                                        save.data_ptr(), dout.data_ptr(), _ptr(dh),
-                                        [gptrs[i] for i in order], [gptrs[i + T] for i in order])
+    _kernel("towers_backward", h.dtype)(h.data_ptr(), h.dim() == 2, B, T, widths, w, save.data_ptr(),
+                                        dout.data_ptr(), _ptr(dh), dw, db)
     if dh is not None and h.dim() == 2:
         dh = dh.sum(0) if T > 1 else dh[0]
     return dh, grads
