@@ -144,6 +144,11 @@ void softmax_rows(const T* logits, T* out, int64_t rows, int64_t E) {
 }
 
 template <typename T>
+void replicas_step(const ReplicaStep<T>& step) {
+  MMOE_DISPATCH(active_isa(), replicas_entry<T>(step))
+}
+
+template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out) {
   out.E = E;
   out.K = K;
@@ -177,6 +182,7 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \
+  template void replicas_step<T>(const ReplicaStep<T>&);                                                          \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);                                                 \
   template void towers_forward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,      \
                                   const T* const*, T*, T*);                                                      \

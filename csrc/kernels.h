@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -123,6 +124,70 @@ void towers_backward(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, 
 // out[r, :] = softmax(logits[r, :]) for rows of E values (max-subtracted; vectorized exp).
 template <typename T>
 void softmax_rows(const T* logits, T* out, int64_t rows, int64_t E);
+// fit's loss and its gradient in one pass over out[B, nT]: task t's loss is BCE with logits (binary[t] != 0) or
+// the squared error; a row with weight w[b, t] <= 0 (w given) adds nothing and its target is not read.
+// sums[t] = sum_b w * loss (double accumulation), dz[b, t] = coef[t] * w * dloss/dz (BCE: sigmoid(z) - y;
+// squared error: 2 (z - y)). BCE's loss is max(z, 0) - z y + log1p(exp(-|z|)), exact for every z.
+template <typename T>
+void loss_grad(const T* out, const T* y, const uint8_t* binary, const T* coef, const T* w, T* dz, double* sums,
+               int64_t B, int64_t nT) {
+  std::fill(sums, sums + nT, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < nT; ++t) {
+      const int64_t i = b * nT + t;
+      const T wt = w ? w[i] : T(1);
+      if (w && !(wt > T(0))) {
+        dz[i] = T(0);
+        continue;
+      }
+      const T z = out[i], yv = y[i];
+      T loss, g;
+      if (binary[t]) {
+        loss = std::max(z, T(0)) - z * yv + std::log1p(std::exp(-std::abs(z)));
+        g = T(1) / (T(1) + std::exp(-z)) - yv;
+      } else {
+        const T d = z - yv;
+        loss = d * d;
+        g = T(2) * d;
+      }
+      sums[t] += static_cast<double>(wt * loss);
+      dz[i] = g * (coef[t] * wt);
+    }
+}
+
+// S replicas of one small model trained at once (fit_many), each on its own rows: replica s's first layer is
+// Y[s] = x[s] @ Wcat[s] ([B, C], C = E * H + nG * E: every expert's columns side by side, then the gates'
+// logits), one batched GEMM done by the caller; bias[s, C] (or null) is added here. Then, one replica per
+// thread: the gates' softmax, the mixture (nG == nT: task t mixes with gate t; nG == 1: one gate, a mixture
+// shared by the tasks; nG == 0: E == 1 and act(pre) is shared, a Shared-Bottom), the towers (as
+// towers_forward: widths[0] == H; tw, tb: replica 0's weight and bias of layer l, task t at [l * nT + t],
+// replica s's at + s * size), out[s, B, nT]. With y: loss_grad's sums[s, nT] and gradients: dY[s, B, C] (the
+// pre-activations' and the logits'), dbias[s, C], dtw, dtb (laid out as tw, tb). A replica with active[s] == 0
+// (active given) is skipped: its outputs and gradients are left as they were.
+template <typename T>
+struct ReplicaStep {
+  int64_t S = 0, B = 0, E = 0, H = 0, nG = 0, nT = 0, L = 0;
+  const int64_t* widths = nullptr;
+  int act = kRelu;
+  const T* Y = nullptr;
+  const T* bias = nullptr;
+  const T* const* tw = nullptr;
+  const T* const* tb = nullptr;
+  T* out = nullptr;
+  const uint8_t* active = nullptr;
+  const T* y = nullptr;  // [S, B, nT]; null: forward only
+  const uint8_t* binary = nullptr;
+  const T* coef = nullptr;    // [nT]
+  const T* weight = nullptr;  // [S, B, nT] label weights or null
+  double* sums = nullptr;
+  T* dY = nullptr;
+  T* dbias = nullptr;
+  T* const* dtw = nullptr;
+  T* const* dtb = nullptr;
+};
+template <typename T>
+void replicas_step(const ReplicaStep<T>& step);
+
 template <typename T>
 void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
 template <typename T>

@@ -23,6 +23,29 @@ struct Kern {
     return v;
   }
 
+  // The sum of v's lanes, as a tree (a serial chain of scalar adds, what `omp simd reduction` compiles to,
+  // costs a dependent add per lane: at H = 16 the dot products of the mixture's backward took most of its time).
+  template <int W, size_t... I>
+  static V rotate(V v, std::index_sequence<I...>) {
+    return __builtin_shufflevector(v, v, ((I + W) & (L - 1))...);
+  }
+  static T hsum(V v) {
+    if constexpr (L >= 16) v += rotate<8>(v, std::make_index_sequence<L>{});
+    if constexpr (L >= 8) v += rotate<4>(v, std::make_index_sequence<L>{});
+    if constexpr (L >= 4) v += rotate<2>(v, std::make_index_sequence<L>{});
+    if constexpr (L >= 2) v += rotate<1>(v, std::make_index_sequence<L>{});
+    return v[0];
+  }
+
+  static T dot(const T* a, const T* b, int64_t n) {
+    V acc = {};
+    int64_t j = 0;
+    for (; j + L <= n; j += L) acc += load(a + j) * load(b + j);
+    T s = hsum(acc);
+    for (; j < n; ++j) s += a[j] * b[j];
+    return s;
+  }
+
   // out[M][NR] = a[M rows, stride lda][K] @ w[K rows, stride ldw][NR]. Short tiles run S independent
   // chains over k so FMA latency does not serialize them.
   template <int M>
@@ -389,7 +412,11 @@ struct Kern {
   // ~2M multiply-adds on one core: a training step's small calls, between which the team goes to sleep, run
   // faster on the calling thread alone.
   static constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+  // Inside a parallel region (replicas_step's, one replica per thread) a call runs on its thread alone.
   static int threads_for(int64_t items, int64_t work = INT64_MAX) {
+#ifdef _OPENMP
+    if (omp_in_parallel()) return 1;
+#endif
     const int64_t by_work = std::max<int64_t>(1, work / kWorkPerThread);
     return static_cast<int>(std::max<int64_t>(1, std::min({static_cast<int64_t>(max_threads()), items, by_work})));
   }
@@ -788,33 +815,58 @@ int tower_threads(int64_t B, int64_t nT, int64_t L, const int64_t* widths) {
   return Kern<T>::threads_for(nT, B * nT * macs);
 }
 
-// out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer.
+// out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer. Each layer
+// runs on the GEMM's register tiles (MR rows x NR outputs, the task's weights transposed into panels first):
+// per row a few vector FMAs, where a dot product per output paid a horizontal sum each.
 template <typename T>
 void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
                           const T* const* w, const T* const* bias, T* out, T* save) {
+  using Kt = Kern<T>;
+  constexpr int NR = Kt::NR, MR = Kt::MR;
   const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
+  int64_t packed = 0;
+  for (int64_t l = 0; l < L; ++l) packed += Kt::panels(widths[l + 1]) * widths[l] * NR;
 #pragma omp parallel for schedule(static) num_threads(tower_threads<T>(B, nT, L, widths))
   for (int64_t t = 0; t < nT; ++t) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* a = shared ? h + b * K0 : h + (t * B + b) * K0;
-      T* row = save + (t * B + b) * hid;
+    T* wp = scratch<T>(1, static_cast<size_t>(packed + MR * NR));
+    T* tile = wp + packed;
+    T* q = wp;  // layer l: [P][K][NR], panel p's column j = output p * NR + j (zero past N)
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
+      const T* W = w[l * nT + t];
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t j = 0; j < NR; ++j) {
+            const int64_t n = p * NR + j;
+            q[(p * K + k) * NR + j] = n < N ? W[n * K + k] : T(0);
+          }
+      q += P * K * NR;
+    }
+    for (int64_t r = 0; r < B; r += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, B - r));
+      const T* a = shared ? h + r * K0 : h + (t * B + r) * K0;
+      int64_t lda = K0, off = 0;
+      T* rows = save + (t * B + r) * hid;
+      q = wp;
       for (int64_t l = 0; l < L; ++l) {
-        const int64_t K = widths[l], N = widths[l + 1];
-        const T* W = w[l * nT + t];
+        const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
         const T* bl = bias[l * nT + t];
-        for (int64_t n = 0; n < N; ++n) {
-          const T* __restrict wn = W + n * K;
-          T z = 0;
-#pragma omp simd reduction(+ : z)
-          for (int64_t k = 0; k < K; ++k) z += wn[k] * a[k];
-          z += bl[n];
-          if (l == L - 1)
-            out[b * nT + t] = z;
-          else
-            row[n] = z < T(0) ? T(0) : z;  // NaN stays NaN
+        for (int64_t p = 0; p < P; ++p) {
+          Kt::tile_rows(mr, a, lda, q + p * K * NR, NR, K, tile);
+          const int64_t n1 = std::min<int64_t>(NR, N - p * NR);
+          for (int i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < n1; ++j) {
+              const T z = tile[i * NR + j] + bl[p * NR + j];
+              if (l == L - 1)
+                out[(r + i) * nT + t] = z;  // the last layer has one output
+              else
+                rows[i * hid + off + p * NR + j] = z < T(0) ? T(0) : z;  // NaN stays NaN
+            }
         }
-        a = row;
-        row += N;
+        a = rows + off;
+        lda = hid;
+        off += N;
+        q += P * K * NR;
       }
     }
   }
@@ -970,4 +1022,127 @@ void pack_entry(const T* w, const T* b, Grouped<T>& out) {
   out.b.assign(static_cast<size_t>(out.E * Kt::panels(out.N) * Kt::NR), T(0));
   Kt::pack(w, out.E, out.K, out.N, out.w.data());
   Kt::pack_bias(b, out.E, out.N, out.b.data());
+}
+
+// ---- replicas (fit_many): see ReplicaStep in kernels.h --------------------------------------------
+template <typename T>
+void replica_one(const ReplicaStep<T>& a, int64_t s) {
+  using Kt = Kern<T>;
+  const int64_t B = a.B, E = a.E, H = a.H, nG = a.nG, nT = a.nT, nL = a.L, EH = E * H, GE = nG * E, C = EH + GE;
+  const bool shared = nG <= 1;  // one input for every tower
+  const int64_t hrows = shared ? B : nT * B, hid = tower_hidden_width<T>(nL, a.widths);
+  const int64_t GW = (GE + Kt::L - 1) / Kt::L * Kt::L;  // softmax_groups' buffer: whole vectors
+  // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
+  T* z = scratch<T>(5, static_cast<size_t>(B * C + B * EH + B * GE + hrows * H + nT * B * hid + GW + nT * B));
+  T* f = z + B * C;     // act(pre) [B, EH]
+  T* G = f + B * EH;    // [B, nG, E]
+  T* h = G + B * GE;    // the towers' input [nT or 1, B, H]
+  T* save = h + hrows * H;
+  T* lg = save + nT * B * hid;
+  T* dz = lg + GW;      // [B, nT]
+  std::vector<const T*> tw(static_cast<size_t>(nL * nT)), tb(tw.size());
+  std::vector<T*> dtw(tw.size()), dtb(tw.size());
+  for (int64_t l = 0; l < nL; ++l)
+    for (int64_t t = 0; t < nT; ++t) {
+      const size_t i = static_cast<size_t>(l * nT + t);
+      const int64_t nw = a.widths[l] * a.widths[l + 1], nb = a.widths[l + 1];
+      tw[i] = a.tw[i] + s * nw;
+      tb[i] = a.tb[i] + s * nb;
+      if (a.y) {
+        dtw[i] = a.dtw[i] + s * nw;
+        dtb[i] = a.dtb[i] + s * nb;
+      }
+    }
+  const T* Ys = a.Y + s * B * C;
+  const T* bs = a.bias ? a.bias + s * C : nullptr;
+  Kt::with_act(a.act, [&](auto A) {
+    for (int64_t b = 0; b < B; ++b) {
+      T* zb = z + b * C;
+      T* fb = f + b * EH;
+      for (int64_t c = 0; c < C; ++c) zb[c] = Ys[b * C + c] + (bs ? bs[c] : T(0));
+      for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
+      if (nG > 0) {
+        std::copy(zb + EH, zb + C, lg);
+        std::fill(lg + GE, lg + GW, T(0));
+        Kt::softmax_groups(lg, GW, G + b * GE, nG, E);
+      }
+      if (nG == 0) {
+        std::copy(fb, fb + H, h + b * H);
+        continue;
+      }
+      for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {
+        T* hr = h + (t * B + b) * H;
+        const T* g = G + b * GE + t * E;
+        std::fill(hr, hr + H, T(0));
+        for (int64_t e = 0; e < E; ++e) {
+          const T ge = g[e];
+          const T* fe = fb + e * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) hr[j] += ge * fe[j];
+        }
+      }
+    }
+  });
+  T* out = a.out + s * B * nT;
+  towers_forward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
+  if (!a.y) return;
+  loss_grad<T>(out, a.y + s * B * nT, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
+               a.sums + s * nT, B, nT);
+  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + EH + 2 * GE));
+  T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
+  T* df = dsum + H;            // [EH]
+  T* dG = df + EH;             // [nG, E]
+  towers_backward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
+  T* dY = a.dY + s * B * C;
+  T* db = a.dbias + s * C;
+  std::fill(db, db + C, T(0));
+  Kt::with_act(a.act, [&](auto A) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* zb = z + b * C;
+      const T* fb = f + b * EH;
+      const T* g = G + b * GE;
+      T* dyb = dY + b * C;
+      if (shared) {
+        std::fill(dsum, dsum + H, T(0));
+        for (int64_t t = 0; t < nT; ++t) {
+          const T* dt = dh + (t * B + b) * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) dsum[j] += dt[j];
+        }
+      }
+      if (nG == 0) {
+        std::copy(dsum, dsum + H, df);
+      } else {
+        for (int64_t e = 0; e < E; ++e) {
+          const T* fe = fb + e * H;
+          T* dfe = df + e * H;
+          std::fill(dfe, dfe + H, T(0));
+          for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {
+            const T* dt = shared ? dsum : dh + (t * B + b) * H;
+            const T ge = g[t * E + e];
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) dfe[j] += ge * dt[j];
+            dG[t * E + e] = Kt::dot(dt, fe, H);
+          }
+        }
+        for (int64_t t = 0; t < nG; ++t) {  // dlogit = G (dG - sum_e G dG)
+          T sg = 0;
+          for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
+          for (int64_t e = 0; e < E; ++e) dyb[EH + t * E + e] = g[t * E + e] * (dG[t * E + e] - sg);
+        }
+      }
+      for (int64_t c = 0; c < EH; ++c) dyb[c] = df[c] * Kt::template fder<A>(zb[c]);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) db[c] += dyb[c];
+    }
+  });
+}
+
+template <typename T>
+void replicas_entry(const ReplicaStep<T>& a) {
+  int64_t macs = a.E * a.H * (a.nT + 3) * 8;  // the elementwise passes, 8 per element (see threads_for)
+  for (int64_t l = 0; l < a.L; ++l) macs += 3 * a.nT * a.widths[l] * a.widths[l + 1];
+#pragma omp parallel for schedule(dynamic) num_threads(Kern<T>::threads_for(a.S, a.S * a.B * macs))
+  for (int64_t s = 0; s < a.S; ++s)
+    if (!a.active || a.active[s]) replica_one<T>(a, s);
 }

@@ -29,37 +29,6 @@ T* mp(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// fit's loss and its gradient in one pass over out[B, nT]: task t's loss is BCE with logits (binary[t] != 0) or
-// the squared error; a row with weight w[b, t] <= 0 (w given) adds nothing and its target is not read.
-// sums[t] = sum_b w * loss (double accumulation), dz[b, t] = coef[t] * w * dloss/dz (BCE: sigmoid(z) - y;
-// squared error: 2 (z - y)). BCE's loss is max(z, 0) - z y + log1p(exp(-|z|)), exact for every z.
-template <typename T>
-void loss_grad(const T* out, const T* y, const uint8_t* binary, const T* coef, const T* w, T* dz, double* sums,
-               int64_t B, int64_t nT) {
-  std::fill(sums, sums + nT, 0.0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < nT; ++t) {
-      const int64_t i = b * nT + t;
-      const T wt = w ? w[i] : T(1);
-      if (w && !(wt > T(0))) {
-        dz[i] = T(0);
-        continue;
-      }
-      const T z = out[i], yv = y[i];
-      T loss, g;
-      if (binary[t]) {
-        loss = std::max(z, T(0)) - z * yv + std::log1p(std::exp(-std::abs(z)));
-        g = T(1) / (T(1) + std::exp(-z)) - yv;
-      } else {
-        const T d = z - yv;
-        loss = d * d;
-        g = T(2) * d;
-      }
-      sums[t] += static_cast<double>(wt * loss);
-      dz[i] = g * (coef[t] * wt);
-    }
-}
-
 // Tower layers from widths [K0, N0, ..., 1] and one pointer per (layer, task) in w and bias.
 int64_t checked_layers(const std::vector<int64_t>& widths, const std::vector<uintptr_t>& w,
                        const std::vector<uintptr_t>& bias, int64_t nT) {
@@ -290,7 +259,7 @@ void bind(py::module_& m, const std::string& sfx) {
           std::vector<double> sums(static_cast<size_t>(nT));
           {
             py::gil_scoped_release release;
-            loss_grad<T>(cp<T>(out), cp<T>(y), binary.data(), cp<T>(coef), cp<T>(w), mp<T>(dz), sums.data(), B, nT);
+            mmoe::loss_grad<T>(cp<T>(out), cp<T>(y), binary.data(), cp<T>(coef), cp<T>(w), mp<T>(dz), sums.data(), B, nT);
           }
           return sums;
         },
@@ -327,6 +296,34 @@ void bind(py::module_& m, const std::string& sfx) {
                                    mp<T>(dh), dwp.data(), dbp.data());
         },
         "towers_forward's backward from dout[B,T]: dw, db (as w and bias) and, dh != 0, dh[T,B,K0].");
+  m.def(("replicas_step" + sfx).c_str(),
+        [](int64_t S, int64_t B, int64_t E, int64_t H, int64_t nG, int64_t nT, const std::vector<int64_t>& widths,
+           int act, uintptr_t Y, uintptr_t bias, const std::vector<uintptr_t>& tw, const std::vector<uintptr_t>& tb,
+           uintptr_t out, uintptr_t active, uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef,
+           uintptr_t weight, uintptr_t sums, uintptr_t dY, uintptr_t dbias, const std::vector<uintptr_t>& dtw,
+           const std::vector<uintptr_t>& dtb) {
+          mmoe::ReplicaStep<T> st;
+          st.L = checked_layers(widths, tw, tb, nT);
+          if (S < 0 || B < 0 || E < 1 || H < 1 || widths[0] != H || !(nG == 0 || nG == 1 || nG == nT) ||
+              (nG == 0 && E != 1))
+            throw std::invalid_argument("replicas_step: needs E, H >= 1, widths[0] == H, nG in {0, 1, T}, E == 1 "
+                                        "without gates");
+          if (y && (static_cast<int64_t>(binary.size()) != nT || !coef || !sums || !dY || !dbias))
+            throw std::invalid_argument("replicas_step: training needs binary[T], coef, sums, dY and dbias");
+          if (y) checked_layers(widths, dtw, dtb, nT);
+          const auto twp = pointers<const T>(tw), tbp = pointers<const T>(tb);
+          const auto dtwp = pointers<T>(dtw), dtbp = pointers<T>(dtb);
+          st.S = S, st.B = B, st.E = E, st.H = H, st.nG = nG, st.nT = nT, st.widths = widths.data(), st.act = act;
+          st.Y = cp<T>(Y), st.bias = cp<T>(bias), st.tw = twp.data(), st.tb = tbp.data(), st.out = mp<T>(out);
+          st.active = reinterpret_cast<const uint8_t*>(active);
+          st.y = cp<T>(y), st.binary = binary.data(), st.coef = cp<T>(coef), st.weight = cp<T>(weight);
+          st.sums = reinterpret_cast<double*>(sums), st.dY = mp<T>(dY), st.dbias = mp<T>(dbias);
+          st.dtw = dtwp.data(), st.dtb = dtbp.data();
+          py::gil_scoped_release release;
+          mmoe::replicas_step<T>(st);
+        },
+        "S replicas of a one-layer MMoE/OMoE/Shared-Bottom with towers (see ReplicaStep in kernels.h): from "
+        "Y[S,B,C] = x @ Wcat, out[S,B,T]; with y (else 0), loss sums[S,T] (float64) and gradients.");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)

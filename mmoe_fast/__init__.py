@@ -23,6 +23,7 @@ from .models import (
     count_parameters,
 )
 from .ops import available_backends, expert_mixture, gate_softmax, grouped_linear, mmoe
+from .train_many import fit_many
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,5 @@ __all__ = [
     "CGC", "ESMM", "MODELS", "PLE", "CheckpointError", "CrossStitch", "ExtractionLayer", "InferenceSession",
     "L2Constrained", "MMoE", "MMoELayer", "OMoE", "OMoELayer", "SharedBottom", "SingleTask", "TensorFactorization",
     "Towers", "available_backends", "build_model", "count_parameters", "describe_backends", "expert_mixture",
-    "export_onnx", "gate_softmax", "grouped_linear", "load", "mmoe", "save",
+    "export_onnx", "fit_many", "gate_softmax", "grouped_linear", "load", "mmoe", "save",
 ]

@@ -632,9 +632,11 @@ def fit(
 
     def diverged(what: str) -> FloatingPointError:
         kept = f"the last checkpoint, {last_saved[0]}, is kept" if last_saved else "no checkpoint was written"
-        return FloatingPointError(f"training diverged at epoch {p.epoch}, step {p.step + 1}: {what}; nothing of "
-                                  f"this step was saved ({kept}); lower the learning rate (now "
-                                  f"{opt.param_groups[0]['lr']}) or check the inputs")
+        err = FloatingPointError(f"training diverged at epoch {p.epoch}, step {p.step + 1}: {what}; nothing of "
+                                 f"this step was saved ({kept}); lower the learning rate (now "
+                                 f"{opt.param_groups[0]['lr']}) or check the inputs")
+        err.history = p.history  # the epochs completed before, as fit would have returned them
+        return err
 
     net = distributed.wrap(model)
     while p.batch > 0 or (p.step < total and not p.stopped):

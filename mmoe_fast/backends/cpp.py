@@ -334,10 +334,16 @@ def _tower_layout(h, num_layers, params):
     order, layer by layer, task by task."""
     T = len(params) // (2 * num_layers)
     widths = [h.shape[-1]] + [params[2 * T * layer].shape[0] for layer in range(num_layers)]
+    return T, h.shape[-2], widths, *_weights_biases(params, num_layers, T)
+
+
+def _weights_biases(params, num_layers, T):
+    """The pointers of ``params`` (layer by layer, the T weights then the T biases) as the kernels take them: the
+    weights, layer by layer and task by task, and the biases likewise."""
     ptrs = [p.data_ptr() for p in params]
     w = [ptrs[2 * T * layer + t] for layer in range(num_layers) for t in range(T)]
     b = [ptrs[2 * T * layer + T + t] for layer in range(num_layers) for t in range(T)]
-    return T, h.shape[-2], widths, w, b
+    return w, b
 
 
 def towers_forward(h, num_layers, params):
@@ -377,3 +383,35 @@ def loss_grad(out, y, binary, coef, w):
     sums = _kernel("loss_grad", out.dtype)(out.data_ptr(), y.data_ptr(), [bool(b) for b in binary], coef.data_ptr(),
                                            _ptr(w), dz.data_ptr(), out.shape[0])
     return sums, dz
+
+
+def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation, y=None, binary=(), coef=None,
+                  weight=None, active=None):
+    """S replicas' outputs ``out[S, B, T]`` from their first layer's GEMM ``Y[S, B, C]`` (``C = E * H +
+    num_gates * E``: the experts side by side, then the gates' logits; see ``ReplicaStep`` in csrc/kernels.h);
+    ``bias[S, C]`` or None; ``tower_params`` as ``_tower_layout``'s, each stacked ``[S, ...]``. With ``y[S, B, T]``
+    also ``(sums[S, T] float64, dY[S, B, C], dbias[S, C], tower grads)`` of the loss ``loss_grad`` forms (``coef[T]``,
+    ``weight[S, B, T]`` or None). ``active[S]`` (bool, or None: all): the replicas to run; the others' outputs and
+    gradients are zero. Every tensor contiguous."""
+    S, B, C = Y.shape
+    T = len(tower_params) // (2 * num_layers)
+    widths = [H] + [tower_params[2 * T * layer].shape[1] for layer in range(num_layers)]
+    w, b = _weights_biases(tower_params, num_layers, T)
+    zeros = active is not None and not bool(active.all())
+    out = (Y.new_zeros if zeros else Y.new_empty)((S, B, T))
+    act = None if active is None else active.to(torch.uint8).contiguous()
+    args = [S, B, E, H, num_gates, T, widths, ACTIVATION_CODES[activation], Y.data_ptr(), _ptr(bias), w, b,
+            out.data_ptr(), _ptr(act)]
+    if y is None:
+        _kernel("replicas_step", Y.dtype)(*args, 0, [], 0, 0, 0, 0, 0, [], [])
+        return out
+    new = Y.new_zeros if zeros else Y.new_empty
+    sums = torch.zeros((S, T), dtype=torch.float64)
+    dY, dbias = new((S, B, C)), new((S, C))
+    grads = [new(p.shape) for p in tower_params]
+    dw, db = _weights_biases(grads, num_layers, T)
+    coef = coef.to(Y.dtype).contiguous()
+    weight = None if weight is None else weight.to(Y.dtype).contiguous()
+    _kernel("replicas_step", Y.dtype)(*args, y.data_ptr(), [bool(v) for v in binary], coef.data_ptr(), _ptr(weight),
+                                      sums.data_ptr(), dY.data_ptr(), dbias.data_ptr(), dw, db)
+    return out, sums, dY, dbias, grads

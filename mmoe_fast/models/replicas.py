@@ -1,0 +1,168 @@
+"""S models of one small architecture as one: ``ReplicaStack`` packs MMoE, OMoE or Shared-Bottom replicas (one
+expert or bottom layer, plain towers) into stacked tensors, so that a training step of all S is one batched GEMM
+each way and one C++ call, one replica per thread (``fit_many``'s engine).
+
+The first layer of every replica is one matrix ``Wcat[D, C]``: the experts' weights side by side (``C = E * H``
+columns), then the gates' (``num_gates * E``); the gates' softmax, the mixture, the towers, the loss and every
+gradient but ``dWcat`` are ``_C.replicas_step``'s, and ``dWcat = x^T dY`` is a batched GEMM again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..backends import cpp as cpp_backend
+from .common import _hooked, _tower_params
+from .mmoe import MMoE, MMoELayer, OMoE
+from .shared_bottom import SharedBottom
+
+_KINDS = (MMoE, OMoE, SharedBottom)
+
+
+def _first_layer(model: nn.Module) -> tuple | None:
+    """``(W[D, C], bias[C] or None, absent bias columns, E, H, num_gates, activation)`` of a packable model, as
+    views of its parameters; None where the model is not one ``ReplicaStack`` packs."""
+    if isinstance(model, SharedBottom):
+        mods = list(model.bottom._modules.values())
+        if len(mods) != 2 or type(mods[0]) is not nn.Linear or type(mods[1]) is not nn.ReLU or _hooked(model.bottom) \
+                or any(_hooked(m) for m in mods):
+            return None
+        lin = mods[0]
+        return lin.weight.t(), lin.bias, [], 1, lin.weight.shape[0], 0, "relu"
+    layer = model.mixture
+    if type(layer).forward is not MMoELayer.forward or _hooked(layer) or len(layer.expert_weights) != 1:
+        return None
+    w, b, wg, bg = layer.expert_weights[0], layer.expert_biases[0], layer.gate_weight, layer.gate_bias
+    E, D, H = w.shape
+    G = wg.shape[0]
+    if wg.shape[2] != E or G not in (1, model.num_tasks):
+        return None
+    W = torch.cat([w.permute(1, 0, 2).reshape(D, E * H), wg.permute(1, 0, 2).reshape(D, G * E)], 1)
+    parts = [b.reshape(-1) if b is not None else w.new_zeros(E * H), bg.reshape(-1) if bg is not None
+             else w.new_zeros(G * E)]
+    absent = ([] if b is not None else list(range(E * H))) + ([] if bg is not None else
+                                                               list(range(E * H, E * H + G * E)))
+    return W, torch.cat(parts), absent, E, H, G, layer.activation
+
+
+def why_not_packed(models: Sequence[nn.Module]) -> str | None:
+    """Why ``models`` cannot be one ``ReplicaStack`` (a sentence), or None when they can."""
+    if not models:
+        return "there are no models"
+    if cpp_backend.unavailable_reason() is not None:
+        return cpp_backend.unavailable_reason()
+    first = models[0]
+    for i, model in enumerate(models):
+        kind = type(model)
+        if kind not in _KINDS:
+            return f"model {i} is a {kind.__name__}; replicas pack MMoE, OMoE and SharedBottom only"
+        if kind is not type(first):
+            return f"model {i} is a {kind.__name__}, model 0 a {type(first).__name__}"
+        if type(model).forward is not kind.forward or _hooked(model) or _hooked(model.towers):
+            return f"model {i} has hooks or a replaced forward"
+        if getattr(model, "backend", None) == "reference" or any(getattr(m, "backend", None) == "reference"
+                                                                 for m in model.modules()):
+            return f"model {i} asks for the reference backend (plain PyTorch, the oracle)"
+        params = list(model.parameters())
+        if any(p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) for p in params):
+            return f"model {i} is not float32/float64 on the CPU"
+        if len({p.dtype for p in params}) != 1:
+            return f"model {i} mixes dtypes"
+        if len({id(p) for p in params}) != len(params) or any(not p.requires_grad for p in params):
+            return f"model {i} shares or freezes a parameter"
+        layer = _first_layer(model)
+        if layer is None:
+            return f"model {i} has more than one expert/bottom layer or a changed layer"
+        towers = _tower_params(model.towers.towers, params[0].new_empty((1, layer[4])))
+        if towers is None or len(towers) % (2 * model.num_tasks):
+            return f"model {i}'s towers are not plain Linear/ReLU stacks of one shape"
+        shapes = ([tuple(p.shape) for p in params], layer[3:], tuple(model.task_types), params[0].dtype,
+                  layer[2] == [])
+        if i == 0:
+            reference = shapes
+        elif shapes != reference:
+            return f"model {i}'s architecture (shapes, activation, tasks, dtype or biases) differs from model 0's"
+    return None
+
+
+class ReplicaStack:
+    """``models`` (``why_not_packed`` says which) as stacked tensors: ``params`` (``[S, ...]`` leaves: the first
+    layer ``W[S, D, C]`` and ``bias[S, C]``, then the towers' parameters in ``_tower_params``' order). ``step``
+    gives the loss sums and every gradient of a batch per replica; ``forward`` the outputs; ``write_back`` puts
+    the weights into the models."""
+
+    def __init__(self, models: Sequence[nn.Module], checked: bool = False) -> None:
+        """``checked``: ``why_not_packed(models)`` was None just now (it is not asked again)."""
+        reason = None if checked else why_not_packed(models)
+        if reason is not None:
+            raise ValueError(f"these models cannot be packed as replicas: {reason}")
+        self.kind = type(models[0])
+        self.task_types = tuple(models[0].task_types)
+        first = _first_layer(models[0])
+        _, _, self.absent, self.E, self.H, self.num_gates, self.activation = first
+        self.num_tasks = len(self.task_types)
+        with torch.no_grad():
+            layers = [_first_layer(m) for m in models]
+            towers = [_tower_params(m.towers.towers, layers[0][0].new_empty((1, self.H))) for m in models]
+            self.num_tower_layers = len(towers[0]) // (2 * self.num_tasks)
+            self.params = [torch.stack([lay[0] for lay in layers]).contiguous(),
+                           torch.stack([lay[1] for lay in layers]).contiguous(),
+                           *(torch.stack([t[k] for t in towers]).contiguous() for k in range(len(towers[0])))]
+        self.S = len(models)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def step(self, x: Tensor, y: Tensor, coef: Tensor, active: Tensor | None = None, weight: Tensor | None = None
+             ) -> tuple[Tensor, list[Tensor]]:
+        """``(sums[S, T] float64, grads)`` for the batches ``x[S, B, D]``, ``y[S, B, T]``: each replica's per-task
+        loss sums (BCE with logits for binary tasks, squared error otherwise; rows weighted by ``weight[S, B, T]``)
+        and the gradient of ``sum_t coef[t] * sums[t]``, one per ``params`` entry. ``active[S]`` (bool): the
+        replicas to compute (the others' sums and gradients are zero)."""
+        W, bias, *towers = self.params
+        Y = torch.bmm(x, W)
+        _, sums, dY, dbias, tower_grads = cpp_backend.replicas_step(
+            Y, bias, self.E, self.H, self.num_gates, towers, self.num_tower_layers, self.activation, y=y,
+            binary=[t == "binary" for t in self.task_types], coef=coef, weight=weight, active=active)
+        dW = torch.bmm(x.transpose(1, 2), dY)
+        if self.absent:  # a layer without a bias: its columns stay zero
+            dbias[:, self.absent] = 0
+        return sums, [dW, dbias, *tower_grads]
+
+    def forward(self, x: Tensor, chunk: int = 1024) -> Tensor:
+        """``out[S, N, T]`` of every replica on its rows ``x[S, N, D]``, or on the same rows ``x[N, D]`` (``chunk``
+        rows at a time)."""
+        W, bias, *towers = self.params
+        outs = []
+        for i in range(0, x.shape[-2], chunk):
+            Y = torch.matmul(x[i : i + chunk] if x.dim() == 2 else x[:, i : i + chunk], W).contiguous()
+            outs.append(cpp_backend.replicas_step(Y, bias, self.E, self.H, self.num_gates, towers,
+                                                  self.num_tower_layers, self.activation))
+        return torch.cat(outs, 1) if len(outs) != 1 else outs[0]
+
+    def write_back(self, models: Sequence[nn.Module]) -> None:
+        """Copy replica s's weights into ``models[s]`` (the models this stack was made from)."""
+        W, bias, *towers = self.params
+        E, H, G = self.E, self.H, self.num_gates
+        with torch.no_grad():
+            for s, model in enumerate(models):
+                if self.kind is SharedBottom:
+                    lin = model.bottom[0]
+                    lin.weight.copy_(W[s].t())
+                    lin.bias.copy_(bias[s])
+                else:
+                    layer = model.mixture
+                    w = layer.expert_weights[0]
+                    D = w.shape[1]
+                    w.copy_(W[s, :, : E * H].reshape(D, E, H).permute(1, 0, 2))
+                    layer.gate_weight.copy_(W[s, :, E * H :].reshape(D, G, E).permute(1, 0, 2))
+                    if layer.expert_biases[0] is not None:
+                        layer.expert_biases[0].copy_(bias[s, : E * H].reshape(E, H))
+                    if layer.gate_bias is not None:
+                        layer.gate_bias.copy_(bias[s, E * H :].reshape(G, E))
+                for p, stacked in zip(_tower_params(model.towers.towers, W.new_empty((1, H))), towers):
+                    p.copy_(stacked[s])

@@ -1,0 +1,309 @@
+"""``fit_many``: many independent training runs as one job.
+
+A study of the paper's kind (Figures 4 and 5) is hundreds of runs of one small model. One at a time, each
+step of each run pays Python, the dispatcher and thread wake-ups for a few microseconds of arithmetic. Packed as
+replicas (``models.replicas.ReplicaStack``), a step of S runs is two batched GEMMs and one C++ call, one run per
+thread: ``python benchmarks/bench_fit_many.py`` measures the gain per run-step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .models.replicas import ReplicaStack, why_not_packed
+from .train import _as_tensor, _check_fit_args, fit, task_losses, task_metrics
+
+_BETAS = (0.9, 0.999)  # torch's Adam/AdamW defaults, which fit uses
+_EPS = 1e-8
+_OPTIMIZERS = ("adam", "adamw")
+
+
+def _per_run(value, S: int, name: str) -> list:
+    """``value`` for each of S runs: one value for all, or a sequence of S."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, Tensor) and value.dim() == 1):
+        values = list(value.tolist() if isinstance(value, Tensor) else value)
+        if len(values) != S:
+            raise ValueError(f"{name}: one value for all runs or one per run ({S}), got {len(values)}")
+        return values
+    return [value] * S
+
+
+class _Data:
+    """One input of ``fit_many``: a tensor (or array, DataFrame) shared by every run, or one per run (a
+    sequence of S, or a tensor ``[S, N, ...]`` with ``per_run``)."""
+
+    def __init__(self, value, S: int, name: str, dtype: torch.dtype, per_run: bool) -> None:
+        self.name, self.S = name, S
+        self.shared: Tensor | None = None
+        self.stacked: Tensor | None = None
+        if value is None:
+            return
+        if isinstance(value, (list, tuple)):
+            if len(value) != S:
+                raise ValueError(f"{name}: one for all runs or one per run ({S}), got a sequence of {len(value)}")
+            parts = [_as_tensor(v, f"{name}[{s}]", dtype) for s, v in enumerate(value)]
+            shapes = {tuple(p.shape) for p in parts}
+            if len(shapes) != 1:
+                raise ValueError(f"{name}: every run's data must have one shape, got {sorted(shapes)}")
+            self.stacked = torch.stack(parts).contiguous()
+        else:
+            t = _as_tensor(value, name, dtype)
+            if per_run:
+                if t.dim() != 3 or t.shape[0] != S:
+                    raise ValueError(f"{name}: per-run data as one tensor must be [{S}, N, ...], got {tuple(t.shape)}")
+                self.stacked = t.contiguous()
+            else:
+                self.shared = t.contiguous()
+
+    def __bool__(self) -> bool:
+        return self.shared is not None or self.stacked is not None
+
+    def run(self, s: int) -> Tensor | None:
+        return self.shared if self.shared is not None else None if self.stacked is None else self.stacked[s]
+
+    def rows(self, index: Tensor) -> Tensor:
+        """``[S, B, ...]``: run s's rows ``index[s]`` (index_select: 3-4x faster than indexing here)."""
+        S, B = index.shape
+        if self.shared is not None:
+            t = self.shared
+        else:
+            t = self.stacked
+            index = index + torch.arange(S)[:, None] * t.shape[1]
+            t = t.view(S * t.shape[1], *t.shape[2:])
+        return torch.index_select(t, 0, index.reshape(-1)).view(S, B, *t.shape[1:])
+
+    def all_rows(self) -> Tensor:
+        """``[N, ...]`` shared, or ``[S, N, ...]``."""
+        return self.shared if self.shared is not None else self.stacked
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive stretches ``[a, b)`` of sorted ``indices``."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def fit_many(
+    models: Sequence[nn.Module], x, y, *, x_val=None, y_val=None, per_run_data: bool = False, epochs: int = 10,
+    batch_size: int = 128, lr: float | Sequence[float] = 1e-3, seed: int | Sequence[int] = 0,
+    steps: int | None = None, loss_weights: Sequence[float] | None = None, optimizer: str = "adam",
+    weight_decay: float = 0.0, main_task: int = 0, patience: int | None = None, packed: bool | None = None,
+    progress: bool = True, log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train each of ``models`` as ``fit(models[s], ..., lr=lr[s], seed=seed[s])`` would, all at once.
+
+    Returns one dict per model: ``history`` (``fit``'s per-epoch records), ``error`` (None, or why the run
+    stopped: a non-finite loss or gradient, as ``fit``'s FloatingPointError says it; the model keeps its last
+    finite weights) and ``stopped_early`` (``patience`` ended it; its best epoch's weights are restored).
+    Runs are independent: one that diverges or stops early leaves the others as they would be alone.
+
+    - ``x``, ``y`` (and ``x_val``, ``y_val``): one data set for every run (a tensor, NumPy array or DataFrame),
+      or one per run: a sequence of S of one shape, or, with ``per_run_data=True``, tensors ``[S, N, ...]``.
+    - ``lr``, ``seed`` (the batch order's, as ``fit``'s): one value, or one per run. The models' initial
+      weights are the models' own.
+    - ``packed``: None (default) packs the runs into one ``ReplicaStack`` where they can be (MMoE, OMoE or
+      Shared-Bottom with one expert/bottom layer and plain towers, one architecture, float32/float64 on the CPU,
+      the C++ kernels built) and otherwise trains them one after another with ``fit``; True refuses (ValueError,
+      saying why) what cannot be packed; False always runs them one by one. Both give each run's ``fit``
+      results within floating-point rounding (the packed step sums in another order).
+    - ``epochs``, ``batch_size``, ``steps``, ``loss_weights``, ``optimizer`` ("adam" or "adamw", fused as fit's),
+      ``weight_decay``, ``main_task``, ``patience``: as ``fit``'s, the same for every run.
+    """
+    models = list(models)
+    S = len(models)
+    if S == 0:
+        raise ValueError("fit_many needs at least one model")
+    lrs = [float(v) for v in _per_run(lr, S, "lr")]
+    seeds = [int(v) for v in _per_run(seed, S, "seed")]
+    if any(not (math.isfinite(v) and v >= 0) for v in lrs):
+        raise ValueError(f"lr must be finite and >= 0, got {lrs}")
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {optimizer!r}")
+    reason = why_not_packed(models)
+    if packed and reason is not None:
+        raise ValueError(f"fit_many(packed=True): these runs cannot be packed: {reason}")
+    dtype = next(models[0].parameters()).dtype
+    data = [_Data(v, S, n, dtype, per_run_data) for v, n in ((x, "x"), (y, "y"), (x_val, "x_val"), (y_val, "y_val"))]
+    common = dict(epochs=epochs, batch_size=batch_size, steps=steps, loss_weights=loss_weights, optimizer=optimizer,
+                  weight_decay=weight_decay, main_task=main_task, patience=patience)
+    if packed is False or reason is not None:
+        return _one_by_one(models, data, lrs, seeds, common, progress, log)
+    return _packed(models, data, lrs, seeds, common, progress, log)
+
+
+def _one_by_one(models, data, lrs, seeds, common, progress, log) -> list[dict]:
+    results = []
+    bar = tqdm(total=len(models), desc=f"{len(models)} runs, one by one", disable=not progress)
+    with bar:
+        for s, model in enumerate(models):
+            xs, ys, xv, yv = (d.run(s) for d in data)
+            try:
+                history = fit(model, xs, ys, x_val=xv, y_val=yv, lr=lrs[s], seed=seeds[s], progress=False,
+                              log=lambda _: None, **common)
+                stopped = common["patience"] is not None and _stopped(history, common)
+                results.append({"history": history, "error": None, "stopped_early": stopped})
+            except FloatingPointError as exc:
+                results.append({"history": getattr(exc, "history", []), "error": str(exc), "stopped_early": False})
+            bar.update()
+    log(_summary(results))
+    return results
+
+
+def _stopped(history: list[dict], common: dict) -> bool:
+    """Whether ``fit`` ended before its length (early stopping)."""
+    steps, last = common["steps"], history[-1]["step"] if history else 0
+    if steps is not None:
+        return last < steps
+    return len(history) < common["epochs"]
+
+
+def _summary(results: list[dict]) -> str:
+    bad = sum(r["error"] is not None for r in results)
+    early = sum(r["stopped_early"] for r in results)
+    return f"fit_many: {len(results)} runs, {bad} diverged, {early} stopped early"
+
+
+def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
+    X, Y, XV, YV = data
+    S = len(models)
+    model = models[0]
+    task_types = tuple(model.task_types)
+    T = len(task_types)
+    main_task, patience, batch_size = common["main_task"], common["patience"], common["batch_size"]
+    loss_weights = common["loss_weights"]
+    weights = torch.ones(T) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
+    for s in range(S):  # fit's checks, run by run (its messages name x, y: the run is added); shared data once
+        if s > 0 and all(d.stacked is None for d in data):
+            break
+        try:
+            _check_fit_args(models[s], X.run(s), Y.run(s), XV.run(s), YV.run(s), weights, common["optimizer"],
+                            main_task, patience, None, None, batch_size, common["steps"])
+        except ValueError as exc:
+            raise ValueError(f"run {s}: {exc}") from None
+    stack = ReplicaStack(models, checked=True)
+    params = stack.params
+    exp_avgs = [torch.zeros_like(p) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p) for p in params]
+    count = torch.zeros((), dtype=torch.float32)
+    kernel = torch._fused_adamw_ if common["optimizer"] == "adamw" else torch._fused_adam_
+    n = len(X.all_rows()) if X.shared is not None else X.stacked.shape[1]
+    per_epoch = math.ceil(n / batch_size)
+    total = common["steps"] if common["steps"] is not None else common["epochs"] * per_epoch
+    gens = [torch.Generator().manual_seed(sd) for sd in seeds]
+    higher_is_better = task_types[main_task] == "binary"
+    main_metric = "auc" if higher_is_better else "mse"
+    results = [{"history": [], "error": None, "stopped_early": False} for _ in range(S)]
+    active = [True] * S
+    best: list = [None] * S
+    best_state: list = [None] * S
+    bad_epochs = [0] * S
+    step, epoch = 0, 1  # epochs count from 1, as fit's
+    coefs: dict[int, Tensor] = {}  # the loss gradient's scale per batch size
+    plans: dict[tuple, list] = {}
+    bar = tqdm(total=total, desc=f"{S} runs, packed", disable=not progress)
+
+    def stop(s: int, message: str) -> None:
+        active[s] = False
+        results[s]["error"] = message
+
+    with bar, torch.no_grad():
+        while step < total and any(active):
+            orders = torch.stack([torch.randperm(n, generator=g) for g in gens])
+            loss_sum = torch.zeros((S, T), dtype=torch.float64)
+            rows_seen = 0
+            started = list(active)
+            for b in range(per_epoch):
+                if step >= total or not any(active):
+                    break
+                index = orders[:, b * batch_size : (b + 1) * batch_size]
+                rows = index.shape[1]
+                xb, yb = X.rows(index), Y.rows(index)
+                if rows not in coefs:
+                    coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
+                sums, grads = stack.step(xb, yb, coefs[rows], None if all(active) else torch.tensor(active))
+                # One check per run: its loss sums and bias gradient (the column sums of its dY) finite.
+                finite = torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64))
+                if not bool(finite.all()):
+                    for s in (~finite).nonzero().flatten().tolist():
+                        if active[s]:
+                            stop(s, f"training diverged at epoch {epoch}, step {step + 1}: non-finite training "
+                                    f"loss or gradient before the update (per-task sums {sums[s].tolist()}); "
+                                    f"nothing of this step was applied; lower the learning rate (now {lrs[s]}) "
+                                    "or check the inputs")
+                count.add_(1)
+                key = tuple(active)
+                if key not in plans:  # the runs still going, by learning rate, in stretches of the stacks
+                    live = [s for s in range(S) if active[s]]
+                    plans = {key: [(value, a, z) for value in sorted({lrs[s] for s in live})
+                                   for a, z in _runs([s for s in live if lrs[s] == value])]}
+                for value, a, z in plans[key]:
+                    sl = [t[a:z] for t in params] if z - a < S else params
+                    kernel(sl, [g[a:z] for g in grads] if z - a < S else grads,
+                           [t[a:z] for t in exp_avgs] if z - a < S else exp_avgs,
+                           [t[a:z] for t in exp_avg_sqs] if z - a < S else exp_avg_sqs,
+                           [], [count] * len(sl), amsgrad=False, lr=value, beta1=_BETAS[0], beta2=_BETAS[1],
+                           weight_decay=common["weight_decay"], eps=_EPS, maximize=False, grad_scale=None,
+                           found_inf=None)
+                loss_sum += sums
+                rows_seen += rows
+                step += 1
+                bar.update()
+            # A finite gradient makes a finite update; still, each epoch ends with the weights checked, as fit's
+            # every step (one sum per run).
+            totals = torch.stack([p.reshape(S, -1).sum(1, dtype=torch.float64) for p in params]).sum(0)
+            for s in (~torch.isfinite(totals)).nonzero().flatten().tolist():
+                if active[s]:
+                    stop(s, f"training diverged in epoch {epoch}: an update made the weights non-finite; lower the "
+                            f"learning rate (now {lrs[s]}) or check the inputs")
+            out = stack.forward(XV.all_rows()) if XV else None
+            for s in range(S):
+                if not (started[s] and active[s]):
+                    continue
+                record = {"epoch": epoch, "step": step, "train_loss": (loss_sum[s] / rows_seen).tolist(),
+                          "lr": lrs[s]}
+                if out is not None:
+                    yv = YV.run(s).to(out)
+                    record["val_loss"] = task_losses(out[s], yv, task_types).double().tolist()
+                    record["val_metrics"] = task_metrics(out[s], yv, task_types)
+                    value = record["val_metrics"][main_task][main_metric]
+                    if math.isnan(value) and patience is not None:
+                        stop(s, f"epoch {epoch}: task{main_task}'s validation {main_metric} is nan (non-finite "
+                                "predictions): early stopping cannot compare it")
+                        continue
+                    improved = best[s] is None or (value > best[s] if higher_is_better else value < best[s])
+                    if improved and not math.isnan(value):
+                        best[s], bad_epochs[s] = value, 0
+                        if patience is not None:
+                            best_state[s] = (epoch, [p[s].clone() for p in params])
+                    else:
+                        bad_epochs[s] += 1
+                    if patience is not None and bad_epochs[s] >= patience:
+                        active[s] = False
+                        results[s]["stopped_early"] = True
+                results[s]["history"].append(record)
+            running = sum(active)
+            text = f"epoch {epoch}: {running} of {S} runs going"
+            if out is not None:
+                finals = [mean for r in results if r["history"] and r["history"][-1]["epoch"] == epoch
+                          for mean in [sum(r["history"][-1]["val_loss"]) / T] if math.isfinite(mean)]
+                if finals:
+                    text += f", mean validation loss {sum(finals) / len(finals):.4f}"
+            log(text)
+            epoch += 1
+        for s in range(S):
+            if best_state[s] is not None:
+                for p, kept in zip(params, best_state[s][1]):
+                    p[s].copy_(kept)
+        stack.write_back(models)
+    log(_summary(results))
+    return results

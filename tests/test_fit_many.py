@@ -1,0 +1,287 @@
+"""Many runs as one job: the replicas' C++ step against plain PyTorch, ReplicaStack's packing, and fit_many against
+separate fit runs (packed and one by one), bad input included."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmoe_fast as mf
+from mmoe_fast import fit_many
+from mmoe_fast.backends import cpp as cpp_backend
+from mmoe_fast.models.replicas import ReplicaStack, why_not_packed
+from mmoe_fast.testing import assert_close
+from mmoe_fast.train import fit
+
+needs_cpp = pytest.mark.skipif(cpp_backend.unavailable_reason() is not None, reason="mmoe_fast._C is not built")
+ACT = {"relu": torch.relu, "silu": F.silu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
+
+
+def _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
+    """Plain PyTorch (autograd) of ReplicaStep, replica by replica: out, sums, dY, dbias, tower grads."""
+    S, B, C = Y.shape
+    T = len(towers) // (2 * L)
+    outs, sums, dYs, dbs, dts = [], [], [], [], [[] for _ in towers]
+    for s in range(S):
+        z = (Y[s] + (bias[s] if bias is not None else 0)).detach().requires_grad_(True)
+        tw = [p[s].detach().requires_grad_(True) for p in towers]
+        f = ACT[act](z[:, : E * H]).view(B, E, H)
+        if nG == 0:
+            hs = [f[:, 0]] * T
+        else:
+            G = torch.softmax(z[:, E * H :].view(B, nG, E), -1)
+            hs = [(G[:, t if nG > 1 else 0, :, None] * f).sum(1) for t in range(T)]
+        cols = []
+        for t in range(T):
+            a = hs[t]
+            for layer in range(L):
+                a = a @ tw[2 * T * layer + t].t() + tw[2 * T * layer + T + t]
+                a = torch.relu(a) if layer < L - 1 else a
+            cols.append(a[:, 0])
+        out = torch.stack(cols, 1)
+        w = torch.ones_like(out) if weight is None else weight[s]
+        per = torch.where(torch.tensor(binary), F.binary_cross_entropy_with_logits(out, y[s], reduction="none"),
+                          (out - y[s]).square())
+        task_sums = (w * per).sum(0)
+        grads = torch.autograd.grad((coef * task_sums).sum(), [z, *tw])
+        outs.append(out.detach())
+        sums.append(task_sums.detach().double())
+        dYs.append(grads[0])
+        dbs.append(grads[0].sum(0))
+        for k, g in enumerate(grads[1:]):
+            dts[k].append(g)
+    return (torch.stack(outs), torch.stack(sums), torch.stack(dYs), torch.stack(dbs), [torch.stack(g) for g in dts])
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("kind,T,E,H,hidden,B", [
+    ("mmoe", 2, 8, 16, (8,), 128), ("mmoe", 1, 1, 1, (), 1), ("mmoe", 3, 5, 17, (4, 6), 33),
+    ("omoe", 2, 3, 5, (3,), 7), ("omoe", 4, 2, 33, (), 2), ("sb", 2, 1, 13, (8,), 65), ("sb", 1, 1, 1, (2,), 1)])
+def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, act, dtype):
+    torch.manual_seed(T * 1000 + E * 100 + H + B)
+    S = 3
+    nG = {"mmoe": T, "omoe": 1, "sb": 0}[kind]
+    C = E * H + nG * E
+    widths = [H, *hidden, 1]
+    L = len(widths) - 1
+    towers = [torch.randn(S, widths[layer + 1], widths[layer], dtype=dtype) for layer in range(L) for _ in range(T)]
+    towers = [p for layer in range(L) for p in (towers[layer * T : (layer + 1) * T]
+                                                 + [torch.randn(S, widths[layer + 1], dtype=dtype) for _ in range(T)])]
+    Y, bias = torch.randn(S, B, C, dtype=dtype), torch.randn(S, C, dtype=dtype)
+    binary = [t % 2 == 1 for t in range(T)]
+    y = torch.where(torch.tensor(binary), (torch.rand(S, B, T) > 0.5).to(dtype), torch.randn(S, B, T, dtype=dtype))
+    coef = torch.rand(T, dtype=dtype)
+    weight = torch.rand(S, B, T, dtype=dtype) * (torch.rand(S, B, T) > 0.2)
+    act = act if kind != "sb" else "relu"
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for w in (None, weight):
+        got = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef, weight=w)
+        want = _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, w)
+        for name, a, b in zip(("out", "sums", "dY", "dbias"), got[:4], want[:4]):
+            assert_close(a, b, tol, f"{kind} {name}")
+        for k, (a, b) in enumerate(zip(got[4], want[4])):
+            assert_close(a, b, tol, f"{kind} tower grad {k}")
+    out = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act)
+    assert_close(out, want[0], tol, f"{kind} forward only")
+    # A replica left out is not computed: zeros, while the others are unchanged.
+    full = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef)
+    got = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef,
+                                    active=torch.tensor([True, False, True]))
+    for a, b in zip(got[:4], full[:4]):
+        assert torch.equal(a[[0, 2]], b[[0, 2]]) and a[1].abs().max() == 0
+
+
+@needs_cpp
+def test_replicas_step_refuses_shapes_it_cannot_run():
+    Y, bias = torch.randn(2, 4, 8 + 3 * 2), torch.randn(2, 14)
+    towers = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1), torch.randn(2, 1)]
+    with pytest.raises(ValueError, match="nG"):  # 3 gates for 2 tasks
+        cpp_backend.replicas_step(Y, bias, 2, 4, 3, towers, 1, "relu")
+    with pytest.raises(ValueError, match="widths"):  # towers of another width
+        cpp_backend.replicas_step(Y[..., :10], bias[:, :10], 2, 5, 0, towers, 1, "relu")
+
+
+def _models(name, S, D=6, T=2, dtype=torch.float64, seed=0, **options):
+    out = []
+    for s in range(S):
+        torch.manual_seed(seed + s)
+        out.append(mf.build_model(name, D, T, **options).to(dtype))
+    return out
+
+
+@needs_cpp
+@pytest.mark.parametrize("name,options", [("mmoe", {}), ("omoe", {}), ("shared-bottom", {"bottom_hidden": 9}),
+                                          ("mmoe", {"gate_bias": False, "activation": "gelu", "num_experts": 1}),
+                                          ("mmoe", {"tower_hidden": (4, 3)})])
+def test_replica_stack_packs_steps_and_writes_back_exactly(name, options):
+    models = _models(name, 3, task_types=["regression", "binary"], **options)
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    stack = ReplicaStack(models)
+    stack.write_back(models)
+    for m, sd in zip(models, before):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+    x, y = torch.randn(3, 11, 6, dtype=torch.float64), torch.randn(3, 11, 2, dtype=torch.float64)
+    y[..., 1] = (y[..., 1] > 0).double()
+    coef = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    sums, grads = stack.step(x, y, coef)
+    assert_close(stack.forward(x), torch.stack([m(x[s]) for s, m in enumerate(models)]), 1e-12, "forward")
+    assert_close(stack.forward(x[0], chunk=4), torch.stack([m(x[0]) for m in models]), 1e-12, "shared rows, chunks")
+    # The gradient of each model, by autograd, packed the same way, is the stack's.
+    for s, m in enumerate(models):
+        out = m(x[s])
+        loss = (coef * torch.stack([(out[:, 0] - y[s, :, 0]).square().sum(), F.binary_cross_entropy_with_logits(
+            out[:, 1], y[s, :, 1], reduction="sum")])).sum()
+        assert_close(sums[s], torch.stack([(out[:, 0] - y[s, :, 0]).square().sum(), F.binary_cross_entropy_with_logits(
+            out[:, 1], y[s, :, 1], reduction="sum")]).detach(), 1e-12, "sums")
+        m.zero_grad()
+        loss.backward()
+        for p in m.parameters():
+            p.data = p.grad.clone()  # the gradients as weights: packing them gives the stack's gradient layout
+    packed = ReplicaStack(models)
+    for k, (got, want) in enumerate(zip(grads, packed.params)):
+        assert_close(got, want, 1e-12, f"gradient {k}")
+
+
+def _data(S, n=50, D=6, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, D, generator=g, dtype=dtype) for _ in range(S)]
+    ys = [torch.stack([torch.randn(n, generator=g, dtype=dtype), (torch.rand(n, generator=g) > 0.5).to(dtype)], 1)
+          for _ in range(S)]
+    return xs, ys
+
+
+def _separately(models, xs, ys, lrs, seeds, **kw):
+    out = []
+    for s, m in enumerate(models):
+        try:
+            out.append((fit(m, xs[s], ys[s], lr=lrs[s], seed=seeds[s], progress=False, log=lambda _: None,
+                            **{k: (v[s] if k in ("x_val", "y_val") and isinstance(v, list) else v)
+                               for k, v in kw.items()}), None))
+        except FloatingPointError as exc:
+            out.append((exc.history, str(exc)))
+    return out
+
+
+def _same_runs(models, copies, results, alone, tol):
+    for s, ((history, error), result) in enumerate(zip(alone, results)):
+        assert (error is None) == (result["error"] is None), (s, error, result["error"])
+        assert len(history) == len(result["history"]), s
+        for a, b in zip(history, result["history"]):
+            assert a["epoch"] == b["epoch"] and a["step"] == b["step"] and a["lr"] == b["lr"]
+            # fit's autograd path (Shared-Bottom) reports its loss sums in float32
+            assert math.isclose(sum(a["train_loss"]), sum(b["train_loss"]), rel_tol=max(tol, 1e-6)), (s, a, b)
+            if "val_loss" in a:
+                assert math.isclose(sum(a["val_loss"]), sum(b["val_loss"]), rel_tol=tol), (s, a, b)
+        for p, q in zip(models[s].parameters(), copies[s].parameters()):
+            assert_close(p, q, tol, f"run {s} weights")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["mmoe", "omoe", "shared-bottom"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_fit_many_equals_separate_fit_runs_in_float64(name, optimizer):
+    S = 4
+    models = _models(name, S, task_types=["regression", "binary"])
+    copies = copy.deepcopy(models)
+    xs, ys = _data(S)
+    xv, yv = _data(S, n=30, seed=1)
+    lrs, seeds = [1e-3, 1e-2, 3e-3, 1e-2], [3, 4, 5, 3]
+    kw = dict(epochs=3, batch_size=16, optimizer=optimizer, weight_decay=0.01, loss_weights=[1.0, 0.5])
+    results = fit_many(models, xs, ys, x_val=xv, y_val=yv, lr=lrs, seed=seeds, packed=True, progress=False,
+                       log=lambda _: None, **kw)
+    alone = _separately(copies, xs, ys, lrs, seeds, x_val=xv, y_val=yv, **kw)
+    _same_runs(models, copies, results, alone, 1e-9)
+
+
+@needs_cpp
+def test_fit_many_shared_data_steps_and_early_stopping_equal_fit():
+    S = 5
+    models = _models("mmoe", S, task_types=["binary", "regression"])
+    copies = copy.deepcopy(models)
+    xs, ys = _data(1, n=70)
+    ys[0] = ys[0].flip(1)  # task 0 binary
+    xv, yv = _data(1, n=40, seed=7)
+    yv[0] = yv[0].flip(1)
+    kw = dict(steps=25, batch_size=8, patience=1, x_val=xv[0], y_val=yv[0])
+    lrs, seeds = [0.05] * S, list(range(S))
+    results = fit_many(models, xs[0], ys[0], lr=lrs, seed=seeds, packed=True, progress=False, log=lambda _: None, **kw)
+    alone = _separately(copies, xs * S, ys * S, lrs, seeds, **kw)
+    assert any(r["stopped_early"] for r in results)  # the study has runs that stop and runs that go on
+    _same_runs(models, copies, results, alone, 1e-9)
+
+
+@needs_cpp
+def test_fit_many_per_run_data_as_one_tensor_and_float32():
+    S = 3
+    models = _models("omoe", S, dtype=torch.float32, task_types=["regression", "regression"])
+    copies = copy.deepcopy(models)
+    x, y = torch.randn(S, 40, 6), torch.randn(S, 40, 2)
+    results = fit_many(models, x, y, per_run_data=True, epochs=2, batch_size=16, lr=1e-2, seed=1, packed=True,
+                       progress=False, log=lambda _: None)
+    alone = _separately(copies, list(x), list(y), [1e-2] * S, [1] * S, epochs=2, batch_size=16)
+    _same_runs(models, copies, results, alone, 2e-4)
+
+
+@needs_cpp
+def test_a_diverging_run_stops_alone_with_its_last_finite_weights():
+    S = 3
+    models = _models("mmoe", S, dtype=torch.float32, task_types=["regression", "regression"])
+    copies = copy.deepcopy(models)
+    xs, ys = _data(S, dtype=torch.float32)
+    ys = [y.clone() for y in ys]
+    ys[1][:, 1] = 3e19  # its squared error overflows float32: a non-finite loss at the first step
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-3, seed=0, packed=True, progress=False,
+                       log=lambda _: None)
+    alone = _separately(copies, xs, ys, [1e-3] * S, [0] * S, epochs=2, batch_size=16)
+    assert "diverged" in results[1]["error"] and results[1]["history"] == []
+    assert alone[1][1] is not None
+    _same_runs(models, copies, results, alone, 2e-4)
+
+
+@needs_cpp
+def test_fit_many_falls_back_to_one_by_one_and_says_why_it_cannot_pack():
+    models = _models("mmoe", 2, task_types=["regression", "regression"], expert_hidden=(5, 4))
+    reason = why_not_packed(models)
+    assert "more than one expert" in reason
+    with pytest.raises(ValueError, match="more than one expert"):
+        fit_many(models, torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64),
+                 packed=True, progress=False, log=lambda _: None)
+    copies = copy.deepcopy(models)
+    xs, ys = _data(2)
+    ys = [y[:, :1].repeat(1, 2) for y in ys]
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=[1e-3, 1e-2], seed=[1, 2], progress=False,
+                       log=lambda _: None)
+    alone = _separately(copies, xs, ys, [1e-3, 1e-2], [1, 2], epochs=2, batch_size=16)
+    _same_runs(models, copies, results, alone, 1e-15)
+    mixed = [*_models("mmoe", 1), *_models("omoe", 1)]
+    assert "OMoE" in why_not_packed(mixed)
+    assert "differs" in why_not_packed([*_models("mmoe", 1), *_models("mmoe", 1, num_experts=3)])
+    assert "PLE" in why_not_packed(_models("ple", 2))
+
+
+def test_fit_many_refuses_bad_input_by_name():
+    models = _models("mmoe", 2, task_types=["regression", "regression"])
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    quiet = dict(progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="at least one model"):
+        fit_many([], x, y, **quiet)
+    with pytest.raises(ValueError, match="lr: one value for all runs or one per run"):
+        fit_many(models, x, y, lr=[1e-3, 1e-3, 1e-3], **quiet)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        fit_many(models, x, y, lr=float("nan"), **quiet)
+    with pytest.raises(ValueError, match="x: every run's data must have one shape"):
+        fit_many(models, [x, x[:10]], [y, y], **quiet)
+    with pytest.raises(ValueError, match=r"must be \[2, N, \.\.\.\]"):
+        fit_many(models, x, y, per_run_data=True, **quiet)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit_many(models, x, y, optimizer="sgd", **quiet)
+    if cpp_backend.unavailable_reason() is None:
+        with pytest.raises(ValueError, match="run 1: y: task1"):
+            bad = y.clone()
+            bad[3, 1] = float("nan")
+            fit_many(models, [x, x], [y, bad], packed=True, **quiet)
