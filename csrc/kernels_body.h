@@ -323,6 +323,31 @@ struct Kern {
   // out[g, :] = softmax(z[g, :]) for nG groups of E values, z[nG * E] in a buffer of W >= nG * E values, W a
   // whole number of vectors (overwritten: less each group's max, then exp). Max-subtracted; exps by vexp.
   static void softmax_groups(T* z, int64_t W, T* out, int64_t nG, int64_t E) {
+    // Usually one max for the whole row will do: every group's exps stay normal numbers (their max within 80 of
+    // it) and nothing is stored element by element before vexp's vector loads (a vector load of scalar stores
+    // waits for them: that stall was 40% of this function).
+    T top = -std::numeric_limits<T>::infinity(), low = std::numeric_limits<T>::infinity();
+    for (int64_t g = 0; g < nG; ++g) {
+      const T* zg = z + g * E;
+      T mx = zg[0];
+      for (int64_t e = 1; e < E; ++e) mx = zg[e] > mx ? zg[e] : mx;
+      top = mx > top ? mx : top;
+      low = mx < low ? mx : low;
+    }
+    if (std::isfinite(top) && low >= top - T(80)) {
+      const V m = V{} + top;
+      for (int64_t c = 0; c < W; c += L) {
+        const V v = vexp(load(z + c) - m);
+        std::memcpy(z + c, &v, sizeof v);
+      }
+      for (int64_t g = 0; g < nG; ++g) {
+        const T* zg = z + g * E;
+        T sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += zg[e];
+        for (int64_t e = 0; e < E; ++e) out[g * E + e] = zg[e] / sum;
+      }
+      return;
+    }
     for (int64_t g = 0; g < nG; ++g) {
       T* zg = z + g * E;
       T mx = zg[0];
@@ -1059,8 +1084,19 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
     for (int64_t b = 0; b < B; ++b) {
       T* zb = z + b * C;
       T* fb = f + b * EH;
-      for (int64_t c = 0; c < C; ++c) zb[c] = Ys[b * C + c] + (bs ? bs[c] : T(0));
-      for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
+      const T* yr = Ys + b * C;
+      if (bs) {
+#pragma omp simd
+        for (int64_t c = 0; c < EH; ++c) {
+          const T v = yr[c] + bs[c];
+          zb[c] = v;
+          fb[c] = Kt::template fval<A>(v);
+        }
+        for (int64_t c = EH; c < C; ++c) zb[c] = yr[c] + bs[c];
+      } else {
+        std::copy(yr, yr + C, zb);
+        for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
+      }
       if (nG > 0) {
         std::copy(zb + EH, zb + C, lg);
         std::fill(lg + GE, lg + GW, T(0));
@@ -1088,14 +1124,14 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   if (!a.y) return;
   loss_grad<T>(out, a.y + s * B * nT, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
                a.sums + s * nT, B, nT);
-  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + EH + 2 * GE));
+  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + GE));
   T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
-  T* df = dsum + H;            // [EH]
-  T* dG = df + EH;             // [nG, E]
+  T* dG = dsum + H;            // [nG, E]
   towers_backward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
   T* dY = a.dY + s * B * C;
   T* db = a.dbias + s * C;
   std::fill(db, db + C, T(0));
+  const int64_t nm = shared ? 1 : nT;  // the mixtures: one per task, or one shared
   Kt::with_act(a.act, [&](auto A) {
     for (int64_t b = 0; b < B; ++b) {
       const T* zb = z + b * C;
@@ -1110,30 +1146,60 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
           for (int64_t j = 0; j < H; ++j) dsum[j] += dt[j];
         }
       }
-      if (nG == 0) {
-        std::copy(dsum, dsum + H, df);
-      } else {
-        for (int64_t e = 0; e < E; ++e) {
-          const T* fe = fb + e * H;
-          T* dfe = df + e * H;
-          std::fill(dfe, dfe + H, T(0));
-          for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {
-            const T* dt = shared ? dsum : dh + (t * B + b) * H;
-            const T ge = g[t * E + e];
+      // Per expert, in one pass over its H columns: df = sum_t G dm, dpre = df act'(pre) into dY, and the bias
+      // gradient; dG[t, e] = <dm_t, act(pre_e)>.
+      for (int64_t e = 0; e < E; ++e) {
+        const T* fe = fb + e * H;
+        const T* ze = zb + e * H;
+        T* dye = dyb + e * H;
+        T* dbe = db + e * H;
+        if (nG == 0) {
 #pragma omp simd
-            for (int64_t j = 0; j < H; ++j) dfe[j] += ge * dt[j];
-            dG[t * E + e] = Kt::dot(dt, fe, H);
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = dsum[j] * Kt::template fder<A>(ze[j]);
+            dye[j] = d;
+            dbe[j] += d;
+          }
+          continue;
+        }
+        const T* d0 = shared ? dsum : dh + b * H;
+        const T g0 = g[e];
+        if (nm == 1) {
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = g0 * d0[j] * Kt::template fder<A>(ze[j]);
+            dye[j] = d;
+            dbe[j] += d;
+          }
+        } else {
+          const T* d1 = dh + (B + b) * H;
+          const T g1 = g[E + e];
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) dye[j] = g0 * d0[j] + g1 * d1[j];
+          for (int64_t t = 2; t < nm; ++t) {
+            const T* dt = dh + (t * B + b) * H;
+            const T gt = g[t * E + e];
+#pragma omp simd
+            for (int64_t j = 0; j < H; ++j) dye[j] += gt * dt[j];
+          }
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = dye[j] * Kt::template fder<A>(ze[j]);
+            dye[j] = d;
+            dbe[j] += d;
           }
         }
-        for (int64_t t = 0; t < nG; ++t) {  // dlogit = G (dG - sum_e G dG)
-          T sg = 0;
-          for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
-          for (int64_t e = 0; e < E; ++e) dyb[EH + t * E + e] = g[t * E + e] * (dG[t * E + e] - sg);
+        for (int64_t t = 0; t < nm; ++t) dG[t * E + e] = Kt::dot(shared ? dsum : dh + (t * B + b) * H, fe, H);
+      }
+      for (int64_t t = 0; t < nG; ++t) {  // dlogit = G (dG - sum_e G dG)
+        T sg = 0;
+        for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
+        for (int64_t e = 0; e < E; ++e) {
+          const T d = g[t * E + e] * (dG[t * E + e] - sg);
+          dyb[EH + t * E + e] = d;
+          db[EH + t * E + e] += d;
         }
       }
-      for (int64_t c = 0; c < EH; ++c) dyb[c] = df[c] * Kt::template fder<A>(zb[c]);
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) db[c] += dyb[c];
     }
   });
 }

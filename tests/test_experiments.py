@@ -80,12 +80,11 @@ def test_reproduce_correlation_can_redraw_the_tasks_per_run_and_fix_the_lr(tmp_p
 def test_a_diverging_pilot_counts_as_worst(monkeypatch):
     from mmoe_fast.experiments import synthetic
 
-    def fake_run(name, splits, *, seed, epochs, batch_size, lr, progress):
-        if lr == 1e-2:
-            raise FloatingPointError("diverged")
-        return None, {"history": [{"val_loss": [lr * 100, lr * 100]}]}
+    def fake_runs(name, runs, *, epochs, batch_size, progress, **kw):
+        return [(None, {"history": [], "error": "diverged"} if lr == 1e-2 else
+                 {"history": [{"val_loss": [lr * 100, lr * 100]}], "error": None}) for _, _, lr in runs]
 
-    monkeypatch.setattr(synthetic, "train_run", fake_run)
+    monkeypatch.setattr(synthetic, "train_runs", fake_runs)
     args = argparse.Namespace(lr=None, lr_grid=[1e-3, 1e-4, 1e-2], p=[0.0, 0.5, 1.0], seed=0, models=["mmoe"],
                               epochs=1, batch_size=8, d=5, n_train=20, n_val=10, data_seed=None, task_seed=0)
     lrs, pilots = synthetic.pilot_learning_rates(args)
@@ -98,7 +97,8 @@ def test_the_pilot_draws_its_own_data_under_data_seed(monkeypatch):
 
     specs = []
     monkeypatch.setattr(synthetic, "load_splits", lambda spec: specs.append(spec) or {})
-    monkeypatch.setattr(synthetic, "train_run", lambda *a, **k: (None, {"history": [{"val_loss": [1.0]}]}))
+    monkeypatch.setattr(synthetic, "train_runs", lambda name, runs, **k: [
+        (None, {"history": [{"val_loss": [1.0]}], "error": None}) for _ in runs])
     args = argparse.Namespace(lr=None, lr_grid=[1e-3], p=[0.5], seed=3, models=["mmoe"], epochs=1, batch_size=8,
                               d=5, n_train=20, n_val=10, data_seed=7, task_seed=0)
     synthetic.pilot_learning_rates(args)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..checkpoint import save
 from ..data import load_splits, synthetic_spec
-from .common import fmt, markdown_table, mean_loss, mean_std, output_dir, train_run, write_outputs
+from .common import fmt, markdown_table, mean_loss, mean_std, output_dir, train_runs, write_outputs
 
 DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
 PILOT_SEED_OFFSET = 10_000  # the pilot's data and initialization seed, past any study run's
@@ -38,14 +38,10 @@ def pilot_learning_rates(args: argparse.Namespace) -> tuple[dict[str, float], li
                                         task_seed=getattr(args, "task_seed", None)))
     chosen, pilots = {}, []
     for name in args.models:
-        for lr in args.lr_grid:
-            try:
-                _, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                                   progress=False)
-                loss = mean_loss(rec["history"][-1]["val_loss"])
-            except FloatingPointError:  # diverged
-                loss = float("inf")
-            loss = loss if np.isfinite(loss) else float("inf")
+        done = train_runs(name, [(splits, seed, lr) for lr in args.lr_grid], epochs=args.epochs,
+                          batch_size=args.batch_size, progress=False)
+        for lr, (_, rec) in zip(args.lr_grid, done):
+            loss = final_loss(rec)  # a run that diverged: infinitely bad
             pilots.append({"model": name, "lr": lr, "correlation": p, "seed": seed, "final_val_loss": loss})
             print(f"pilot {name} lr={lr:g} p={p}: val loss {loss:.4f}", flush=True)
         tried = [r for r in pilots if r["model"] == name]
@@ -70,22 +66,50 @@ def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seed
                    save_first: Path | None, lrs: dict[str, float]) -> list[dict]:
     """One run of every ``args.models`` per correlation and seed, at the model's ``lrs``; with ``save_first``,
     the first seed's models are saved there as ``<model>_p<p>.pt``."""
-    runs, total = [], len(args.models) * len(correlations) * len(seeds)
-    for p in correlations:
-        for seed in seeds:
-            spec = synthetic_data_spec(args, p, seed)
-            splits = load_splits(spec)
-            for name in args.models:
-                model, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
-                                       lr=lrs[name], progress=args.progress)
-                rec.update(correlation=p, lr=lrs[name], final_train_loss=mean_loss(rec["history"][-1]["train_loss"]),
-                           final_val_loss=mean_loss(rec["history"][-1]["val_loss"]))
-                runs.append(rec)
-                print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: train loss {rec['final_train_loss']:.4f}, "
-                      f"val loss {rec['final_val_loss']:.4f} ({rec['seconds']:.1f} s)", flush=True)
-                if save_first is not None and seed == seeds[0]:
-                    save(model, save_first / f"{name}_p{p}.pt", data=spec)
+    total = len(args.models) * len(correlations) * len(seeds)
+    cells = [(p, seed) for p in correlations for seed in seeds]
+    specs = {cell: synthetic_data_spec(args, *cell) for cell in cells}
+    data = {}  # one load per data set (under --data-seed every cell shares one)
+    for cell, spec in specs.items():
+        key = repr(sorted(spec.items()))
+        data[cell] = data.get(key) or load_splits(spec)
+        data[key] = data[cell]
+    runs = []
+    for name in args.models:
+
+        def report(i, rec, name=name):
+            p, seed = cells[i]
+            rec.update(correlation=p, lr=lrs[name], final_train_loss=final_loss(rec, "train_loss"),
+                       final_val_loss=final_loss(rec))
+            runs.append(rec)
+            state = f"DIVERGED ({rec['error']})" if rec["error"] else (
+                f"train loss {rec['final_train_loss']:.4f}, val loss {rec['final_val_loss']:.4f}")
+            print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: {state} ({rec['seconds']:.2f} s)", flush=True)
+
+        done = train_runs(name, [(data[cell], cell[1], lrs[name]) for cell in cells], epochs=args.epochs,
+                          batch_size=args.batch_size, progress=args.progress, on_done=report)
+        if save_first is not None:
+            for (p, seed), (model, _) in zip(cells, done):
+                if seed == seeds[0]:
+                    save(model, save_first / f"{name}_p{p}.pt", data=specs[(p, seed)])
     return runs
+
+
+def diverged_text(runs: list[dict]) -> str:
+    """A line naming the runs that diverged (their loss counts as infinite), or nothing."""
+    bad = [r for r in runs if r.get("error")]
+    if not bad:
+        return ""
+    names = ", ".join(f"{r['model']} p={r['correlation']} seed={r['seed']}" for r in bad[:10])
+    return f"\n{len(bad)} run(s) diverged, counted as an infinite loss: {names}{' ...' if len(bad) > 10 else ''}.\n"
+
+
+def final_loss(rec: dict, key: str = "val_loss") -> float:
+    """The mean over tasks of a run's last ``key``; infinite for a run that diverged (it has no last epoch)."""
+    if rec.get("error") or not rec["history"]:
+        return float("inf")
+    loss = mean_loss(rec["history"][-1][key])
+    return loss if np.isfinite(loss) else float("inf")
 
 
 def synthetic_settings(args: argparse.Namespace) -> dict:
@@ -179,7 +203,7 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
              f"{base}), {args.epochs} epochs of {args.n_train} rows, {tasks}, {learning_rate_text(args, lrs)}:\n\n"
              + markdown_table(["model", *[f"p = {p}" for p in args.p]], rows))
     table += correlation_verdict(args, pick, summary)
-    table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
+    table += diverged_text(runs) + f"\n{len(runs)} runs in {seconds:.0f} s.\n"
 
     def draw(plt):
         fig, axes = plt.subplots(1, len(args.p), figsize=(4 * len(args.p), 3.2), squeeze=False, sharey=True)
@@ -228,16 +252,18 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
     table = (f"Final validation loss (mean over tasks) over seeded runs ({varies} with the seed), "
              f"{args.epochs} epochs of {args.n_train} rows, {tasks_text(args)}, {learning_rate_text(args, lrs)}:\n\n"
              + markdown_table(["p", "model", "runs", "mean", "std", "min", "median", "max"], rows))
-    table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
+    table += diverged_text(runs) + f"\n{len(runs)} runs in {seconds:.0f} s.\n"
 
     def draw(plt):
         fig, axes = plt.subplots(len(args.p), len(args.models), figsize=(3.2 * len(args.models), 2.6 * len(args.p)),
                                  squeeze=False)
         for i, p in enumerate(args.p):
             everything = np.concatenate([losses(name, p) for name in args.models])
-            bins = np.linspace(everything.min(), everything.max() + 1e-12, 21)
+            everything = everything[np.isfinite(everything)]  # a diverged run is counted in the table
+            bins = np.linspace(everything.min(), everything.max() + 1e-12, 21) if len(everything) else 20
             for j, name in enumerate(args.models):
-                axes[i][j].hist(losses(name, p), bins=bins)
+                v = losses(name, p)
+                axes[i][j].hist(v[np.isfinite(v)], bins=bins)
                 axes[i][j].set_title(f"{name}, p = {p}", fontsize=9)
                 axes[i][j].set_xlabel("final validation loss", fontsize=8)
         fig.tight_layout()
