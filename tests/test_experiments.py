@@ -311,3 +311,19 @@ def test_gates_command_on_a_cgc_checkpoint(tmp_path):
     assert result["levels"][0]["experts"][:3] == ["task0:0", "task0:1", "task0:2"]
     np.testing.assert_allclose(np.sum(result["mean_gate_weights"], axis=1), 1.0, rtol=1e-6)
     assert "entropy" in table and all(0 <= h <= 1 for h in result["levels"][0]["entropy"])
+
+
+def test_reproduce_labels_figure_2(tmp_path):
+    out = tmp_path / "labels"
+    rc = cli.main(["reproduce", "labels", "--p=-1.0,0.0,0.5,1.0", "--seeds", "3", "--n-train", "400", "--d", "5",
+                   "--out", str(out)])
+    assert rc == 0
+    result, table = _outputs(out)
+    assert [len(v) for v in result["values"].values()] == [3] * 4
+    s = result["summary"]
+    # p = 1: both tasks have one weight vector, so the labels differ only by the noise; p = 0 lies between.
+    assert s["1.0"]["mean"] > 0.99 and s["-1.0"]["mean"] < s["0.0"]["mean"] < s["1.0"]["mean"]
+    assert s["0.5"]["min"] == pytest.approx(min(result["values"]["0.5"]))
+    assert "Here the mean rises with p" in table and len(_table_rows(table)) == 4
+    with pytest.raises(SystemExit):
+        cli.main(["reproduce", "labels", "--p", "1.5"])

@@ -247,3 +247,14 @@ def test_train_command_with_every_new_flag(tmp_path, capsys):
     assert len((tmp_path / "log" / "train.jsonl").read_text().splitlines()) == 2
     with pytest.raises(SystemExit):
         cli.main(["train", "--loss-weights", "1,x"])
+
+
+def test_regression_metrics_equal_scikit_learn_for_constant_labels_too():
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    for target, pred in ((torch.full((5, 1), 2.0), torch.full((5, 1), 2.0)),
+                         (torch.full((5, 1), 2.0), torch.arange(5.0)[:, None]),
+                         (torch.arange(5.0)[:, None], torch.arange(5.0)[:, None].flip(0))):
+        got = task_metrics(pred, target, ["regression"])[0]
+        assert got["mse"] == pytest.approx(mean_squared_error(target[:, 0], pred[:, 0]), rel=1e-12)
+        assert got["r2"] == pytest.approx(r2_score(target[:, 0], pred[:, 0]), rel=1e-12, abs=1e-12)

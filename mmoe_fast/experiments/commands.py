@@ -1,4 +1,4 @@
-"""The experiments' command line: ``reproduce correlation|trainability|census``, ``tune`` and ``gates``."""
+"""The experiments' command line: ``reproduce correlation|trainability|labels|census``, ``tune`` and ``gates``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from ..argtypes import correlation, list_of, non_negative_int, positive_float, p
 from ..models import MODELS
 from .census import DEFAULT_CENSUS_MODELS, reproduce_census
 from .gates import gates
-from .synthetic import DEFAULT_SYNTHETIC_MODELS, reproduce_correlation, reproduce_trainability
+from .synthetic import DEFAULT_SYNTHETIC_MODELS, reproduce_correlation, reproduce_labels, reproduce_trainability
 from .tune import tune
 
 
-def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float | None) -> None:
+def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float | None,
+            packed: bool = False) -> None:
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     if lr is not None:
@@ -24,9 +25,15 @@ def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr
     parser.add_argument("--out", default=None, help="results folder (default results/<command>)")
     parser.add_argument("--full", action="store_true", help="the paper's scale (slow on a CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch CPU threads (these small models train fastest on one; on shared cores a "
-                             "second thread stalls every op: benchmarks/bench_train_threads.py)")
+    if packed:
+        parser.add_argument("--threads", type=positive_int, default=None,
+                            help="torch CPU threads (default: torch's, every core: the runs train packed by "
+                                 "fit_many, whose batched GEMMs and replicas use them; 64 runs in 11.7 s on 2 "
+                                 "threads, 16.2 s on 1 here)")
+    else:
+        parser.add_argument("--threads", type=positive_int, default=1,
+                            help="torch CPU threads (these small models train fastest on one; on shared cores a "
+                                 "second thread stalls every op: benchmarks/bench_train_threads.py)")
 
 
 def _synthetic_options(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +74,7 @@ def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespa
                 if getattr(args, key) == parser.get_default(key):
                     setattr(args, key, value)
         threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or threads)
         try:
             return func(args)
         finally:
@@ -84,21 +91,40 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     corr = rsub.add_parser("correlation", help="loss vs task correlation on synthetic data (Figure 4)")
     corr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
-    corr.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0], help="task correlations")
-    corr.add_argument("--seeds", type=positive_int, default=3, help="runs per model and p")
+    corr.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0, -0.5],
+                      help="task correlations (the paper's 1.0, 0.9, 0.5; 0.0 and -0.5 added; a list that starts "
+                      "with a negative value takes '=': --p=-0.5,0.5)")
+    corr.add_argument("--seeds", type=positive_int, default=20, help="runs per model and p, paired by seed")
     _synthetic_options(corr)
     _lr_options(corr)
-    _common(corr, epochs=10, batch_size=128, lr=None)
-    _with_full(corr, reproduce_correlation, {"seeds": 20, "epochs": 50, "n_train": 100000})
+    _common(corr, epochs=10, batch_size=128, lr=None, packed=True)
+    _with_full(corr, reproduce_correlation, {"seeds": 200})
 
     tr = rsub.add_parser("trainability", help="final-loss histograms over seeded runs (Figure 5)")
     tr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))
     tr.add_argument("--p", type=list_of(correlation), default=[0.5, 0.9], help="task correlations")
-    tr.add_argument("--runs", type=positive_int, default=12, help="seeded runs per model and p")
+    tr.add_argument("--runs", type=positive_int, default=20, help="seeded runs per model and p")
     _synthetic_options(tr)
     _lr_options(tr)
-    _common(tr, epochs=5, batch_size=128, lr=None)
-    _with_full(tr, reproduce_trainability, {"runs": 200, "epochs": 50, "n_train": 100000})
+    _common(tr, epochs=5, batch_size=128, lr=None, packed=True)
+    _with_full(tr, reproduce_trainability, {"runs": 200})
+
+    lab = rsub.add_parser("labels", help="label correlation against the task weights' cosine p (Figure 2)")
+    lab.add_argument("--p", type=list_of(correlation), default=[round(-1 + 0.1 * i, 1) for i in range(21)],
+                     help="cosines of the task weights (default -1.0, -0.9, ..., 1.0; a list that starts with a "
+                     "negative value takes '=': --p=-1,1)")
+    lab.add_argument("--seeds", type=positive_int, default=20, help="data sets per p")
+    lab.add_argument("--n-train", type=positive_int, default=10000, help="rows per data set")
+    lab.add_argument("--d", type=positive_int, default=100, help="input dimension")
+    lab.add_argument("--task-seed", type=non_negative_int, default=0,
+                     help="the seed of the tasks' nonlinearity (alpha, beta), fixed for every data set (default 0)")
+    lab.add_argument("--redraw-tasks", dest="task_seed", action="store_const", const=None,
+                     help="draw alpha, beta with each data set instead")
+    lab.add_argument("--seed", type=non_negative_int, default=0, help="first data seed")
+    lab.add_argument("--out", default=None, help="results folder (default results/labels)")
+    lab.add_argument("--full", action="store_true", help="200 data sets per p")
+    lab.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    _with_full(lab, reproduce_labels, {"seeds": 200})
 
     cen = rsub.add_parser("census", help="census-income AUCs (Tables 1 and 2)")
     cen.add_argument("--models", type=list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))

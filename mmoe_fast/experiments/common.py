@@ -59,7 +59,8 @@ def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: in
     return model, record
 
 
-RUNS_AT_ONCE = 64  # fit_many's job size: the cost per run-step is lowest near 64 (benchmarks/bench_fit_many.py)
+RUNS_AT_ONCE = 64  # fit_many's job size: near its best cost per run-step (benchmarks/bench_fit_many.py: S=64 vs 256)
+JOB_BYTES = 1 << 29  # and at most this much of the runs' training inputs in one job
 
 
 def train_runs(name: str, runs: Sequence[tuple[dict, int, float]], *, epochs: int, batch_size: int, progress: bool,
@@ -70,8 +71,11 @@ def train_runs(name: str, runs: Sequence[tuple[dict, int, float]], *, epochs: in
     ``train_run``'s, ``seconds`` being its share of its job's time, plus ``error``: None, or why the run
     diverged (its history then ends before the others'). ``on_done(i, record)`` after each job, per run."""
     out: list[tuple[nn.Module, dict]] = []
-    for first in range(0, len(runs), RUNS_AT_ONCE):
-        job = runs[first : first + RUNS_AT_ONCE]
+    rows = runs[0][0]["x_train"] if runs else None
+    per_run = rows.numel() * rows.element_size() if rows is not None else 1
+    at_once = max(1, min(RUNS_AT_ONCE, JOB_BYTES // per_run))  # each run's own data is stacked for its job
+    for first in range(0, len(runs), at_once):
+        job = runs[first : first + at_once]
         models = []
         for splits, seed, _ in job:
             torch.manual_seed(seed)

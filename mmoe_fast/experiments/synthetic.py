@@ -11,7 +11,8 @@ import numpy as np
 
 from ..checkpoint import save
 from ..data import load_splits, synthetic_spec
-from .common import fmt, markdown_table, mean_loss, mean_std, output_dir, train_runs, write_outputs
+from ..data.synthetic import make_synthetic
+from .common import RUNS_AT_ONCE, fmt, markdown_table, mean_loss, mean_std, output_dir, train_runs, write_outputs
 
 DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
 PILOT_SEED_OFFSET = 10_000  # the pilot's data and initialization seed, past any study run's
@@ -69,29 +70,36 @@ def synthetic_runs(args: argparse.Namespace, correlations: Sequence[float], seed
     total = len(args.models) * len(correlations) * len(seeds)
     cells = [(p, seed) for p in correlations for seed in seeds]
     specs = {cell: synthetic_data_spec(args, *cell) for cell in cells}
-    data = {}  # one load per data set (under --data-seed every cell shares one)
-    for cell, spec in specs.items():
-        key = repr(sorted(spec.items()))
-        data[cell] = data.get(key) or load_splits(spec)
-        data[key] = data[cell]
     runs = []
-    for name in args.models:
+    # RUNS_AT_ONCE cells at a time, every model on them, so that only their data sets are in memory (a --full
+    # study has a thousand); under --data-seed every cell of a p shares one data set.
+    for first in range(0, len(cells), RUNS_AT_ONCE):
+        part = cells[first : first + RUNS_AT_ONCE]
+        loaded: dict[str, dict] = {}
+        splits = {}
+        for cell in part:
+            key = repr(sorted(specs[cell].items()))
+            if key not in loaded:
+                loaded[key] = load_splits(specs[cell])
+            splits[cell] = loaded[key]
+        for name in args.models:
 
-        def report(i, rec, name=name):
-            p, seed = cells[i]
-            rec.update(correlation=p, lr=lrs[name], final_train_loss=final_loss(rec, "train_loss"),
-                       final_val_loss=final_loss(rec))
-            runs.append(rec)
-            state = f"DIVERGED ({rec['error']})" if rec["error"] else (
-                f"train loss {rec['final_train_loss']:.4f}, val loss {rec['final_val_loss']:.4f}")
-            print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: {state} ({rec['seconds']:.2f} s)", flush=True)
+            def report(i, rec, name=name, part=part):
+                p, seed = part[i]
+                rec.update(correlation=p, lr=lrs[name], final_train_loss=final_loss(rec, "train_loss"),
+                           final_val_loss=final_loss(rec))
+                runs.append(rec)
+                state = f"DIVERGED ({rec['error']})" if rec["error"] else (
+                    f"train loss {rec['final_train_loss']:.4f}, val loss {rec['final_val_loss']:.4f}")
+                print(f"[{len(runs)}/{total}] {name} p={p} seed={seed}: {state} ({rec['seconds']:.2f} s)",
+                      flush=True)
 
-        done = train_runs(name, [(data[cell], cell[1], lrs[name]) for cell in cells], epochs=args.epochs,
-                          batch_size=args.batch_size, progress=args.progress, on_done=report)
-        if save_first is not None:
-            for (p, seed), (model, _) in zip(cells, done):
-                if seed == seeds[0]:
-                    save(model, save_first / f"{name}_p{p}.pt", data=specs[(p, seed)])
+            done = train_runs(name, [(splits[cell], cell[1], lrs[name]) for cell in part], epochs=args.epochs,
+                              batch_size=args.batch_size, progress=args.progress, on_done=report)
+            if save_first is not None:
+                for (p, seed), (model, _) in zip(part, done):
+                    if seed == seeds[0]:
+                        save(model, save_first / f"{name}_p{p}.pt", data=specs[(p, seed)])
     return runs
 
 
@@ -136,9 +144,9 @@ def mean_se(values) -> tuple[float, float]:
 
 def correlation_verdict(args: argparse.Namespace, pick, summary: dict) -> str:
     """The paper's Figure 4 claim beside what these runs show: each model's change of validation loss from the
-    most to the least correlated tasks, paired by seed, and whether the claim held (MMoE's change smaller
-    than every other model's, each of which is more than two standard errors above zero)."""
-    hi, lo = max(args.p), min(args.p)
+    most correlated tasks to the least related (the p nearest 0), paired by seed, and whether the claim held
+    (MMoE's change smaller than every other model's, each of which is more than two standard errors above zero)."""
+    hi, lo = max(args.p), min(args.p, key=abs)  # the most correlated tasks, and the least related
     if hi == lo:
         return ""
     changes = {}
@@ -271,6 +279,57 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
 
     result = {"command": "reproduce trainability", "settings": {**synthetic_settings(args), "p": args.p,
               "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
+              "seconds": seconds}
+    write_outputs(out, result, table, draw)
+    return 0
+
+
+def reproduce_labels(args: argparse.Namespace) -> int:
+    """``reproduce labels`` (Figure 2): the Pearson correlation of the two tasks' labels against the cosine p of
+    their weight vectors, over seeded data sets per p (no training)."""
+    out = output_dir(args, "results/labels")
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    start = time.perf_counter()
+    values: dict[float, list[float]] = {}
+    for p in args.p:
+        for seed in seeds:
+            _, y = make_synthetic(args.n_train, d=args.d, correlation=p, seed=seed, task_seed=args.task_seed)
+            pair = y.double().numpy()
+            values.setdefault(p, []).append(float(np.corrcoef(pair[:, 0], pair[:, 1])[0, 1]))
+    seconds = time.perf_counter() - start
+    summary = {}
+    rows = []
+    for p, v in values.items():
+        arr = np.array(v)
+        summary[str(p)] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else float("nan"),
+                           "min": float(arr.min()), "max": float(arr.max()), "data_sets": len(arr)}
+        s = summary[str(p)]
+        rows.append([p, fmt(s["mean"]), fmt(s["std"]), fmt(s["min"]), fmt(s["max"])])
+    monotone = all(a["mean"] <= b["mean"] for a, b in zip(list(summary.values()), list(summary.values())[1:])) \
+        if list(args.p) == sorted(args.p) else None
+    table = (f"Pearson correlation of the two tasks' labels per cosine p of the task weights, over {len(seeds)} data "
+             f"sets of {args.n_train} rows each (d = {args.d}, {tasks_text(args)}):\n\n"
+             + markdown_table(["p", "mean", "SD", "min", "max"], rows))
+    if monotone is not None:
+        table += (f"\nPaper (Figure 2): the label correlation rises with p, below it in magnitude (the sine terms "
+                  f"decorrelate the labels). Here the mean {'rises' if monotone else 'does not rise'} with p"
+                  f"{'' if monotone else ' at every step'}.\n")
+    table += f"\n{len(seeds) * len(args.p)} data sets in {seconds:.1f} s.\n"
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(4.5, 3.6))
+        ps = np.array(args.p, dtype=float)
+        mean = np.array([summary[str(p)]["mean"] for p in args.p])
+        sd = np.nan_to_num(np.array([summary[str(p)]["std"] for p in args.p]))
+        ax.errorbar(ps, mean, yerr=2 * sd, fmt="o-", capsize=3, label="label Pearson (mean ± 2 SD)")
+        ax.plot([-1, 1], [-1, 1], ":", color="gray", label="y = p")
+        ax.set_xlabel("cosine of the task weights, p")
+        ax.set_ylabel("Pearson correlation of the labels")
+        ax.legend(fontsize=8)
+        return fig
+
+    result = {"command": "reproduce labels", "settings": {"p": args.p, "seeds": seeds, "n": args.n_train, "d": args.d,
+              "task_seed": args.task_seed}, "summary": summary, "values": {str(p): v for p, v in values.items()},
               "seconds": seconds}
     write_outputs(out, result, table, draw)
     return 0
