@@ -117,7 +117,7 @@ def test_the_verdict_needs_standard_errors():
 
 
 def test_paired_differences_and_standard_errors():
-    from mmoe_fast.experiments.synthetic import mean_se, paired
+    from mmoe_fast.experiments.common import mean_se, paired
 
     diff, se, n = paired({0: 1.0, 1: 2.0, 2: 4.0, 5: 9.0}, {0: 0.5, 1: 1.0, 2: 3.0})
     assert (diff, n) == (pytest.approx(np.mean([0.5, 1.0, 1.0])), 3)
@@ -158,6 +158,11 @@ def test_reproduce_census(census_run):
         assert result["summary"][name]["income_best"] == best["test"][0]["auc"]
         assert result["summary"][name]["income_mean"] == pytest.approx(np.mean([r["test"][0]["auc"] for r in mine]))
         assert (census_run / f"best_{name}.pt").exists()
+        if name != "mmoe":  # paired by seed with MMoE
+            base = {r["seed"]: r["test"][0]["auc"] for r in result["runs"] if r["model"] == "mmoe"}
+            diffs = [r["test"][0]["auc"] - base[r["seed"]] for r in mine]
+            assert result["summary"][name]["income_minus_mmoe"] == pytest.approx(np.mean(diffs))
+            assert result["summary"][name]["pairs"] == 2
 
 
 def test_gates_from_a_census_checkpoint(census_run, tmp_path):

@@ -7,11 +7,13 @@ import time
 
 from ..checkpoint import save
 from ..data import census_spec, load_splits
-from .common import fmt, main_score, markdown_table, mean_std, output_dir, train_run, write_outputs
+from .common import fmt, main_score, markdown_table, mean_std, output_dir, paired, train_run, write_outputs
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), from its Tables 1 and 2.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}
-DEFAULT_CENSUS_MODELS = ("mmoe", "omoe", "shared-bottom", "single-task")
+# The paper's seven methods of Tables 1 and 2, MMoE first (the others are compared with it, paired by seed).
+DEFAULT_CENSUS_MODELS = ("mmoe", "omoe", "shared-bottom", "single-task", "l2-constrained", "cross-stitch",
+                         "tensor-factorization")
 
 
 def census_data_spec(args: argparse.Namespace) -> dict:
@@ -45,6 +47,11 @@ def reproduce_census(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
 
     rows, summary = [], {}
+    base = args.models[0]
+
+    def by_seed(name):
+        return {r["seed"]: r["test"][0]["auc"] for r in runs if r["model"] == name}
+
     for name in args.models:
         mine = [r for r in runs if r["model"] == name]
         best = max(mine, key=lambda r: main_score(r["val"][0]))
@@ -52,15 +59,19 @@ def reproduce_census(args: argparse.Namespace) -> int:
         for t, task in enumerate((main, aux)):
             entry[f"{task}_best"] = best["test"][t]["auc"]
             entry[f"{task}_mean"], entry[f"{task}_std"] = mean_std([r["test"][t]["auc"] for r in mine])
+        diff, se, pairs = paired(by_seed(name), by_seed(base))
+        entry.update({f"{main}_minus_{base}": diff, f"{main}_minus_{base}_se": se, "pairs": pairs})
         summary[name] = entry
         paper = PAPER_CENSUS_MAIN_AUC[args.group].get(name)
         rows.append([name, len(mine), fmt(entry[f"{main}_best"]), fmt(entry[f"{main}_mean"]),
+                     "" if name == base else f"{diff:+.4f} ± {fmt(se)}",
                      fmt(entry[f"{aux}_best"]), fmt(entry[f"{aux}_mean"]),
                      f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""])
     table = (f"Census-income group {args.group}: test AUC of the best run (by {main} validation AUC) and the mean "
-             f"over runs; {args.epochs} epochs of {len(splits['x_train'])} rows per run:\n\n"
-             + markdown_table(["model", "runs", f"{main} best", f"{main} mean", f"{aux} best", f"{aux} mean",
-                               f"paper {main} best / mean"], rows))
+             f"over runs; the mean paired difference to {base} (same seeds) ± its standard error (> 0: better "
+             f"than {base}); {args.epochs} epochs of {len(splits['x_train'])} rows per run:\n\n"
+             + markdown_table(["model", "runs", f"{main} best", f"{main} mean", f"{main} vs {base}", f"{aux} best",
+                               f"{aux} mean", f"paper {main} best / mean"], rows))
     table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
 
     def draw(plt):

@@ -159,3 +159,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def mean_loss(losses: Sequence[float]) -> float:
     """The mean over tasks of per-task losses (the curves and tables report this)."""
     return float(np.mean(losses))
+
+
+def paired(values: dict[int, float], base: dict[int, float]) -> tuple[float, float, int]:
+    """Mean and standard error of ``values[s] - base[s]`` over the seeds both have (runs paired by seed: the
+    same data and the same initialization seed), and how many pairs; SE is NaN below two pairs."""
+    diffs = np.array([values[s] - base[s] for s in values if s in base], dtype=np.float64)
+    if len(diffs) == 0:
+        return float("nan"), float("nan"), 0
+    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+    return float(diffs.mean()), se, len(diffs)
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error (NaN below two values)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")

@@ -12,7 +12,18 @@ import numpy as np
 from ..checkpoint import save
 from ..data import load_splits, synthetic_spec
 from ..data.synthetic import make_synthetic
-from .common import RUNS_AT_ONCE, fmt, markdown_table, mean_loss, mean_std, output_dir, train_runs, write_outputs
+from .common import (
+    RUNS_AT_ONCE,
+    fmt,
+    markdown_table,
+    mean_loss,
+    mean_se,
+    mean_std,
+    output_dir,
+    paired,
+    train_runs,
+    write_outputs,
+)
 
 DEFAULT_SYNTHETIC_MODELS = ("mmoe", "omoe", "shared-bottom")
 PILOT_SEED_OFFSET = 10_000  # the pilot's data and initialization seed, past any study run's
@@ -124,22 +135,6 @@ def synthetic_settings(args: argparse.Namespace) -> dict:
     """The options of a synthetic study, for its ``result.json``."""
     return {k: getattr(args, k, None) for k in ("models", "d", "n_train", "n_val", "data_seed", "task_seed", "epochs",
                                                 "batch_size", "lr", "lr_grid")}
-
-
-def paired(values: dict[int, float], base: dict[int, float]) -> tuple[float, float, int]:
-    """Mean and standard error of ``values[s] - base[s]`` over the seeds both have (runs paired by seed: the
-    same data and the same initialization seed), and how many pairs; SE is NaN below two pairs."""
-    diffs = np.array([values[s] - base[s] for s in values if s in base], dtype=np.float64)
-    if len(diffs) == 0:
-        return float("nan"), float("nan"), 0
-    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-    return float(diffs.mean()), se, len(diffs)
-
-
-def mean_se(values) -> tuple[float, float]:
-    """Mean and its standard error (NaN below two values)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
 
 
 def correlation_verdict(args: argparse.Namespace, pick, summary: dict) -> str:
