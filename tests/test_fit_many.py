@@ -101,8 +101,13 @@ def test_replicas_step_refuses_shapes_it_cannot_run():
     towers = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1), torch.randn(2, 1)]
     with pytest.raises(ValueError, match="nG"):  # 3 gates for 2 tasks
         cpp_backend.replicas_step(Y, bias, 2, 4, 3, towers, 1, "relu")
-    with pytest.raises(ValueError, match="widths"):  # towers of another width
-        cpp_backend.replicas_step(Y[..., :10], bias[:, :10], 2, 5, 0, towers, 1, "relu")
+    with pytest.raises(ValueError, match="belongs"):  # towers of another width
+        cpp_backend.replicas_step(Y[..., :10].contiguous(), bias[:, :10].contiguous(), 2, 5, 0, towers, 1, "relu")
+    with pytest.raises(ValueError, match="belongs"):  # not contiguous
+        cpp_backend.replicas_step(Y.transpose(0, 1).contiguous().transpose(0, 1), bias, 2, 4, 2, towers, 1, "relu")
+    with pytest.raises(ValueError, match="belongs"):  # targets of another shape
+        cpp_backend.replicas_step(Y, bias, 2, 4, 2, towers, 1, "relu", y=torch.zeros(2, 4, 3), binary=[0, 0],
+                                  coef=torch.ones(2))
 
 
 def _models(name, S, D=6, T=2, dtype=torch.float64, seed=0, **options):

@@ -396,6 +396,20 @@ def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation
     S, B, C = Y.shape
     T = len(tower_params) // (2 * num_layers)
     widths = [H] + [tower_params[2 * T * layer].shape[1] for layer in range(num_layers)]
+    # The kernel reads raw buffers: every shape is checked here (a few microseconds a step).
+    expect = [(Y, (S, B, E * H + num_gates * E))] + ([] if bias is None else [(bias, (S, C))])
+    expect += [(tower_params[2 * T * layer + k], (S, widths[layer + 1], widths[layer]) if k < T else
+                (S, widths[layer + 1])) for layer in range(num_layers) for k in range(2 * T)]
+    if y is not None:
+        expect += [(y, (S, B, T)), (coef, (T,))] + ([] if weight is None else [(weight, (S, B, T))])
+    for t, shape in expect:
+        if tuple(t.shape) != shape or (t is not coef and (t.dtype != Y.dtype or not t.is_contiguous())):
+            raise ValueError(f"replicas_step: a tensor of shape {tuple(t.shape)}, {t.dtype} where a contiguous "
+                             f"{shape} {Y.dtype} belongs")
+    if len(tower_params) != 2 * T * num_layers or widths[-1] != 1:
+        raise ValueError("replicas_step: tower_params must be num_layers x (T weights, T biases), ending in one output")
+    if active is not None and tuple(active.shape) != (S,):
+        raise ValueError(f"replicas_step: active must be [{S}], got {tuple(active.shape)}")
     w, b = _weights_biases(tower_params, num_layers, T)
     zeros = active is not None and not bool(active.all())
     out = (Y.new_zeros if zeros else Y.new_empty)((S, B, T))
