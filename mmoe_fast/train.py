@@ -355,11 +355,58 @@ class _Progress:
     history: list[dict] = field(default_factory=list)
 
 
+def _check_loader_args(loader, y, sample_weight, label_mask, resume, steps) -> None:
+    """What fit cannot take beside a DataLoader ``x``: a ValueError naming it."""
+    for name, value in (("y", y), ("sample_weight", sample_weight), ("label_mask", label_mask)):
+        if value is not None:
+            raise ValueError(f"x is a DataLoader: its batches carry the targets (and sample weights as a third "
+                             f"item); {name} must be None")
+    if resume is not None:
+        raise ValueError("resume needs tensor inputs: fit cannot restore a DataLoader's position")
+    if distributed.world_size() > 1:
+        raise ValueError("a DataLoader under torchrun is not supported: give tensors (fit splits each batch)")
+    if steps is None and _loader_length(loader) is None:
+        raise ValueError("x is a DataLoader without a length (an IterableDataset): give steps")
+
+
+def _loader_length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _loader_batch(item, task_types: Sequence[str], dtype: torch.dtype, epoch: int, k: int) -> tuple:
+    """``(x, y, weights or None)`` of a DataLoader's batch: ``(x, y)`` or ``(x, y, sample_weight)`` (``[B]`` or
+    ``[B, T]``), checked as fit checks tensors; errors name the epoch and batch."""
+    where = f"DataLoader batch {k + 1} of epoch {epoch}"
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise TypeError(f"{where}: expected (x, y) or (x, y, sample_weight), got "
+                        f"{type(item).__name__}{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}")
+    xb, yb = _as_tensor(item[0], f"{where}: x", dtype), _as_tensor(item[1], f"{where}: y", dtype)
+    if yb.dim() != 2 or yb.shape[1] != len(task_types) or num_rows(xb) != len(yb):
+        raise ValueError(f"{where}: y must be [B, {len(task_types)}] for x's {num_rows(xb)} rows, got "
+                         f"{tuple(yb.shape)}")
+    if not isinstance(xb, dict) and xb.dim() != 2:
+        raise ValueError(f"{where}: x must be [B, D], got {tuple(xb.shape)}")
+    check_features(xb, f"{where}: x")
+    check_targets(yb, task_types, f"{where}: y")
+    if len(item) == 2:
+        return xb, yb, None
+    sw = torch.as_tensor(_as_tensor(item[2], f"{where}: sample_weight", torch.float32), dtype=torch.float32)
+    sw = sw[:, None] if sw.dim() == 1 else sw
+    if sw.dim() != 2 or sw.shape[0] != len(yb) or sw.shape[1] not in (1, len(task_types)):
+        raise ValueError(f"{where}: sample_weight must be [B] or [B, T], got {tuple(sw.shape)}")
+    if not torch.isfinite(sw).all() or (sw < 0).any():
+        raise ValueError(f"{where}: sample_weight must be finite and >= 0")
+    return xb, yb, sw.expand(len(yb), len(task_types)).contiguous()
+
+
 def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
-                    checkpoint_every, batch_size, steps) -> None:
+                    checkpoint_every, batch_size, steps, loader: bool = False) -> None:
     num_tasks = len(model.task_types)
     for name, (a, b) in {"x, y": (x, y), "x_val, y_val": (x_val, y_val)}.items():
-        if a is None and b is None and name != "x, y":
+        if a is None and b is None and (name != "x, y" or loader):
             continue
         if a is None or b is None:
             raise ValueError(f"{name}: give both or neither")
@@ -373,7 +420,7 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0] or b.shape[1] != num_tasks:
             raise ValueError(f"{name} must be [N, D] and [N, {num_tasks}] (one column per task), "
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    if num_rows(x) == 0:
+    if not loader and num_rows(x) == 0:
         raise ValueError("x has no rows")
     if weights.shape != (num_tasks,) or not torch.isfinite(weights).all() or (weights < 0).any():
         raise ValueError(f"loss_weights must be {num_tasks} finite non-negative numbers, got {weights.tolist()}")
@@ -383,8 +430,9 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
         raise ValueError(f"main_task must be in [0, {num_tasks}), got {main_task}")
     if patience is not None and (x_val is None or patience < 1):
         raise ValueError("early stopping (patience) needs x_val, y_val and a patience >= 1")
-    check_features(x, "x")
-    check_targets(y, model.task_types, "y")
+    if not loader:  # a DataLoader's batches are checked as they come
+        check_features(x, "x")
+        check_targets(y, model.task_types, "y")
     if x_val is not None:
         check_features(x_val, "x_val")
         check_targets(y_val, model.task_types, "y_val")
@@ -508,7 +556,7 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> str | None:
 
 
 def fit(
-    model: nn.Module, x: Tensor, y: Tensor, *, x_val: Tensor | None = None, y_val: Tensor | None = None,
+    model: nn.Module, x: Tensor, y: Tensor | None = None, *, x_val: Tensor | None = None, y_val: Tensor | None = None,
     epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, progress: bool = True,
     log: Callable[[str], None] = print, steps: int | None = None, loss_weights: Sequence[float] | None = None,
     optimizer: str = "adam", weight_decay: float = 0.0, main_task: int = 0, patience: int | None = None,
@@ -525,6 +573,10 @@ def fit(
     ``val_loss`` and ``val_metrics`` (per task, see :func:`task_metrics`).
 
     - ``x``, ``y`` (and the other per-row inputs) are tensors, NumPy arrays or pandas DataFrames/Series (numbers).
+      ``x`` may instead be a ``torch.utils.data.DataLoader`` (``y`` None) whose batches are ``(x, y)`` or ``(x, y,
+      sample_weight)``: an epoch is one pass over it, in its order (``seed`` and ``batch_size`` do not apply), each
+      batch checked as it comes; ``steps`` is needed for a loader without a length; no ``resume`` and no torchrun
+      with one (its position cannot be restored).
     - Inputs must be finite and binary targets exactly 0 or 1 (ValueError naming the row and task), except
       where ``label_mask[N, T]`` (``val_label_mask`` for validation) is False: a missing label, which adds
       nothing to the loss or the metrics (``~y.isnan()`` makes one from NaN labels).
@@ -562,6 +614,10 @@ def fit(
     weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
         loss_weights, dtype=torch.float32)
     dtype = next(model.parameters()).dtype
+    loader = x if isinstance(x, torch.utils.data.DataLoader) else None
+    if loader is not None:
+        _check_loader_args(loader, y, sample_weight, label_mask, resume, steps)
+        x = None
     x, y, x_val, y_val = (_as_tensor(v, n, dtype) for v, n in ((x, "x"), (y, "y"), (x_val, "x_val"), (y_val, "y_val")))
     sample_weight = _as_tensor(sample_weight, "sample_weight", torch.float32)
     label_mask, val_label_mask = (_as_tensor(v, n, None) for v, n in ((label_mask, "label_mask"),
@@ -580,7 +636,7 @@ def fit(
     y = y if label_mask is None else torch.where(torch.as_tensor(label_mask).to(torch.bool), y, 0.0)
     y_val = y_val if val_mask is None else torch.where(val_mask, y_val, 0.0)
     _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
-                    checkpoint_every, batch_size, steps)
+                    checkpoint_every, batch_size, steps, loader=loader is not None)
     if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
         for what, where in (("log_dir", log_dir), ("checkpoint_dir", checkpoint_dir)):
             if where is not None:
@@ -593,8 +649,13 @@ def fit(
     opt = make_optimizer(optimizer, model, log_vars, lr=lr, weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
     gen = torch.Generator().manual_seed(seed)
-    n, num_tasks = num_rows(x), len(model.task_types)
-    per_epoch = math.ceil(n / batch_size)
+    num_tasks = len(model.task_types)
+    if loader is None:
+        n = num_rows(x)
+        per_epoch = math.ceil(n / batch_size)
+    else:  # its batches, in its order: fit's seed and batch_size do not apply
+        n, batch_size = None, loader.batch_size
+        per_epoch = _loader_length(loader)
     total = steps if steps is not None else epochs * per_epoch
     options = {"n_rows": n, "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
                "loss_weights": weights.tolist(), "main_task": main_task, "lr": lr, "weight_decay": weight_decay,
@@ -643,15 +704,23 @@ def fit(
     net = distributed.wrap(model)
     while p.batch > 0 or (p.step < total and not p.stopped):
         if p.batch == 0:
-            p.order = torch.randperm(n, generator=gen)
+            p.order = torch.randperm(n, generator=gen) if loader is None else None
             p.loss_sum, p.weight_sum, p.extra_sum, p.rows = [0.0] * num_tasks, [0.0] * num_tasks, 0.0, 0
+        batches = None if loader is None else iter(loader)
         net.train()
         with tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}", leave=False,
                   disable=not progress or not distributed.is_main()) as bar:
-            while p.batch < per_epoch and p.step < total:
-                rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
-                sums, wsums, extra = _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device,
-                                               log_vars)
+            while (loader is not None or p.batch < per_epoch) and p.step < total:
+                if loader is None:
+                    rows = p.order[p.batch * batch_size : (p.batch + 1) * batch_size]
+                    source = (x, y, label_w)
+                else:
+                    item = next(batches, None)
+                    if item is None:  # the loader's epoch has ended
+                        break
+                    source = _loader_batch(item, model.task_types, dtype, p.epoch, p.batch)
+                    rows = torch.arange(len(source[1]))
+                sums, wsums, extra = _backward(net, model, opt, *source, rows, weights, has_extra, device, log_vars)
                 if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
                     raise diverged(f"non-finite training loss before the update (per-task sums {sums}, "
                                    f"extra_loss {extra})")

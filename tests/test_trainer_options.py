@@ -284,3 +284,65 @@ def test_resume_with_uncertainty_weighting_continues_exactly(tmp_path):
     with pytest.raises(ValueError, match=r"loss_weighting uncertainty \(checkpoint\) vs static \(now\)"):
         fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, steps=9, optimizer="adamw", weight_decay=0.01,
             resume=tmp_path / "stopped", **_quiet())
+
+
+class _FitOrder(torch.utils.data.Sampler):
+    """fit's own batch order (a fresh permutation of one seeded generator every epoch), as a DataLoader sampler."""
+
+    def __init__(self, n, seed):
+        self.n, self.gen = n, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.gen).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # autograd's step, and fit's fused one
+def test_a_dataloader_in_fits_order_trains_like_the_tensors(backend):
+    x, y = _data()
+    w = torch.linspace(0.5, 2, 60)
+    xv, yv = _data(30, seed=1)
+    for weighted in (False, True):
+        a, b = _model(), _model()
+        a.mixture.backend = b.mixture.backend = backend
+        ds = torch.utils.data.TensorDataset(x, y, w) if weighted else torch.utils.data.TensorDataset(x, y)
+        loader = torch.utils.data.DataLoader(ds, batch_size=16, sampler=_FitOrder(60, seed=3))
+        h1 = fit(a, x, y, x_val=xv, y_val=yv, epochs=3, batch_size=16, seed=3,
+                 sample_weight=w if weighted else None, **_quiet())
+        h2 = fit(b, loader, x_val=xv, y_val=yv, epochs=3, **_quiet())
+        for k, v in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+        assert [r["step"] for r in h1] == [r["step"] for r in h2] == [4, 8, 12]
+        for r1, r2 in zip(h1, h2):
+            assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-6)
+            assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-6)
+
+
+def test_a_dataloader_without_length_needs_steps_and_bad_batches_are_named():
+    x, y = _data()
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x, y))
+
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=16)
+    with pytest.raises(ValueError, match="give steps"):
+        fit(_model(), stream, **_quiet())
+    history = fit(_model(), stream, steps=6, **_quiet())  # 4 batches an epoch: 2 epochs, the last one partial
+    assert [r["step"] for r in history] == [4, 6]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.raises(ValueError, match="y must be None"):
+        fit(_model(), loader, y, **_quiet())
+    with pytest.raises(ValueError, match="resume needs tensor inputs"):
+        fit(_model(), loader, resume="somewhere", **_quiet())
+    bad = y.clone()
+    bad[40, 1] = float("nan")
+    with pytest.raises(ValueError, match="DataLoader batch 3 of epoch 1: y: task1"):
+        fit(_model(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, bad), batch_size=16), **_quiet())
+    with pytest.raises(TypeError, match=r"expected \(x, y\) or \(x, y, sample_weight\), got list of 1"):
+        fit(_model(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16), **_quiet())
+    with pytest.raises(ValueError, match=r"y must be \[B, 2\]"):
+        fit(_model(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y[:, :1]), batch_size=16),
+            **_quiet())
