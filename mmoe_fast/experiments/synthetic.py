@@ -212,14 +212,17 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
         fig, axes = plt.subplots(1, len(args.p), figsize=(4 * len(args.p), 3.2), squeeze=False, sharey=True)
         for ax, p in zip(axes[0], args.p):
             for name in args.models:
-                curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in pick(name, p)])
+                complete = [r for r in pick(name, p) if not r.get("error")]  # a diverged run's curve ends early
+                if not complete:
+                    continue
+                curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in complete])
                 mean = curves.mean(axis=0)
                 se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
-                epochs = np.arange(1, curves.shape[1] + 1)
-                ax.plot(epochs, mean, label=name)
-                ax.fill_between(epochs, mean - se, mean + se, alpha=0.25)
+                steps = [h["step"] for h in complete[0]["history"]]
+                ax.plot(steps, mean, label=name)
+                ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
             ax.set_title(f"correlation p = {p}")
-            ax.set_xlabel("epoch")
+            ax.set_xlabel("training step (validation after each epoch)")
         axes[0][0].set_ylabel(f"validation loss (mean ± SE, {len(seeds)} seeds)")
         axes[0][-1].legend()
         return fig
