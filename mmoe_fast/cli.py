@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     tr.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     tr.add_argument("--loss-weights", type=floats, default=None, help="per-task loss weights, e.g. 1,0.5")
-    tr.add_argument("--loss-weighting", choices=["static", "uncertainty"], default="static",
-                    help="static: --loss-weights; uncertainty: learned per-task log variances (Kendall et al. 2018)")
+    tr.add_argument("--loss-weighting", choices=["static", "uncertainty", "gradnorm"], default="static",
+                    help="static: --loss-weights; uncertainty: learned per-task log variances (Kendall et al. 2018); "
+                         "gradnorm: task weights that balance the tasks' gradient norms (Chen et al. 2018, alpha 1.5)")
     tr.add_argument("--clip-grad-norm", type=positive_float, default=None,
                     help="clip the gradients' global L2 norm to this before each update")
     tr.add_argument("--patience", type=positive_int, default=None,

@@ -121,7 +121,7 @@ OPTIMIZERS = {"adam": Adam, "adamw": AdamW}
 MODEL_FILE = "model.pt"
 
 
-LOSS_WEIGHTINGS = ("static", "uncertainty")
+LOSS_WEIGHTINGS = ("static", "uncertainty", "gradnorm")
 _LOG_VARS = "loss_log_variances"  # the param group of the uncertainty weighting's parameters
 
 
@@ -136,6 +136,50 @@ def make_optimizer(name: str, model: nn.Module, log_variances: Tensor | None = N
     if log_variances is not None:
         groups.append({"params": [log_variances], "weight_decay": 0.0, "role": _LOG_VARS})
     return OPTIMIZERS[name](groups, fused=fused or None, **options)
+
+
+class _GradNorm:
+    """GradNorm (Chen et al. 2018): learned task weights ``w`` (starting at 1, renormalized to sum to T after each
+    update) balance the tasks' gradient norms at the last shared layer ``W``. Each step, with ``L_t`` the batch's
+    task losses, ``n_t = ||dL_t/dW||``, ``G_t = w_t n_t``, ``r_t = (L_t / L_t(0)) / mean(L / L(0))`` (``L(0)``: the
+    first step's losses) and the target ``mean(G) r_t^alpha`` held constant, ``w``'s gradient is that of
+    ``sum_t |G_t - target_t|``: ``sign(G_t - target_t) n_t``; the model's is that of ``sum_t w_t L_t``."""
+
+    def __init__(self, model: nn.Module, alpha: float, device) -> None:
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"gradnorm_alpha must be a finite number >= 0, got {alpha!r}")
+        self.shared = _shared_weight(model)
+        self.alpha = alpha
+        self.weights = nn.Parameter(torch.ones(len(model.task_types), device=device))
+        self.initial: Tensor | None = None
+
+    def weight_grad(self, per_task: Tensor) -> Tensor:
+        norms = torch.stack([torch.linalg.vector_norm(torch.autograd.grad(loss, self.shared, retain_graph=True)[0])
+                             for loss in per_task])
+        losses = per_task.detach()
+        if self.initial is None:
+            self.initial = losses.clone()
+        ratio = losses / self.initial
+        G = self.weights.detach() * norms
+        target = G.mean() * (ratio / ratio.mean()) ** self.alpha
+        return torch.sign(G - target) * norms
+
+    @torch.no_grad()
+    def renormalize(self) -> None:
+        w = self.weights.clamp_(min=0)
+        w.mul_(len(w) / w.sum())
+
+
+def _shared_weight(model: nn.Module) -> Tensor:
+    """The weight of the last layer every task's loss goes through (GradNorm measures the gradients there)."""
+    from .models import MMoE, OMoE, SharedBottom
+
+    if type(model) in (MMoE, OMoE):
+        return model.mixture.expert_weights[-1]
+    if type(model) is SharedBottom:
+        return [m for m in model.bottom if isinstance(m, nn.Linear)][-1].weight
+    raise ValueError(f"loss_weighting='gradnorm' measures the tasks' gradients at the last shared layer: known for "
+                     f"MMoE, OMoE and SharedBottom, not for {type(model).__name__}")
 
 
 def json_safe(value):
@@ -565,6 +609,7 @@ def fit(
     checkpoint_extra: dict | None = None, sample_weight: Tensor | None = None, label_mask: Tensor | None = None,
     val_label_mask: Tensor | None = None, clip_grad_norm: float | None = None,
     scheduler: Callable[[torch.optim.Optimizer], object] | None = None, loss_weighting: str = "static",
+    gradnorm_alpha: float = 1.5,
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -586,7 +631,11 @@ def fit(
     - ``clip_grad_norm``: clip the gradients' global L2 norm to this before each update.
     - ``loss_weighting="uncertainty"`` (Kendall et al. 2018): the loss is ``sum_t loss_weights[t] * (exp(-s_t) *
       loss_t + s_t)`` with a learned log variance ``s_t`` per task (starting at 0, trained by the same optimizer
-      without weight decay, kept in checkpoints); records carry ``loss_log_variance``. ``"static"`` (default):
+      without weight decay, kept in checkpoints); records carry ``loss_log_variance``. ``"gradnorm"`` (Chen et
+      al. 2018, see ``_GradNorm``; ``gradnorm_alpha`` its asymmetry, 1.5 by default): task weights learned to
+      balance the tasks' gradient norms at the last shared layer (MMoE, OMoE, SharedBottom), the loss ``sum_t
+      loss_weights[t] * w_t * loss_t``; records carry ``loss_task_weight``; no resume or torchrun with it.
+      ``"static"`` (default):
       ``sum_t loss_weights[t] * loss_t``.
     - ``scheduler``: ``scheduler(optimizer)`` makes a learning-rate scheduler (e.g. ``lambda opt:
       torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=1000)``), stepped after every update, saved
@@ -646,7 +695,14 @@ def fit(
     say = log if distributed.is_main() else (lambda _: None)
     log_vars = (nn.Parameter(torch.zeros(len(model.task_types), device=device))
                 if loss_weighting == "uncertainty" else None)
-    opt = make_optimizer(optimizer, model, log_vars, lr=lr, weight_decay=weight_decay)
+    gradnorm = None
+    if loss_weighting == "gradnorm":
+        if resume is not None or distributed.world_size() > 1:
+            raise ValueError("loss_weighting='gradnorm' supports neither resume nor torchrun (its task weights and "
+                             "first losses are not kept in checkpoints)")
+        gradnorm = _GradNorm(model, gradnorm_alpha, device)
+    opt = make_optimizer(optimizer, model, log_vars if gradnorm is None else gradnorm.weights, lr=lr,
+                         weight_decay=weight_decay)
     sched = scheduler(opt) if scheduler is not None else None
     gen = torch.Generator().manual_seed(seed)
     num_tasks = len(model.task_types)
@@ -720,13 +776,16 @@ def fit(
                         break
                     source = _loader_batch(item, model.task_types, dtype, p.epoch, p.batch)
                     rows = torch.arange(len(source[1]))
-                sums, wsums, extra = _backward(net, model, opt, *source, rows, weights, has_extra, device, log_vars)
+                sums, wsums, extra = _backward(net, model, opt, *source, rows, weights, has_extra, device, log_vars,
+                                               gradnorm)
                 if not (math.isfinite(sum(sums)) and math.isfinite(extra)):
                     raise diverged(f"non-finite training loss before the update (per-task sums {sums}, "
                                    f"extra_loss {extra})")
                 if clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                 opt.step()
+                if gradnorm is not None:
+                    gradnorm.renormalize()
                 if sched is not None:
                     sched.step()
                 # After the update too, the last one included: a finite loss can still give a non-finite step.
@@ -748,6 +807,8 @@ def fit(
                   "lr": opt.param_groups[0]["lr"]}
         if log_vars is not None:
             record["loss_log_variance"] = log_vars.detach().double().cpu().tolist()
+        if gradnorm is not None:
+            record["loss_task_weight"] = gradnorm.weights.detach().double().cpu().tolist()
         if has_extra:
             record["train_extra_loss"] = p.extra_sum / p.batch
         if x_val is not None:
@@ -801,13 +862,13 @@ def _fingerprint(t: Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, log_vars=None
+def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, log_vars=None, gradnorm=None
               ) -> tuple[list[float], list[float], float]:
     """Gradients of the global batch ``rows``; returns its per-task weighted loss sums and label weight sums
     (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
     xb, yb = _to(take(x, local), device), y[local].to(device)
-    fused = _fused_forward(net, model, xb, has_extra, log_vars)
+    fused = None if gradnorm is not None else _fused_forward(net, model, xb, has_extra, log_vars)
     if fused is not None:
         return _fused_backward(fused, model, opt, yb, label_w, local, weights, device)
     out = net(xb)
@@ -817,13 +878,19 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     # Scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean loss,
     # whatever the shard sizes.
     per_task = sums * (distributed.world_size() / len(rows))
-    if log_vars is None:
+    task_weight_grad = None
+    if gradnorm is not None:
+        task_weight_grad = gradnorm.weight_grad(per_task)
+        loss = (weights * gradnorm.weights.detach() * per_task).sum()
+    elif log_vars is None:
         loss = (weights * per_task).sum()
     else:  # each rank adds the whole s_t: its gradient is averaged over the ranks below, as DDP does the model's
         loss = (weights * (torch.exp(-log_vars) * per_task + log_vars)).sum()
     extra = model.extra_loss() if has_extra else torch.zeros((), device=device)
     opt.zero_grad(set_to_none=True)
     (loss + extra).backward()
+    if task_weight_grad is not None:
+        gradnorm.weights.grad = task_weight_grad
     if log_vars is not None and distributed.world_size() > 1 and log_vars.grad is not None:
         distributed.all_reduce_sum(log_vars.grad).div_(distributed.world_size())
     stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), wsums.detach().float(),

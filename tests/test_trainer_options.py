@@ -275,7 +275,55 @@ def test_uncertainty_weighting_step_equals_the_hand_written_step():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(history[0]["loss_log_variance"], dtype=torch.float64), s.detach().double())
     with pytest.raises(ValueError, match="loss_weighting must be one of"):
-        fit(_model(), x, y, steps=1, loss_weighting="gradnorm", **_quiet())
+        fit(_model(), x, y, steps=1, loss_weighting="gradients", **_quiet())
+
+
+@pytest.mark.parametrize("name", ["mmoe", "shared-bottom"])
+def test_gradnorm_steps_equal_the_hand_written_steps(name):
+    """Chen et al.: w_t learned from 1 to balance G_t = w_t ||dL_t/dW|| at the last shared layer W toward
+    mean(G) r_t^alpha, renormalized to sum to T; the model trains on sum_t c_t w_t L_t."""
+    x, y = _data()
+    weights, lr, alpha = (2.0, 0.5), 0.05, 1.5
+
+    def build():
+        torch.manual_seed(0)
+        if name == "mmoe":
+            return _model()
+        return models.SharedBottom(6, 2, bottom_hidden=5, tower_hidden=(3,), task_types=TASK_TYPES)
+
+    expected = build()
+    w = torch.ones(2, requires_grad=True)
+    opt = torch.optim.Adam([{"params": expected.parameters()}, {"params": [w], "weight_decay": 0.0}], lr=lr)
+    shared = expected.mixture.expert_weights[-1] if name == "mmoe" else expected.bottom[0].weight
+    first = None
+    for _ in range(3):
+        out = expected(x)
+        losses = torch.stack([F.binary_cross_entropy_with_logits(out[:, 0], y[:, 0]), F.mse_loss(out[:, 1], y[:, 1])])
+        norms = torch.stack([torch.autograd.grad(loss, shared, retain_graph=True)[0].norm() for loss in losses])
+        first = losses.detach() if first is None else first
+        ratio = losses.detach() / first
+        G = w.detach() * norms
+        target = G.mean() * (ratio / ratio.mean()) ** alpha
+        opt.zero_grad()
+        (torch.tensor(weights) * w.detach() * losses).sum().backward()
+        w.grad = torch.sign(G - target) * norms
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(min=0).mul_(2 / w.sum())
+    model = build()
+    history = fit(model, x, y, steps=3, batch_size=60, lr=lr, loss_weights=weights, loss_weighting="gradnorm",
+                  **_quiet())
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    got = torch.tensor(history[-1]["loss_task_weight"])
+    torch.testing.assert_close(got, w.detach(), rtol=1e-5, atol=1e-6)
+    assert got.sum() == pytest.approx(2.0) and not torch.equal(got, torch.ones(2))
+    with pytest.raises(ValueError, match="not for PLE"):
+        fit(models.PLE(6, 2, task_types=TASK_TYPES), x, y, steps=1, loss_weighting="gradnorm", **_quiet())
+    with pytest.raises(ValueError, match="gradnorm_alpha"):
+        fit(build(), x, y, steps=1, loss_weighting="gradnorm", gradnorm_alpha=-1.0, **_quiet())
+    with pytest.raises(ValueError, match="supports neither resume"):
+        fit(build(), x, y, steps=1, loss_weighting="gradnorm", resume="anywhere", **_quiet())
 
 
 def test_resume_with_uncertainty_weighting_continues_exactly(tmp_path):
@@ -346,3 +394,28 @@ def test_a_dataloader_without_length_needs_steps_and_bad_batches_are_named():
     with pytest.raises(ValueError, match=r"y must be \[B, 2\]"):
         fit(_model(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y[:, :1]), batch_size=16),
             **_quiet())
+
+
+def test_gradnorm_weight_gradient_follows_its_formula_for_each_alpha():
+    from mmoe_fast.train import _GradNorm
+
+    x, y = _data()
+    grads = {}
+    for alpha in (0.0, 1.5, 3.0):
+        model = _model()
+        gn = _GradNorm(model, alpha, "cpu")
+        with torch.no_grad():
+            gn.weights.copy_(torch.tensor([0.7, 1.3]))
+        for scale in (1.0, torch.tensor([0.5, 0.9])):  # the first call sets L(0); the second sees other ratios
+            out = model(x)
+            losses = torch.stack([F.binary_cross_entropy_with_logits(out[:, 0], y[:, 0]),
+                                  F.mse_loss(out[:, 1], y[:, 1])]) * scale
+            got = gn.weight_grad(losses)
+        W = model.mixture.expert_weights[-1]
+        norms = torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0].norm() for loss in losses])
+        ratio = losses.detach() / (losses.detach() / scale)
+        G = torch.tensor([0.7, 1.3]) * norms
+        want = torch.sign(G - G.mean() * (ratio / ratio.mean()) ** alpha) * norms
+        torch.testing.assert_close(got, want)
+        grads[alpha] = got
+    assert not torch.equal(grads[0.0], grads[3.0])  # alpha changes which task is pushed up
