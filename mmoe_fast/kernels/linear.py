@@ -95,7 +95,10 @@ def _input_grad_fit(configs, named_args, **kwargs):
     return configs[:-2]
 
 
-@autotune(_INPUT_GRAD_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_input_grad_fit)
+# E_PER_PROGRAM in the key: a shared input's gradient (all E experts per program) and a per-expert one (one) are
+# different work at the same shapes, and must not share a tuned config.
+@autotune(_INPUT_GRAD_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=[*_KEY, "E_PER_PROGRAM"],
+          prune=_input_grad_fit)
 @triton.jit
 def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_PROGRAM,
                stride_yb, stride_ye, stride_db, stride_de, B_BUCKET,
