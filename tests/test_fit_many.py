@@ -267,6 +267,15 @@ def test_fit_many_falls_back_to_one_by_one_and_says_why_it_cannot_pack():
     assert "OMoE" in why_not_packed(mixed)
     assert "differs" in why_not_packed([*_models("mmoe", 1), *_models("mmoe", 1, num_experts=3)])
     assert "PLE" in why_not_packed(_models("ple", 2))
+    hooked = _models("mmoe", 2)
+    hooked[1].towers.register_forward_hook(lambda *a: None)
+    assert "hooks" in why_not_packed(hooked)
+    patched = _models("omoe", 2)
+    patched[0].forward = lambda x: x
+    assert "replaced forward" in why_not_packed(patched)
+    swapped = _models("mmoe", 2)
+    swapped[0].mixture.forward = lambda x: x
+    assert "changed layer" in why_not_packed(swapped)
 
 
 def test_fit_many_refuses_bad_input_by_name():

@@ -15,25 +15,29 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import cpp as cpp_backend
-from .common import _hooked, _tower_params
-from .mmoe import MMoE, MMoELayer, OMoE
+from .common import Towers, _hooked, _tower_params
+from .mmoe import MMoE, MMoELayer, OMoE, OMoELayer
 from .shared_bottom import SharedBottom
 
 _KINDS = (MMoE, OMoE, SharedBottom)
+_FORWARDS = {kind: kind.forward for kind in (*_KINDS, MMoELayer, Towers)}  # what packing stands in for
 
 
 def _first_layer(model: nn.Module) -> tuple | None:
     """``(W[D, C], bias[C] or None, absent bias columns, E, H, num_gates, activation)`` of a packable model, as
     views of its parameters; None where the model is not one ``ReplicaStack`` packs."""
     if isinstance(model, SharedBottom):
-        mods = list(model.bottom._modules.values())
-        if len(mods) != 2 or type(mods[0]) is not nn.Linear or type(mods[1]) is not nn.ReLU or _hooked(model.bottom) \
-                or any(_hooked(m) for m in mods):
+        bottom = model.bottom
+        mods = list(bottom._modules.values())
+        if (type(bottom) is not nn.Sequential or "forward" in bottom.__dict__ or len(mods) != 2
+                or type(mods[0]) is not nn.Linear or type(mods[1]) is not nn.ReLU or _hooked(bottom)
+                or any(_hooked(m) or "forward" in m.__dict__ for m in mods)):
             return None
         lin = mods[0]
         return lin.weight.t(), lin.bias, [], 1, lin.weight.shape[0], 0, "relu"
     layer = model.mixture
-    if type(layer).forward is not MMoELayer.forward or _hooked(layer) or len(layer.expert_weights) != 1:
+    if (type(layer) not in (MMoELayer, OMoELayer) or "forward" in layer.__dict__
+            or MMoELayer.forward is not _FORWARDS[MMoELayer] or _hooked(layer) or len(layer.expert_weights) != 1):
         return None
     w, b, wg, bg = layer.expert_weights[0], layer.expert_biases[0], layer.gate_weight, layer.gate_bias
     E, D, H = w.shape
@@ -61,8 +65,11 @@ def why_not_packed(models: Sequence[nn.Module]) -> str | None:
             return f"model {i} is a {kind.__name__}; replicas pack MMoE, OMoE and SharedBottom only"
         if kind is not type(first):
             return f"model {i} is a {kind.__name__}, model 0 a {type(first).__name__}"
-        if type(model).forward is not kind.forward or _hooked(model) or _hooked(model.towers):
-            return f"model {i} has hooks or a replaced forward"
+        towers = model.__dict__["_modules"].get("towers")
+        if ("forward" in model.__dict__ or kind.forward is not _FORWARDS[kind] or _hooked(model)
+                or type(towers) is not Towers or "forward" in towers.__dict__ or Towers.forward is not _FORWARDS[Towers]
+                or _hooked(towers)):
+            return f"model {i} has hooks, a replaced forward or other towers"
         if getattr(model, "backend", None) == "reference" or any(getattr(m, "backend", None) == "reference"
                                                                  for m in model.modules()):
             return f"model {i} asks for the reference backend (plain PyTorch, the oracle)"
