@@ -334,29 +334,19 @@ struct Kern {
       top = mx > top ? mx : top;
       low = mx < low ? mx : low;
     }
-    if (std::isfinite(top) && low >= top - T(80)) {
-      const V m = V{} + top;
-      for (int64_t c = 0; c < W; c += L) {
-        const V v = vexp(load(z + c) - m);
-        std::memcpy(z + c, &v, sizeof v);
-      }
+    const bool one_max = std::isfinite(top) && low >= top - T(80);
+    if (!one_max) {  // each group less its own max
       for (int64_t g = 0; g < nG; ++g) {
-        const T* zg = z + g * E;
-        T sum = 0;
-        for (int64_t e = 0; e < E; ++e) sum += zg[e];
-        for (int64_t e = 0; e < E; ++e) out[g * E + e] = zg[e] / sum;
+        T* zg = z + g * E;
+        T mx = zg[0];
+        for (int64_t e = 1; e < E; ++e) mx = zg[e] > mx ? zg[e] : mx;
+        if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
+        for (int64_t e = 0; e < E; ++e) zg[e] -= mx;
       }
-      return;
     }
-    for (int64_t g = 0; g < nG; ++g) {
-      T* zg = z + g * E;
-      T mx = zg[0];
-      for (int64_t e = 1; e < E; ++e) mx = zg[e] > mx ? zg[e] : mx;
-      if (mx != mx) mx = T(0);  // a NaN logit: let it propagate through exp, not through the max
-      for (int64_t e = 0; e < E; ++e) zg[e] -= mx;
-    }
+    const V m = V{} + (one_max ? top : T(0));
     for (int64_t c = 0; c < W; c += L) {
-      const V v = vexp(load(z + c));
+      const V v = vexp(load(z + c) - m);
       std::memcpy(z + c, &v, sizeof v);
     }
     for (int64_t g = 0; g < nG; ++g) {

@@ -193,6 +193,17 @@ def test_softmax_is_stable_for_huge_logits(name):
     torch.testing.assert_close(g, torch.tensor([[[1.0, 0.0]]]))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_softmax_of_gates_far_apart(name):
+    """Two tasks whose logits lie hundreds apart: a max shared by the whole row would underflow the lower task's
+    exps to 0 (and 0 / 0); each gate must be its own softmax."""
+    x = torch.tensor([[1.0, 0.5], [0.2, -0.3], [3.0, 1.0]], dtype=torch.float64)
+    wg = torch.tensor([[[300.0, 299.0, 301.5], [1.0, -2.0, 0.5]], [[-300.0, -301.0, -299.0], [2.0, 0.0, -1.0]]],
+                      dtype=torch.float64)
+    g = mf.gate_softmax(x, wg, backend=name)
+    torch.testing.assert_close(g, torch.softmax(torch.einsum("bd,tde->bte", x, wg), -1), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, inside Triton's interpreter
 @pytest.mark.parametrize("activation", contract.ACTIVATIONS)
 @pytest.mark.parametrize("name", NAMES)
