@@ -348,11 +348,12 @@ def _as_tensor(value, name: str, dtype: torch.dtype | None):
     return t if dtype is None or t.dtype == torch.bool else t.to(dtype)
 
 
-def label_weights(y: Tensor, sample_weight: Tensor | None, label_mask: Tensor | None, name: str = "y"
-                  ) -> Tensor | None:
+def label_weights(y: Tensor, sample_weight: Tensor | None, label_mask: Tensor | None, name: str = "y",
+                  every_task: bool = True) -> Tensor | None:
     """``w[N, T]`` = ``sample_weight`` (``[N]`` or ``[N, T]``, finite, >= 0) times ``label_mask`` (``[N, T]``,
     True or 1 where a label is known); None when both are None (every weight 1). ValueError naming the
-    problem for a bad shape or value, and for a task left without any weight."""
+    problem for a bad shape or value, and (``every_task``: for a whole data set, not one batch) for a task left
+    without any weight."""
     if sample_weight is None and label_mask is None:
         return None
     n, num_tasks = y.shape
@@ -374,7 +375,7 @@ def label_weights(y: Tensor, sample_weight: Tensor | None, label_mask: Tensor | 
                              f"got {tuple(mask.shape)} {mask.dtype}")
         w = w * mask.to(torch.float32)
     empty = (w.sum(0) == 0).nonzero().flatten().tolist()
-    if empty:
+    if empty and every_task:
         raise ValueError(f"{name}: task{empty[0]} has no labeled rows of positive weight (label_mask, sample_weight)")
     return w
 
@@ -437,13 +438,8 @@ def _loader_batch(item, task_types: Sequence[str], dtype: torch.dtype, epoch: in
     check_targets(yb, task_types, f"{where}: y")
     if len(item) == 2:
         return xb, yb, None
-    sw = torch.as_tensor(_as_tensor(item[2], f"{where}: sample_weight", torch.float32), dtype=torch.float32)
-    sw = sw[:, None] if sw.dim() == 1 else sw
-    if sw.dim() != 2 or sw.shape[0] != len(yb) or sw.shape[1] not in (1, len(task_types)):
-        raise ValueError(f"{where}: sample_weight must be [B] or [B, T], got {tuple(sw.shape)}")
-    if not torch.isfinite(sw).all() or (sw < 0).any():
-        raise ValueError(f"{where}: sample_weight must be finite and >= 0")
-    return xb, yb, sw.expand(len(yb), len(task_types)).contiguous()
+    sw = _as_tensor(item[2], f"{where}: sample_weight", torch.float32)
+    return xb, yb, label_weights(yb, sw, None, where, every_task=False)
 
 
 def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,

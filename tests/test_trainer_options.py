@@ -419,3 +419,16 @@ def test_gradnorm_weight_gradient_follows_its_formula_for_each_alpha():
         torch.testing.assert_close(got, want)
         grads[alpha] = got
     assert not torch.equal(grads[0.0], grads[3.0])  # alpha changes which task is pushed up
+
+
+def test_a_dataloaders_sample_weights_are_checked_by_batch():
+    x, y = _data()
+    bad = torch.ones(60)
+    bad[20] = -1.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, bad), batch_size=16)
+    with pytest.raises(ValueError, match="DataLoader batch 2 of epoch 1: sample_weight must be finite and >= 0"):
+        fit(_model(), loader, **_quiet())
+    zero_task = torch.ones(60, 2)
+    zero_task[:16, 1] = 0  # one batch without a label of task1: allowed (a data set without one is not)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, zero_task), batch_size=16)
+    assert len(fit(_model(), loader, epochs=1, **_quiet())) == 1
