@@ -51,6 +51,11 @@ def non_negative_float(text: str) -> float:
     return _finite(text, "a finite number >= 0", lambda v: v >= 0)
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1) (a share of rows held out)."""
+    return _finite(text, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
 def correlation(text: str) -> float:
     try:
         value = float(text)

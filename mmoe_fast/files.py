@@ -8,6 +8,7 @@ with :func:`write_atomic`: to a temporary file in the same folder, then ``os.rep
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -78,3 +79,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """:func:`write_atomic` of ``data``."""
     return write_atomic(path, lambda f: f.write(data), binary=True)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex (read 1 MB at a time)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -301,11 +301,22 @@ def check_features(x, name: str = "x") -> None:
 @torch.no_grad()
 def predict(model: nn.Module, x, batch_size: int = 4096) -> Tensor:
     """``model(x)`` in eval mode, ``[N, T]`` on the model's device, computed ``batch_size`` rows at a time."""
+    return _batched(model, model, x, batch_size)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x, batch_size: int = 4096) -> Tensor:
+    """``model.predict_proba(x)`` (a probability per binary task, the value per regression task) in eval mode,
+    ``[N, T]``, computed ``batch_size`` rows at a time."""
+    return _batched(model, model.predict_proba, x, batch_size)
+
+
+def _batched(model: nn.Module, fn: Callable, x, batch_size: int) -> Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        parts = [model(_to(take(x, slice(s, s + batch_size)), device)) for s in range(0, num_rows(x), batch_size)]
+        parts = [fn(_to(take(x, slice(s, s + batch_size)), device)) for s in range(0, num_rows(x), batch_size)]
     finally:
         model.train(was_training)
     if not parts:

@@ -9,6 +9,7 @@ import torch
 
 from .census import load_census
 from .synthetic import make_synthetic
+from .table import TableSchema, read_table
 
 LABELS = ("regression", "binary", "click_conversion")
 
@@ -36,11 +37,43 @@ def census_spec(*, group: int, path: str | None = None, split_seed: int = 0, tra
     return {"name": "census", "group": group, "path": path, "split_seed": split_seed, "train_rows": train_rows}
 
 
+def table_spec(*, path: str, schema: dict, val_path: str | None = None, val_fraction: float = 0.1,
+               seed: int = 0) -> dict:
+    """The spec of a user's table ``path`` (CSV or Parquet) under ``schema`` (a ``TableSchema`` spec dict):
+    validation rows from ``val_path``, or else a seeded ``val_fraction`` of the file's rows (0: none)."""
+    if val_path is None and not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    return {"name": "table", "path": str(path), "val_path": None if val_path is None else str(val_path),
+            "val_fraction": None if val_path is not None else val_fraction, "seed": seed, "schema": schema}
+
+
+def _load_table(spec: dict) -> dict:
+    frame = read_table(spec["path"])
+    if spec.get("val_path") is not None:
+        train, val = frame, read_table(spec["val_path"])
+    else:
+        order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(spec.get("seed", 0))).numpy()
+        n_val = round(len(frame) * spec.get("val_fraction", 0.0))
+        train, val = frame.iloc[order[n_val:]], (frame.iloc[order[:n_val]] if n_val else None)
+    if len(train) == 0:
+        raise ValueError(f"{spec['path']}: no training rows")
+    schema = TableSchema.from_spec(spec["schema"])
+    schema = schema if schema.fitted else schema.fit(train)
+    y_train, mask_train = schema.targets(train)
+    y_val, mask_val = schema.targets(val) if val is not None else (None, None)
+    return dict(x_train=schema.inputs(train), y_train=y_train, mask_train=mask_train,
+                x_val=None if val is None else schema.inputs(val), y_val=y_val, mask_val=mask_val,
+                x_test=None, y_test=None, task_names=schema.label_names, task_types=schema.task_types,
+                schema=schema)
+
+
 def load_splits(spec: dict) -> dict:
     """Tensors of a data spec (:func:`synthetic_spec` or :func:`census_spec`).
 
     Returns ``x_train[N, D], y_train[N, T], x_val, y_val, x_test, y_test, task_names, task_types``
-    (synthetic data has no test split: ``x_test`` and ``y_test`` are None).
+    (synthetic data has no test split: ``x_test`` and ``y_test`` are None). A table (:func:`table_spec`) gives
+    dicts of column tensors for ``x_*``, ``mask_train``/``mask_val`` (missing labels; None when none is) and
+    the fitted ``schema``; ``x_val`` is None without validation rows.
     """
     if spec["name"] == "synthetic":
         n_train, n_val = spec["n_train"], spec["n_val"]
@@ -62,4 +95,6 @@ def load_splits(spec: dict) -> dict:
             x_train, y_train = x_train[keep[:rows]], y_train[keep[:rows]]
         return dict(x_train=x_train, y_train=y_train, x_val=data.x_val, y_val=data.y_val, x_test=data.x_test,
                     y_test=data.y_test, task_names=data.task_names, task_types=("binary",) * 2)
+    if spec["name"] == "table":
+        return _load_table(spec)
     raise ValueError(f"unknown data set {spec['name']!r}")

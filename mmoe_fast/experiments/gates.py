@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint, ops
+from .. import checkpoint, files, ops
 from ..data import load_splits
 from ..models import MMoELayer
 from ..models.ple import PLE
+from ..train import num_rows, take
 from .common import markdown_table, output_dir, text_color, write_outputs
 
 COLLAPSE = 0.9  # a gate putting more than this share of its mean weight on one expert has collapsed onto it
@@ -53,11 +54,18 @@ def _accumulate(gates: Tensor, reach: Tensor, total: Tensor, entropy: Tensor) ->
     entropy += (h / torch.log(reach.clamp_min(2).double())).sum(dim=0) * (reach > 1)
 
 
-def gate_tables(model: nn.Module, x: Tensor, task_names: list[str], batch_size: int = 8192) -> list[GateTable]:
-    """The :class:`GateTable` of every gated level of ``model`` on ``x[N, D]``: one for MMoE (a gate per task)
-    and OMoE (one shared gate), one per level for CGC and PLE (task gates over their own and the shared
-    experts, and the inner levels' shared gate). ValueError for a model without gates."""
-    n = max(len(x), 1)
+def _batches(model: nn.Module, x, batch_size: int):
+    """``x[N, D]`` ``batch_size`` rows at a time; a dict of feature columns through the model's encoder."""
+    for i in range(0, num_rows(x), batch_size):
+        part = take(x, slice(i, i + batch_size))
+        yield model.encoder(part) if isinstance(x, dict) else part
+
+
+def gate_tables(model: nn.Module, x, task_names: list[str], batch_size: int = 8192) -> list[GateTable]:
+    """The :class:`GateTable` of every gated level of ``model`` on ``x[N, D]`` (or its dict of feature columns):
+    one for MMoE (a gate per task) and OMoE (one shared gate), one per level for CGC and PLE (task gates over
+    their own and the shared experts, and the inner levels' shared gate). ValueError for a model without gates."""
+    n = max(num_rows(x), 1)
     with torch.no_grad():
         layer = getattr(model, "mixture", None)
         if isinstance(layer, MMoELayer):
@@ -65,9 +73,9 @@ def gate_tables(model: nn.Module, x: Tensor, task_names: list[str], batch_size: 
             total = torch.zeros(count, layer.num_experts, dtype=torch.float64)
             entropy = torch.zeros(count, dtype=torch.float64)
             reach = torch.full((count,), layer.num_experts)
-            for i in range(0, len(x), batch_size):
-                _accumulate(ops.gate_softmax(x[i : i + batch_size], layer.gate_weight, layer.gate_bias,
-                                             backend=layer.backend), reach, total, entropy)
+            for h in _batches(model, x, batch_size):
+                _accumulate(ops.gate_softmax(h, layer.gate_weight, layer.gate_bias, backend=layer.backend), reach,
+                            total, entropy)
             names = task_names if count == len(task_names) else ["shared gate"]
             return [GateTable("", names, [str(e) for e in range(layer.num_experts)], total / n, entropy / n,
                               reach.tolist())]
@@ -78,8 +86,7 @@ def gate_tables(model: nn.Module, x: Tensor, task_names: list[str], batch_size: 
                 count = T + (level.shared_gate_weight is not None)
                 reach = torch.tensor([S + Sh] * T + [E] * (count - T))
                 total, entropy = torch.zeros(count, E, dtype=torch.float64), torch.zeros(count, dtype=torch.float64)
-                for i in range(0, len(x), batch_size):
-                    h = x[i : i + batch_size]
+                for h in _batches(model, x, batch_size):
                     for earlier in model.levels[:index]:
                         h = earlier(h)
                     _accumulate(level.full_gates(h), reach, total, entropy)
@@ -110,12 +117,16 @@ def gates(args: argparse.Namespace) -> int:
     spec = dict(ckpt["data"])
     if args.census_path is not None and spec["name"] == "census":
         spec["path"] = args.census_path
+    if spec["name"] == "table":  # the rows as training split them, encoded by the schema the model learned
+        if spec.get("sha256") is not None and files.sha256(spec["path"]) != spec["sha256"]:
+            raise ValueError(f"{spec['path']} has changed since {args.checkpoint} was trained on it")
+        spec["schema"] = ckpt.get("table", spec["schema"])
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     x = splits[f"x_{args.split}"]
     if x is None:
         raise ValueError(f"the {spec['name']} data set has no {args.split} split; use --split val")
     in_features = model.config()["in_features"]
-    if x.shape[1] != in_features:
+    if isinstance(x, torch.Tensor) and x.shape[1] != in_features:
         raise ValueError(f"the data has {x.shape[1]} features but the checkpoint's model takes "
                          f"{in_features}: give the data it was trained on")
     task_names = list(splits["task_names"])
@@ -123,7 +134,7 @@ def gates(args: argparse.Namespace) -> int:
         task_names = [f"task{t}" for t in range(model.num_tasks)]
     tables = gate_tables(model, x, task_names)
     text = (f"Mean gate weight per gate and expert, and each gate's mean entropy (0: always one expert, 1: uniform "
-            f"over the experts it reaches), {ckpt['model']} on {spec['name']} {args.split} ({len(x)} rows), "
+            f"over the experts it reaches), {ckpt['model']} on {spec['name']} {args.split} ({num_rows(x)} rows), "
             f"checkpoint {args.checkpoint}:\n")
     warnings = []
     for t in tables:
@@ -155,7 +166,7 @@ def gates(args: argparse.Namespace) -> int:
     levels = [{"title": t.title.rstrip(": "), "gates": t.gates, "experts": t.experts,
                "mean_gate_weights": t.weights.tolist(), "entropy": t.entropy.tolist()} for t in tables]
     result = {"command": "gates", "checkpoint": str(args.checkpoint), "model": ckpt["model"], "data": spec,
-              "split": args.split, "rows": len(x), "gates": tables[0].gates,
+              "split": args.split, "rows": num_rows(x), "gates": tables[0].gates,
               "mean_gate_weights": tables[0].weights.tolist(), "levels": levels, "warnings": warnings}
     write_outputs(out, result, text, draw)
     return 0
