@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch.nn.modules import module as _module_internals
 from . import backends
 from .backends import cpp
 from .contract import ACTIVATION_CODES, ACTIVATIONS, TOLERANCE, tolerance
+from .features import Categorical, Dense, FeatureEncoder, Multi, encode_inputs
 from .models import MMoE, MMoELayer, OMoE, OMoELayer, SharedBottom, Towers
 
 __all__ = ["InferenceSession", "ProbeMismatchError", "UnsupportedModelError", "export_onnx"]
@@ -81,7 +83,7 @@ class _Mixture:
 class _Spec:
     """Everything the packed and exported models compute, checked: ``x[B, in_features] -> [B, num_tasks]``."""
 
-    in_features: int
+    in_features: int  # the dense width (a model on feature columns: what its encoder gives)
     num_tasks: int
     dtype: torch.dtype
     device: torch.device
@@ -89,6 +91,7 @@ class _Spec:
     bottom: tuple[_Dense, ...]  # SharedBottom's MLP (empty for MMoE/OMoE)
     mixture: _Mixture | None
     towers: tuple[tuple[_Dense, ...], ...]
+    encoder: FeatureEncoder | None = None  # a model on feature columns: its embedding lookups, run first
 
 
 class _Reader:
@@ -104,11 +107,11 @@ class _Reader:
         return UnsupportedModelError(f"{self.who} cannot reproduce {where}{kind}: {why}")
 
     def module(self, m: Any, path: str, types: tuple[type, ...], children: tuple[str, ...] | None,
-               params: tuple[str, ...] = ()) -> None:
+               params: tuple[str, ...] = (), buffers: tuple[str, ...] = (), pre_hooks: tuple = ()) -> None:
         """Check ``m`` is exactly one of ``types`` with nothing changed that its forward would see.
 
         ``children``: its submodule names exactly (None: any, checked by the caller); ``params``: its own
-        parameter names exactly.
+        parameter names exactly, ``buffers`` its buffers'; ``pre_hooks``: its forward pre-hooks exactly.
         """
         if type(m) not in types:
             names = " or ".join(f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__name__
@@ -118,9 +121,9 @@ class _Reader:
         for attr in ("forward", "_call_impl"):  # Module.__call__ looks these up on the instance
             if attr in vars(m):
                 raise self.fail(path, m, f"its {attr} is replaced on the instance")
-        if m._forward_hooks or m._forward_pre_hooks:
+        if m._forward_hooks or list(m._forward_pre_hooks.values()) != list(pre_hooks):
             raise self.fail(path, m, "it has forward hooks or pre-hooks, which may change its output")
-        if m._buffers:
+        if set(m._buffers) != set(buffers):
             raise self.fail(path, m, f"it has buffers {sorted(m._buffers)}, which nothing packed would hold")
         if children is not None and list(m._modules) != list(children):
             raise self.fail(path, m, f"its submodules are {list(m._modules)}, expected {list(children)}")
@@ -198,6 +201,25 @@ class _Reader:
         bg = None if layer.gate_bias is None else self.tensor(layer.gate_bias, f"{path}.gate_bias", (gates, E))
         return _Mixture(tuple(weights), tuple(biases), wg, bg, activation)
 
+    def encoder(self, enc: Any, path: str) -> FeatureEncoder:
+        """A model's feature columns: exactly a FeatureEncoder of ``nn.EmbeddingBag`` sums that change nothing."""
+        dense = [c.name for c in getattr(enc, "columns", ()) if isinstance(c, Dense)]
+        self.module(enc, path, (FeatureEncoder,), ("bags",),
+                    buffers=tuple(f"{stat}_{name}" for name in dense for stat in ("mean", "std")))
+        bags = enc._modules["bags"]
+        self.module(bags, f"{path}.bags", (nn.ModuleDict,), None)
+        for key, bag in bags._modules.items():
+            p = f"{path}.bags.{key}"
+            self.module(bag, p, (nn.EmbeddingBag,), (), ("weight",))
+            if bag.mode != "sum" or bag.max_norm is not None or bag.padding_idx is not None \
+                    or bag.include_last_offset:
+                raise self.fail(p, bag, "expected mode 'sum' with no max_norm, padding_idx or include_last_offset "
+                                        "(as FeatureEncoder builds it)")
+            self.tensor(bag.weight, f"{p}.weight")
+        for name in enc._buffers:
+            self.tensor(enc._buffers[name], f"{path}.{name}")
+        return enc
+
     def towers(self, towers: Any, path: str, width: int, num_tasks: int) -> tuple[tuple[_Dense, ...], ...]:
         """One MLP per task, ``width -> ... -> 1``."""
         self.module(towers, path, (Towers,), ("towers",))
@@ -222,10 +244,13 @@ def _read_model(model: Any, who: str) -> _Spec:
     if type(model) not in _LAYER_TYPES:
         raise UnsupportedModelError(f"{who} packs MMoE, OMoE or SharedBottom models (exactly those classes: a "
                                     f"subclass may compute something else), got {type(model).__name__}")
-    if "encoder" in getattr(model, "_modules", {}):
-        raise UnsupportedModelError(f"{who} takes models of dense in_features; this {type(model).__name__} is built on "
-                                    "feature columns (mmoe_fast.features), whose embedding lookups it does not pack")
     r = _Reader(who)
+    encoder = None
+    columns: tuple[str, ...] = ()
+    hooks: tuple = ()
+    if "encoder" in getattr(model, "_modules", {}):  # built on feature columns: the encoder runs first
+        encoder = r.encoder(model._modules["encoder"], "encoder")
+        columns, hooks = ("encoder",), (encode_inputs,)
     if _global_hooks():
         raise r.fail("", model, "global forward hooks are registered (nn.modules.module.register_module_forward_"
                                 "hook), which may change every module's output")
@@ -236,13 +261,15 @@ def _read_model(model: Any, who: str) -> _Spec:
     bottom: tuple[_Dense, ...] = ()
     mixture = None
     if layer_type is not None:
-        r.module(model, "", (type(model),), ("mixture", "towers"))
+        r.module(model, "", (type(model),), ("mixture", "towers", *columns), pre_hooks=hooks)
         mixture = r.mixture(model.mixture, "mixture", layer_type, num_tasks)
         in_features, width = mixture.weights[0].shape[1], mixture.weights[-1].shape[2]
     else:
-        r.module(model, "", (SharedBottom,), ("bottom", "towers"))
+        r.module(model, "", (SharedBottom,), ("bottom", "towers", *columns), pre_hooks=hooks)
         bottom = r.dense(model.bottom, "bottom", None, None)
         in_features, width = bottom[0].weight.shape[1], bottom[-1].weight.shape[0]
+    if encoder is not None and encoder.out_features != in_features:
+        raise r.fail("encoder", encoder, f"it gives {encoder.out_features} features but the model takes {in_features}")
     towers = r.towers(model.towers, "towers", width, num_tasks)
     path0, t0 = r.tensors[0]
     for path, t in r.tensors:
@@ -256,7 +283,7 @@ def _read_model(model: Any, who: str) -> _Spec:
     if layer_type is not None:
         promised = max(promised, _backend_tolerance(r, model.mixture, device, dtype))
     depth = len(bottom) + (len(mixture.weights) if mixture else 0) + max(len(t) for t in towers)
-    return _Spec(in_features, num_tasks, dtype, device, promised * depth, bottom, mixture, towers)
+    return _Spec(in_features, num_tasks, dtype, device, promised * depth, bottom, mixture, towers, encoder)
 
 
 def _backend_tolerance(r: _Reader, layer: Any, device: torch.device, dtype: torch.dtype) -> float:
@@ -274,24 +301,42 @@ def _backend_tolerance(r: _Reader, layer: Any, device: torch.device, dtype: torc
 # ---- the probe check ----------------------------------------------------------------------------
 
 
-def _probe_batch(spec: _Spec) -> Tensor:
-    """A seeded ``x[_PROBE_ROWS, D]`` in the model's dtype, from its own generator (the caller's RNG is untouched)."""
+def _probe_batch(spec: _Spec):
+    """A seeded ``x[_PROBE_ROWS, D]`` in the model's dtype, from its own generator (the caller's RNG is untouched);
+    for a model on feature columns, a dict of them: ids over each vocabulary, multi-valued rows of 0 to 3 ids."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(_PROBE_ROWS, spec.in_features, generator=gen, dtype=torch.float64).to(spec.dtype)
+    if spec.encoder is None:
+        return torch.randn(_PROBE_ROWS, spec.in_features, generator=gen, dtype=torch.float64).to(spec.dtype)
+    batch: dict[str, Tensor] = {}
+    for c in spec.encoder.columns:
+        if isinstance(c, Categorical):
+            batch[c.name] = torch.randint(0, c.vocab, (_PROBE_ROWS,), generator=gen)
+        elif isinstance(c, Multi):
+            ids = torch.randint(0, c.vocab, (_PROBE_ROWS, 3), generator=gen)
+            count = torch.arange(_PROBE_ROWS) % 4  # 0 to 3 ids a row, the padding at the end
+            batch[c.name] = torch.where(torch.arange(3)[None, :] < count[:, None], ids, -1)
+        else:
+            v = torch.randn(_PROBE_ROWS, c.dim, generator=gen, dtype=torch.float64).to(spec.dtype)
+            batch[c.name] = v[:, 0] if c.dim == 1 else v  # as export_onnx's inputs take them
+    return batch
+
+
+def _to_device(x, device: torch.device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def _eager_answer(model: nn.Module, spec: _Spec, x: Tensor, who: str) -> Tensor:
     """``model(x)`` on the model's device, as a CPU tensor; a ProbeMismatchError when it fails or is no ``[B, T]``."""
     try:
         with torch.no_grad():
-            want = model(x.to(spec.device))
+            want = model(_to_device(x, spec.device))
     except Exception as exc:  # whatever the model raised, the packed copy cannot be checked against it
-        raise ProbeMismatchError(f"{who}: the eager model fails on the probe batch x{list(x.shape)}: "
+        raise ProbeMismatchError(f"{who}: the eager model fails on the probe batch of {_PROBE_ROWS} rows: "
                                  f"{type(exc).__name__}: {exc}") from exc
-    if type(want) not in _TORCH_TYPES or tuple(want.shape) != (x.shape[0], spec.num_tasks) or want.dtype != spec.dtype:
+    if type(want) not in _TORCH_TYPES or tuple(want.shape) != (_PROBE_ROWS, spec.num_tasks) or want.dtype != spec.dtype:
         got = f"{type(want).__name__} {tuple(getattr(want, 'shape', ()))} {getattr(want, 'dtype', '')}".strip()
-        raise ProbeMismatchError(f"{who}: the eager model answers the probe batch x{list(x.shape)} with {got}, "
-                                 f"not a {spec.dtype} tensor of shape {(x.shape[0], spec.num_tasks)}")
+        raise ProbeMismatchError(f"{who}: the eager model answers the probe batch of {_PROBE_ROWS} rows with {got}, "
+                                 f"not a {spec.dtype} tensor of shape {(_PROBE_ROWS, spec.num_tasks)}")
     return want.detach().cpu()
 
 
@@ -337,6 +382,10 @@ class InferenceSession:
     weights do not reach it. ``run`` releases the GIL; any number of threads may call it at once.
     A NaN in a row of ``x`` gives NaN in every task of that row, as the eager model does.
 
+    A model built on feature columns (``mmoe_fast.features``) takes the dict of column tensors (or numpy
+    arrays) instead of ``x``: its embedding lookups run first, on a copy of its encoder (torch's
+    ``nn.EmbeddingBag``, under inference mode), then the packed model; the answer is a tensor.
+
     Building it refuses (``UnsupportedModelError``, naming the module) any model it cannot reproduce exactly,
     and checks the packed model against the eager one on a seeded probe batch (``ProbeMismatchError``).
     """
@@ -349,6 +398,7 @@ class InferenceSession:
                                         "(use model.cpu())")
         self.dtype, self.num_tasks, self.in_features = spec.dtype, spec.num_tasks, spec.in_features
         self._native = cpp.unavailable_reason() is None and cpp.supports(spec.device, spec.dtype)
+        self._encoder = None if spec.encoder is None else copy.deepcopy(spec.encoder).eval()
         if self._native:
             with torch.no_grad():
                 self._session = self._pack(spec)
@@ -437,7 +487,8 @@ class InferenceSession:
             raise ValueError("out overlaps x in memory; pass a separate buffer")
 
     def run(self, x, out=None):
-        """Every task's output ``[B, T]`` for ``x[B, D]`` (torch tensor or numpy array, the model's dtype).
+        """Every task's output ``[B, T]`` for ``x[B, D]`` (torch tensor or numpy array, the model's dtype), or
+        for a model on feature columns, for its dict of column tensors (a tensor answer).
 
         ``x`` may be non-contiguous or read-only (it is only read). ``out``: an optional writable, contiguous
         ``[B, T]`` buffer of the same kind and dtype as ``x``, not overlapping it, to write into (then nothing
@@ -445,6 +496,8 @@ class InferenceSession:
         ValueError saying what. One cannot be told apart: a tensor over read-only memory (``torch.from_numpy``
         of a read-only array, which torch warns about); pass a numpy ``out`` for such memory instead.
         """
+        if self._encoder is not None:
+            return self._run_columns(x, out)
         if type(x) in _TORCH_TYPES:  # checks kept few and cheap: at B = 1 they are part of the latency
             if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != self.dtype or not x.is_cpu \
                     or x.layout != torch.strided:
@@ -482,6 +535,28 @@ class InferenceSession:
         if x.shape[0]:
             self._session.run(x.ctypes.data, out.ctypes.data, x.shape[0])
         return out
+
+    def _run_columns(self, batch, out):
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"this session's model is built on feature columns: run takes a dict of column tensors "
+                            f"({', '.join(repr(c.name) for c in self._encoder.columns)}), got {type(batch).__name__}")
+        if not self._native:
+            with self._lock, torch.inference_mode():
+                y = self._model(batch)
+            if out is None:
+                return y.clone()  # a normal tensor, not an inference-mode one
+            self._check_out(y, out)
+            return self._wrote(out.copy_(y))
+        with torch.inference_mode():
+            x = self._encoder(batch)
+        B = x.shape[0]
+        if out is None:
+            out = torch.empty(B, self.num_tasks, dtype=self.dtype)
+        else:
+            self._check_out(x, out)
+        if B:
+            self._session.run(x.data_ptr(), out.data_ptr(), B)
+        return self._wrote(out)
 
     @staticmethod
     def _wrote(out: Tensor) -> Tensor:
@@ -570,9 +645,50 @@ def _mixture_graph(g: _Graph, x: str, mix: _Mixture) -> str:
     return g.op("MatMul", gates, h)
 
 
+_INT64 = 7  # onnx.TensorProto.INT64
+
+
+def _encoder_graph(g: _Graph, encoder: FeatureEncoder) -> tuple[str, list]:
+    """``x[B, D]`` of a model's feature columns, and the graph's inputs: one per column, named after it
+    (categorical ids ``int64[batch]``, multi-valued ids ``int64[batch, L]`` padded with -1, dense
+    ``[batch]`` for one number, else ``[batch, dim]``)."""
+    helper = g.helper
+    inputs, parts, tables = [], [], {}
+    elem = _ONNX_TYPES[g.dtype]
+    for c in encoder.columns:
+        if isinstance(c, Dense):
+            inputs.append(helper.make_tensor_value_info(c.name, elem, ["batch"] if c.dim == 1 else ["batch", c.dim]))
+            v = g.op("Reshape", c.name, g.const([-1, c.dim], "shape", integer=True))
+            mean, std = (_np(getattr(encoder, f"{stat}_{c.name}")) for stat in ("mean", "std"))
+            parts.append(g.op("Div", g.op("Sub", v, g.const(mean, "mean")), g.const(std, "std")))
+            continue
+        table = c.table or c.name
+        if table not in tables:
+            tables[table] = g.const(_np(encoder.table_weight(table)), f"table_{table}")
+        if isinstance(c, Categorical):
+            inputs.append(helper.make_tensor_value_info(c.name, _INT64, ["batch"]))
+            parts.append(g.op("Gather", tables[table], c.name, axis=0))
+            continue
+        inputs.append(helper.make_tensor_value_info(c.name, _INT64, ["batch", f"{c.name}_length"]))
+        present = g.op("GreaterOrEqual", c.name, g.const(0, "zero", integer=True))
+        rows = g.op("Gather", tables[table], g.op("Where", present, c.name, g.const(0, "zero", integer=True)), axis=0)
+        weight = g.op("Cast", present, to=elem)  # [B, L]: 1 for an id, 0 for padding
+        axis = g.const([1], "axis", integer=True)
+        pooled = g.op("ReduceSum", g.op("Mul", rows, g.op("Unsqueeze", weight, g.const([2], "axis", integer=True))),
+                      axis, keepdims=0)
+        if c.pooling == "mean":  # a row without ids pools to 0, as the eager encoder
+            count = g.op("ReduceSum", weight, axis, keepdims=1)
+            pooled = g.op("Div", pooled, g.op("Max", count, g.const(1.0, "one")))
+        parts.append(pooled)
+    return g.op("Concat", *parts, axis=1), inputs
+
+
 def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> None:
     """Write ``model`` (MMoE, OMoE or SharedBottom) to ``path`` as ONNX: input ``x[batch, D]``,
     output ``y[batch, T]``, standard operators only (MatMul, Add, Softmax, Relu, ...). Needs ``onnx``.
+    A model on feature columns takes one input per column instead, named after it: categorical ids
+    ``int64[batch]``, multi-valued ids ``int64[batch, L]`` padded with -1 (the ``(ids, offsets)`` form has no
+    ONNX input), dense values ``[batch]`` (``[batch, dim]`` for a wider column); its tables are Gathers.
 
     The model is read as ``InferenceSession`` reads it (``UnsupportedModelError`` for what it cannot write
     exactly). With ``onnxruntime`` installed the graph is run on a seeded probe batch and compared with the
@@ -593,28 +709,30 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> None:
     if not isinstance(opset, int) or isinstance(opset, bool) or not _MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be an int from {_MIN_OPSET} to {newest} (this onnx), got {opset!r}")
     g = _Graph(spec.dtype)
+    elem = _ONNX_TYPES[spec.dtype]
+    if spec.encoder is None:
+        x, inputs = "x", [onnx.helper.make_tensor_value_info("x", elem, ["batch", spec.in_features])]
+    else:
+        x, inputs = _encoder_graph(g, spec.encoder)
     if spec.mixture is not None:
-        mixed = _mixture_graph(g, "x", spec.mixture)
+        mixed = _mixture_graph(g, x, spec.mixture)
         gates = spec.mixture.gate_weight.shape[0]
         index = [g.const(t if gates > 1 else 0, "task", integer=True) for t in range(spec.num_tasks)]
-        inputs = [g.op("Gather", mixed, i, axis=1) for i in index]
+        heads = [g.op("Gather", mixed, i, axis=1) for i in index]
     else:
-        h = "x"
+        h = x
         for dense in spec.bottom:
             h = g.linear(h, dense)
-        inputs = [h] * spec.num_tasks
+        heads = [h] * spec.num_tasks
     outs = []
-    for tower, h in zip(spec.towers, inputs):
+    for tower, h in zip(spec.towers, heads):
         for dense in tower:
             h = g.linear(h, dense)
         outs.append(h)
     y = g.op("Concat", *outs, axis=1)
     g.nodes.append(onnx.helper.make_node("Identity", [y], ["y"]))
-    elem = _ONNX_TYPES[spec.dtype]
-    graph = onnx.helper.make_graph(
-        g.nodes, type(model).__name__, [onnx.helper.make_tensor_value_info("x", elem, ["batch", spec.in_features])],
-        [onnx.helper.make_tensor_value_info("y", elem, ["batch", spec.num_tasks])], g.inits,
-    )
+    graph = onnx.helper.make_graph(g.nodes, type(model).__name__, inputs,
+                                   [onnx.helper.make_tensor_value_info("y", elem, ["batch", spec.num_tasks])], g.inits)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)],
                                    producer_name="mmoe_fast")
     onnx.checker.check_model(proto)
@@ -633,6 +751,7 @@ def _check_onnx(serialized: bytes, model: nn.Module, spec: _Spec) -> None:
         return
     x = _probe_batch(spec)
     sess = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-    (got,) = sess.run(None, {"x": x.numpy()})
+    feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
+    (got,) = sess.run(None, feed)
     _check_probe(torch.from_numpy(got), _eager_answer(model, spec, x, "export_onnx"), spec, "export_onnx",
                  "the ONNX graph (onnxruntime)")

@@ -127,16 +127,6 @@ def test_every_model_trains_saves_and_loads_on_columns(name, tmp_path):
     torch.testing.assert_close(dense.eval()(model.encoder(batch)), model(batch))
 
 
-def test_serving_refuses_a_model_on_columns_by_name(tmp_path):
-    from mmoe_fast.inference import UnsupportedModelError
-
-    model = mf.MMoE(COLUMNS, 2)
-    with pytest.raises(UnsupportedModelError, match="built on feature columns"):
-        mf.InferenceSession(model)
-    with pytest.raises(UnsupportedModelError, match="built on feature columns"):
-        mf.export_onnx(model, tmp_path / "m.onnx")
-
-
 def test_large_tables_of_one_width_split_into_stacks(monkeypatch):
     from mmoe_fast import features
 

@@ -14,6 +14,7 @@ import mmoe_fast as mf
 from mmoe_fast import inference
 from mmoe_fast.backends import cpp
 from mmoe_fast.contract import ACTIVATION_CODES
+from mmoe_fast.features import Categorical, Dense, Multi
 from mmoe_fast.inference import ProbeMismatchError, UnsupportedModelError
 from mmoe_fast.testing import run_concurrently
 
@@ -28,11 +29,28 @@ MODELS = {
     "omoe": lambda: mf.OMoE(13, 3, num_experts=4, expert_hidden=(40, 33), activation="identity"),
     "shared-bottom": lambda: mf.SharedBottom(13, 2, bottom_hidden=(20, 7)),
 }
+# Built on feature columns: a table shared by two columns, sum and mean pooling, dense columns of 1 and 2 numbers.
+COLUMNS = [Categorical("user", 30, 4), Categorical("item", 20, 3), Multi("history", 20, 3, table="item"),
+           Multi("tags", 6, 2, pooling="sum"), Dense("age"), Dense("pos", 2, mean=(1.0, -1.0), std=(2.0, 0.5))]
+COLUMN_MODELS = {
+    "mmoe-columns": lambda: mf.MMoE(COLUMNS, 2, num_experts=3, expert_hidden=17),
+    "omoe-columns": lambda: mf.OMoE(COLUMNS, 3, num_experts=4, expert_hidden=(9, 5)),
+    "shared-bottom-columns": lambda: mf.SharedBottom(COLUMNS, 2, bottom_hidden=(20, 7)),
+}
+EVERY = [*MODELS, *COLUMN_MODELS]
 
 
 def _model(name, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    return MODELS[name]().to(dtype).eval()
+    return {**MODELS, **COLUMN_MODELS}[name]().to(dtype).eval()
+
+
+def _column_batch(B, dtype=torch.float32, seed=1):
+    """Ids over each vocabulary (-1 pads multi-valued rows anywhere, some rows have none), dense values."""
+    g = torch.Generator().manual_seed(seed)
+    return {"user": torch.randint(0, 30, (B,), generator=g), "item": torch.randint(0, 20, (B,), generator=g),
+            "history": torch.randint(-1, 20, (B, 4), generator=g), "tags": torch.randint(-3, 6, (B, 2), generator=g),
+            "age": torch.randn(B, generator=g, dtype=dtype), "pos": torch.randn(B, 2, generator=g, dtype=dtype)}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -202,7 +220,7 @@ def _answers_like_eager(model, tmp_path):
             np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], want.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", EVERY)
 @pytest.mark.parametrize("hook", ["forward", "forward-pre", "forward-kwargs"])
 def test_a_forward_hook_on_any_module_is_refused_naming_it(build, name, hook):
     for path, _ in _model(name).named_modules():
@@ -226,7 +244,7 @@ def test_a_global_forward_hook_is_refused(build):
     build(_model("mmoe"))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", EVERY)
 @pytest.mark.parametrize("change", ["forward", "buffer", "parameter", "submodule", "subclass"])
 def test_any_module_changed_beyond_its_class_is_refused_naming_it(build, name, change):
     """Every module, from the model down to a tower's ReLU: its forward replaced on the instance, an extra
@@ -247,7 +265,7 @@ def test_any_module_changed_beyond_its_class_is_refused_naming_it(build, name, c
         _refused(build, model, type(module).__name__ if change == "subclass" and not path else _where(path))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", EVERY)
 @pytest.mark.parametrize("where", ["dtype", "device"])
 def test_any_parameter_of_another_dtype_or_device_is_refused_naming_it(build, name, where):
     for path, _ in _model(name).named_parameters():
@@ -677,3 +695,79 @@ def test_a_half_precision_model_runs_eagerly_and_equals_the_model():
     torch.testing.assert_close(session.run(x), model(x).detach())
     with pytest.raises(TypeError, match="dtype"):
         session.run(x.float().numpy())
+
+
+# ---- models on feature columns --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", COLUMN_MODELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_model_on_columns_serves_as_eager(session_of, name, dtype, tmp_path):
+    model = _model(name, dtype)
+    session = session_of(model)
+    ort = _onnxruntime()
+    mf.export_onnx(model, tmp_path / "m.onnx")
+    graph = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in graph.get_inputs()][:3] == [
+        ("user", "tensor(int64)"), ("item", "tensor(int64)"), ("history", "tensor(int64)")]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for B in (1, 7, 130):
+        batch = _column_batch(B, dtype, seed=B)
+        with torch.no_grad():
+            want = model(batch)
+        got = session.run(batch)
+        assert type(got) is torch.Tensor and got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(session.run({k: v.numpy() for k, v in batch.items()}), want, **tol)
+        onnx_out = graph.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+        np.testing.assert_allclose(onnx_out, want.numpy(), **tol)
+
+
+def test_a_session_on_columns_is_a_snapshot_of_its_embeddings(session_of):
+    model = _model("mmoe-columns")
+    session = session_of(model)
+    batch = _column_batch(9)
+    before = session.run(batch)
+    with torch.no_grad():
+        model.encoder.table_weight("item").add_(1.0)  # the shared table: item and history both read it
+        changed = model(batch)
+    assert (changed - before).abs().max() > 1e-3  # the embeddings matter to the answer ...
+    torch.testing.assert_close(session.run(batch), before, rtol=0, atol=0)  # ... and the session kept its own
+
+
+def test_a_session_on_columns_refuses_bad_batches(session_of):
+    session = session_of(_model("shared-bottom-columns"))
+    with pytest.raises(TypeError, match="dict of column tensors .*'user'"):
+        session.run(torch.randn(2, 15))
+    batch = _column_batch(3)
+    del batch["age"]
+    with pytest.raises(ValueError, match="no column 'age'"):
+        session.run(batch)
+    batch = _column_batch(3)
+    batch["user"][1] = 30
+    with pytest.raises(ValueError, match=r"user: id 30 is outside \[0, 30\)"):
+        session.run(batch)
+    out = torch.empty(3, 2)
+    assert session.run(_column_batch(3), out=out) is out
+    torch.testing.assert_close(out, session.run(_column_batch(3)))
+    with pytest.raises(ValueError, match="out must be"):
+        session.run(_column_batch(3), out=torch.empty(4, 2))
+
+
+@pytest.mark.parametrize("setting", ["max_norm", "mode", "padding_idx"])
+def test_an_embedding_bag_that_changes_its_lookups_is_refused(build, setting):
+    model = _model("omoe-columns")
+    bag = model.encoder.bags["3_0"]
+    if setting == "max_norm":
+        bag.max_norm = 1.0  # renormalizes the rows it reads, in place
+    elif setting == "mode":
+        bag.mode = "max"
+    else:
+        bag.padding_idx = 0
+    _refused(build, model, "'encoder.bags.3_0'", "mode 'sum'")
+
+
+def test_a_model_whose_encoder_was_swapped_is_refused(build):
+    model = _model("mmoe-columns")
+    model.encoder = mf.features.FeatureEncoder(COLUMNS[:2])
+    _refused(build, model, "'encoder'", "gives 7 features but the model takes")
