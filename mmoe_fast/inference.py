@@ -6,15 +6,22 @@ one call into ``mmoe_fast._C``: no autograd, no torch dispatch, nothing allocate
 (scratch buffers belong to the calling thread and are kept). Without ``_C`` it runs the model eagerly.
 ``export_onnx(model, path)`` writes the same model with standard ONNX operators and a dynamic batch.
 
-Both read the model through one whitelist (``_read_model``): exact classes (a subclass may override
-``forward``), exactly the submodules and parameters those classes create, no hooks, no buffers, one dtype
-and device, consistent shapes and task counts. Anything else is an ``UnsupportedModelError`` naming the
-module by its path in the model. What is packed is then checked against the eager model on a probe batch.
+For those three, both read the model through one whitelist (``_read_model``): exact classes (a subclass may
+override ``forward``), exactly the submodules and parameters those classes create, no hooks, no buffers, one
+dtype and device, consistent shapes and task counts. Anything else is an ``UnsupportedModelError`` naming the
+module by its path in the model. Every other model of ``MODELS`` is traced (``_read_traced``): its own forward
+through ``torch.onnx.export`` (the fused ops traced as their plain-PyTorch formulas), which onnxruntime runs.
+A model on feature columns runs its encoder's lookups first (written as ONNX Gathers in an export). What is
+packed or traced is then checked against the eager model on a probe batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import io
+import logging
 import threading
 import warnings
 from collections.abc import Mapping
@@ -92,6 +99,7 @@ class _Spec:
     mixture: _Mixture | None
     towers: tuple[tuple[_Dense, ...], ...]
     encoder: FeatureEncoder | None = None  # a model on feature columns: its embedding lookups, run first
+    traced: bool = False  # not packed: the model's own forward, traced by torch.onnx.export
 
 
 class _Reader:
@@ -271,19 +279,67 @@ def _read_model(model: Any, who: str) -> _Spec:
     if encoder is not None and encoder.out_features != in_features:
         raise r.fail("encoder", encoder, f"it gives {encoder.out_features} features but the model takes {in_features}")
     towers = r.towers(model.towers, "towers", width, num_tasks)
+    dtype, device, promised = _one_dtype(r, model)
+    if layer_type is not None:
+        promised = max(promised, _backend_tolerance(r, model.mixture, device, dtype))
+    depth = len(bottom) + (len(mixture.weights) if mixture else 0) + max(len(t) for t in towers)
+    return _Spec(in_features, num_tasks, dtype, device, promised * depth, bottom, mixture, towers, encoder)
+
+
+def _one_dtype(r: _Reader, model: Any) -> tuple[torch.dtype, torch.device, float]:
+    """The one dtype and device of every tensor ``r`` read, and the contract's tolerance for that dtype."""
+    if not r.tensors:
+        raise r.fail("", model, "it has no parameters")
     path0, t0 = r.tensors[0]
     for path, t in r.tensors:
         if t.dtype != t0.dtype or t.device != t0.device:
             raise r.fail(path, None, f"is {t.dtype} on {t.device} but '{path0}' is {t0.dtype} on {t0.device} "
                                      "(every parameter must share one dtype and one device)")
-    dtype, device = t0.dtype, t0.device
-    promised = TOLERANCE.get(dtype)
+    promised = TOLERANCE.get(t0.dtype)
     if promised is None:
-        raise r.fail("", model, f"dtype {dtype} has no tolerance in mmoe_fast.contract.TOLERANCE")
-    if layer_type is not None:
-        promised = max(promised, _backend_tolerance(r, model.mixture, device, dtype))
-    depth = len(bottom) + (len(mixture.weights) if mixture else 0) + max(len(t) for t in towers)
-    return _Spec(in_features, num_tasks, dtype, device, promised * depth, bottom, mixture, towers, encoder)
+        raise r.fail("", model, f"dtype {t0.dtype} has no tolerance in mmoe_fast.contract.TOLERANCE")
+    return t0.dtype, t0.device, promised
+
+
+# Every other model of MODELS is read as it is and traced (its probe tolerance: the contract's per layer, for
+# this many layers).
+_TRACED_DEPTH = 8
+
+
+def _read_traced(model: Any, who: str) -> _Spec:
+    """A model of ``MODELS`` outside the packed kinds: its forward is traced as it is, so only what tracing
+    would miss is checked (hooks on the model itself, which the trace of its forward skips)."""
+    r = _Reader(who)
+    encoder, hooks = None, ()
+    if "encoder" in model._modules:  # built on feature columns: the lookups run first, outside the trace
+        encoder, hooks = r.encoder(model._modules["encoder"], "encoder"), (encode_inputs,)
+    if model._forward_hooks or list(model._forward_pre_hooks.values()) != list(hooks):
+        raise r.fail("", model, "it has forward hooks or pre-hooks, which may change its output")
+    for name, t in model.named_parameters():
+        r.tensor(t, name)
+    dtype, device, promised = _one_dtype(r, model)
+    num_tasks = getattr(model, "num_tasks", None)
+    if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+        raise r.fail("", model, f"num_tasks must be a positive int, got {num_tasks!r}")
+    in_features = encoder.out_features if encoder is not None else model.config()["in_features"]
+    return _Spec(in_features, num_tasks, dtype, device, promised * _TRACED_DEPTH, (), None, (), encoder, traced=True)
+
+
+def _read(model: Any, who: str) -> _Spec:
+    """The packed spec of an MMoE, OMoE or SharedBottom, the traced spec of any other model of ``MODELS``."""
+    if type(model) in _LAYER_TYPES:
+        return _read_model(model, who)
+    from .models import MODELS
+
+    if type(model) not in set(MODELS.values()):
+        raise UnsupportedModelError(
+            f"{who} takes the models of mmoe_fast.models.MODELS (exactly those classes: a subclass may compute "
+            f"something else), got {type(model).__name__}; export any other module with torch.onnx.export (the "
+            "fused ops become standard ONNX operators there)")
+    if _global_hooks():
+        raise _Reader(who).fail("", model, "global forward hooks are registered (nn.modules.module.register_module_"
+                                           "forward_hook), which may change every module's output")
+    return _read_traced(model, who)
 
 
 def _backend_tolerance(r: _Reader, layer: Any, device: torch.device, dtype: torch.dtype) -> float:
@@ -321,6 +377,16 @@ def _probe_batch(spec: _Spec):
     return batch
 
 
+def _probes(spec: _Spec) -> list:
+    """The probe batch, and its first row alone (a traced graph must not have kept the batch size)."""
+    x = _probe_batch(spec)
+    return [x, {k: v[:1] for k, v in x.items()} if isinstance(x, dict) else x[:1]]
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def _to_device(x, device: torch.device):
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
@@ -331,12 +397,13 @@ def _eager_answer(model: nn.Module, spec: _Spec, x: Tensor, who: str) -> Tensor:
         with torch.no_grad():
             want = model(_to_device(x, spec.device))
     except Exception as exc:  # whatever the model raised, the packed copy cannot be checked against it
-        raise ProbeMismatchError(f"{who}: the eager model fails on the probe batch of {_PROBE_ROWS} rows: "
+        raise ProbeMismatchError(f"{who}: the eager model fails on the probe batch: "
                                  f"{type(exc).__name__}: {exc}") from exc
-    if type(want) not in _TORCH_TYPES or tuple(want.shape) != (_PROBE_ROWS, spec.num_tasks) or want.dtype != spec.dtype:
+    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if type(want) not in _TORCH_TYPES or tuple(want.shape) != (rows, spec.num_tasks) or want.dtype != spec.dtype:
         got = f"{type(want).__name__} {tuple(getattr(want, 'shape', ()))} {getattr(want, 'dtype', '')}".strip()
-        raise ProbeMismatchError(f"{who}: the eager model answers the probe batch of {_PROBE_ROWS} rows with {got}, "
-                                 f"not a {spec.dtype} tensor of shape {(_PROBE_ROWS, spec.num_tasks)}")
+        raise ProbeMismatchError(f"{who}: the eager model answers the probe batch of {rows} rows with {got}, "
+                                 f"not a {spec.dtype} tensor of shape {(rows, spec.num_tasks)}")
     return want.detach().cpu()
 
 
@@ -392,26 +459,45 @@ class InferenceSession:
 
     def __init__(self, model: nn.Module) -> None:
         who = "InferenceSession"
-        spec = _read_model(model, who)
+        spec = _read(model, who)
         if spec.device.type != "cpu":
             raise UnsupportedModelError(f"InferenceSession runs on the CPU; the model is on {spec.device} "
                                         "(use model.cpu())")
         self.dtype, self.num_tasks, self.in_features = spec.dtype, spec.num_tasks, spec.in_features
-        self._native = cpp.unavailable_reason() is None and cpp.supports(spec.device, spec.dtype)
         self._encoder = None if spec.encoder is None else copy.deepcopy(spec.encoder).eval()
-        if self._native:
+        if not spec.traced and cpp.unavailable_reason() is None and cpp.supports(spec.device, spec.dtype):
+            self._backend = "cpp"
             with torch.no_grad():
                 self._session = self._pack(spec)
-            x = _probe_batch(spec)
-            _check_probe(self.run(x), _eager_answer(model, spec, x, who), spec, who, "the packed model")
-        else:  # no _C (or a dtype it lacks): the eager model itself, on a private copy
+            what = "the packed model"
+        elif spec.traced and spec.dtype in _ONNX_TYPES and _have("onnx") and _have("onnxruntime"):
+            import onnxruntime
+
+            self._backend = "onnxruntime"
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            graph = _traced_graph(model, spec, _SESSION_OPSET, who).SerializeToString()
+            self._ort = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            what = "the traced model (onnxruntime)"
+        else:  # no _C or onnxruntime (or a dtype they lack): the eager model itself, on a private copy
+            self._backend = "eager"
             self._model = copy.deepcopy(model).eval()
             self._lock = threading.Lock()
+            return
+        for x in _probes(spec):
+            _check_probe(self.run(x), _eager_answer(model, spec, x, who), spec, who, what)
 
     @property
     def backend(self) -> str:
-        """``"cpp"`` when the packed C++ model answers, ``"eager"`` when the model itself runs."""
-        return "cpp" if self._native else "eager"
+        """``"cpp"`` when the packed C++ model answers (MMoE, OMoE, SharedBottom), ``"onnxruntime"`` when the
+        traced graph of another model does, ``"eager"`` when the model itself runs (without those)."""
+        return self._backend
+
+    def _traced_run(self, x: Tensor) -> Tensor:
+        """The traced graph's ``[B, T]`` for a contiguous CPU ``x[B, D]`` (a B of 0 runs nothing)."""
+        if x.shape[0] == 0:
+            return torch.empty(0, self.num_tasks, dtype=self.dtype)
+        return torch.from_numpy(self._ort.run(None, {"x": x.detach().numpy()})[0])
 
     def _pack(self, spec: _Spec):
         """The ``_C.Session`` holding ``spec``'s weights (it copies them into its own panels)."""
@@ -507,7 +593,10 @@ class InferenceSession:
             if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
                 # plain, aligned memory (the fused ops, too, read a negative-bit view's memory as it is)
                 x = x.detach().clone(memory_format=torch.contiguous_format)
-            if not self._native:
+            if self._backend == "onnxruntime":
+                y = self._traced_run(x)
+                return y if out is None else self._wrote(out.copy_(y))
+            if self._backend == "eager":
                 with self._lock, torch.inference_mode():
                     y = self._model(x)
                 return y if out is None else out.copy_(y)
@@ -527,7 +616,7 @@ class InferenceSession:
             self._check_out(x, out)
         if not (x.flags.c_contiguous and x.flags.aligned):
             x = np.array(x, order="C")  # a copy is aligned; ascontiguousarray keeps an unaligned one
-        if not self._native:
+        if self._backend != "cpp":
             y = self.run(torch.from_numpy(x if x.flags.writeable else x.copy())).numpy()
             return y if out is None else np.copyto(out, y) or out
         if out is None:
@@ -540,7 +629,7 @@ class InferenceSession:
         if not isinstance(batch, Mapping):
             raise TypeError(f"this session's model is built on feature columns: run takes a dict of column tensors "
                             f"({', '.join(repr(c.name) for c in self._encoder.columns)}), got {type(batch).__name__}")
-        if not self._native:
+        if self._backend == "eager":
             with self._lock, torch.inference_mode():
                 y = self._model(batch)
             if out is None:
@@ -549,6 +638,12 @@ class InferenceSession:
             return self._wrote(out.copy_(y))
         with torch.inference_mode():
             x = self._encoder(batch)
+        if self._backend == "onnxruntime":
+            y = self._traced_run(x)
+            if out is None:
+                return y
+            self._check_out(x, out)
+            return self._wrote(out.copy_(y))
         B = x.shape[0]
         if out is None:
             out = torch.empty(B, self.num_tasks, dtype=self.dtype)
@@ -646,6 +741,78 @@ def _mixture_graph(g: _Graph, x: str, mix: _Mixture) -> str:
 
 
 _INT64 = 7  # onnx.TensorProto.INT64
+_SESSION_OPSET = 18
+# torch.onnx.export's exporter for a traced model: the torch.export-based one (which needs onnxscript and
+# writes opset 18 or later) when it can, else the TorchScript-based one. Both translate the fused ops
+# through their plain-PyTorch formulas (ops._call).
+_DYNAMO_EXPORTER = True
+_DYNAMO_MIN_OPSET = 18
+
+
+class _Trunk(nn.Module):
+    """A model's own forward, without its hooks (a model on feature columns: from its encoded ``x``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward(x)
+
+
+def _torch_onnx(module: nn.Module, x: Tensor, opset: int, who: str):
+    """``module`` traced on ``x[B, D]`` by ``torch.onnx.export``: an ``onnx.ModelProto`` from input ``x`` to output
+    ``y``, batch dynamic; the exporter's chatter silenced, its failure an UnsupportedModelError."""
+    import onnx
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if _DYNAMO_EXPORTER and opset >= _DYNAMO_MIN_OPSET and _have("onnxscript"):
+                program = torch.onnx.export(module, (x,), dynamo=True, input_names=["x"], output_names=["y"],
+                                            opset_version=opset, verbose=False,
+                                            dynamic_shapes=({0: torch.export.Dim("batch")},))
+                return program.model_proto
+            f = io.BytesIO()
+            torch.onnx.export(module, (x,), f, dynamo=False, input_names=["x"], output_names=["y"],
+                              opset_version=opset, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+            return onnx.load_from_string(f.getvalue())
+    except Exception as exc:  # whatever the exporter raised: the model cannot be traced as it is
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(f"{who}: torch.onnx.export cannot trace the {type(module.model).__name__}: "
+                                    f"{type(exc).__name__}: {first}") from exc
+    finally:
+        logger.setLevel(level)
+
+
+def _traced_graph(model: nn.Module, spec: _Spec, opset: int, who: str, with_columns: bool = False):
+    """The ONNX model of a traced spec: ``x[batch, D] -> y[batch, T]``, or (``with_columns``) from the feature
+    columns' inputs, the lookups written as in ``export_onnx`` and joined to the traced rest."""
+    import onnx
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_ROWS, spec.in_features, generator=gen, dtype=torch.float64).to(spec.dtype)
+    with torch.no_grad():
+        proto = _torch_onnx(_Trunk(copy.deepcopy(model).eval()), x.to(spec.device), opset, who)
+    if not with_columns or spec.encoder is None:
+        return proto
+    g = _Graph(spec.dtype)
+    x_out, inputs = _encoder_graph(g, spec.encoder)
+    g.nodes.append(onnx.helper.make_node("Identity", [x_out], ["x"]))
+    version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    columns = onnx.helper.make_model(
+        onnx.helper.make_graph(g.nodes, "columns", inputs, [onnx.helper.make_tensor_value_info(
+            "x", _ONNX_TYPES[spec.dtype], ["batch", spec.in_features])], g.inits),
+        opset_imports=[onnx.helper.make_opsetid("", version)])
+    columns.ir_version = proto.ir_version
+    merged = onnx.compose.merge_models(columns, proto, io_map=[("x", "x")], prefix2="model/", outputs=["model/y"],
+                                       producer_name="mmoe_fast")
+    merged.graph.node.append(onnx.helper.make_node("Identity", ["model/y"], ["y"]))
+    merged.graph.output[0].name = "y"
+    return merged
 
 
 def _encoder_graph(g: _Graph, encoder: FeatureEncoder) -> tuple[str, list]:
@@ -700,7 +867,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> None:
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError("export_onnx needs the 'onnx' package: pip install 'mmoe-fast[onnx]'") from exc
     who = "export_onnx"
-    spec = _read_model(model, who)
+    spec = _read(model, who)
     if spec.dtype not in _ONNX_TYPES:
         raise UnsupportedModelError(f"export_onnx writes float32 or float64 models, got {spec.dtype}")
     if spec.device.type == "meta":
@@ -708,6 +875,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> None:
     newest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or isinstance(opset, bool) or not _MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be an int from {_MIN_OPSET} to {newest} (this onnx), got {opset!r}")
+    if spec.traced:
+        proto = _traced_graph(model, spec, opset, who, with_columns=True)
+        onnx.checker.check_model(proto)
+        _check_onnx(proto.SerializeToString(), model, spec)
+        onnx.save(proto, str(path))
+        return
     g = _Graph(spec.dtype)
     elem = _ONNX_TYPES[spec.dtype]
     if spec.encoder is None:
@@ -749,9 +922,9 @@ def _check_onnx(serialized: bytes, model: nn.Module, spec: _Spec) -> None:
         warnings.warn("export_onnx: onnxruntime is not installed, so the exported graph was checked by "
                       "onnx.checker but its answers were not compared with the model", stacklevel=3)
         return
-    x = _probe_batch(spec)
     sess = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-    feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
-    (got,) = sess.run(None, feed)
-    _check_probe(torch.from_numpy(got), _eager_answer(model, spec, x, "export_onnx"), spec, "export_onnx",
-                 "the ONNX graph (onnxruntime)")
+    for x in _probes(spec):
+        feed = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else {"x": x.numpy()}
+        (got,) = sess.run(None, feed)
+        _check_probe(torch.from_numpy(got), _eager_answer(model, spec, x, "export_onnx"), spec, "export_onnx",
+                     "the ONNX graph (onnxruntime)")

@@ -85,6 +85,8 @@ def _call(op, transformable, eager, forward: Callable, *args, recompute: bool = 
     autograd does not). Under ``torch.autocast`` the public functions have cast the inputs already
     (``_autocast``), and the op runs with autocast off, so its numerics are those of the same inputs outside.
     """
+    if torch.onnx.is_in_onnx_export():  # the exporters translate ATen ops, not ours: the reference's formulas
+        return _DECOMPOSED[op](*args)
     if _any_autocast() and args[0].device.type in ("cpu", "cuda") and torch.is_autocast_enabled(args[0].device.type):
         with torch.autocast(args[0].device.type, enabled=False):
             return _call(op, transformable, eager, forward, *args, recompute=recompute)
@@ -140,6 +142,10 @@ def _loop_vmap(op):
     op.register_vmap(rule)
 
 
+# Each op's plain-PyTorch form (the reference backend's formulas), which ONNX export traces in its place.
+_DECOMPOSED: dict = {}
+
+
 def _define(name: str, forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable,
             tangent: Callable, *, tensors: int, save_output: bool = False):
     """Register ``forward`` as ``mmoe_fast::<name>`` and ``backward`` as ``mmoe_fast::<name>_backward``, linked.
@@ -155,6 +161,7 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
     differentiable PyTorch, the reference backend's formulas) through ``torch.func.jvp``.
     """
     op = torch.library.custom_op(f"mmoe_fast::{name}", mutates_args=())(forward)
+    _DECOMPOSED[op] = tangent
     op.register_fake(fake)
     backward_op = torch.library.custom_op(f"mmoe_fast::{name}_backward", mutates_args=())(backward)
     backward_op.register_fake(backward_fake)

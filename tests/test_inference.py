@@ -135,7 +135,7 @@ def test_bad_input_is_a_clear_error():
         session.run(torch.randn(3, 13, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be"):
         session.run([[0.0] * 13])
-    with pytest.raises(TypeError, match="MMoE, OMoE or SharedBottom"):
+    with pytest.raises(TypeError, match="takes the models of mmoe_fast.models.MODELS .*got Linear"):
         mf.InferenceSession(torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match="runs on the CPU"):
         mf.InferenceSession(_model("mmoe").to("meta"))
@@ -771,3 +771,147 @@ def test_a_model_whose_encoder_was_swapped_is_refused(build):
     model = _model("mmoe-columns")
     model.encoder = mf.features.FeatureEncoder(COLUMNS[:2])
     _refused(build, model, "'encoder'", "gives 7 features but the model takes")
+
+
+# ---- every other model: traced through torch.onnx.export ------------------------------------------
+
+TRACED = ["single-task", "l2-constrained", "cross-stitch", "tensor-factorization", "esmm", "cgc", "ple"]
+
+
+def _traced(name, columns=False, dtype=torch.float32):
+    torch.manual_seed(3)
+    from mmoe_fast.models import build_model
+
+    types = ("binary", "binary") if name == "esmm" else ("binary", "regression")
+    return build_model(name, COLUMNS if columns else 13, 2, task_types=types).to(dtype).eval()
+
+
+def _inputs(columns, B, dtype):
+    return _column_batch(B, dtype, seed=B) if columns else torch.randn(B, 13, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", TRACED)
+@pytest.mark.parametrize("columns", [False, True], ids=["dense", "columns"])
+def test_every_other_model_serves_and_exports_as_eager(name, columns, tmp_path):
+    ort = _onnxruntime()
+    model = _traced(name, columns)
+    session = mf.InferenceSession(model)
+    assert session.backend == "onnxruntime"
+    mf.export_onnx(model, tmp_path / "m.onnx")
+    graph = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in graph.get_inputs()] == (["user", "item", "history", "tags", "age", "pos"] if columns
+                                                    else ["x"])
+    for B in (1, 7, 130):
+        x = _inputs(columns, B, torch.float32)
+        with torch.no_grad():
+            want = model(x)
+        torch.testing.assert_close(session.run(x), want, rtol=1e-5, atol=1e-6)
+        feed = {k: v.numpy() for k, v in x.items()} if columns else {"x": x.numpy()}
+        np.testing.assert_allclose(graph.run(None, feed)[0], want.numpy(), rtol=1e-5, atol=1e-6)
+    assert session.run(_inputs(columns, 0, torch.float32)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_traced_path_under_either_exporter_and_dtype(exporter, dtype, monkeypatch, tmp_path):
+    _onnxruntime()
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    monkeypatch.setattr(inference, "_DYNAMO_EXPORTER", exporter == "dynamo")
+    model = _traced("ple", dtype=dtype)
+    session = mf.InferenceSession(model)
+    x = torch.randn(33, 13, dtype=dtype)
+    with torch.no_grad():
+        want = model(x)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(session.run(x), want, **tol)
+    np.testing.assert_allclose(session.run(x.numpy()), want.numpy(), **tol)
+    out = torch.empty(33, 2, dtype=dtype)
+    assert session.run(x, out=out) is out
+    torch.testing.assert_close(out, want, **tol)
+    mf.export_onnx(model, tmp_path / "m.onnx", opset=18)
+
+
+def test_a_traced_model_keeps_what_its_submodules_hooks_do_and_refuses_its_own(tmp_path):
+    model = _traced("cgc")
+    model.towers.towers[1].register_forward_hook(lambda m, args, out: 2 * out)  # traced with the rest
+    session = mf.InferenceSession(model)
+    x = torch.randn(5, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(session.run(x), model(x), rtol=1e-5, atol=1e-6)
+    model.register_forward_hook(lambda m, args, out: out + 1)  # the model's own: the trace of forward skips it
+    _refused(mf.InferenceSession, model, "the model", "hook")
+    mine = type("MyCGC", (type(_traced("cgc")),), {})
+    model = _traced("cgc")
+    model.__class__ = mine
+    _refused(mf.InferenceSession, model, "MODELS", "MyCGC", "torch.onnx.export")
+
+
+def test_the_probe_check_catches_a_traced_graph_that_differs(monkeypatch):
+    _onnxruntime()
+    monkeypatch.setattr(inference._Trunk, "forward", lambda self, x: self.model.forward(x) * 1.01)
+    with pytest.raises(ProbeMismatchError, match="the traced model"):
+        mf.InferenceSession(_traced("esmm"))
+
+
+def test_without_onnxruntime_a_traced_model_runs_eagerly(monkeypatch):
+    real = inference._have
+    monkeypatch.setattr(inference, "_have", lambda name: name != "onnxruntime" and real(name))
+    model = _traced("single-task", columns=True)
+    session = mf.InferenceSession(model)
+    assert session.backend == "eager"
+    batch = _column_batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(session.run(batch), model(batch))
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_torch_onnx_export_of_a_users_own_module_translates_the_fused_ops(dynamo, tmp_path):
+    """The standard exporters trace the fused ops as their plain-PyTorch formulas: a wrapper of the user's exports."""
+    ort = _onnxruntime()
+    if dynamo:
+        pytest.importorskip("onnxscript")
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Linear(13, 13)
+            self.mmoe = mf.MMoE(13, 2, num_experts=3, expert_hidden=(9, 5), activation="gelu")
+            self.ple = mf.PLE(13, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.scale(x))
+            return self.mmoe(h) + self.ple(h)
+
+    torch.manual_seed(0)
+    model = Wrapper().eval()
+    x = torch.randn(6, 13)
+    path = tmp_path / "w.onnx"
+    import onnx
+
+    with warnings_ignored():
+        if dynamo:
+            torch.onnx.export(model, (x,), path, dynamo=True, input_names=["x"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        else:
+            torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    assert not [n for n in onnx.load(str(path)).graph.node if "mmoe_fast" in n.domain + n.op_type]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for B in (1, 9):
+        x = torch.randn(B, 13)
+        with torch.no_grad():
+            np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], model(x).numpy(), rtol=1e-5, atol=1e-6)
+    # outside an export the fused kernels run, not the formulas
+    assert not torch.onnx.is_in_onnx_export()
+
+
+def warnings_ignored():
+    import contextlib
+    import io
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack

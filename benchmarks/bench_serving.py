@@ -1,0 +1,57 @@
+"""Serving every model: ``InferenceSession`` (packed C++ for MMoE/OMoE/Shared-Bottom, the traced graph on
+onnxruntime for the others) against the model's own forward under ``torch.inference_mode``.
+
+    python benchmarks/bench_serving.py [--models ple,cgc] [--batches 1,64,1024] [--threads 2]
+
+Interleaved passes, medians, one process; raise this process's priority to steady the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+import mmoe_fast as mf
+from mmoe_fast.models import MODELS, build_model
+from mmoe_fast.timing import conditions, format_ratio, format_time, interleaved, raise_priority
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batches", default="1,64,1024")
+    parser.add_argument("--d", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--passes", type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    raise_priority()
+    warnings.filterwarnings("ignore")
+    print(f"{args.threads} threads, torch {torch.__version__}, {conditions()}; D={args.d}, T=2, each model's defaults; "
+          f"best of {args.passes} interleaved passes' medians\n")
+    print("| model | session backend | B | forward (inference_mode) | session | forward / session |\n"
+          "|---|---|---|---:|---:|---:|")
+    for name in args.models.split(","):
+        types = ("binary", "binary")
+        torch.manual_seed(0)
+        model = build_model(name, args.d, 2, task_types=types).eval()
+        session = mf.InferenceSession(model)
+        for B in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(B, args.d)
+
+            def forward(model=model, x=x):
+                with torch.inference_mode():
+                    model(x)
+
+            t = interleaved({"forward": forward, "session": lambda session=session, x=x: session.run(x)},
+                            passes=args.passes, min_time=args.min_time)
+            a, b = t["forward"].best, t["session"].best
+            print(f"| {name} | {session.backend} | {B} | {format_time(a)} | {format_time(b)} | {format_ratio(a, b)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
