@@ -51,7 +51,8 @@ def _train(args: argparse.Namespace) -> int:
 def _train_on(args: argparse.Namespace, device: torch.device) -> int:
     say = print if distributed.is_main() else (lambda *_: None)
     if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
-        for option, where in (("--log-dir", args.log_dir), ("--checkpoint-dir", args.checkpoint_dir)):
+        for option, where in (("--log-dir", args.log_dir), ("--checkpoint-dir", args.checkpoint_dir),
+                              ("--tensorboard", args.tensorboard)):
             if where is not None:
                 files.output_dir(where, option)
     torch.manual_seed(args.seed)
@@ -87,7 +88,8 @@ def _train_on(args: argparse.Namespace, device: torch.device) -> int:
         patience=args.patience, log_dir=args.log_dir, checkpoint_dir=args.checkpoint_dir,
         checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_extra=extra,
         loss_weighting=args.loss_weighting, clip_grad_norm=args.clip_grad_norm,
-        label_mask=data.get("mask_train"), val_label_mask=data.get("mask_val"))
+        label_mask=data.get("mask_train"), val_label_mask=data.get("mask_val"), log_gates=args.log_gates,
+        tensorboard=args.tensorboard)
     say(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -204,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--patience", type=positive_int, default=None,
                     help="early stopping: epochs without a better task-0 validation metric")
     tr.add_argument("--log-dir", default=None, help="write train.jsonl and train.csv here")
+    tr.add_argument("--tensorboard", default=None, help="write TensorBoard event files here (needs tensorboard)")
+    tr.add_argument("--log-gates", action="store_true",
+                    help="every epoch, each gate's mean weight per expert and entropy, and collapse warnings "
+                         "(MMoE, OMoE, CGC, PLE)")
     tr.add_argument("--checkpoint-dir", default=None, help="write step-*.pt checkpoints and model.pt here")
     tr.add_argument("--checkpoint-every", type=positive_int, default=None, help="checkpoint every this many steps")
     tr.add_argument("--resume", default=None, help="a checkpoint file, or a directory (its latest checkpoint)")

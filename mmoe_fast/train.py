@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, files
+from . import checkpoint, distributed, files, gating
 from .backends import cpp as cpp_backend
 from .models import model_name
 
@@ -497,12 +497,40 @@ def _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, pa
         raise ValueError(f"batch_size and steps must be >= 1, got {batch_size}, {steps}")
 
 
+GATE_ROWS = 8192  # the rows fit's log_gates measures the gates on, every epoch
+
+
+def _gate_record(model: nn.Module, x, record: dict) -> list[str]:
+    """Add ``gate_mean`` and ``gate_entropy`` (by gate: ``task0``, ``shared_gate``, ``level0.task1``) to ``record``;
+    return the collapse warnings."""
+    tables = gating.gate_tables(model, x, [f"task{t}" for t in range(len(model.task_types))])
+    record["gate_mean"], record["gate_entropy"] = {}, {}
+    for table in tables:
+        level = table.title.replace(" ", "").rstrip(":")
+        for gate, w, h in zip(table.gates, table.weights.tolist(), table.entropy.tolist()):
+            key = (f"{level}." if level else "") + gate.replace(" ", "_")
+            record["gate_mean"][key], record["gate_entropy"][key] = w, h
+    return [text for table in tables for text in table.warnings()]
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
 def _flatten(record: dict) -> dict:
-    """One CSV row: ``train_loss_task0``, ``val_auc_task0``, ..."""
+    """One CSV row: ``train_loss_task0``, ``val_auc_task0``, ``gate_entropy_task0``, ``gate_mean_task0_e3``, ..."""
     row = {}
     for key, value in record.items():
         if key == "val_metrics":
             row.update({f"val_{m}_task{t}": v for t, d in enumerate(value) for m, v in d.items()})
+        elif isinstance(value, dict):
+            for name, v in value.items():
+                row.update({f"{key}_{name}_e{e}": w for e, w in enumerate(v)} if isinstance(v, list)
+                           else {f"{key}_{name}": v})
         elif isinstance(value, list):
             row.update({f"{key}_task{t}": v for t, v in enumerate(value)})
         else:
@@ -542,6 +570,8 @@ def _describe(record: dict) -> str:
         parts.append(f"val {tasks(record['val_loss'])}")
         parts.append(" ".join(f"task{t} " + " ".join(_metric_text(k, v) for k, v in m.items())
                               for t, m in enumerate(record["val_metrics"])))
+    if "gate_entropy" in record:
+        parts.append("gate entropy " + " ".join(f"{k}={v:.2f}" for k, v in record["gate_entropy"].items()))
     return "  ".join(parts)
 
 
@@ -616,7 +646,7 @@ def fit(
     checkpoint_extra: dict | None = None, sample_weight: Tensor | None = None, label_mask: Tensor | None = None,
     val_label_mask: Tensor | None = None, clip_grad_norm: float | None = None,
     scheduler: Callable[[torch.optim.Optimizer], object] | None = None, loss_weighting: str = "static",
-    gradnorm_alpha: float = 1.5,
+    gradnorm_alpha: float = 1.5, log_gates: bool = False, tensorboard: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -653,6 +683,13 @@ def fit(
       A metric that is undefined (AUC on one-class validation labels) is refused up front, never read as
       "no improvement".
     - ``log_dir``: ``train.jsonl`` and ``train.csv``, one row per epoch.
+    - ``log_gates`` (MMoE, OMoE, CGC, PLE): every epoch, each gate's mean weight per expert (``gate_mean``) and
+      mean normalized entropy (``gate_entropy``, 0: one expert, 1: uniform), on the first ``GATE_ROWS`` rows of
+      the validation data (else the training data); a gate collapsing onto one expert, or an expert no gate
+      uses, is logged as a warning the first epoch it happens.
+    - ``tensorboard``: a folder for TensorBoard event files (needs the ``tensorboard`` package): every number of
+      every epoch's record, tagged as ``train.csv``'s columns, at the step count; a resume drops the events
+      after its step.
     - ``checkpoint_dir``: ``step-NNNNNNN.pt`` every ``checkpoint_every`` steps, at the last step and when
       early stopping ends the run, plus ``model.pt`` (the returned model) at the end; all are
       :mod:`mmoe_fast.checkpoint` files (``mmoe_fast.load`` reads them), the steps with a ``trainer`` entry.
@@ -693,8 +730,13 @@ def fit(
     y_val = y_val if val_mask is None else torch.where(val_mask, y_val, 0.0)
     _check_fit_args(model, x, y, x_val, y_val, weights, optimizer, main_task, patience, checkpoint_dir,
                     checkpoint_every, batch_size, steps, loader=loader is not None)
+    if log_gates and not gating.is_gated(model):
+        raise ValueError(f"log_gates: {type(model).__name__} has no gates (MMoE, OMoE, CGC and PLE have them)")
+    if log_gates and x is None and x_val is None:
+        raise ValueError("log_gates with a DataLoader needs x_val, y_val (the rows the gates are measured on)")
+    writer_cls = _summary_writer() if tensorboard is not None else None
     if distributed.is_main():  # before any work: an unusable folder fails now, not after the training
-        for what, where in (("log_dir", log_dir), ("checkpoint_dir", checkpoint_dir)):
+        for what, where in (("log_dir", log_dir), ("checkpoint_dir", checkpoint_dir), ("tensorboard", tensorboard)):
             if where is not None:
                 files.output_dir(where, what)
     device = next(model.parameters()).device
@@ -742,6 +784,11 @@ def fit(
             resume = found
         p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched, log_vars)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
+    board = None
+    if writer_cls is not None and distributed.is_main():  # from the resumed step on: later events are dropped
+        board = writer_cls(str(tensorboard), purge_step=p.step if resume is not None else None)
+    gate_rows = None if not log_gates else take(x_val if x_val is not None else x, slice(0, GATE_ROWS))
+    warned: set[str] = set()
     watched = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
     last_saved: list[Path] = []  # the newest step checkpoint, for the divergence message
 
@@ -837,10 +884,21 @@ def fit(
             else:
                 p.bad_epochs += 1
             p.stopped = patience is not None and p.bad_epochs >= patience
+        if gate_rows is not None:
+            found = _gate_record(model, _to(gate_rows, device), record)
+            for text in found:
+                if text not in warned:
+                    say(f"warning: epoch {p.epoch}: {text}")
+            warned.update(found)
         p.history.append(record)
         say(_describe(record))
         if log_dir is not None and distributed.is_main():
             _write_logs(Path(log_dir), p.history)
+        if board is not None:
+            for tag, value in _flatten(record).items():
+                if tag not in ("epoch", "step") and isinstance(value, (int, float)):
+                    board.add_scalar(tag, value, p.step)
+            board.flush()
         p.epoch, p.batch = p.epoch + 1, 0
         if p.stopped:
             say(f"early stop: task{main_task} validation {main_metric} has not improved for {patience} epochs")
@@ -850,6 +908,8 @@ def fit(
         say(f"restored the weights of epoch {p.best_epoch} (task{main_task} validation {main_metric} {p.best:.4f})")
     if checkpoint_dir is not None and distributed.is_main():
         checkpoint.save(model, checkpoint_dir / MODEL_FILE, **entries)
+    if board is not None:
+        board.close()
     return p.history
 
 

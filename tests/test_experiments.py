@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmoe_fast as mf
-from mmoe_fast import checkpoint, cli, experiments, models
+from mmoe_fast import checkpoint, cli, experiments, gating, models
 
 FIXTURE = str(Path(__file__).parent / "fixtures" / "census")
 SYNTHETIC_TINY = ["--n-train", "200", "--n-val", "60", "--d", "10", "--epochs", "2", "--batch-size", "64",
@@ -298,11 +298,11 @@ def test_gate_tables_of_ple_match_a_hand_computed_forward():
     h1 = model.levels[1].full_gates(level0(x)).double().mean(0)
     torch.testing.assert_close(tables[1].weights, h1, rtol=1e-5, atol=1e-7)
     assert tables[0].warnings() == []
-    collapsed = experiments.gates.GateTable("", ["a"], ["0", "1", "2"], torch.tensor([[0.95, 0.05, 0.0]]),
+    collapsed = gating.GateTable("", ["a"], ["0", "1", "2"], torch.tensor([[0.95, 0.05, 0.0]]),
                                             torch.tensor([0.1]), [3])
     assert collapsed.warnings() == ["a's gate has collapsed: 0.95 of its weight on expert 0",
                                     "experts no gate uses (under 0.01 of every gate's weight): 2"]
-    single = experiments.gates.GateTable("", ["a"], ["0"], torch.tensor([[1.0]]), torch.tensor([0.0]), [1])
+    single = gating.GateTable("", ["a"], ["0"], torch.tensor([[1.0]]), torch.tensor([0.0]), [1])
     assert single.warnings() == []  # a gate of one expert cannot collapse
 
 

@@ -432,3 +432,87 @@ def test_a_dataloaders_sample_weights_are_checked_by_batch():
     zero_task[:16, 1] = 0  # one batch without a label of task1: allowed (a data set without one is not)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y, zero_task), batch_size=16)
     assert len(fit(_model(), loader, epochs=1, **_quiet())) == 1
+
+
+@pytest.mark.parametrize("name", ["mmoe", "omoe", "ple"])
+def test_logged_gates_are_the_gate_tables_of_that_epoch(name):
+    from mmoe_fast import gating
+
+    x, y = _data(80)
+    model = models.build_model(name, 6, 2, task_types=TASK_TYPES)
+    said = []
+    history = fit(model, x, y, x_val=x[:50], y_val=y[:50], epochs=1, batch_size=16, progress=False,
+                  log=said.append, log_gates=True)
+    tables = gating.gate_tables(model, x[:50], ["task0", "task1"])
+    got_mean, got_h = history[-1]["gate_mean"], history[-1]["gate_entropy"]
+    want = [(t.title, g, w, h) for t in tables for g, w, h in zip(t.gates, t.weights.tolist(), t.entropy.tolist())]
+    assert len(got_mean) == len(want) == len(got_h)
+    for (title, gate, w, h), key in zip(want, got_mean):
+        assert key.endswith(gate.replace(" ", "_")) and (not title or key.startswith(title[:5].replace(" ", "")))
+        np.testing.assert_allclose(got_mean[key], w, rtol=1e-12)
+        assert got_h[key] == pytest.approx(h, rel=1e-12)
+    assert "gate entropy" in said[-1]
+    if name == "omoe":
+        assert list(got_mean) == ["shared_gate"]
+
+
+def test_a_collapsing_gate_is_warned_once_and_gateless_models_are_refused(tmp_path):
+    x, y = _data(64)
+    model = models.build_model("mmoe", 6, 2, task_types=TASK_TYPES)
+    with torch.no_grad():
+        model.mixture.gate_bias[0, 1] = 50.0  # task0's gate: all on expert 1, whatever x
+    said = []
+    history = fit(model, x, y, epochs=3, batch_size=32, lr=1e-4, progress=False, log=said.append, log_gates=True,
+                  log_dir=tmp_path)
+    warnings = [s for s in said if s.startswith("warning:")]
+    assert len(warnings) == 1 and "epoch 1: task0's gate has collapsed" in warnings[0] and "expert 1" in warnings[0]
+    assert history[0]["gate_mean"]["task0"][1] > 0.99 and history[0]["gate_entropy"]["task0"] < 0.01
+    header = (tmp_path / "train.csv").read_text().splitlines()[0].split(",")
+    assert "gate_entropy_task1" in header and "gate_mean_task0_e1" in header
+    with pytest.raises(ValueError, match="SharedBottom has no gates"):
+        fit(models.build_model("shared-bottom", 6, 2, task_types=TASK_TYPES), x, y, steps=1, log_gates=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.raises(ValueError, match="log_gates with a DataLoader needs x_val"):
+        fit(_model(), loader, log_gates=True)
+
+
+def test_tensorboard_holds_every_number_of_every_record_and_a_resume_continues_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = _data(64)
+    board, ckpt = tmp_path / "tb", tmp_path / "ck"
+    common = dict(x_val=x[:32], y_val=y[:32], batch_size=16, progress=False, log=lambda _: None, tensorboard=board,
+                  checkpoint_dir=ckpt, log_gates=True)
+    fit(_model(), x, y, epochs=2, checkpoint_every=4, **common)  # 4 steps an epoch
+    history = fit(_model(), x, y, epochs=3, resume=ckpt / "step-0000004.pt", **common)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss_task0", "val_auc_task0", "val_mse_task1", "lr", "gate_entropy_task1",
+            "gate_mean_task0_e2"} <= set(tags)
+    for tag in ("train_loss_task1", "val_r2_task1", "gate_entropy_task0"):
+        # the resumed run's epochs 2 and 3 replaced what the first run wrote after step 4
+        seen = {e.step: e.value for e in events.Scalars(tag)}
+        assert sorted(seen) == [4, 8, 12], tag
+        key, _, task = tag.rpartition("_")
+        for record in history:
+            from mmoe_fast.train import _flatten
+
+            assert seen[record["step"]] == pytest.approx(_flatten(record)[tag], rel=1e-6), (tag, record["epoch"])
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    x, y = _data()
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        fit(_model(), x, y, steps=1, tensorboard=tmp_path, progress=False)
