@@ -143,7 +143,9 @@ class _GradNorm:
     update) balance the tasks' gradient norms at the last shared layer ``W``. Each step, with ``L_t`` the batch's
     task losses, ``n_t = ||dL_t/dW||``, ``G_t = w_t n_t``, ``r_t = (L_t / L_t(0)) / mean(L / L(0))`` (``L(0)``: the
     first step's losses) and the target ``mean(G) r_t^alpha`` held constant, ``w``'s gradient is that of
-    ``sum_t |G_t - target_t|``: ``sign(G_t - target_t) n_t``; the model's is that of ``sum_t w_t L_t``."""
+    ``sum_t |G_t - target_t|``: ``sign(G_t - target_t) n_t``; the model's is that of ``sum_t w_t L_t``.
+    Under torchrun ``L_t`` and ``dL_t/dW`` are the global batch's (the ranks' summed), so every rank takes the
+    same step; ``w`` and ``L(0)`` are kept in checkpoints."""
 
     def __init__(self, model: nn.Module, alpha: float, device) -> None:
         if not (math.isfinite(alpha) and alpha >= 0):
@@ -154,9 +156,14 @@ class _GradNorm:
         self.initial: Tensor | None = None
 
     def weight_grad(self, per_task: Tensor) -> Tensor:
-        norms = torch.stack([torch.linalg.vector_norm(torch.autograd.grad(loss, self.shared, retain_graph=True)[0])
+        grads = torch.stack([torch.autograd.grad(loss, self.shared, retain_graph=True)[0].reshape(-1)
                              for loss in per_task])
         losses = per_task.detach()
+        if distributed.world_size() > 1:  # the global batch's: each rank's per_task sums to world x its mean
+            both = distributed.all_reduce_sum(torch.cat([grads, losses[:, None].to(grads.dtype)], dim=1))
+            both /= distributed.world_size()
+            grads, losses = both[:, :-1], both[:, -1].to(losses.dtype)
+        norms = torch.linalg.vector_norm(grads, dim=1)
         if self.initial is None:
             self.initial = losses.clone()
         ratio = losses / self.initial
@@ -601,9 +608,10 @@ class ResumeMismatch(ValueError):
 # spec) are checked too. lr, weight_decay, the run's length and patience may change: they are applied from the
 # resumed step on, and said.
 _FIXED = ("n_rows", "batch_size", "seed", "optimizer", "loss_weights", "main_task", "label_weights", "scheduler",
-          "clip_grad_norm", "loss_weighting")
+          "clip_grad_norm", "loss_weighting", "gradnorm_alpha")
 # Of _FIXED, the ones older checkpoints lack, with the value their runs had.
-_ADDED = {"label_weights": None, "scheduler": None, "clip_grad_norm": None, "loss_weighting": "static"}
+_ADDED = {"label_weights": None, "scheduler": None, "clip_grad_norm": None, "loss_weighting": "static",
+          "gradnorm_alpha": None}
 
 
 def _differences(saved: object, given: object, name: str) -> list[tuple[str, object, object]]:
@@ -671,7 +679,8 @@ def fit(
       without weight decay, kept in checkpoints); records carry ``loss_log_variance``. ``"gradnorm"`` (Chen et
       al. 2018, see ``_GradNorm``; ``gradnorm_alpha`` its asymmetry, 1.5 by default): task weights learned to
       balance the tasks' gradient norms at the last shared layer (MMoE, OMoE, SharedBottom), the loss ``sum_t
-      loss_weights[t] * w_t * loss_t``; records carry ``loss_task_weight``; no resume or torchrun with it.
+      loss_weights[t] * w_t * loss_t``; records carry ``loss_task_weight``; kept in checkpoints, global under
+      torchrun.
       ``"static"`` (default):
       ``sum_t loss_weights[t] * loss_t``.
     - ``scheduler``: ``scheduler(optimizer)`` makes a learning-rate scheduler (e.g. ``lambda opt:
@@ -746,9 +755,6 @@ def fit(
                 if loss_weighting == "uncertainty" else None)
     gradnorm = None
     if loss_weighting == "gradnorm":
-        if resume is not None or distributed.world_size() > 1:
-            raise ValueError("loss_weighting='gradnorm' supports neither resume nor torchrun (its task weights and "
-                             "first losses are not kept in checkpoints)")
         gradnorm = _GradNorm(model, gradnorm_alpha, device)
     opt = make_optimizer(optimizer, model, log_vars if gradnorm is None else gradnorm.weights, lr=lr,
                          weight_decay=weight_decay)
@@ -768,7 +774,8 @@ def fit(
                # What else changes the objective or the update: compared on resume when the checkpoint has them.
                "label_weights": None if label_w is None else _fingerprint(label_w),
                "scheduler": _scheduler_setting(sched), "clip_grad_norm": clip_grad_norm,
-               "loss_weighting": loss_weighting}
+               "loss_weighting": loss_weighting,
+               "gradnorm_alpha": gradnorm_alpha if loss_weighting == "gradnorm" else None}
     higher_is_better = model.task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
     has_extra = callable(getattr(model, "extra_loss", None))
@@ -782,7 +789,7 @@ def fit(
             if found is None:
                 raise FileNotFoundError(f"no step-*.pt checkpoint in {resume}")
             resume = found
-        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched, log_vars)
+        p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched, log_vars, gradnorm)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
     board = None
     if writer_cls is not None and distributed.is_main():  # from the resumed step on: later events are dropped
@@ -800,7 +807,10 @@ def fit(
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "n_rows": n, "batch_size": batch_size, "options": options, "progress": asdict(p),
             "scheduler": None if sched is None else sched.state_dict(),
-            "loss_log_variances": None if log_vars is None else log_vars.detach().cpu()})
+            "loss_log_variances": None if log_vars is None else log_vars.detach().cpu(),
+            "gradnorm": None if gradnorm is None else {
+                "weights": gradnorm.weights.detach().cpu(),
+                "initial": None if gradnorm.initial is None else gradnorm.initial.detach().cpu()}})
         last_saved[:] = [path]
 
     def diverged(what: str) -> FloatingPointError:
@@ -1047,7 +1057,7 @@ def _check_resume(path: Path, ckpt: dict, model: nn.Module, options: dict, entri
 
 
 def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, device, say, sched=None,
-                     log_vars=None) -> _Progress:
+                     log_vars=None, gradnorm=None) -> _Progress:
     ckpt = checkpoint.read(path)
     state = ckpt.get("trainer")
     if state is None:
@@ -1058,6 +1068,11 @@ def _load_checkpoint(path: Path, model, opt, gen, options: dict, entries: dict, 
         if log_vars is not None:  # present: _check_resume refused a run without them
             with torch.no_grad():
                 log_vars.copy_(state["loss_log_variances"])
+        if gradnorm is not None:  # present: _check_resume refused a run of another loss weighting
+            with torch.no_grad():
+                gradnorm.weights.copy_(state["gradnorm"]["weights"])
+            first = state["gradnorm"]["initial"]
+            gradnorm.initial = None if first is None else first.to(device)
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

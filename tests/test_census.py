@@ -155,3 +155,47 @@ def test_real_data_sizes_base_rates_and_label_correlations(real_columns):
     assert abs(np.corrcoef(g1.T)[0, 1]) == pytest.approx(0.178, abs=0.002)
     assert abs(np.corrcoef(g2.T)[0, 1]) == pytest.approx(0.240, abs=0.002)
     assert census.labels(test, 1)[:, 0].mean() == pytest.approx(0.062, abs=0.002)
+
+
+def test_fixture_ids_are_the_one_hot_blocks_positions_and_the_model_standardizes_numbers(fixture_data):
+    from mmoe_fast.features import Categorical, Dense, FeatureEncoder
+
+    onehot = fixture_data[1]
+    ids = load_census(1, path=FIXTURE, seed=0, encoding="ids", embedding_dim=3)
+    assert ids.columns[0] == Dense("numeric", 7, ids.columns[0].mean, ids.columns[0].std)
+    assert all(type(c) is Categorical and c.dim == 3 for c in ids.columns[1:])
+    assert [c.name for c in ids.columns] == ids.feature_names and len(ids.columns) == 1 + 42 - 4 - 7
+    for split in ("train", "val", "test"):
+        x, block = getattr(ids, f"x_{split}"), getattr(onehot, f"x_{split}")
+        assert torch.equal(getattr(ids, f"y_{split}"), getattr(onehot, f"y_{split}"))
+        offset = 7
+        for c in ids.columns[1:]:
+            width = c.vocab - 1  # the training file's categories; id 0 is none of them
+            part = block[:, offset : offset + width]
+            want = torch.where(part.sum(1) > 0, part.argmax(1) + 1, 0)
+            assert torch.equal(x[c.name], want), (split, c.name)
+            offset += width
+        assert offset == block.shape[1]
+        encoded = FeatureEncoder(ids.columns)(x)
+        torch.testing.assert_close(encoded[:, :7], block[:, :7])
+    assert (ids.x_test["state_of_previous_residence"] == 0).any() or (ids.x_val["state_of_previous_residence"]
+                                                                      == 0).any()
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        load_census(1, path=FIXTURE, encoding="hashed")
+    with pytest.raises(ValueError, match="embedding_dim must be a positive int"):
+        load_census(1, path=FIXTURE, encoding="ids", embedding_dim=0)
+
+
+def test_census_with_ids_trains_a_model_on_columns_through_the_splits():
+    from mmoe_fast.data import census_spec, load_splits
+    from mmoe_fast.experiments.common import train_run
+
+    spec = census_spec(group=2, path=str(FIXTURE), encoding="ids", embedding_dim=2)
+    assert census_spec(group=2, path=str(FIXTURE)) == {"name": "census", "group": 2, "path": str(FIXTURE),
+                                                        "split_seed": 0, "train_rows": None}
+    splits = load_splits(spec)
+    model, record = train_run("mmoe", splits, seed=0, epochs=1, batch_size=8, lr=1e-2, progress=False)
+    assert hasattr(model, "encoder") and model.encoder.out_features == 7 + 2 * 31
+    assert 0.0 <= record["test"][0]["auc"] <= 1.0 or np.isnan(record["test"][0]["auc"])
+    sub = load_splits({**spec, "train_rows": 5})
+    assert all(len(v) == 5 for v in sub["x_train"].values()) and len(sub["y_train"]) == 5

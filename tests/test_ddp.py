@@ -21,8 +21,8 @@ def _outputs(folder):
     return checkpoint.read(folder / "ckpt" / "model.pt")["state_dict"], history
 
 
-@pytest.mark.parametrize("extra", [[], ["--loss-weighting", "uncertainty", "--clip-grad-norm", "0.5"]],
-                         ids=["static", "uncertainty-clipped"])
+@pytest.mark.parametrize("extra", [[], ["--loss-weighting", "uncertainty", "--clip-grad-norm", "0.5"],
+                                   ["--loss-weighting", "gradnorm"]], ids=["static", "uncertainty-clipped", "gradnorm"])
 def test_two_gloo_ranks_equal_one_process(tmp_path, capsys, extra):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     args = [*ARGS, *extra]
@@ -42,9 +42,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, capsys, extra):
     assert [r["step"] for r in ddp_history] == [r["step"] for r in history] == [3, 6]
     for a, b in zip(ddp_history, history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert ("loss_log_variance" in a) == ("loss_log_variance" in b) == bool(extra)
-        if extra:  # the log variances' gradients are averaged over the ranks as the model's are
-            assert a["loss_log_variance"] == pytest.approx(b["loss_log_variance"], rel=1e-5, abs=1e-7)
+        for key, option in (("loss_log_variance", "uncertainty"), ("loss_task_weight", "gradnorm")):
+            assert (key in a) == (key in b) == (option in extra)
+            if key in a:  # the ranks' statistics are combined into the global batch's, as the model's gradients
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         for ma, mb in zip(a["val_metrics"], b["val_metrics"]):
             assert ma == pytest.approx(mb, rel=1e-5)

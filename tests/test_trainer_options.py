@@ -322,8 +322,14 @@ def test_gradnorm_steps_equal_the_hand_written_steps(name):
         fit(models.PLE(6, 2, task_types=TASK_TYPES), x, y, steps=1, loss_weighting="gradnorm", **_quiet())
     with pytest.raises(ValueError, match="gradnorm_alpha"):
         fit(build(), x, y, steps=1, loss_weighting="gradnorm", gradnorm_alpha=-1.0, **_quiet())
-    with pytest.raises(ValueError, match="supports neither resume"):
-        fit(build(), x, y, steps=1, loss_weighting="gradnorm", resume="anywhere", **_quiet())
+
+
+def test_resume_with_gradnorm_continues_exactly(tmp_path):
+    x, y = _data()
+    _resumes_exactly(tmp_path, x, y, loss_weighting="gradnorm", gradnorm_alpha=0.5)
+    with pytest.raises(ValueError, match=r"gradnorm_alpha 0.5 \(checkpoint\) vs 1.5 \(now\)"):
+        fit(_model(), x, y, batch_size=10, lr=0.05, seed=1, steps=9, loss_weighting="gradnorm",
+            resume=tmp_path / "stopped", **_quiet())
 
 
 def test_resume_with_uncertainty_weighting_continues_exactly(tmp_path):

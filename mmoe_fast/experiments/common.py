@@ -37,6 +37,16 @@ def output_dir(args, default: str) -> Path:
     return files.output_dir(args.out or default, "--out")
 
 
+def model_input(splits: dict):
+    """What a model of ``splits`` takes first: its feature columns, or the width of its ``x``."""
+    return splits.get("columns") or splits["x_train"].shape[1]
+
+
+def rows(x) -> int:
+    """The rows of ``x[N, D]`` or of a dict of feature columns."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
 def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: int, lr: float, progress: bool,
               model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """Build ``name`` for ``splits`` (``load_splits``) with init seed ``seed``, train it, and return it with its record.
@@ -46,7 +56,7 @@ def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: in
     """
     torch.manual_seed(seed)
     task_types = splits["task_types"]
-    model = build_model(name, splits["x_train"].shape[1], len(task_types), task_types=task_types,
+    model = build_model(name, model_input(splits), len(task_types), task_types=task_types,
                         **(model_kwargs or {}))
     start = time.perf_counter()
     history = fit(model, splits["x_train"], splits["y_train"], x_val=splits["x_val"], y_val=splits["y_val"],
@@ -80,7 +90,7 @@ def train_runs(name: str, runs: Sequence[tuple[dict, int, float]], *, epochs: in
         for splits, seed, _ in job:
             torch.manual_seed(seed)
             task_types = splits["task_types"]
-            models.append(build_model(name, splits["x_train"].shape[1], len(task_types), task_types=task_types,
+            models.append(build_model(name, model_input(splits), len(task_types), task_types=task_types,
                                       **(model_kwargs or {})))
         one = all(splits is job[0][0] for splits, _, _ in job)  # one data set: shared, not copied per run
 
