@@ -7,8 +7,7 @@ Categorical columns are one-hot encoded on the categories seen in the training f
 or given as ids for embedding tables (``encoding="ids"``: each column's id is its category's index among the
 training file's, from 1; 0 is a category the training file lacks), with the feature columns a model takes
 (``mmoe_fast.features``); numeric ones are standardized with training statistics. The official training file
-trains; the test file is split 1:1
-(seeded) into validation and test.
+trains; the test file is split 1:1 (seeded) into validation and test.
 
 Missing values: the UCI files write ``?`` in eight categorical columns (migration codes, previous state,
 countries of birth); it is kept as a category of its own, as the file means it ("not known"). Numeric
