@@ -22,7 +22,7 @@ from .models import (
     build_model,
     count_parameters,
 )
-from .ops import available_backends, expert_mixture, gate_softmax, grouped_linear, mmoe
+from .ops import available_backends, decomposed, expert_mixture, gate_softmax, grouped_linear, mmoe
 from .train_many import fit_many
 
 __version__ = "0.1.0"
@@ -30,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CGC", "ESMM", "MODELS", "PLE", "CheckpointError", "CrossStitch", "ExtractionLayer", "InferenceSession",
     "L2Constrained", "MMoE", "MMoELayer", "OMoE", "OMoELayer", "SharedBottom", "SingleTask", "TensorFactorization",
-    "Towers", "available_backends", "build_model", "count_parameters", "describe_backends", "expert_mixture",
-    "export_onnx", "fit_many", "gate_softmax", "grouped_linear", "load", "mmoe", "save",
+    "Towers", "available_backends", "build_model", "count_parameters", "decomposed", "describe_backends",
+    "expert_mixture", "export_onnx", "fit_many", "gate_softmax", "grouped_linear", "load", "mmoe", "save",
 ]

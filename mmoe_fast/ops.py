@@ -11,6 +11,7 @@ output) and recompute the expert pre-activations (docs/design.md: recompute, not
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Optional
 
@@ -85,7 +86,7 @@ def _call(op, transformable, eager, forward: Callable, *args, recompute: bool = 
     autograd does not). Under ``torch.autocast`` the public functions have cast the inputs already
     (``_autocast``), and the op runs with autocast off, so its numerics are those of the same inputs outside.
     """
-    if torch.onnx.is_in_onnx_export():  # the exporters translate ATen ops, not ours: the reference's formulas
+    if _decomposing or torch.onnx.is_in_onnx_export():  # ATen ops only: the reference's formulas
         return _DECOMPOSED[op](*args)
     if _any_autocast() and args[0].device.type in ("cpu", "cuda") and torch.is_autocast_enabled(args[0].device.type):
         with torch.autocast(args[0].device.type, enabled=False):
@@ -144,6 +145,26 @@ def _loop_vmap(op):
 
 # Each op's plain-PyTorch form (the reference backend's formulas), which ONNX export traces in its place.
 _DECOMPOSED: dict = {}
+_decomposing = False
+
+
+@contextlib.contextmanager
+def decomposed():
+    """Within it the fused ops run as their plain-PyTorch formulas (ATen ops only, the reference backend's):
+    a ``torch.export`` archive, a trace or a graph made there holds no ``mmoe_fast::`` op, so it loads and runs
+    where mmoe_fast is not installed. (ONNX exports do this by themselves.) Not thread-local: do not train in
+    another thread meanwhile, which would run the formulas too (correct, but slower)."""
+    global _decomposing
+    before, _decomposing = _decomposing, True
+    try:
+        yield
+    finally:
+        _decomposing = before
+
+
+def is_decomposing() -> bool:
+    """Whether the fused ops run as their plain-PyTorch formulas now (``decomposed()``, or an ONNX export)."""
+    return _decomposing or torch.onnx.is_in_onnx_export()
 
 
 def _define(name: str, forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable,

@@ -915,3 +915,33 @@ def warnings_ignored():
     warnings.simplefilter("ignore")
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     return stack
+
+
+@pytest.mark.parametrize("name", ["mmoe", "ple"])
+def test_an_archive_exported_under_decomposed_runs_without_mmoe_fast(name, tmp_path):
+    """torch.export keeps the fused ops as mmoe_fast:: nodes (loading needs the package); under decomposed() the
+    archive holds ATen ops only: a fresh process that never imports mmoe_fast loads and runs it."""
+    import subprocess
+
+    from mmoe_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, 13, 2, task_types=("binary", "regression")).eval()
+    x = torch.randn(9, 13)
+    kept = torch.export.export(model, (x,))
+    assert any("mmoe_fast" in str(n.target) for n in kept.graph.nodes)
+    with mf.decomposed():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert not any("mmoe_fast" in str(n.target) for n in program.graph.nodes)
+    assert not mf.ops.is_decomposing()  # left as it was
+    torch.export.save(program, tmp_path / "m.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        want = model(x)
+    code = ("import sys, torch; p = torch.export.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
+            "torch.save(p.module()(x), sys.argv[3]); torch.save(p.module()(x[:1]), sys.argv[4]); "
+            "assert 'mmoe_fast' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f) for f in ("m.pt2", "x.pt", "y.pt", "y1.pt"))],
+                   check=True, timeout=120, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "y1.pt"), want[:1], rtol=1e-5, atol=1e-6)

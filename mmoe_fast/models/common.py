@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module
 
-from .. import backends, features
+from .. import backends, features, ops
 from ..backends import cpp as cpp_backend
 
 TASK_TYPES = ("binary", "regression")
@@ -289,15 +289,16 @@ class Towers(nn.Module):
 
 
 def plain_eager(t: Tensor) -> bool:
-    """Whether ops on ``t`` run in plain eager mode on a CPU or CUDA device: nothing compiles, traces, transforms
-    (``torch.func``, forward-mode AD) or autocasts, and no global module hook is set (the fused paths that stand
-    in for several modules apply only then; otherwise the modules run as they are)."""
+    """Whether ops on ``t`` run in plain eager mode on a CPU or CUDA device: nothing compiles, traces, exports,
+    transforms (``torch.func``, forward-mode AD) or autocasts, the fused ops are not decomposed
+    (``ops.decomposed``), and no global module hook is set (the fused paths that stand in for several modules
+    apply only then; otherwise the modules run as they are)."""
     if t.is_cpu:
         if torch.is_autocast_enabled("cpu"):
             return False
     elif not t.is_cuda or torch.is_autocast_enabled("cuda"):  # meta, fake, other devices: the modules as they are
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or ops.is_decomposing()
                 or torch._C._functorch.peek_interpreter_stack() is not None
                 or torch.autograd.forward_ad._current_level >= 0 or _global_hooks())
 
