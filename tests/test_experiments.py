@@ -67,6 +67,23 @@ def test_reproduce_correlation(tmp_path, capsys):
                                                                             or "Here: not held" in table)
 
 
+def test_reproduce_shared_bottom_is_figure_3(tmp_path, capsys):
+    out = tmp_path / "sb"
+    rc = cli.main(["reproduce", "shared-bottom", "--p", "1.0,0.9,0.5", "--seeds", "3", "--lr", "0.01",
+                   *SYNTHETIC_TINY, "--out", str(out)])
+    assert rc == 0
+    result, table = _outputs(out)
+    assert [r[0] for r in _table_rows(table)] == ["1.0", "0.9", "0.5"] and table in capsys.readouterr().out
+    assert {r["model"] for r in result["runs"]} == {"shared-bottom"} and len(result["runs"]) == 3 * 3
+    at = {p: {r["seed"]: r["final_val_loss"] for r in result["runs"] if r["correlation"] == p} for p in (1.0, 0.5)}
+    diffs = [at[0.5][s] - at[1.0][s] for s in (0, 1, 2)]
+    cell = result["summary"]["0.5"]
+    assert cell["val_loss_minus_p1.0"] == pytest.approx(np.mean(diffs)) and cell["pairs"] == 3
+    assert cell["val_loss_minus_p1.0_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(3))
+    assert "Paper (Figure 3)" in table and ("Here: held" in table or "Here: not held" in table)
+    assert (out / "plot.png").stat().st_size > 0 and (out / "shared-bottom_p1.0.pt").exists()
+
+
 def test_reproduce_correlation_can_redraw_the_tasks_per_run_and_fix_the_lr(tmp_path):
     out = tmp_path / "corr"
     assert cli.main(["reproduce", "correlation", "--models", "mmoe", "--p", "0.5", "--seeds", "2", "--redraw-tasks",

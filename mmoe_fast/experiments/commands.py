@@ -11,7 +11,13 @@ from ..argtypes import correlation, list_of, non_negative_int, positive_float, p
 from ..models import MODELS
 from .census import DEFAULT_CENSUS_MODELS, reproduce_census
 from .gates import gates
-from .synthetic import DEFAULT_SYNTHETIC_MODELS, reproduce_correlation, reproduce_labels, reproduce_trainability
+from .synthetic import (
+    DEFAULT_SYNTHETIC_MODELS,
+    reproduce_correlation,
+    reproduce_labels,
+    reproduce_shared_bottom,
+    reproduce_trainability,
+)
 from .tune import tune
 
 
@@ -102,6 +108,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _lr_options(corr)
     _common(corr, epochs=10, batch_size=128, lr=None, packed=True)
     _with_full(corr, reproduce_correlation, {"seeds": 200})
+
+    sb = rsub.add_parser("shared-bottom", help="Shared-Bottom's loss curves at each task correlation (Figure 3)")
+    sb.add_argument("--p", type=list_of(correlation), default=[1.0, 0.9, 0.5, 0.0, -0.5],
+                    help="task correlations (the paper's 1.0, 0.9, 0.5; 0.0 and -0.5 added)")
+    sb.add_argument("--seeds", type=positive_int, default=20, help="runs per p, paired by seed")
+    _synthetic_options(sb)
+    _lr_options(sb)
+    _common(sb, epochs=10, batch_size=128, lr=None, packed=True)
+    _with_full(sb, reproduce_shared_bottom, {"seeds": 200})
 
     tr = rsub.add_parser("trainability", help="final-loss histograms over seeded runs (Figure 5)")
     tr.add_argument("--models", type=list_of(str, regression_names), default=list(DEFAULT_SYNTHETIC_MODELS))

@@ -234,6 +234,73 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
     return 0
 
 
+def reproduce_shared_bottom(args: argparse.Namespace) -> int:
+    """``reproduce shared-bottom`` (Figure 3): Shared-Bottom's held-out loss curves at each task correlation, and
+    its final loss's change from the most correlated tasks, paired by seed."""
+    out = output_dir(args, "results/shared-bottom")
+    args.models = ["shared-bottom"]
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    start = time.perf_counter()
+    lrs, pilots = pilot_learning_rates(args)
+    runs = synthetic_runs(args, args.p, seeds, save_first=out, lrs=lrs)
+    seconds = time.perf_counter() - start
+    hi = max(args.p)
+
+    def at(p):
+        return {r["seed"]: r["final_val_loss"] for r in runs if r["correlation"] == p}
+
+    rows, summary = [], {}
+    for p in args.p:
+        mean, se = mean_se(list(at(p).values()))
+        diff, diff_se, pairs = paired(at(p), at(hi))
+        summary[str(p)] = {"val_loss_mean": mean, "val_loss_se": se, f"val_loss_minus_p{hi}": diff,
+                           f"val_loss_minus_p{hi}_se": diff_se, "pairs": pairs}
+        rows.append([p, f"{fmt(mean)} ± {fmt(se)}", "" if p == hi else f"{diff:+.4f} ± {fmt(diff_se)}"])
+    paper = [p for p in (1.0, 0.9, 0.5) if p in args.p]
+    text = ""
+    if len(paper) >= 2:  # the paper's claim over its own correlations: the loss grows as the correlation falls
+        steps = list(zip(paper, paper[1:]))
+        grows = [paired(at(b), at(a)) for a, b in steps]
+        if any(np.isnan(se) for _, se, _ in grows):
+            verdict = "undetermined (fewer than two paired seeds: no standard error)"
+        else:
+            verdict = "held" if all(d > 2 * se for d, se, _ in grows) else "not held"
+        text = ("\nPaper (Figure 3): Shared-Bottom does worse as the tasks' correlation falls ("
+                + " -> ".join(f"p = {p}" for p in paper) + "). Here: " + verdict + " (criterion: each step's paired "
+                "change above twice its standard error: " + ", ".join(
+                    f"{a} -> {b}: {d:+.4f} ± {fmt(se)}" for (a, b), (d, se, _) in zip(steps, grows)) + ").\n")
+    table = (f"Shared-Bottom's final validation loss (mean over tasks; mean ± standard error over {len(seeds)} seeds) "
+             f"and its paired difference to p = {hi} (same seeds), {args.epochs} epochs of {args.n_train} rows, "
+             f"{tasks_text(args)}, {learning_rate_text(args, lrs)}:\n\n"
+             + markdown_table(["p", "validation loss", f"vs p = {hi}"], rows) + text
+             + diverged_text(runs) + f"\n{len(runs)} runs in {seconds:.0f} s.\n")
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for p in args.p:
+            complete = [r for r in runs if r["correlation"] == p and not r.get("error")]
+            if not complete:
+                continue
+            curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in complete])
+            mean = curves.mean(axis=0)
+            se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+            steps = [h["step"] for h in complete[0]["history"]]
+            ax.plot(steps, mean, label=f"p = {p}")
+            ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
+        ax.set_xlabel("training step (validation after each epoch)")
+        ax.set_ylabel(f"validation loss (mean ± SE, {len(seeds)} seeds)")
+        ax.set_title("Shared-Bottom at each task correlation", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+    result = {"command": "reproduce shared-bottom", "settings": {**synthetic_settings(args), "p": args.p,
+              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
+              "seconds": seconds}
+    write_outputs(out, result, table, draw)
+    return 0
+
+
 def reproduce_trainability(args: argparse.Namespace) -> int:
     """``reproduce trainability`` (Figure 5): the spread of final validation losses over seeded runs."""
     out = output_dir(args, "results/trainability")
