@@ -9,13 +9,16 @@ Interleaved passes, medians, one process; raise this process's priority to stead
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 import mmoe_fast as mf
 from mmoe_fast.models import MODELS, build_model
-from mmoe_fast.timing import conditions, format_ratio, format_time, interleaved, raise_priority
+from mmoe_fast.timing import conditions, format_ratio, format_time, interleaved, raise_priority, write_section
 
 
 def main(argv=None) -> int:
@@ -26,14 +29,16 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.2)
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--write", default=None, help="also write the table into this markdown file's section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     raise_priority()
     warnings.filterwarnings("ignore")
-    print(f"{args.threads} threads, torch {torch.__version__}, {conditions()}; D={args.d}, T=2, each model's defaults; "
-          f"best of {args.passes} interleaved passes' medians\n")
-    print("| model | session backend | B | forward (inference_mode) | session | forward / session |\n"
-          "|---|---|---|---:|---:|---:|")
+    lines = [f"{args.threads} threads, torch {torch.__version__}, {conditions()}; D={args.d}, T=2, each model's "
+             f"defaults; best of {args.passes} interleaved passes' medians\n",
+             "| model | session backend | B | forward (inference_mode) | session | forward / session |\n"
+             "|---|---|---|---:|---:|---:|"]
+    print("\n".join(lines))
     for name in args.models.split(","):
         types = ("binary", "binary")
         torch.manual_seed(0)
@@ -49,7 +54,13 @@ def main(argv=None) -> int:
             t = interleaved({"forward": forward, "session": lambda session=session, x=x: session.run(x)},
                             passes=args.passes, min_time=args.min_time)
             a, b = t["forward"].best, t["session"].best
-            print(f"| {name} | {session.backend} | {B} | {format_time(a)} | {format_time(b)} | {format_ratio(a, b)} |")
+            lines.append(f"| {name} | {session.backend} | {B} | {format_time(a)} | {format_time(b)} | "
+                         f"{format_ratio(a, b)} |")
+            print(lines[-1])
+    if args.write:
+        command = "python benchmarks/bench_serving.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+        write_section(Path(args.write), "bench_serving", f"## CPU: serving every model (bench_serving.py, "
+                      f"{datetime.date.today()})\n\nCommand: `{command}`  \n" + "\n".join(lines) + "\n")
     return 0
 
 
