@@ -310,7 +310,8 @@ def _read_traced(model: Any, who: str) -> _Spec:
     """A model of ``MODELS`` outside the packed kinds: its forward is traced as it is, so only what tracing
     would miss is checked (hooks on the model itself, which the trace of its forward skips)."""
     r = _Reader(who)
-    encoder, hooks = None, ()
+    encoder: FeatureEncoder | None = None
+    hooks: tuple = ()
     if "encoder" in model._modules:  # built on feature columns: the lookups run first, outside the trace
         encoder, hooks = r.encoder(model._modules["encoder"], "encoder"), (encode_inputs,)
     if model._forward_hooks or list(model._forward_pre_hooks.values()) != list(hooks):
@@ -775,8 +776,10 @@ def _torch_onnx(module: nn.Module, x: Tensor, opset: int, who: str):
                 program = torch.onnx.export(module, (x,), dynamo=True, input_names=["x"], output_names=["y"],
                                             opset_version=opset, verbose=False,
                                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+                if program is None:  # only when asked for no program (an f given): never here
+                    raise RuntimeError("torch.onnx.export returned no program")
                 return program.model_proto
-            f = io.BytesIO()
+            f: Any = io.BytesIO()  # the TorchScript exporter writes to any file object
             torch.onnx.export(module, (x,), f, dynamo=False, input_names=["x"], output_names=["y"],
                               opset_version=opset, dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
             return onnx.load_from_string(f.getvalue())

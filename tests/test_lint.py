@@ -15,8 +15,8 @@ TYPED = ["mmoe_fast/contract.py", "mmoe_fast/ops.py", "mmoe_fast/backends/__init
 
 
 def test_ruff_clean():
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "mmoe_fast", "tests", "benchmarks"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "mmoe_fast", "tests", "benchmarks", "examples"],
+                          cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -234,3 +234,23 @@ def test_commands_refuse_mixed_or_missing_options_and_changed_files(table_files,
     torch.save(synthetic, d / "plain.pt")
     assert cli.main(["predict", str(d / "plain.pt"), *data, "--out", str(d / "p.csv")]) == 2
     assert "holds no table schema" in capsys.readouterr().err
+
+
+def test_the_walk_through_example_runs_and_its_three_servings_agree(tmp_path):
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "table_to_serving.py"
+    spec = importlib.util.spec_from_file_location("table_to_serving", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert example.main(["--rows", "3000", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    text = printed.getvalue()
+    assert "validation AUC click" in text and (tmp_path / "model.pt").exists() and (tmp_path / "model.onnx").exists()
+    line = next(t for t in text.splitlines() if "largest difference" in t)
+    for what in ("session", "ONNX", "reloaded"):
+        assert float(line.split(f"{what} ")[1].split(",")[0]) < 1e-5, line
