@@ -12,7 +12,7 @@ lookups' (tests compare them).
 
 Column inputs: ``Categorical``: ids ``[B]``; ``Multi``: padded ids ``[B, L]`` (``-1`` pads) or a pair
 ``(ids[N], offsets[B])`` of flat ids and the start of each row's ids; ``Dense``: ``[B]`` or ``[B, dim]``.
-An id outside ``[0, vocab)`` (other than a padding ``-1``) is a ValueError naming the column.
+An id outside ``[0, vocab)`` (other than a padding ``-1``; -2 is an error) is a ValueError naming the column.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class FeatureEncoder(nn.Module):
             if ids.is_floating_point() or ids.dtype == torch.bool:
                 raise ValueError(f"{c.name}: ids must be integers, got {ids.dtype}")
             ids = ids.long()
-            present = ids >= 0 if isinstance(c, Multi) else torch.ones_like(ids, dtype=torch.bool)
+            present = ids != -1 if isinstance(c, Multi) else torch.ones_like(ids, dtype=torch.bool)
         bad = present & ((ids < 0) | (ids >= c.vocab))
         if bad.any():
             raise ValueError(f"{c.name}: id {int(ids[bad][0])} is outside [0, {c.vocab})"

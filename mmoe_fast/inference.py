@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_internals
 
@@ -442,6 +443,59 @@ def _span(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+class _Lookups:
+    """A session's feature-column lookups in a few ops: each table its own weight behind a zero row (so an id
+    outside the table fails inside torch's lookup, and a multi-valued row's -1 pads read the zero row),
+    categorical columns by ``F.embedding``, multi-valued ones by ``F.embedding_bag`` (``padding_idx`` 0: pads
+    are neither summed nor counted, as the encoder's pooling). Any input it cannot take as it is (another
+    shape or dtype, ``(ids, offsets)``, a failed lookup) goes through the encoder itself, which answers it or
+    raises its error naming the column."""
+
+    def __init__(self, encoder: FeatureEncoder) -> None:
+        self.encoder = encoder
+        self.tables: dict[str, Tensor] = {}
+        for c in encoder.columns:
+            table = getattr(c, "table", None) or c.name
+            if not isinstance(c, Dense) and table not in self.tables:
+                w = encoder.table_weight(table).detach()
+                self.tables[table] = torch.cat([w.new_zeros(1, w.shape[1]), w]).contiguous()
+        self.dense = {c.name: (getattr(encoder, f"mean_{c.name}"), getattr(encoder, f"std_{c.name}"))
+                      for c in encoder.columns if isinstance(c, Dense)}
+
+    def __call__(self, batch: Mapping) -> Tensor:
+        with torch.inference_mode():
+            try:
+                x = self._fast(batch)
+            except (KeyError, IndexError, RuntimeError, TypeError, ValueError):
+                x = None
+            return self.encoder(batch) if x is None else x
+
+    def _fast(self, batch: Mapping) -> Tensor | None:
+        parts, rows = [], None
+        for c in self.encoder.columns:
+            v = torch.as_tensor(batch[c.name])
+            if rows is None:
+                rows = v.shape[0] if v.dim() else -1
+            if isinstance(c, Dense):
+                if v.shape not in ((rows,), (rows, c.dim)) or not v.is_floating_point():
+                    return None
+                mean, std = self.dense[c.name]
+                parts.append((v.reshape(rows, c.dim).to(mean.dtype) - mean) / std)
+                continue
+            if v.dtype not in (torch.int64, torch.int32):
+                return None
+            w = self.tables[getattr(c, "table", None) or c.name]
+            if isinstance(c, Categorical):
+                if v.shape != (rows,):
+                    return None
+                parts.append(F.embedding(v, w[1:]))
+            else:
+                if v.dim() != 2 or v.shape[0] != rows:
+                    return None
+                parts.append(F.embedding_bag(v + 1, w, mode=c.pooling, padding_idx=0))
+        return torch.cat(parts, dim=1)
+
+
 class InferenceSession:
     """A trained model packed for CPU inference: ``run(x[B, D]) -> [B, T]``, equal to ``model.eval()(x)``.
 
@@ -465,7 +519,7 @@ class InferenceSession:
             raise UnsupportedModelError(f"InferenceSession runs on the CPU; the model is on {spec.device} "
                                         "(use model.cpu())")
         self.dtype, self.num_tasks, self.in_features = spec.dtype, spec.num_tasks, spec.in_features
-        self._encoder = None if spec.encoder is None else copy.deepcopy(spec.encoder).eval()
+        self._encoder = None if spec.encoder is None else _Lookups(copy.deepcopy(spec.encoder).eval())
         if not spec.traced and cpp.unavailable_reason() is None and cpp.supports(spec.device, spec.dtype):
             self._backend = "cpp"
             with torch.no_grad():
@@ -629,7 +683,8 @@ class InferenceSession:
     def _run_columns(self, batch, out):
         if not isinstance(batch, Mapping):
             raise TypeError(f"this session's model is built on feature columns: run takes a dict of column tensors "
-                            f"({', '.join(repr(c.name) for c in self._encoder.columns)}), got {type(batch).__name__}")
+                            f"({', '.join(repr(c.name) for c in self._encoder.encoder.columns)}), got "
+                            f"{type(batch).__name__}")
         if self._backend == "eager":
             with self._lock, torch.inference_mode():
                 y = self._model(batch)
@@ -637,8 +692,7 @@ class InferenceSession:
                 return y.clone()  # a normal tensor, not an inference-mode one
             self._check_out(y, out)
             return self._wrote(out.copy_(y))
-        with torch.inference_mode():
-            x = self._encoder(batch)
+        x = self._encoder(batch)
         if self._backend == "onnxruntime":
             y = self._traced_run(x)
             if out is None:
@@ -821,7 +875,7 @@ def _traced_graph(model: nn.Module, spec: _Spec, opset: int, who: str, with_colu
 def _encoder_graph(g: _Graph, encoder: FeatureEncoder) -> tuple[str, list]:
     """``x[B, D]`` of a model's feature columns, and the graph's inputs: one per column, named after it
     (categorical ids ``int64[batch]``, multi-valued ids ``int64[batch, L]`` padded with -1, dense
-    ``[batch]`` for one number, else ``[batch, dim]``)."""
+    ``[batch]`` for one number, else ``[batch, dim]``). An id outside its table (but a -1 pad) fails the run."""
     helper = g.helper
     inputs, parts, tables = [], [], {}
     elem = _ONNX_TYPES[g.dtype]
@@ -835,13 +889,17 @@ def _encoder_graph(g: _Graph, encoder: FeatureEncoder) -> tuple[str, list]:
         table = c.table or c.name
         if table not in tables:
             tables[table] = g.const(_np(encoder.table_weight(table)), f"table_{table}")
+        # ONNX's Gather reads a negative index from the table's end: any negative id but a pad is sent past the
+        # table's end instead, where onnxruntime fails the run (as the eager encoder refuses it).
+        past_end = g.const(c.vocab, "past_end", integer=True)
+        ids = g.op("Where", g.op("Less", c.name, g.const(0, "zero", integer=True)), past_end, c.name)
         if isinstance(c, Categorical):
             inputs.append(helper.make_tensor_value_info(c.name, _INT64, ["batch"]))
-            parts.append(g.op("Gather", tables[table], c.name, axis=0))
+            parts.append(g.op("Gather", tables[table], ids, axis=0))
             continue
         inputs.append(helper.make_tensor_value_info(c.name, _INT64, ["batch", f"{c.name}_length"]))
-        present = g.op("GreaterOrEqual", c.name, g.const(0, "zero", integer=True))
-        rows = g.op("Gather", tables[table], g.op("Where", present, c.name, g.const(0, "zero", integer=True)), axis=0)
+        present = g.op("Not", g.op("Equal", c.name, g.const(-1, "pad", integer=True)))
+        rows = g.op("Gather", tables[table], g.op("Where", present, ids, g.const(0, "zero", integer=True)), axis=0)
         weight = g.op("Cast", present, to=elem)  # [B, L]: 1 for an id, 0 for padding
         axis = g.const([1], "axis", integer=True)
         pooled = g.op("ReduceSum", g.op("Mul", rows, g.op("Unsqueeze", weight, g.const([2], "axis", integer=True))),

@@ -49,7 +49,7 @@ def _column_batch(B, dtype=torch.float32, seed=1):
     """Ids over each vocabulary (-1 pads multi-valued rows anywhere, some rows have none), dense values."""
     g = torch.Generator().manual_seed(seed)
     return {"user": torch.randint(0, 30, (B,), generator=g), "item": torch.randint(0, 20, (B,), generator=g),
-            "history": torch.randint(-1, 20, (B, 4), generator=g), "tags": torch.randint(-3, 6, (B, 2), generator=g),
+            "history": torch.randint(-1, 20, (B, 4), generator=g), "tags": torch.randint(-1, 6, (B, 2), generator=g),
             "age": torch.randn(B, generator=g, dtype=dtype), "pos": torch.randn(B, 2, generator=g, dtype=dtype)}
 
 
@@ -945,3 +945,50 @@ def test_an_archive_exported_under_decomposed_runs_without_mmoe_fast(name, tmp_p
                    check=True, timeout=120, cwd=tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / "y1.pt"), want[:1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_sessions_lookups_equal_the_encoder_and_fall_back_to_it(dtype, monkeypatch):
+    model = _model("mmoe-columns", dtype)
+    lookups = inference._Lookups(model.encoder)
+    calls = []
+    real = type(model.encoder).forward
+    monkeypatch.setattr(type(model.encoder), "forward", lambda self, b: calls.append(1) or real(self, b))
+    for B in (0, 1, 5, 70):
+        batch = _column_batch(B, dtype, seed=B)
+        batch["item"] = batch["item"].int()  # int32 ids are read as they are
+        with torch.no_grad():
+            want = real(model.encoder, batch)
+        torch.testing.assert_close(lookups(batch), want, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+    assert not calls  # every one of those took the fast path
+    # (ids, offsets) for a multi-valued column: the encoder answers it
+    batch = _column_batch(3, dtype)
+    flat = batch["history"][batch["history"] >= 0]
+    starts = torch.cumsum((batch["history"] >= 0).sum(1), 0) - (batch["history"] >= 0).sum(1)
+    torch.testing.assert_close(lookups({**batch, "history": (flat, starts)}), lookups(batch))
+    assert len(calls) == 1
+    for bad, match in (({"user": torch.tensor([0, 30, 1])}, "user: id 30 is outside"),
+                       ({"history": torch.tensor([[0, -2], [1, 1], [2, 2]])}, "history: id -2 is outside"),
+                       ({"tags": torch.tensor([[0, 6], [1, 1], [2, 2]])}, "tags: id 6 is outside"),
+                       ({"age": torch.tensor([1, 2, 3])}, None)):
+        batch = {**_column_batch(3, dtype), **bad}
+        if match is None:  # integer values for a dense column: the encoder converts them, as eager does
+            torch.testing.assert_close(lookups(batch), real(model.encoder, batch))
+            continue
+        with pytest.raises(ValueError, match=match):
+            lookups(batch)
+
+
+def test_an_id_outside_its_table_fails_the_onnx_run_as_the_encoder_refuses_it(tmp_path):
+    """ONNX's Gather reads a negative index from the end of the table: the graph must not answer one."""
+    ort = _onnxruntime()
+    model = _model("mmoe-columns")
+    mf.export_onnx(model, tmp_path / "m.onnx")
+    graph = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for name, value in (("user", [0, -1, 1]), ("user", [0, 30, 1]), ("history", [[0, -2], [1, -1], [2, 2]]),
+                        ("tags", [[0, 6], [1, 1], [-1, -1]])):
+        batch = {**_column_batch(3), name: torch.tensor(value)}
+        with pytest.raises(ValueError, match=f"{name}: id"):
+            model(batch)
+        with pytest.raises(Exception, match="indices element out of data bounds"):
+            graph.run(None, {k: v.numpy() for k, v in batch.items()})
