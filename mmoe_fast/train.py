@@ -970,8 +970,9 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
         gradnorm.weights.grad = task_weight_grad
     if log_vars is not None and distributed.world_size() > 1 and log_vars.grad is not None:
         distributed.all_reduce_sum(log_vars.grad).div_(distributed.world_size())
-    stats = distributed.all_reduce_sum(torch.cat([sums.detach().float(), wsums.detach().float(),
-                                                  extra.detach().float().reshape(1)]))
+    wide = torch.float32 if sums.device.type == "mps" else torch.float64  # a float64 model's sums kept whole
+    stats = distributed.all_reduce_sum(torch.cat([sums.detach().to(wide), wsums.detach().to(wide),
+                                                  extra.detach().to(wide).reshape(1)]))
     stats = stats.double().cpu().tolist()
     t = len(model.task_types)
     return stats[:t], stats[t:2 * t], stats[-1] / distributed.world_size()

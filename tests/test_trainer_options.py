@@ -522,3 +522,13 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path)
     x, y = _data()
     with pytest.raises(ImportError, match="pip install tensorboard"):
         fit(_model(), x, y, steps=1, tensorboard=tmp_path, progress=False)
+
+
+def test_a_float64_models_autograd_path_reports_its_losses_in_float64():
+    x, y = _data()
+    torch.manual_seed(0)
+    model = models.MMoE(6, 2, num_experts=3, expert_hidden=4, task_types=TASK_TYPES, backend="reference").double()
+    history = fit(model, x.double(), y, batch_size=60, steps=1, lr=1e-12, progress=False, log=lambda _: None)
+    with torch.no_grad():  # the one batch is the whole data, and an update of 1e-12 moves the loss by less
+        want = task_losses(model(x.double()), y.double(), model.task_types).tolist()
+    assert history[-1]["train_loss"] == pytest.approx(want, rel=1e-10)  # float32 sums would be off by ~1e-8
