@@ -31,7 +31,8 @@ _OPTION_OF = {"n_rows": "training rows (--n-train, or the table's)", "batch_size
               "model": "--model", "loss_weighting": "--loss-weighting", "clip_grad_norm": "--clip-grad-norm",
               "config.num_experts": "--experts", "config.expert_hidden": "--expert-hidden",
               "config.bottom_hidden": "--bottom-hidden", "config.in_features": "the input (--d, or --features)",
-              "data.sha256": "--data (the file's contents)", "data.path": "--data", "data.val_path": "--val-data",
+              "data.sha256": "--data (the file's contents)", "data.val_sha256": "--val-data (the file's contents)",
+              "data.path": "--data", "data.val_path": "--val-data",
               "data.val_fraction": "--val-fraction", "data.schema": "--features",
               "data.correlation": "--correlation", "data.d": "--d", "data.n_train": "--n-train",
               "data.n_val": "--n-val", "data.seed": "--seed", "data.labels": "--labels"}
@@ -157,6 +158,8 @@ def _data(args: argparse.Namespace) -> tuple[dict, dict]:
                       val_path=None if args.val_data is None else Path(args.val_data).resolve(),
                       val_fraction=0.1 if args.val_fraction is None else args.val_fraction, seed=args.seed)
     spec["sha256"] = files.sha256(args.data)  # a resume on a changed file is refused, naming it
+    if args.val_data is not None:
+        spec["val_sha256"] = files.sha256(args.val_data)
     return spec, load_splits(spec)
 
 
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         return args.func(args)
     # Bad input, an unusable file or folder (OSError names it), a diverged run: a message, not a traceback.
-    except (ValueError, OSError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError, ImportError) as exc:
         print(f"mmoe-fast {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

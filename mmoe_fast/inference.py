@@ -473,11 +473,14 @@ class _Lookups:
     def _fast(self, batch: Mapping) -> Tensor | None:
         parts, rows = [], None
         for c in self.encoder.columns:
-            v = torch.as_tensor(batch[c.name])
+            value = batch[c.name]
+            if isinstance(value, (tuple, list)) and isinstance(c, Multi):  # the encoder reads an (ids, offsets) pair
+                return None
+            v = torch.as_tensor(value)
             if rows is None:
                 rows = v.shape[0] if v.dim() else -1
             if isinstance(c, Dense):
-                if v.shape not in ((rows,), (rows, c.dim)) or not v.is_floating_point():
+                if (v.shape != (rows, c.dim) and not (c.dim == 1 and v.shape == (rows,))) or not v.is_floating_point():
                     return None
                 mean, std = self.dense[c.name]
                 parts.append((v.reshape(rows, c.dim).to(mean.dtype) - mean) / std)
@@ -505,8 +508,9 @@ class InferenceSession:
     A NaN in a row of ``x`` gives NaN in every task of that row, as the eager model does.
 
     A model built on feature columns (``mmoe_fast.features``) takes the dict of column tensors (or numpy
-    arrays) instead of ``x``: its embedding lookups run first, on a copy of its encoder (torch's
-    ``nn.EmbeddingBag``, under inference mode), then the packed model; the answer is a tensor.
+    arrays) instead of ``x``: its embedding lookups run first (``_Lookups``: copies of its tables, read by
+    ``F.embedding``/``F.embedding_bag``; any other input through a copy of its encoder, which names a bad
+    column), then the packed or traced model; the answer is a tensor.
 
     Building it refuses (``UnsupportedModelError``, naming the module) any model it cannot reproduce exactly,
     and checks the packed model against the eager one on a seeded probe batch (``ProbeMismatchError``).
@@ -908,12 +912,19 @@ def _encoder_graph(g: _Graph, encoder: FeatureEncoder) -> tuple[str, list]:
             count = g.op("ReduceSum", weight, axis, keepdims=1)
             pooled = g.op("Div", pooled, g.op("Max", count, g.const(1.0, "one")))
         parts.append(pooled)
-    return g.op("Concat", *parts, axis=1), inputs
+    x = g.op("Concat", *parts, axis=1)
+    taken = {"x", "y"} | {i.name for i in g.inits} | {o for n in g.nodes for o in n.output}
+    clash = sorted({c.name for c in encoder.columns} & taken)
+    if clash:
+        raise UnsupportedModelError(f"export_onnx names the graph's inputs after the feature columns, and column(s) "
+                                    f"{clash} would clash with a name the graph uses: rename the column(s)")
+    return x, inputs
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> None:
-    """Write ``model`` (MMoE, OMoE or SharedBottom) to ``path`` as ONNX: input ``x[batch, D]``,
-    output ``y[batch, T]``, standard operators only (MatMul, Add, Softmax, Relu, ...). Needs ``onnx``.
+    """Write ``model`` (any model of ``MODELS``) to ``path`` as ONNX: input ``x[batch, D]``, output ``y[batch, T]``,
+    standard operators only (MatMul, Add, Softmax, Relu, ...). Needs ``onnx``. MMoE, OMoE and SharedBottom are
+    written from their weights; every other model is traced by ``torch.onnx.export`` (see ``_traced_graph``).
     A model on feature columns takes one input per column instead, named after it: categorical ids
     ``int64[batch]``, multi-valued ids ``int64[batch, L]`` padded with -1 (the ``(ids, offsets)`` form has no
     ONNX input), dense values ``[batch]`` (``[batch, dim]`` for a wider column); its tables are Gathers.

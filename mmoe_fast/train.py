@@ -698,7 +698,7 @@ def fit(
       uses, is logged as a warning the first epoch it happens.
     - ``tensorboard``: a folder for TensorBoard event files (needs the ``tensorboard`` package): every number of
       every epoch's record, tagged as ``train.csv``'s columns, at the step count; a resume drops the events
-      after its step.
+      after the last record its checkpoint kept.
     - ``checkpoint_dir``: ``step-NNNNNNN.pt`` every ``checkpoint_every`` steps, at the last step and when
       early stopping ends the run, plus ``model.pt`` (the returned model) at the end; all are
       :mod:`mmoe_fast.checkpoint` files (``mmoe_fast.load`` reads them), the steps with a ``trainer`` entry.
@@ -792,8 +792,10 @@ def fit(
         p = _load_checkpoint(resume, model, opt, gen, options, entries, device, say, sched, log_vars, gradnorm)
         say(f"resumed from {resume} at step {p.step} (epoch {p.epoch}, batch {p.batch})")
     board = None
-    if writer_cls is not None and distributed.is_main():  # from the resumed step on: later events are dropped
-        board = writer_cls(str(tensorboard), purge_step=p.step if resume is not None else None)
+    if writer_cls is not None and distributed.is_main():
+        # A resumed run drops the events after the last record its checkpoint kept, and writes on from there.
+        purge = (p.history[-1]["step"] + 1 if p.history else 0) if resume is not None else None
+        board = writer_cls(str(tensorboard), purge_step=purge)
     gate_rows = None if not log_gates else take(x_val if x_val is not None else x, slice(0, GATE_ROWS))
     warned: set[str] = set()
     watched = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]

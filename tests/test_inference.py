@@ -992,3 +992,16 @@ def test_an_id_outside_its_table_fails_the_onnx_run_as_the_encoder_refuses_it(tm
             model(batch)
         with pytest.raises(Exception, match="indices element out of data bounds"):
             graph.run(None, {k: v.numpy() for k, v in batch.items()})
+
+
+def test_an_ids_offsets_pair_in_any_container_is_read_as_the_encoder_reads_it():
+    """torch.as_tensor would stack a pair of equal-length arrays into padded rows: the session must not."""
+    torch.manual_seed(0)
+    model = mf.MMoE([Multi("h", 10, 4, pooling="sum"), Categorical("u", 10, 4)], 2).eval()
+    session = mf.InferenceSession(model)
+    for pair in ((np.array([5, 6]), np.array([0, 1])), [torch.tensor([5, 6]), torch.tensor([0, 1])]):
+        batch = {"h": pair, "u": np.array([1, 2])}
+        with torch.no_grad():
+            torch.testing.assert_close(session.run(batch), model(batch))
+    with pytest.raises(UnsupportedModelError, match=r"column\(s\) \['y'\] would clash"):
+        mf.export_onnx(mf.MMoE([Categorical("y", 5, 2)], 1), "unused.onnx")

@@ -254,3 +254,61 @@ def test_the_walk_through_example_runs_and_its_three_servings_agree(tmp_path):
     line = next(t for t in text.splitlines() if "largest difference" in t)
     for what in ("session", "ONNX", "reloaded"):
         assert float(line.split(f"{what} ")[1].split(",")[0]) < 1e-5, line
+
+
+def test_text_ids_do_not_depend_on_how_a_file_reads_and_missing_is_missing(tmp_path):
+    """A zip code is text: '02134' in a training CSV and in a CSV of new rows (which pandas alone would read as the
+    number 2134) is one value; pd.NA and NaN are missing (id 0)."""
+    (tmp_path / "train.csv").write_text("zip,click\n02134,1\n10001,0\nunknown,1\n02134,0\n")
+    (tmp_path / "new.csv").write_text("zip\n02134\n10001\n")
+    spec = {"features": [{"name": "zip", "kind": "categorical", "dim": 2}], "labels": ["click"]}
+    schema = TableSchema.from_spec(spec).fit(read_table(tmp_path / "train.csv"))
+    assert schema.vocabularies["zip"] == ["02134", "10001", "unknown"]
+    assert schema.inputs(read_table(tmp_path / "new.csv"))["zip"].tolist() == [1, 2]
+    frame = pd.DataFrame({"zip": pd.array(["02134", pd.NA, "10001"], dtype="string"), "click": [1.0, 0.0, 1.0]})
+    assert schema.inputs(frame)["zip"].tolist() == [1, 0, 2]
+    numbers = pd.DataFrame({"code": pd.array([3, pd.NA, 5], dtype="Int64"), "click": [1.0, 0.0, 1.0]})
+    coded = TableSchema.from_spec({"features": [{"name": "code", "kind": "categorical", "dim": 2}],
+                                   "labels": ["click"]}).fit(numbers)
+    assert coded.vocabularies["code"] == ["3", "5"]  # no "<NA>" category
+    assert coded.inputs(pd.DataFrame({"code": [3.0, np.nan, 5.0]}))["code"].tolist() == [1, 0, 2]
+
+
+def test_text_in_a_number_column_is_named_and_a_null_mean_is_learned(tmp_path):
+    spec = json.loads(json.dumps(SPEC))
+    spec["features"][3]["mean"] = None
+    df = frame(20)
+    schema = TableSchema.from_spec(spec).fit(df)
+    assert schema.stats["age"][0] == pytest.approx(df.age.mean())
+    (tmp_path / "bad.csv").write_text("user,item,history,age,click,watch\n1,hat,,30,1,2\n2,hat,,nan,0,1\n")
+    with pytest.raises(ValueError, match="dense column 'age' holds 'nan' at row 1, not a number"):
+        schema.inputs(read_table(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="label 'click' holds '1_000'"):
+        schema.targets(df.astype({"click": object}).assign(click=["1_000"] * 20))
+    with pytest.raises(ValueError, match="both vocabularies and stats"):
+        TableSchema.from_spec({**schema.to_dict(), "stats": None})
+
+
+def test_a_resume_keeps_the_events_of_the_records_its_checkpoint_kept(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmoe_fast import models
+
+    df = frame(64)
+    schema = TableSchema.from_spec(SPEC).fit(df)
+    y, _ = schema.targets(df)
+    x = schema.inputs(df)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = models.MMoE(schema.columns(), 2, task_types=schema.task_types)
+        return fit(model, x, y, x_val=x, y_val=y, batch_size=32, lr=1e-30, progress=False, log=lambda _: None,
+                   tensorboard=tmp_path / "tb", checkpoint_dir=tmp_path / "ck", **kw)
+
+    first = run(epochs=6, patience=1)  # stops early at step 4 (no progress at this lr), checkpointing there
+    assert [r["step"] for r in first] == [2, 4]
+    again = run(epochs=6, patience=2, resume=tmp_path / "ck" / "step-0000004.pt")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("train_loss_task0")}) == [r["step"] for r in again]

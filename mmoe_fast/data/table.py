@@ -69,20 +69,23 @@ def read_table(path: str | Path):
             raise ImportError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
     if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
         sep = "\t" if ".tsv" in name else ","
-        return pd.read_csv(path, sep=sep, keep_default_na=False, na_values=[""])
+        # Every cell as the text written (an empty one missing): pandas would read a column of numbers as numbers
+        # in one file and as text in another ("02134" -> 2134), and a category's id must not depend on that.
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""])
     raise ValueError(f"{path}: a table is a .csv, .tsv (optionally .gz) or .parquet file")
 
 
 def _key(value) -> str | None:
-    """A cell as vocabulary text: None when missing, a whole float as an integer."""
-    if value is None:
+    """A cell as vocabulary text: None when missing (None, NaN, ``pd.NA``), text as it is, a number as its
+    shortest text with a whole float as an integer (a numeric column read as floats because of a gap)."""
+    if value is None or value is _pandas().NA:
         return None
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return None
         if math.isfinite(value) and value == int(value):
             return str(int(value))
-        return repr(float(value))
+        return str(value)  # numpy's shortest text: float32(0.1) is "0.1", as written
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, np.integer)):
@@ -114,21 +117,17 @@ def _column(frame, name: str, what: str):
 
 
 def _numbers(series, name: str, what: str) -> np.ndarray:
+    """The column as float64, a missing cell NaN; a cell that is not a number is a ValueError naming it."""
     pd = _pandas()
     try:
-        values = pd.to_numeric(series, errors="raise")
-    except (ValueError, TypeError):
-        bad = next(v for v in series.tolist() if _not_number(v))
-        raise ValueError(f"{what} {name!r} holds {bad!r}, not a number") from None
+        values = pd.to_numeric(series, errors="coerce")
+    except TypeError:  # lists or other objects in the cells
+        values = pd.to_numeric(series.map(lambda v: v if isinstance(v, (int, float, str)) else "?"), errors="coerce")
+    bad = values.isna().to_numpy() & ~series.isna().to_numpy()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what} {name!r} holds {series.iloc[row]!r} at row {series.index[row]!r}, not a number")
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
-
-
-def _not_number(value) -> bool:
-    try:
-        float(value)
-        return False
-    except (TypeError, ValueError):
-        return True
 
 
 def _check_entry(entry, i: int, where: str) -> dict:
@@ -204,6 +203,8 @@ class TableSchema:
             if f["kind"] != "dense" and dims.setdefault(f["table"], f["dim"]) != f["dim"]:
                 raise ValueError(f"table {f['table']!r} is shared by columns of other widths: {dims[f['table']]} "
                                  f"and {f['dim']} ({f['name']!r})")
+        if (vocabularies is None) != (stats is None):
+            raise ValueError("a fitted schema holds both vocabularies and stats (as to_dict writes them), got one")
         self.vocabularies = None if vocabularies is None else {k: list(v) for k, v in vocabularies.items()}
         self.stats = None if stats is None else {k: tuple(v) for k, v in stats.items()}
         if self.fitted:
@@ -262,8 +263,8 @@ class TableSchema:
         for f in self.features:
             if f["kind"] == "dense":
                 x = self._dense(frame, f)
-                mean = f.get("mean", float(x.mean()))
-                std = f.get("std") or float(x.std())
+                mean = f["mean"] if f.get("mean") is not None else float(x.mean())
+                std = f["std"] if f.get("std") is not None else float(x.std())
                 stats[f["name"]] = (mean, std if std > 0 and math.isfinite(std) else 1.0)
         labels = []
         for entry in self.labels:

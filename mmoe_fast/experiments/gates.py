@@ -36,13 +36,15 @@ def gates(args: argparse.Namespace) -> int:
     if args.census_path is not None and spec["name"] == "census":
         spec["path"] = args.census_path
     if spec["name"] == "table":  # the rows as training split them, encoded by the schema the model learned
-        if spec.get("sha256") is not None and files.sha256(spec["path"]) != spec["sha256"]:
-            raise ValueError(f"{spec['path']} has changed since {args.checkpoint} was trained on it")
+        for path, digest in ((spec["path"], spec.get("sha256")), (spec.get("val_path"), spec.get("val_sha256"))):
+            if digest is not None and files.sha256(path) != digest:
+                raise ValueError(f"{path} has changed since {args.checkpoint} was trained on it")
         spec["schema"] = ckpt.get("table", spec["schema"])
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     x = splits[f"x_{args.split}"]
     if x is None:
-        raise ValueError(f"the {spec['name']} data set has no {args.split} split; use --split val")
+        other = next(k for k in ("val", "train") if splits[f"x_{k}"] is not None)
+        raise ValueError(f"the {spec['name']} data set has no {args.split} split; use --split {other}")
     in_features = model.config()["in_features"]
     if isinstance(x, torch.Tensor) and x.shape[1] != in_features:
         raise ValueError(f"the data has {x.shape[1]} features but the checkpoint's model takes "
