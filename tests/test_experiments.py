@@ -182,6 +182,23 @@ def test_reproduce_census(census_run):
             assert result["summary"][name]["pairs"] == 2
 
 
+def test_census_lr_grid_gives_every_method_the_same_pilots(tmp_path):
+    out = tmp_path / "lr"
+    assert cli.main(["reproduce", "census", "--models", "mmoe,shared-bottom", "--runs", "1", "--lr-grid", "0.001,0.1",
+                     "--encoding", "ids", "--embedding-dim", "2", *CENSUS_TINY, "--out", str(out)]) == 0
+    result, table = _outputs(out)
+    pilots = result["pilots"]
+    assert [(p["model"], p["lr"]) for p in pilots] == [("mmoe", 0.001), ("mmoe", 0.1), ("shared-bottom", 0.001),
+                                                       ("shared-bottom", 0.1)]
+    assert {p["seed"] for p in pilots} == {10_000} and 10_000 not in {r["seed"] for r in result["runs"]}
+    for name in ("mmoe", "shared-bottom"):
+        best = max((p for p in pilots if p["model"] == name), key=lambda p: p["score"])["lr"]
+        assert result["settings"]["learning_rates"][name] == best
+        assert [r["history"][-1]["lr"] for r in result["runs"] if r["model"] == name] == [best]
+    assert "lr per method from a pilot run per value of 0.001, 0.1" in table and "2 runs and 4 pilots" in table
+    assert "31 categorical as 2-wide embeddings" in table
+
+
 def test_gates_from_a_census_checkpoint(census_run, tmp_path):
     out = tmp_path / "gates"
     assert cli.main(["gates", str(census_run / "best_mmoe.pt"), "--split", "test", "--out", str(out)]) == 0

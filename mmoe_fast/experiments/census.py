@@ -23,6 +23,29 @@ def census_data_spec(args: argparse.Namespace) -> dict:
                        train_rows=args.train_rows, encoding=args.encoding, embedding_dim=args.embedding_dim)
 
 
+PILOT_SEED_OFFSET = 10_000  # the pilots' initialization seed, past any study run's
+
+
+def census_learning_rates(args: argparse.Namespace, splits: dict) -> tuple[dict[str, float], list[dict]]:
+    """``({model: lr}, pilot runs)``: with ``--lr-grid``, each method's rate is the grid value whose pilot run (one
+    per value, on a seed no study run uses) has the best main-task validation AUC: every method gets the same
+    tuning budget. Without it, ``--lr`` for every method."""
+    if args.lr_grid is None:
+        return {name: args.lr for name in args.models}, []
+    seed = args.seed + PILOT_SEED_OFFSET
+    chosen, pilots = {}, []
+    for name in args.models:
+        for lr in args.lr_grid:
+            _, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                               progress=args.progress)
+            pilots.append({"model": name, "lr": lr, "seed": seed, "val": rec["val"],
+                           "score": main_score(rec["val"][0])})
+            print(f"pilot {name} lr={lr:g}: main validation AUC {fmt(rec['val'][0]['auc'])}", flush=True)
+        chosen[name] = max((r for r in pilots if r["model"] == name), key=lambda r: r["score"])["lr"]
+    print("learning rates: " + ", ".join(f"{n} {lr:g}" for n, lr in chosen.items()), flush=True)
+    return chosen, pilots
+
+
 def reproduce_census(args: argparse.Namespace) -> int:
     """``reproduce census`` (Tables 1 and 2): test AUCs per model, beside the paper's MMoE."""
     out = output_dir(args, f"results/census-group{args.group}")
@@ -35,12 +58,14 @@ def reproduce_census(args: argparse.Namespace) -> int:
     print(f"census group {args.group}: {num_rows(splits['x_train'])} train / {num_rows(splits['x_val'])} validation / "
           f"{num_rows(splits['x_test'])} test rows, {inputs}; tasks {main} (main), {aux}")
     seeds = list(range(args.seed, args.seed + args.runs))
-    runs, start = [], time.perf_counter()
+    start = time.perf_counter()
+    lrs, pilots = census_learning_rates(args, splits)
+    runs = []
     for name in args.models:
         best = None
         for seed in seeds:
             model, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=args.lr, progress=args.progress)
+                                   lr=lrs[name], progress=args.progress)
             runs.append(rec)
             print(f"[{len(runs)}/{len(seeds) * len(args.models)}] {name} seed={seed}: val AUC "
                   f"{fmt(rec['val'][0]['auc'])}/{fmt(rec['val'][1]['auc'])}, test AUC "
@@ -73,10 +98,13 @@ def reproduce_census(args: argparse.Namespace) -> int:
                      f"{paper[0]:.4f} / {paper[1]:.4f}" if paper else ""])
     table = (f"Census-income group {args.group}: test AUC of the best run (by {main} validation AUC) and the mean "
              f"over runs; the mean paired difference to {base} (same seeds) ± its standard error (> 0: better "
-             f"than {base}); {args.epochs} epochs of {num_rows(splits['x_train'])} rows per run, {inputs}:\n\n"
+             f"than {base}); {args.epochs} epochs of {num_rows(splits['x_train'])} rows per run, {inputs}, "
+             + (f"lr {args.lr:g}" if args.lr_grid is None else "lr per method from a pilot run per value of "
+                + ", ".join(f"{v:g}" for v in args.lr_grid) + " (by main validation AUC): "
+                + ", ".join(f"{n} {lr:g}" for n, lr in lrs.items())) + ":\n\n"
              + markdown_table(["model", "runs", f"{main} best", f"{main} mean", f"{main} vs {base}", f"{aux} best",
                                f"{aux} mean", f"paper {main} best / mean"], rows))
-    table += f"\n{len(runs)} runs in {seconds:.0f} s.\n"
+    table += f"\n{len(runs)} runs{f' and {len(pilots)} pilots' if pilots else ''} in {seconds:.0f} s.\n"
 
     def draw(plt):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -91,10 +119,11 @@ def reproduce_census(args: argparse.Namespace) -> int:
         return fig
 
     result = {"command": "reproduce census", "settings": {"group": args.group, "models": args.models,
-              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seeds": seeds,
+              "epochs": args.epochs, "batch_size": args.batch_size, "learning_rates": lrs, "lr_grid": args.lr_grid,
+              "seeds": seeds,
               "train_rows": num_rows(splits["x_train"]), "split_seed": args.split_seed,
               "encoding": args.encoding, "embedding_dim": args.embedding_dim if columns is not None else None},
               "paper_main_auc": PAPER_CENSUS_MAIN_AUC[args.group], "summary": summary, "runs": runs,
-              "seconds": seconds}
+              "pilots": pilots, "seconds": seconds}
     write_outputs(out, result, table, draw)
     return 0
