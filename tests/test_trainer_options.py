@@ -532,3 +532,33 @@ def test_a_float64_models_autograd_path_reports_its_losses_in_float64():
     with torch.no_grad():  # the one batch is the whole data, and an update of 1e-12 moves the loss by less
         want = task_losses(model(x.double()), y.double(), model.task_types).tolist()
     assert history[-1]["train_loss"] == pytest.approx(want, rel=1e-10)  # float32 sums would be off by ~1e-8
+
+
+def test_a_dataloader_of_dict_batches_trains_a_model_on_columns_like_the_dict_of_tensors():
+    from mmoe_fast.features import Categorical, Dense, Multi
+
+    columns = [Categorical("user", 10, 3), Multi("history", 10, 3, pooling="sum"), Dense("age")]
+    g = torch.Generator().manual_seed(0)
+    x = {"user": torch.randint(0, 10, (60,), generator=g), "history": torch.randint(-1, 10, (60, 4), generator=g),
+         "age": torch.randn(60, generator=g)}
+    _, y = _data()
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 60
+
+        def __getitem__(self, i):
+            return {k: v[i] for k, v in x.items()}, y[i]
+
+    def build():
+        torch.manual_seed(0)
+        return models.MMoE(columns, 2, num_experts=3, expert_hidden=4, task_types=TASK_TYPES)
+
+    a, b = build(), build()
+    h1 = fit(a, x, y, epochs=2, batch_size=16, seed=3, **_quiet())
+    h2 = fit(b, torch.utils.data.DataLoader(Rows(), batch_size=16, sampler=_FitOrder(60, seed=3)), epochs=2,
+             **_quiet())
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    for r1, r2 in zip(h1, h2):
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-6)
