@@ -655,6 +655,7 @@ def fit(
     val_label_mask: Tensor | None = None, clip_grad_norm: float | None = None,
     scheduler: Callable[[torch.optim.Optimizer], object] | None = None, loss_weighting: str = "static",
     gradnorm_alpha: float = 1.5, log_gates: bool = False, tensorboard: str | os.PathLike | None = None,
+    table=None,
 ) -> list[dict]:
     """Train ``model`` on ``x[N, D]``, ``y[N, T]`` with mini-batches in a seeded order; returns one record per epoch.
 
@@ -692,6 +693,9 @@ def fit(
       A metric that is undefined (AUC on one-class validation labels) is refused up front, never read as
       "no improvement".
     - ``log_dir``: ``train.jsonl`` and ``train.csv``, one row per epoch.
+    - ``table``: a fitted ``mmoe_fast.data.TableSchema``; ``x`` (and ``x_val``) are then DataFrames of its
+      columns, encoded by it, and their labels and missing-label masks are read from them (``y``, ``y_val``,
+      ``label_mask`` and ``val_label_mask`` are not given).
     - ``log_gates`` (MMoE, OMoE, CGC, PLE): every epoch, each gate's mean weight per expert (``gate_mean``) and
       mean normalized entropy (``gate_entropy``, 0: one expert, 1: uniform), on the first ``GATE_ROWS`` rows of
       the validation data (else the training data); a gate collapsing onto one expert, or an expert no gate
@@ -713,6 +717,13 @@ def fit(
       the checkpoints written before stay.
     Under ``torchrun`` the global batch of ``batch_size`` rows is split across ranks; rank 0 logs and writes.
     """
+    if table is not None:
+        if any(v is not None for v in (y, y_val, label_mask, val_label_mask)):
+            raise ValueError("with table=, x and x_val are DataFrames holding the labels: give no y, y_val, "
+                             "label_mask or val_label_mask")
+        (x, y, label_mask), (x_val, y_val, val_label_mask) = (
+            (None, None, None) if frame is None else (table.inputs(frame), *table.targets(frame))
+            for frame in (x, x_val))
     weights = torch.ones(len(model.task_types)) if loss_weights is None else torch.as_tensor(
         loss_weights, dtype=torch.float32)
     dtype = next(model.parameters()).dtype

@@ -312,3 +312,25 @@ def test_a_resume_keeps_the_events_of_the_records_its_checkpoint_kept(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert sorted({e.step for e in events.Scalars("train_loss_task0")}) == [r["step"] for r in again]
+
+
+def test_fit_reads_dataframes_through_a_table_schema():
+    from mmoe_fast import models
+
+    df, val = frame(120), frame(40, seed=1)
+    df.loc[[3, 8], "click"] = np.nan
+    schema = TableSchema.from_spec(SPEC).fit(df)
+
+    def build():
+        torch.manual_seed(0)
+        return models.MMoE(schema.columns(), 2, task_types=schema.task_types)
+
+    a, b = build(), build()
+    y, mask = schema.targets(df)
+    yv, mv = schema.targets(val)
+    h1 = fit(a, schema.inputs(df), y, label_mask=mask, x_val=schema.inputs(val), y_val=yv, val_label_mask=mv,
+             epochs=2, batch_size=32, progress=False, log=lambda _: None)
+    h2 = fit(b, df, x_val=val, table=schema, epochs=2, batch_size=32, progress=False, log=lambda _: None)
+    assert h1 == h2
+    with pytest.raises(ValueError, match="give no y"):
+        fit(build(), df, y, table=schema, steps=1)
