@@ -86,7 +86,7 @@ def _call(op, transformable, eager, forward: Callable, *args, recompute: bool = 
     autograd does not). Under ``torch.autocast`` the public functions have cast the inputs already
     (``_autocast``), and the op runs with autocast off, so its numerics are those of the same inputs outside.
     """
-    if _decomposing or torch.onnx.is_in_onnx_export():  # ATen ops only: the reference's formulas
+    if _decomposing or _in_onnx_export():  # ATen ops only: the reference's formulas
         return _DECOMPOSED[op](*args)
     if _any_autocast() and args[0].device.type in ("cpu", "cuda") and torch.is_autocast_enabled(args[0].device.type):
         with torch.autocast(args[0].device.type, enabled=False):
@@ -164,7 +164,29 @@ def decomposed():
 
 def is_decomposing() -> bool:
     """Whether the fused ops run as their plain-PyTorch formulas now (``decomposed()``, or an ONNX export)."""
-    return _decomposing or torch.onnx.is_in_onnx_export()
+    return _decomposing or _in_onnx_export()
+
+
+_onnx_flags: tuple | None = None
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without its two imports per call (5 us, on every op call): the
+    flags it reads, found once; the public function where this torch keeps them elsewhere."""
+    global _onnx_flags
+    if _onnx_flags is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _onnx_flags = (_flags, GLOBALS) if hasattr(_flags, "_is_onnx_exporting") and hasattr(
+                GLOBALS, "in_onnx_export") else ()
+        except ImportError:
+            _onnx_flags = ()
+    if not _onnx_flags:
+        return torch.onnx.is_in_onnx_export()
+    flags, glob = _onnx_flags
+    return bool(glob.in_onnx_export or flags._is_onnx_exporting)
 
 
 def _define(name: str, forward: Callable, fake: Callable, backward: Callable, backward_fake: Callable,
