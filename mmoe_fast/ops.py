@@ -174,6 +174,8 @@ def _in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()`` without its two imports per call (5 us, on every op call): the
     flags it reads, found once; the public function where this torch keeps them elsewhere."""
     global _onnx_flags
+    if torch.compiler.is_compiling():  # what dynamo can trace (it skips the exporters' internals)
+        return torch.onnx.is_in_onnx_export()
     if _onnx_flags is None:
         try:
             from torch.onnx._internal.exporter import _flags
