@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 import mmoe_fast as mf
+from mmoe_fast.features import Categorical, Dense, Multi
+from mmoe_fast.inference import _Lookups
 from mmoe_fast.models import MODELS, build_model
 from mmoe_fast.timing import conditions, format_ratio, format_time, interleaved, raise_priority, write_section
 
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.2)
     parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--column-models", default="mmoe,ple", help="models built on feature columns to time")
     parser.add_argument("--write", default=None, help="also write the table into this markdown file's section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -57,11 +60,49 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {session.backend} | {B} | {format_time(a)} | {format_time(b)} | "
                          f"{format_ratio(a, b)} |")
             print(lines[-1])
+    lines += _columns(args)
     if args.write:
         command = "python benchmarks/bench_serving.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
         write_section(Path(args.write), "bench_serving", f"## CPU: serving every model (bench_serving.py, "
                       f"{datetime.date.today()})\n\nCommand: `{command}`  \n" + "\n".join(lines) + "\n")
     return 0
+
+
+def _columns(args) -> list[str]:
+    """Models on feature columns (two ids, a history of 5 ids sharing a table, a number): the lookups alone
+    (the encoder against the session's) and the whole model against its session."""
+    columns = [Categorical("user", 500, 8), Categorical("item", 300, 8), Multi("history", 300, 8, table="item"),
+               Dense("price", 1, 30.0, 10.0)]
+    lines = ["", "Models on feature columns (user and item ids, a history of 5 item ids, a price):", "",
+             "| model | B | encoder | session's lookups | forward (inference_mode) | session | forward / session |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines))
+    for name in args.column_models.split(","):
+        torch.manual_seed(0)
+        model = build_model(name, columns, 2, task_types=("binary", "binary")).eval()
+        session = mf.InferenceSession(model)
+        lookups = _Lookups(model.encoder)
+        for B in (int(b) for b in args.batches.split(",")):
+            g = torch.Generator().manual_seed(B)
+            batch = {"user": torch.randint(0, 500, (B,), generator=g),
+                     "item": torch.randint(0, 300, (B,), generator=g),
+                     "history": torch.randint(-1, 300, (B, 5), generator=g),
+                     "price": 30 + 10 * torch.randn(B, generator=g)}
+
+            def under_inference(fn, batch=batch):
+                def run():
+                    with torch.inference_mode():
+                        fn(batch)
+                return run
+
+            t = interleaved({"encoder": under_inference(model.encoder), "lookups": lambda b=batch, f=lookups: f(b),
+                             "forward": under_inference(model), "session": lambda b=batch, s=session: s.run(b)},
+                            passes=args.passes, min_time=args.min_time)
+            e, lk, a, b = (t[k].best for k in ("encoder", "lookups", "forward", "session"))
+            lines.append(f"| {name} ({session.backend}) | {B} | {format_time(e)} | {format_time(lk)} | "
+                         f"{format_time(a)} | {format_time(b)} | {format_ratio(a, b)} |")
+            print(lines[-1])
+    return lines
 
 
 if __name__ == "__main__":
