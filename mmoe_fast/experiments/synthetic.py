@@ -137,6 +137,29 @@ def synthetic_settings(args: argparse.Namespace) -> dict:
                                                 "batch_size", "lr", "lr_grid")}
 
 
+def plot_curve(ax, runs: list[dict], label: str) -> None:
+    """The mean validation-loss curve of ``runs`` (those that did not diverge: theirs end early) against steps,
+    with a band of one standard error."""
+    complete = [r for r in runs if not r.get("error")]
+    if not complete:
+        return
+    curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in complete])
+    mean = curves.mean(axis=0)
+    se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+    steps = [h["step"] for h in complete[0]["history"]]
+    ax.plot(steps, mean, label=label)
+    ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
+
+
+def write_study(out: Path, command: str, args: argparse.Namespace, seeds, lrs, summary, runs, pilots, seconds,
+                table: str, draw) -> int:
+    """A synthetic study's result.json (settings, summary, every run and pilot), table.md and plot.png."""
+    result = {"command": command, "settings": {**synthetic_settings(args), "p": args.p, "seeds": seeds,
+              "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots, "seconds": seconds}
+    write_outputs(out, result, table, draw)
+    return 0
+
+
 def correlation_verdict(args: argparse.Namespace, pick, summary: dict) -> str:
     """The paper's Figure 4 claim beside what these runs show: each model's change of validation loss from the
     most correlated tasks to the least related (the p nearest 0), paired by seed, and whether the claim held
@@ -212,26 +235,14 @@ def reproduce_correlation(args: argparse.Namespace) -> int:
         fig, axes = plt.subplots(1, len(args.p), figsize=(4 * len(args.p), 3.2), squeeze=False, sharey=True)
         for ax, p in zip(axes[0], args.p):
             for name in args.models:
-                complete = [r for r in pick(name, p) if not r.get("error")]  # a diverged run's curve ends early
-                if not complete:
-                    continue
-                curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in complete])
-                mean = curves.mean(axis=0)
-                se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
-                steps = [h["step"] for h in complete[0]["history"]]
-                ax.plot(steps, mean, label=name)
-                ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
+                plot_curve(ax, pick(name, p), name)
             ax.set_title(f"correlation p = {p}")
             ax.set_xlabel("training step (validation after each epoch)")
         axes[0][0].set_ylabel(f"validation loss (mean ± SE, {len(seeds)} seeds)")
         axes[0][-1].legend()
         return fig
 
-    result = {"command": "reproduce correlation", "settings": {**synthetic_settings(args), "p": args.p,
-              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
-              "seconds": seconds}
-    write_outputs(out, result, table, draw)
-    return 0
+    return write_study(out, "reproduce correlation", args, seeds, lrs, summary, runs, pilots, seconds, table, draw)
 
 
 def reproduce_shared_bottom(args: argparse.Namespace) -> int:
@@ -278,15 +289,7 @@ def reproduce_shared_bottom(args: argparse.Namespace) -> int:
     def draw(plt):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for p in args.p:
-            complete = [r for r in runs if r["correlation"] == p and not r.get("error")]
-            if not complete:
-                continue
-            curves = np.array([[mean_loss(h["val_loss"]) for h in r["history"]] for r in complete])
-            mean = curves.mean(axis=0)
-            se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
-            steps = [h["step"] for h in complete[0]["history"]]
-            ax.plot(steps, mean, label=f"p = {p}")
-            ax.fill_between(steps, mean - se, mean + se, alpha=0.25)
+            plot_curve(ax, [r for r in runs if r["correlation"] == p], f"p = {p}")
         ax.set_xlabel("training step (validation after each epoch)")
         ax.set_ylabel(f"validation loss (mean ± SE, {len(seeds)} seeds)")
         ax.set_title("Shared-Bottom at each task correlation", fontsize=9)
@@ -294,11 +297,7 @@ def reproduce_shared_bottom(args: argparse.Namespace) -> int:
         fig.tight_layout()
         return fig
 
-    result = {"command": "reproduce shared-bottom", "settings": {**synthetic_settings(args), "p": args.p,
-              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
-              "seconds": seconds}
-    write_outputs(out, result, table, draw)
-    return 0
+    return write_study(out, "reproduce shared-bottom", args, seeds, lrs, summary, runs, pilots, seconds, table, draw)
 
 
 def reproduce_trainability(args: argparse.Namespace) -> int:
@@ -342,11 +341,7 @@ def reproduce_trainability(args: argparse.Namespace) -> int:
         fig.tight_layout()
         return fig
 
-    result = {"command": "reproduce trainability", "settings": {**synthetic_settings(args), "p": args.p,
-              "seeds": seeds, "learning_rates": lrs}, "summary": summary, "runs": runs, "pilots": pilots,
-              "seconds": seconds}
-    write_outputs(out, result, table, draw)
-    return 0
+    return write_study(out, "reproduce trainability", args, seeds, lrs, summary, runs, pilots, seconds, table, draw)
 
 
 def reproduce_labels(args: argparse.Namespace) -> int:
