@@ -83,6 +83,21 @@ def is_columns(value) -> bool:
         isinstance(v, (Categorical, Multi, Dense, Mapping)) for v in value)
 
 
+def num_rows(x) -> int:
+    """The rows of ``x[N, D]``, or of a dict of feature columns (its first column's)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def take(x, index):
+    """``x[index]`` of a tensor, or of every column of a dict of feature columns."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+
+def to_device(x, device):
+    """``x`` (a tensor, or a dict of feature columns) on ``device``."""
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 def width(columns: Sequence[Feature | Mapping]) -> int:
     """The ``x`` width the columns encode to (the sum of their dims)."""
     return sum(from_dict(c).dim for c in columns)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .features import num_rows, take
 from .models import MMoELayer
 from .models.ple import PLE
 
@@ -49,25 +50,18 @@ def _accumulate(gates: Tensor, reach: Tensor, total: Tensor, entropy: Tensor) ->
     entropy += (h / torch.log(reach.clamp_min(2).double())).sum(dim=0) * (reach > 1)
 
 
-def rows(x) -> int:
-    """The rows of ``x[N, D]``, or of a dict of feature columns."""
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-
-
 def _batches(model: nn.Module, x, batch_size: int):
     """``x[N, D]`` ``batch_size`` rows at a time; a dict of feature columns through the model's encoder."""
-    for i in range(0, rows(x), batch_size):
-        if isinstance(x, dict):
-            yield model.encoder({k: v[i : i + batch_size] for k, v in x.items()})
-        else:
-            yield x[i : i + batch_size]
+    for i in range(0, num_rows(x), batch_size):
+        part = take(x, slice(i, i + batch_size))
+        yield model.encoder(part) if isinstance(x, dict) else part
 
 
 def gate_tables(model: nn.Module, x, task_names: list[str], batch_size: int = 8192) -> list[GateTable]:
     """The :class:`GateTable` of every gated level of ``model`` on ``x[N, D]`` (or its dict of feature columns):
     one for MMoE (a gate per task) and OMoE (one shared gate), one per level for CGC and PLE (task gates over
     their own and the shared experts, and the inner levels' shared gate). ValueError for a model without gates."""
-    n = max(rows(x), 1)
+    n = max(num_rows(x), 1)
     with torch.no_grad():
         layer = getattr(model, "mixture", None)
         if isinstance(layer, MMoELayer):

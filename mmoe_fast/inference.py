@@ -38,7 +38,7 @@ from torch.nn.modules import module as _module_internals
 from . import backends
 from .backends import cpp
 from .contract import ACTIVATION_CODES, ACTIVATIONS, TOLERANCE, tolerance
-from .features import Categorical, Dense, FeatureEncoder, Multi, encode_inputs
+from .features import Categorical, Dense, FeatureEncoder, Multi, encode_inputs, num_rows, to_device
 from .models import MMoE, MMoELayer, OMoE, OMoELayer, SharedBottom, Towers
 
 __all__ = ["InferenceSession", "ProbeMismatchError", "UnsupportedModelError", "export_onnx"]
@@ -389,19 +389,15 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _to_device(x, device: torch.device):
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-
-
 def _eager_answer(model: nn.Module, spec: _Spec, x: Tensor, who: str) -> Tensor:
     """``model(x)`` on the model's device, as a CPU tensor; a ProbeMismatchError when it fails or is no ``[B, T]``."""
     try:
         with torch.no_grad():
-            want = model(_to_device(x, spec.device))
+            want = model(to_device(x, spec.device))
     except Exception as exc:  # whatever the model raised, the packed copy cannot be checked against it
         raise ProbeMismatchError(f"{who}: the eager model fails on the probe batch: "
                                  f"{type(exc).__name__}: {exc}") from exc
-    rows = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    rows = num_rows(x)
     if type(want) not in _TORCH_TYPES or tuple(want.shape) != (rows, spec.num_tasks) or want.dtype != spec.dtype:
         got = f"{type(want).__name__} {tuple(getattr(want, 'shape', ()))} {getattr(want, 'dtype', '')}".strip()
         raise ProbeMismatchError(f"{who}: the eager model answers the probe batch of {rows} rows with {got}, "

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, files, gating
 from .backends import cpp as cpp_backend
+from .features import num_rows, take, to_device
 from .models import model_name
 
 
@@ -277,18 +278,6 @@ def check_targets(y: Tensor, task_types: Sequence[str], name: str = "y") -> None
             raise ValueError(f"{name}: task{t} targets must be {need}; row {row} has {column[row].item()!r}")
 
 
-def num_rows(x) -> int:
-    """The rows of ``x``: a tensor's length, or a dict of feature columns' (``mmoe_fast.features``)."""
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-
-
-def take(x, index):
-    """``x[index]`` of a tensor, or of every column of a dict of feature columns."""
-    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
-
-
-def _to(x, device):
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def check_features(x, name: str = "x") -> None:
@@ -323,7 +312,7 @@ def _batched(model: nn.Module, fn: Callable, x, batch_size: int) -> Tensor:
     model.eval()
     device = next(model.parameters()).device
     try:
-        parts = [fn(_to(take(x, slice(s, s + batch_size)), device)) for s in range(0, num_rows(x), batch_size)]
+        parts = [fn(to_device(take(x, slice(s, s + batch_size)), device)) for s in range(0, num_rows(x), batch_size)]
     finally:
         model.train(was_training)
     if not parts:
@@ -908,7 +897,7 @@ def fit(
                 p.bad_epochs += 1
             p.stopped = patience is not None and p.bad_epochs >= patience
         if gate_rows is not None:
-            found = _gate_record(model, _to(gate_rows, device), record)
+            found = _gate_record(model, to_device(gate_rows, device), record)
             for text in found:
                 if text not in warned:
                     say(f"warning: epoch {p.epoch}: {text}")
@@ -957,7 +946,7 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     """Gradients of the global batch ``rows``; returns its per-task weighted loss sums and label weight sums
     (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
-    xb, yb = _to(take(x, local), device), y[local].to(device)
+    xb, yb = to_device(take(x, local), device), y[local].to(device)
     fused = None if gradnorm is not None else _fused_forward(net, model, xb, has_extra, log_vars)
     if fused is not None:
         return _fused_backward(fused, model, opt, yb, label_w, local, weights, device)

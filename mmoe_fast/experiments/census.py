@@ -7,8 +7,8 @@ import time
 
 from ..checkpoint import save
 from ..data import census_spec, load_splits
+from ..features import num_rows
 from .common import fmt, main_score, markdown_table, mean_std, output_dir, paired, train_run, write_outputs
-from .common import rows as num_rows
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), from its Tables 1 and 2.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}

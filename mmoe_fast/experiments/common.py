@@ -42,11 +42,6 @@ def model_input(splits: dict):
     return splits.get("columns") or splits["x_train"].shape[1]
 
 
-def rows(x) -> int:
-    """The rows of ``x[N, D]`` or of a dict of feature columns."""
-    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
-
-
 def train_run(name: str, splits: dict, *, seed: int, epochs: int, batch_size: int, lr: float, progress: bool,
               model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
     """Build ``name`` for ``splits`` (``load_splits``) with init seed ``seed``, train it, and return it with its record.

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from .. import checkpoint, files
 from ..data import load_splits
+from ..features import num_rows
 from ..gating import gate_tables
-from ..gating import rows as num_rows
 from ..models import MMoELayer
 from .common import markdown_table, output_dir, text_color, write_outputs
 
