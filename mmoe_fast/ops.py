@@ -171,7 +171,7 @@ _onnx_flags: tuple | None = None
 
 
 def _in_onnx_export() -> bool:
-    """``torch.onnx.is_in_onnx_export()`` without its two imports per call (5 us, on every op call): the
+    """``torch.onnx.is_in_onnx_export()`` without its two imports per call (1.6 vs 0.3 us here, on every op call): the
     flags it reads, found once; the public function where this torch keeps them elsewhere."""
     global _onnx_flags
     if torch.compiler.is_compiling():  # what dynamo can trace (it skips the exporters' internals)
