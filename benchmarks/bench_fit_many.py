@@ -8,12 +8,17 @@ synthetic study's). Each contender trains S independent runs (own data order, ow
 - ``stacked eager S=..``: plain PyTorch written for S replicas at once (every weight with a leading S dimension:
   ``baddbmm`` for the experts and the gates, softmax, a batched matmul for the mixture, einsum towers, autograd,
   torch's ``Adam(fused=True)``): the best form a user could write by hand;
-- ``torch.compile`` of that step's model (``--no-compile`` skips it).
+- ``torch.compile`` of that step's model (``--no-compile`` skips it);
+- ``torch.func vmap S=..``: the standard ensembling idiom on S ``mf.MMoE`` models (``stack_module_state``,
+  ``vmap(grad(...))`` of ``functional_call``, torch's ``Adam(fused=True)`` on the stacked weights), its fused ops
+  through their vmap rules: the C++ kernels over S replicas per call (``--loop-vmap`` adds the same with one
+  call per slice, the rule before replica kernels).
 The limit is the step's unavoidable GEMM work (the experts' and gates' forward and weight gradient: the input
 needs none) at the best GEMM rate measured in the same run (``bench_train.gemm_rates``: torch.mm, onnxruntime,
 OpenBLAS), per run-step. Contenders are timed in interleaved passes; each figure is the best pass's median.
 
-Run: python benchmarks/bench_fit_many.py [--runs 64,256] [--steps 200] [--passes 3] [--write benchmarks/RESULTS.md]
+Run: python benchmarks/bench_fit_many.py [--runs 64,256] [--steps 200] [--passes 3] [--loop-vmap]
+     [--write benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 
 import mmoe_fast as mf
 from mmoe_fast import timing
+from mmoe_fast.backends import cpp as cpp_backend
 from mmoe_fast.timing import format_ratio, format_time
 from mmoe_fast.train import fit
 
@@ -82,7 +88,44 @@ def stacked_runner(S: int, steps: int, x: torch.Tensor, y: torch.Tensor, compile
     return run
 
 
-def contenders(sizes: list[int], steps: int, compile_: bool) -> tuple[dict, dict]:
+def func_runner(one: nn.Module, S: int, steps: int, x: torch.Tensor, y: torch.Tensor, loop: bool):
+    """A function that trains S copies of ``one`` ``steps`` steps through ``torch.func`` (MSE per task, mean over
+    the batch, Adam); ``loop``: the ops' vmap rules run one call per slice (the C++ replica kernels hidden)."""
+    params, buffers = torch.func.stack_module_state([copy.deepcopy(one) for _ in range(S)])
+    base = copy.deepcopy(one).to("meta")
+
+    def loss(p, b, xb, yb):
+        return (torch.func.functional_call(base, (p, b), (xb,)) - yb).square().mean(0).sum()
+
+    step = torch.func.vmap(torch.func.grad(loss))
+    leaves = list(params.values())
+    opt = torch.optim.Adam(leaves, lr=1e-3, fused=True)
+    gens = [torch.Generator().manual_seed(s) for s in range(S)]
+    kernels = [name for name in dir(cpp_backend) if name.endswith("_replicas")]
+
+    def run() -> None:
+        hidden = {name: getattr(cpp_backend, name) for name in kernels}
+        if loop:
+            for name in kernels:
+                setattr(cpp_backend, name, None)
+        try:
+            orders = torch.stack([torch.randperm(len(x), generator=g) for g in gens])
+            for i in range(steps):
+                index = orders[:, (i * B) % (len(x) - B) :][:, :B].reshape(-1)
+                xb, yb = x.index_select(0, index).view(S, B, D), y.index_select(0, index).view(S, B, T)
+                grads = step(params, buffers, xb, yb)
+                for p, key in zip(leaves, params):
+                    p.grad = grads[key]
+                opt.step()
+        finally:
+            for name, fn in hidden.items():
+                setattr(cpp_backend, name, fn)
+
+    run.params = params  # the stacked weights it trains
+    return run
+
+
+def contenders(sizes: list[int], steps: int, compile_: bool, loop_vmap: bool = False) -> tuple[dict, dict]:
     """``({name: fn}, {name: run-steps per call})``."""
     x, y = torch.randn(N_ROWS, D), torch.randn(N_ROWS, T)
     options = dict(num_experts=E, expert_hidden=H, tower_hidden=(TOWER,), task_types=["regression"] * T)
@@ -94,7 +137,11 @@ def contenders(sizes: list[int], steps: int, compile_: bool) -> tuple[dict, dict
         models = [copy.deepcopy(one) for _ in range(S)]
         fns[f"fit_many S={S}"] = lambda models=models: mf.fit_many(models, x, y, packed=True, **quiet)
         fns[f"stacked eager S={S}"] = stacked_runner(S, steps, x, y, False)
-        per_call[f"fit_many S={S}"] = per_call[f"stacked eager S={S}"] = steps * S
+        fns[f"torch.func vmap S={S}"] = func_runner(one, S, steps, x, y, False)
+        per_call[f"fit_many S={S}"] = per_call[f"stacked eager S={S}"] = per_call[f"torch.func vmap S={S}"] = steps * S
+        if loop_vmap:
+            fns[f"torch.func vmap, loop rule S={S}"] = func_runner(one, S, steps, x, y, True)
+            per_call[f"torch.func vmap, loop rule S={S}"] = steps * S
         if compile_:
             fns[f"torch.compile S={S}"] = stacked_runner(S, steps, x, y, True)
             per_call[f"torch.compile S={S}"] = steps * S
@@ -108,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--loop-vmap", action="store_true", help="also time torch.func with one op call per slice")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section of that markdown file")
     args = parser.parse_args(argv)
     sizes = [int(v) for v in args.runs.split(",")]
     timing.raise_priority()
     torch.set_num_threads(args.threads)
-    fns, per_call = contenders(sizes, args.steps, not args.no_compile)
+    fns, per_call = contenders(sizes, args.steps, not args.no_compile, args.loop_vmap)
     for fn in fns.values():  # compile, warm caches
         fn()
     times = timing.interleaved(fns, passes=args.passes, min_time=0.0, min_reps=3, warmup=0)

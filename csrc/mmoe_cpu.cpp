@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -40,6 +41,10 @@ int64_t checked_layers(const std::vector<int64_t>& widths, const std::vector<uin
   return L;
 }
 
+void checked_count(const std::vector<uintptr_t>& p, size_t n) {
+  if (p.size() != n) throw std::invalid_argument("replicas: expected " + std::to_string(n) + " pointers");
+}
+
 template <typename T>
 std::vector<T*> pointers(const std::vector<uintptr_t>& p) {
   std::vector<T*> out(p.size());
@@ -61,6 +66,46 @@ void gate_backward(const T* G, const T* dG, T* dlogit, T* dbg, int64_t B, int64_
         dbg[t * E + e] += dlogit[o + e];
       }
     }
+}
+
+// S replicas of one kernel call (torch.func.vmap's batch, one model per replica): pointer i of replica s is
+// p[i] + s * stride[i] elements (stride 0: one tensor all replicas share; p[i] 0: absent). With at least as many
+// replicas as threads, one replica per thread, each kernel then single-threaded (its split does not depend on
+// the thread count: the same bits as the replica alone); else one after another, each on every thread.
+template <typename T, typename F>
+void over_replicas(int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& stride, F&& call) {
+  if (p.size() != stride.size() || S < 0) throw std::invalid_argument("replicas: one stride per pointer, S >= 0");
+  const size_t n = p.size();
+  auto at = [&](int64_t s, std::vector<uintptr_t>& q) {
+    for (size_t i = 0; i < n; ++i)
+      q[i] = p[i] ? p[i] + static_cast<uintptr_t>(s * stride[i]) * sizeof(T) : 0;
+  };
+  py::gil_scoped_release release;
+  if (S < 2 || S < mmoe::max_threads()) {
+    std::vector<uintptr_t> q(n);
+    for (int64_t s = 0; s < S; ++s) {
+      at(s, q);
+      call(q);
+    }
+    return;
+  }
+  std::exception_ptr failed;
+  std::mutex mu;
+#pragma omp parallel
+  {
+    std::vector<uintptr_t> q(n);
+#pragma omp for schedule(dynamic)
+    for (int64_t s = 0; s < S; ++s) {
+      try {
+        at(s, q);
+        call(q);
+      } catch (...) {  // an exception may not leave the parallel region: kept, rethrown after it
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failed) failed = std::current_exception();
+      }
+    }
+  }
+  if (failed) std::rethrow_exception(failed);
 }
 
 // Large outputs (a training step's pre-activations, mixtures, gradients) come from blocks kept across steps:
@@ -324,6 +369,57 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "S replicas of a one-layer MMoE/OMoE/Shared-Bottom with towers (see ReplicaStep in kernels.h): from "
         "Y[S,B,C] = x @ Wcat, out[S,B,T]; with y (else 0), loss sums[S,T] (float64) and gradients.");
+  // The ops' kernels over S replicas (see over_replicas): pointers and strides (elements) in the order named.
+  m.def(("gate_softmax_replicas" + sfx).c_str(),
+        [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t D,
+           int64_t nT, int64_t E) {
+          checked_count(p, 4);
+          over_replicas<T>(S, p, st, [&](const std::vector<uintptr_t>& q) {
+            mmoe::gate_softmax<T>(cp<T>(q[0]), cp<T>(q[1]), cp<T>(q[2]), mp<T>(q[3]), B, D, nT, E);
+          });
+        },
+        "gate_softmax per replica; p = x, gate_weight, gate_bias, out.");
+  m.def(("gate_backward_replicas" + sfx).c_str(),
+        [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t nT,
+           int64_t E) {
+          checked_count(p, 4);
+          over_replicas<T>(S, p, st, [&](const std::vector<uintptr_t>& q) {
+            gate_backward<T>(cp<T>(q[0]), cp<T>(q[1]), mp<T>(q[2]), mp<T>(q[3]), B, nT, E);
+          });
+        },
+        "gate_backward per replica; p = G, dG, dlogit, dbg.");
+  m.def(("mixture_forward_replicas" + sfx).c_str(),
+        [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, bool shared, int64_t B,
+           int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+          checked_count(p, 7);
+          over_replicas<T>(S, p, st, [&](const std::vector<uintptr_t>& q) {
+            mmoe::mixture_forward<T>(cp<T>(q[0]), shared, cp<T>(q[1]), cp<T>(q[2]), cp<T>(q[3]), cp<T>(q[4]),
+                                     cp<T>(q[5]), mp<T>(q[6]), nullptr, nullptr, B, E, K, N, nT, act);
+          });
+        },
+        "mixture_forward per replica (nothing saved); p = a, w, b, wg, bg, G, out.");
+  m.def(("grouped_forward_replicas" + sfx).c_str(),
+        [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, bool shared, int64_t B,
+           int64_t E, int64_t K, int64_t N, int act) {
+          checked_count(p, 4);
+          over_replicas<T>(S, p, st, [&](const std::vector<uintptr_t>& q) {
+            mmoe::grouped_forward<T>(cp<T>(q[0]), shared, cp<T>(q[1]), cp<T>(q[2]), mp<T>(q[3]), nullptr, B, E, K,
+                                     N, act);
+          });
+        },
+        "grouped_forward per replica (nothing saved); p = a, w, b, out.");
+  m.def(("backward_replicas" + sfx).c_str(),
+        [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, bool shared, int64_t B,
+           int64_t E, int64_t K, int64_t N, int64_t nT, int act) {
+          checked_count(p, 14);
+          over_replicas<T>(S, p, st, [&](const std::vector<uintptr_t>& q) {
+            mmoe::backward<T>(cp<T>(q[0]), shared, cp<T>(q[1]), cp<T>(q[2]), nullptr, cp<T>(q[3]), cp<T>(q[4]),
+                              cp<T>(q[5]), cp<T>(q[6]), cp<T>(q[7]), mp<T>(q[8]), mp<T>(q[9]), mp<T>(q[10]),
+                              mp<T>(q[11]), mp<T>(q[12]), mp<T>(q[13]), B, E, K, N, nT, act);
+          });
+        },
+        "backward per replica (pre-activations recomputed); p = a, w, b, G, dm, dout, wg, bg, da, dW, db, dG, dWg, "
+        "dbg.");
   py::class_<Session<T>>(m, ("Session" + sfx).c_str())
       .def(py::init<int64_t, int64_t>(), py::arg("in_features"), py::arg("tasks"))
       .def("add_hidden", &Session<T>::add_hidden)

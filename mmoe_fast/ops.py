@@ -129,9 +129,9 @@ def _eager(name: str, train: Callable, backward: Callable, backward_op, *, tenso
                                                                    backward=staticmethod(grad)))
 
 
-def _loop_vmap(op):
+def _looped(op):
     """A vmap rule for ``op``: one call per slice of the vmapped dimension, the results stacked (correct for any
-    backend; a batched kernel may replace it where it pays)."""
+    backend)."""
 
     def rule(info, in_dims, *args):
         outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
@@ -139,6 +139,31 @@ def _loop_vmap(op):
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
         return torch.stack(outs), 0
+
+    return rule
+
+
+def _replicas_vmap(op, kernel: str, backend_at: int):
+    """A vmap rule for ``op`` that runs the backend's ``<kernel>_replicas`` (every slice of the vmapped dimension
+    in one call: S small models fill the cores) where the backend has it, else one call per slice. The backend
+    name is argument ``backend_at`` (from the end when negative); the tensors (or None) come before the first
+    non-tensor argument."""
+    loop = _looped(op)
+
+    def rule(info, in_dims, *args):
+        S = info.batch_size
+        n = next(i for i, a in enumerate(args) if a is not None and not isinstance(a, Tensor))
+        at = backend_at % len(args)
+        be = backends.resolve(args[at], args[0].device, args[0].dtype)
+        replicas = getattr(be, f"{kernel}_replicas", None)
+        if replicas is None or S < 1 or any(a is not None and a.numel() == 0 for a in args[:n]):
+            return loop(info, in_dims, *args)  # empty inputs: the reference backend's, as outside vmap
+        tensors = [None if a is None else _dense(a.movedim(d, 0) if d is not None else a)
+                   for a, d in zip(args[:n], in_dims[:n])]
+        per = tuple(d is not None for d in in_dims[:n])
+        others = [a for i, a in enumerate(args[n:], n) if i != at]
+        out = replicas(S, per, *tensors, *others)
+        return out, ((0,) * len(out) if isinstance(out, tuple) else 0)
 
     op.register_vmap(rule)
 
@@ -210,8 +235,8 @@ def _define(name: str, forward: Callable, fake: Callable, backward: Callable, ba
     op.register_fake(fake)
     backward_op = torch.library.custom_op(f"mmoe_fast::{name}_backward", mutates_args=())(backward)
     backward_op.register_fake(backward_fake)
-    _loop_vmap(op)
-    _loop_vmap(backward_op)
+    _replicas_vmap(op, name, -1)  # (..., backend)
+    _replicas_vmap(backward_op, f"{name}_backward", -2)  # (..., backend, input_grad)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:tensors], *((output,) if save_output else ()))

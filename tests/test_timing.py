@@ -117,3 +117,22 @@ def test_the_training_benchmark_runs_renders_and_draws(tmp_path, monkeypatch):
     timing.write_section(tmp_path / "R.md", "bench_train", text)
     timing.write_section(tmp_path / "R.md", "bench_train", text)  # replaced, not appended
     assert (tmp_path / "R.md").read_text().count("<!-- bench_train:begin -->") == 1
+
+
+def test_the_many_runs_benchmark_runs_and_its_vmap_rules_agree(monkeypatch):
+    """benchmarks/bench_fit_many.py's contenders, tiny: every one runs, and the torch.func runs through the
+    replica kernels and through one call per slice end with the same weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fit_many", ROOT / "benchmarks" / "bench_fit_many.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec.loader.exec_module(bench)
+    fns, per_call = bench.contenders([2], 2, False, True)
+    assert set(fns) == {"fit, one run at a time", "fit_many S=2", "stacked eager S=2", "torch.func vmap S=2",
+                        "torch.func vmap, loop rule S=2"}
+    for fn in fns.values():
+        fn()
+    replicas, loop = fns["torch.func vmap S=2"].params, fns["torch.func vmap, loop rule S=2"].params
+    for key in replicas:
+        assert (replicas[key] - loop[key]).abs().max() <= 1e-6 * (1 + loop[key].abs().max()), key

@@ -429,3 +429,101 @@ def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation
     _kernel("replicas_step", Y.dtype)(*args, y.data_ptr(), [bool(v) for v in binary], coef.data_ptr(), _ptr(weight),
                                       sums.data_ptr(), dY.data_ptr(), dbias.data_ptr(), dw, db)
     return out, sums, dY, dbias, grads
+
+
+# ---- S replicas at once (the ops' vmap rules): every tensor either [S, ...] (``per``: that replica's at s) or
+# one all replicas share; the outputs are [S, ...]. One C++ call runs the S kernel calls, one replica per thread.
+
+
+def _at(t: torch.Tensor, batched: bool) -> tuple:
+    """The shape of one replica's ``t``."""
+    return tuple(t.shape[1:]) if batched else tuple(t.shape)
+
+
+def _replicas(kernel: str, S: int, tensors: tuple, per: tuple, *sizes) -> None:
+    strides = [t.numel() // S if batched and t is not None else 0 for t, batched in zip(tensors, per)]
+    dtype = next(t.dtype for t in tensors if t is not None)
+    _kernel(kernel + "_replicas", dtype)(S, [_ptr(t) for t in tensors], strides, *sizes)
+
+
+def gate_softmax_replicas(S, per, x, Wg, bg):
+    B, D = _at(x, per[0])
+    T, _, E = _at(Wg, per[1])
+    G = x.new_empty((S, B, T, E))
+    _replicas("gate_softmax", S, (x, Wg, bg, G), (*per, True), B, D, T, E)
+    return G
+
+
+def gate_softmax_backward_replicas(S, per, dG, x, Wg, bg, G, input_grad):
+    B, D = _at(x, per[1])
+    T, _, E = _at(Wg, per[2])
+    dlogit, dbg = x.new_empty((S, B, T, E)), x.new_empty((S, T, E))
+    _replicas("gate_backward", S, (G, dG, dlogit, dbg), (per[4], per[0], True, True), B, T, E)
+    flat = dlogit.view(S, B, T * E)
+    Wt = Wg.transpose(-1, -2).reshape(*Wg.shape[:-3], T * E, D)  # [S?, T * E, D]
+    dx = torch.matmul(flat, Wt) if input_grad else x.new_empty((S, 0))
+    dWg = torch.matmul(x.transpose(-1, -2), flat).view(S, D, T, E).transpose(1, 2).contiguous()
+    return dx, dWg, dbg
+
+
+def _experts(a, W, per_a, per_W):
+    """(B, E, K, N, shared) of one replica's ``a`` and ``W[E, K, N]``."""
+    shape = _at(a, per_a)
+    E, K, N = _at(W, per_W)
+    return shape[0], E, K, N, len(shape) == 2
+
+
+def expert_mixture_replicas(S, per, a, W, b, G, activation):
+    B, E, K, N, shared = _experts(a, W, per[0], per[1])
+    T = G.shape[-2]
+    m = a.new_empty((S, T, B, N))
+    _replicas("mixture_forward", S, (a, W, b, None, None, G, m), (*per[:3], False, False, per[3], True), shared, B,
+              E, K, N, T, ACTIVATION_CODES[activation])
+    return m
+
+
+def mmoe_replicas(S, per, x, W, b, Wg, bg, activation):
+    B, E, K, N, _ = _experts(x, W, per[0], per[1])
+    T = Wg.shape[-3]
+    m = x.new_empty((S, T, B, N))
+    _replicas("mixture_forward", S, (x, W, b, Wg, bg, None, m), (*per, False, True), True, B, E, K, N, T,
+              ACTIVATION_CODES[activation])
+    return m
+
+
+def grouped_linear_replicas(S, per, a, W, b, activation):
+    B, E, K, N, shared = _experts(a, W, per[0], per[1])
+    out = a.new_empty((S, B, E, N))
+    _replicas("grouped_forward", S, (a, W, b, out), (*per, True), shared, B, E, K, N, ACTIVATION_CODES[activation])
+    return out
+
+
+def _backward_replicas(S, a, W, per_a, per_W, activation, input_grad, T, tensors, per):
+    """(da, dW, db, dG, dWg, dbg) of S replicas: ``tensors`` = (b, G, dm, dout, Wg, bg), ``per`` theirs."""
+    B, E, K, N, shared = _experts(a, W, per_a, per_W)
+    b, G, dm, dout, Wg, bg = tensors
+    da = a.new_empty((S, *_at(a, per_a))) if input_grad else a.new_empty((S, 0))
+    dW, db = a.new_empty((S, E, K, N)), a.new_empty((S, E, N))
+    dG = a.new_empty((S, B, T, E)) if G is not None else None
+    dWg, dbg = (a.new_empty((S, T, K, E)), a.new_empty((S, T, E))) if Wg is not None else (None, None)
+    outs = (da if input_grad else None, dW, db, dG, dWg, dbg)
+    _replicas("backward", S, (a, W, *tensors, *outs), (per_a, per_W, *per, *(True,) * 6), shared, B, E, K, N, T,
+              ACTIVATION_CODES[activation])
+    return da, dW, db, dG, dWg, dbg
+
+
+def expert_mixture_backward_replicas(S, per, dm, a, W, b, G, activation, input_grad):
+    return _backward_replicas(S, a, W, per[1], per[2], activation, input_grad, G.shape[-2],
+                              (b, G, dm, None, None, None), (per[3], per[4], per[0], False, False, False))[:4]
+
+
+def mmoe_backward_replicas(S, per, dm, x, W, b, Wg, bg, activation, input_grad):
+    da, dW, db, _, dWg, dbg = _backward_replicas(S, x, W, per[1], per[2], activation, input_grad, Wg.shape[-3],
+                                                 (b, None, dm, None, Wg, bg), (per[3], False, per[0], False, per[4],
+                                                                                per[5]))
+    return da, dW, db, dWg, dbg
+
+
+def grouped_linear_backward_replicas(S, per, dout, a, W, b, activation, input_grad):
+    return _backward_replicas(S, a, W, per[1], per[2], activation, input_grad, 0,
+                              (b, None, None, dout, None, None), (per[3], False, False, per[0], False, False))[:3]
