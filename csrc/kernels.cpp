@@ -149,12 +149,13 @@ void replicas_step(const ReplicaStep<T>& step) {
 }
 
 template <typename T>
-void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out) {
+void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out,
+                  bool shared) {
   out.E = E;
   out.K = K;
   out.N = N;
   out.act = act;
-  MMOE_DISPATCH(isa, pack_entry<T>(w, b, out))
+  MMOE_DISPATCH(isa, pack_entry<T>(w, b, out, shared))
 }
 
 template <typename T>
@@ -179,7 +180,7 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   template void from_pre<T>(const T*, bool, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int);             \
   template void backward_rows<T>(const T*, bool, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
                                  int64_t, int);                                                                \
-  template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&);           \
+  template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&, bool);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \
   template void replicas_step<T>(const ReplicaStep<T>&);                                                          \

@@ -59,6 +59,7 @@ template <typename T>
 struct Grouped {
   int64_t E = 0, K = 0, N = 0;
   int act = kRelu;
+  bool side = false;    // the experts side by side (a shared input, narrow experts): [P][K][NR], [P*NR]
   std::vector<T> w, b;  // [E][P][K][NR], [E][P*NR]
 };
 
@@ -189,7 +190,9 @@ template <typename T>
 void replicas_step(const ReplicaStep<T>& step);
 
 template <typename T>
-void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out);
+// shared: the layer's input is one x for every expert (then narrow experts are packed side by side).
+void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t N, int act, Grouped<T>& out,
+                  bool shared = false);
 template <typename T>
 void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out);
 template <typename T>

@@ -47,16 +47,17 @@ struct Kern {
   }
 
   // out[M][NR] = a[M rows, stride lda][K] @ w[K rows, stride ldw][NR]. Short tiles run S independent
-  // chains over k so FMA latency does not serialize them.
+  // chains over k so FMA latency does not serialize them. A row's second vector is at w + hi (L: in a row of
+  // NR; elsewhere for two experts side by side read in place).
   template <int M>
-  static void tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out) {
+  static void tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out, int64_t hi = L) {
     constexpr int S = M <= 2 ? 4 / M : 1;
     V acc[S][M][2] = {};
     int64_t k = 0;
     for (; k + S <= Kd; k += S) {
       for (int s = 0; s < S; ++s) {
         const T* wk = w + (k + s) * ldw;
-        const V w0 = load(wk), w1 = load(wk + L);
+        const V w0 = load(wk), w1 = load(wk + hi);
         for (int i = 0; i < M; ++i) {
           const T ai = a[i * lda + k + s];
           acc[s][i][0] += ai * w0;
@@ -66,7 +67,7 @@ struct Kern {
     }
     for (; k < Kd; ++k) {
       const T* wk = w + k * ldw;
-      const V w0 = load(wk), w1 = load(wk + L);
+      const V w0 = load(wk), w1 = load(wk + hi);
       for (int i = 0; i < M; ++i) {
         const T ai = a[i * lda + k];
         acc[0][i][0] += ai * w0;
@@ -85,11 +86,12 @@ struct Kern {
   }
 
   template <int M = MR>
-  static void tile_rows(int m, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out) {
+  static void tile_rows(int m, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out,
+                        int64_t hi = L) {
     if constexpr (M > 1) {
-      if (m < M) return tile_rows<M - 1>(m, a, lda, w, ldw, Kd, out);
+      if (m < M) return tile_rows<M - 1>(m, a, lda, w, ldw, Kd, out, hi);
     }
-    tile<M>(a, lda, w, ldw, Kd, out);
+    tile<M>(a, lda, w, ldw, Kd, out, hi);
   }
 
   // ---- exp on a vector: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^7 (float) or r^13
@@ -172,12 +174,30 @@ struct Kern {
   // Expert weights W[E, K, N] seen as panels of NR columns. Packed (an InferenceSession, packed once):
   // [E][P][K][NR], zero-padded. Unpacked (the ops): full panels read in place with stride N; the last,
   // partial panel of each expert is copied once per call into a zero-padded buffer.
+  // Side by side (`side`: a shared input and experts narrower than a panel, see side_by_side): the E experts'
+  // columns in a row, E * N of them, packed as one matrix [P][K][NR] with P = panels(E * N), bias [P*NR]; a
+  // panel then holds several experts (at the paper's N = 16 half of each per-expert panel was padding).
+  // `direct` (the ops, N = L): no copy, panel p is experts 2p and 2p + 1 read in place, one vector each (the
+  // tail: the last expert of an odd E, beside zeros).
   struct Panels {
     const T* w;
     const T* tail;  // [E][K][NR] or null
     const T* bias;  // [E][P*NR] zero-padded, or null
     int64_t E, Kd, N, P;
     bool packed;
+    bool side = false, direct = false;
+
+    // Side by side: panel p's weights, their row stride and the offset of a row's second vector.
+    const T* side_panel(int64_t p, int64_t* ldw, int64_t* hi) const {
+      if (direct && 2 * p + 1 < E) {
+        *ldw = N;
+        *hi = Kd * N;
+        return w + 2 * p * Kd * N;
+      }
+      *ldw = NR;
+      *hi = L;
+      return direct ? tail : w + p * Kd * NR;
+    }
 
     const T* get(int64_t e, int64_t p, int64_t* ldw) const {
       if (packed) {
@@ -194,6 +214,34 @@ struct Kern {
   };
 
   static int64_t panels(int64_t n) { return (n + NR - 1) / NR; }
+
+  // Whether E experts of N columns on a shared input go side by side: a per-expert panel would pad them.
+  // Either way every output has the same bits (the same multiply-adds in the same order per column).
+  static bool side_by_side(bool shared, int64_t E, int64_t N) { return shared && E > 1 && N < NR; }
+
+  // W[E, K, N] (and b[E, N] or null) side by side: out[P][K][NR], bias[P*NR], P = panels(E * N), zero-padded.
+  static void pack_side(const T* w, const T* b, int64_t E, int64_t Kd, int64_t N, T* out, T* bias) {
+    const int64_t C = E * N, P = panels(C);
+    std::fill(out + (P - 1) * Kd * NR, out + P * Kd * NR, T(0));  // the last panel's padding columns
+    for (int64_t e = 0; e < E; ++e)  // NR a power of two: no division per element
+      for (int64_t k = 0; k < Kd; ++k) {
+        const T* src = w + (e * Kd + k) * N;
+        for (int64_t h = 0, c = e * N; h < N; ++h, ++c) out[((c / NR) * Kd + k) * NR + c % NR] = src[h];
+      }
+    for (int64_t c = 0; c < P * NR; ++c) bias[c] = (b && c < C) ? b[c] : T(0);
+  }
+
+  // fn(j, e, h, n) for each run of one expert's columns in side-by-side panel p: n columns from the panel's
+  // column j, expert e's columns h .. h + n.
+  template <typename F>
+  static void segments(int64_t p, int64_t E, int64_t N, F&& fn) {
+    const int64_t c0 = p * NR, end = std::min<int64_t>(c0 + NR, E * N);
+    for (int64_t c = c0; c < end;) {
+      const int64_t e = c / N, h = c % N, n = std::min<int64_t>(N - h, end - c);
+      fn(c - c0, e, h, n);
+      c += n;
+    }
+  }
 
   static void pack(const T* w, int64_t E, int64_t Kd, int64_t N, T* out) {
     const int64_t P = panels(N);
@@ -213,8 +261,26 @@ struct Kern {
       for (int64_t j = 0; j < W; ++j) out[e * W + j] = (b && j < N) ? b[e * N + j] : T(0);
   }
 
-  // Unpacked panels for one call; `buf` owns the tail panels and the padded bias.
-  static Panels view(const T* w, const T* b, int64_t E, int64_t Kd, int64_t N, std::vector<T>& buf) {
+  // Unpacked panels for one call; `buf` owns the tail panels and the padded bias (side by side: all of them).
+  static Panels view(const T* w, const T* b, int64_t E, int64_t Kd, int64_t N, std::vector<T>& buf,
+                     bool shared = false) {
+    if (side_by_side(shared, E, N) && N == L) {
+      const int64_t P = panels(E * N), odd = E % 2;
+      buf.assign(static_cast<size_t>(odd * Kd * NR + P * NR), T(0));
+      T* tail = buf.data();
+      for (int64_t k = 0; k < odd * Kd; ++k) std::memcpy(tail + k * NR, w + ((E - 1) * Kd + k) * N, sizeof(T) * N);
+      T* bias = buf.data() + odd * Kd * NR;
+      if (b) std::memcpy(bias, b, static_cast<size_t>(E * N) * sizeof(T));
+      Panels out{w, odd ? tail : nullptr, bias, E, Kd, N, P, false, true};
+      out.direct = true;
+      return out;
+    }
+    if (side_by_side(shared, E, N)) {
+      const int64_t P = panels(E * N);
+      buf.resize(static_cast<size_t>(P * Kd * NR + P * NR));
+      pack_side(w, b, E, Kd, N, buf.data(), buf.data() + P * Kd * NR);
+      return Panels{buf.data(), nullptr, buf.data() + P * Kd * NR, E, Kd, N, P, true, true};
+    }
     const int64_t P = panels(N), rem = N % NR;
     buf.assign(static_cast<size_t>(E * (rem ? Kd * NR : 0) + E * P * NR), T(0));
     T* tail = buf.data();
@@ -254,6 +320,32 @@ struct Kern {
     alignas(64) T f[NR];
     const int64_t E = w.E, Kd = w.Kd, H = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, H - h0);
     const int64_t lda = lda_of(shared, E, Kd);
+    if (w.side) {  // every panel here (the item is the row block): m summed over experts from zero
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t t = 0; t < nT; ++t) std::fill(m + (t * B + r) * H, m + (t * B + r + 1) * H, T(0));
+      for (int64_t q = 0; q < w.P; ++q)
+        for (int64_t r = r0; r < r1; r += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+          int64_t ldw, hi;
+          const T* wq = w.side_panel(q, &ldw, &hi);
+          tile_rows(mr, a + r * lda, lda, wq, ldw, Kd, pre, hi);
+          for (int i = 0; i < mr; ++i) {
+            T* z = pre + i * NR;
+            for (int j = 0; j < NR; ++j) z[j] += w.bias[q * NR + j];
+            act_fwd(act, z, f);
+            segments(q, E, H, [&](int64_t j, int64_t e, int64_t h, int64_t n) {
+              if (save)
+                for (int64_t c = 0; c < n; ++c) save[(e * B + r + i) * H + h + c] = z[j + c];
+              for (int64_t t = 0; t < nT; ++t) {
+                const T g = G[((r - r0 + i) * nT + t) * E + e];
+                T* o = m + (t * B + r + i) * H + h;
+                for (int64_t c = 0; c < n; ++c) o[c] += g * f[j + c];
+              }
+            });
+          }
+        }
+      return;
+    }
     for (int64_t e = 0; e < E; ++e) {
       int64_t ldw;
       const T* wp = w.get(e, p, &ldw);
@@ -287,6 +379,26 @@ struct Kern {
     alignas(64) T f[NR];
     const int64_t E = w.E, Kd = w.Kd, N = w.N, h0 = p * NR, nh = std::min<int64_t>(NR, N - h0);
     const int64_t lda = lda_of(shared, E, Kd);
+    if (w.side) {  // side-by-side panel p: its experts' columns
+      int64_t ldw, hi;
+      const T* wp = w.side_panel(p, &ldw, &hi);
+      for (int64_t r = r0; r < r1; r += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
+        tile_rows(mr, a + r * lda, lda, wp, ldw, Kd, pre, hi);
+        for (int i = 0; i < mr; ++i) {
+          T* z = pre + i * NR;
+          for (int j = 0; j < NR; ++j) z[j] += w.bias[p * NR + j];
+          if (out) act_fwd(act, z, f);
+          segments(p, E, N, [&](int64_t j, int64_t e, int64_t h, int64_t n) {
+            if (save)
+              for (int64_t c = 0; c < n; ++c) save[(e * B + r + i) * N + h + c] = z[j + c];
+            if (out)
+              for (int64_t c = 0; c < n; ++c) out[((r + i) * E + e) * N + h + c] = f[j + c];
+          });
+        }
+      }
+      return;
+    }
     for (int64_t e = 0; e < E; ++e) {
       int64_t ldw;
       const T* wp = w.get(e, p, &ldw);
@@ -401,23 +513,28 @@ struct Kern {
     }
   }
 
+  // A mixture's work items per row block: its panels, or one (side by side: panels share outputs).
+  static int64_t item_panels(const Panels& w) { return w.side ? 1 : w.P; }
+  // The padded columns a layer's GEMM computes.
+  static int64_t columns(const Panels& w) { return (w.side ? 1 : w.E) * w.P * NR; }
+
   // The mixture over items (row block, panel). With gates (gw, on x) every thread computes the gates of
   // the row blocks it works on into its own buffer, once per block: no barrier, no shared write.
   // save_pre / save_G (or null): pre[B, E, H] and the gates G[B, nT, E] computed here, for the backward.
   static void mixture_items(const T* a, bool shared, const Panels& w, const T* x, const Panels* gw, const T* G, T* m,
                             int64_t B, int64_t nT, int act, T* save_pre = nullptr, T* save_G = nullptr) {
-    const int64_t items = ((B + RB - 1) / RB) * w.P, GE = nT * w.E;
+    const int64_t per = item_panels(w), items = ((B + RB - 1) / RB) * per, GE = nT * w.E;
     T* local = gw ? scratch<T>(1, static_cast<size_t>(RB * GE)) : nullptr;
     int64_t cached = -1;
     for_items(items, B > RB, [&](int64_t it) {
-      const int64_t rb = it / w.P, r0 = rb * RB, r1 = std::min(B, r0 + RB);
+      const int64_t rb = it / per, r0 = rb * RB, r1 = std::min(B, r0 + RB);
       if (gw && rb != cached) {
         gate_block(x, *gw, local, nT, w.E, r0, r1);
         cached = rb;
-        if (save_G && it % w.P == 0)  // one item per row block writes its gates
+        if (save_G && it % per == 0)  // one item per row block writes its gates
           std::memcpy(save_G + r0 * GE, local, static_cast<size_t>((r1 - r0) * GE) * sizeof(T));
       }
-      mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, save_pre, B, nT, act, r0, r1, it % w.P);
+      mixture_item(a, shared, w, gw ? local : G + r0 * GE, m, save_pre, B, nT, act, r0, r1, it % per);
     });
   }
 
@@ -439,14 +556,14 @@ struct Kern {
   // The forward of one layer: m from a, W and the gates G, or from gates computed here (gw, on a = x).
   static void mixture_forward(const T* a, bool shared, const Panels& w, const Panels* gw, const T* G, T* m, int64_t B,
                               int64_t nT, int act, T* save_pre, T* save_G) {
-#pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * w.P, B * w.E * w.Kd * w.P * NR))
+#pragma omp parallel num_threads(threads_for(((B + RB - 1) / RB) * item_panels(w), B * w.Kd * columns(w)))
     mixture_items(a, shared, w, a, gw, G, m, B, nT, act, save_pre, save_G);
   }
 
   static void grouped_forward(const T* a, bool shared, const Panels& w, T* out, int64_t B, int act,
                               T* save = nullptr) {
     const int64_t nblocks = (B + RB - 1) / RB, items = nblocks * w.P;
-#pragma omp parallel num_threads(threads_for(items, B * w.E * w.Kd * w.P * NR))
+#pragma omp parallel num_threads(threads_for(items, B * w.Kd * columns(w)))
     for_items(items, nblocks > 1, [&](int64_t it) {
       const int64_t r0 = (it / w.P) * RB;
       grouped_item(a, shared, w, out, save, B, act, r0, std::min(B, r0 + RB), it % w.P);
@@ -756,7 +873,8 @@ struct Kern {
   }
 
   static Panels session_panels(const Grouped<T>& g) {
-    return Panels{g.w.data(), nullptr, g.b.data(), g.E, g.K, g.N, panels(g.N), true};
+    return Panels{g.w.data(), nullptr, g.b.data(), g.E, g.K, g.N, g.side ? panels(g.E * g.N) : panels(g.N), true,
+                  g.side};
   }
 
   // x[B, D] -> out[B, T]; scratch: hidden outputs, G and m, owned by the calling thread.
@@ -771,7 +889,7 @@ struct Kern {
     const int64_t nblocks = (B + RB - 1) / RB;
     int64_t most = nblocks;
     for (const auto& g : s.hidden) most = std::max(most, nblocks * panels(g.N));
-    if (mix) most = std::max(most, nblocks * panels(s.mixture.N));
+    if (mix) most = std::max(most, nblocks * item_panels(session_panels(s.mixture)));
 #pragma omp parallel num_threads(threads_for(most))
     {
       const T* a = x;
@@ -947,7 +1065,7 @@ void mixture_entry(const T* a, bool shared, const T* w, const T* b, const T* wg,
                    T* save_pre, T* save_G, int64_t B, int64_t E, int64_t Kd, int64_t H, int64_t nT, int act) {
   using Kt = Kern<T>;
   std::vector<T> buf, gbuf;
-  const auto pw = Kt::view(w, b, E, Kd, H, buf);
+  const auto pw = Kt::view(w, b, E, Kd, H, buf, shared);
   if (!wg) return Kt::mixture_forward(a, shared, pw, nullptr, G, m, B, nT, act, save_pre, nullptr);
   const int64_t P = Kt::panels(nT * E);
   gbuf.resize(static_cast<size_t>(P * Kd * Kt::NR + P * Kt::NR));
@@ -974,7 +1092,7 @@ template <typename T>
 void grouped_entry(const T* a, bool shared, const T* w, const T* b, T* out, T* save, int64_t B, int64_t E,
                    int64_t Kd, int64_t N, int act) {
   std::vector<T> buf;
-  const auto pw = Kern<T>::view(w, b, E, Kd, N, buf);
+  const auto pw = Kern<T>::view(w, b, E, Kd, N, buf, shared);
   Kern<T>::grouped_forward(a, shared, pw, out, B, act, save);
 }
 
@@ -987,7 +1105,7 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
   std::vector<T> prebuf, gbuf;
   if (!pre) {
     std::vector<T> buf;
-    const auto pw = Kt::view(w, b, E, Kd, N, buf);
+    const auto pw = Kt::view(w, b, E, Kd, N, buf, shared);
     prebuf.reserve(static_cast<size_t>(B * E * N));
     advise_huge_pages(prebuf.data(), static_cast<size_t>(B * E * N) * sizeof(T));
     prebuf.resize(static_cast<size_t>(B * E * N));
@@ -1031,8 +1149,16 @@ void pack_gate_entry(const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E,
 }
 
 template <typename T>
-void pack_entry(const T* w, const T* b, Grouped<T>& out) {
+void pack_entry(const T* w, const T* b, Grouped<T>& out, bool shared) {
   using Kt = Kern<T>;
+  out.side = Kt::side_by_side(shared, out.E, out.N);
+  if (out.side) {
+    const int64_t P = Kt::panels(out.E * out.N);
+    out.w.assign(static_cast<size_t>(P * out.K * Kt::NR), T(0));
+    out.b.assign(static_cast<size_t>(P * Kt::NR), T(0));
+    Kt::pack_side(w, b, out.E, out.K, out.N, out.w.data(), out.b.data());
+    return;
+  }
   out.w.assign(static_cast<size_t>(out.E * Kt::panels(out.N) * out.K * Kt::NR), T(0));
   out.b.assign(static_cast<size_t>(out.E * Kt::panels(out.N) * Kt::NR), T(0));
   Kt::pack(w, out.E, out.K, out.N, out.w.data());

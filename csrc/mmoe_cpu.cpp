@@ -197,13 +197,16 @@ class Session {
   }
 
   void add_hidden(uintptr_t w, uintptr_t b, int64_t E, int64_t K, int64_t N, int act) {
+    if (model_.has_mixture) throw std::invalid_argument("add_hidden: hidden layers come before the mixture");
     model_.hidden.emplace_back();
-    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.hidden.back());
+    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.hidden.back(),
+                          model_.hidden.size() == 1);
   }
 
   void set_mixture(uintptr_t w, uintptr_t b, int64_t E, int64_t K, int64_t N, int act, uintptr_t wg, uintptr_t bg,
                    int64_t gates) {
-    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.mixture);
+    // on x itself (no hidden layer before it): narrow experts side by side
+    mmoe::pack_grouped<T>(model_.isa, cp<T>(w), cp<T>(b), E, K, N, act, model_.mixture, model_.hidden.empty());
     mmoe::pack_gate<T>(model_.isa, cp<T>(wg), cp<T>(bg), model_.in_features, gates, E, model_.gate);
     model_.gates = gates;
     model_.has_mixture = true;

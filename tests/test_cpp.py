@@ -137,3 +137,43 @@ def test_large_outputs_come_from_kept_blocks_and_can_be_released():
     assert cpp._C.cached_block_bytes() == 0 and again.dtype == torch.float64
     del again
     assert cpp.release_cached_memory() >= 2 << 20 and cpp._C.cached_block_bytes() == 0
+
+
+def _lanes(isa: str, dtype: torch.dtype) -> int:
+    """Vector lanes of ``isa`` for ``dtype`` (a panel is two vectors)."""
+    return {"avx512": 64, "avx2": 32, "base": 16}[isa] // (4 if dtype == torch.float32 else 8)
+
+
+@pytest.mark.parametrize("E", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_narrow_experts_side_by_side(isa, dtype, E):
+    """Experts narrower than a panel on a shared input share panels (a vector each read in place at N = L, packed
+    otherwise, a panel crossing experts at N = L + 3); wider ones keep their own: every layer kind, forward and
+    gradients against the reference, and the packed session."""
+    L = _lanes(isa, dtype)
+    for N in sorted({max(1, L // 2), L, L + 3, 2 * L}):
+        for B in (1, 70):  # 70: more than a row block at every instruction set
+            shape = Shape(B, 11, E, N, 2)
+            check_layer("cpp", shape, dtype=dtype, activation="silu")
+            check_layer("cpp", shape, dtype=dtype, activation="gelu", hidden=(N,))  # a grouped layer on x first
+            check_layer("cpp", shape, dtype=dtype, activation="silu", split=True, bias=False)
+        torch.manual_seed(N)
+        model = mf.MMoE(11, 2, num_experts=E, expert_hidden=N, backend="reference").to(dtype).eval()
+        x = torch.randn(70, 11, dtype=dtype)
+        assert_close(mf.InferenceSession(model).run(x), model(x).detach(), 1e-5 if dtype == torch.float32 else 1e-12,
+                     f"session N={N}")
+
+
+def test_side_by_side_forward_is_the_same_for_any_thread_count():
+    inp = make_inputs(Shape(700, 9, 5, 16, 2))  # several row blocks, narrow experts (N = 16: in place on AVX-512)
+    x, w, b, wg, bg = inp["x"], inp["weights"][0], inp["biases"][0], inp["gate_weight"], inp["gate_bias"]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((cpp.mmoe_train(x, w, b, wg, bg, "relu")[0], cpp.grouped_linear(x, w, b, "silu")))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
