@@ -313,6 +313,19 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "Per-task loss sums (list) of out[B,T] against y[B,T] (binary[t]: BCE with logits, else squared error), "
         "rows weighted by w[B,T] (0: none; a weight <= 0 skips the row), and dz[B,T] = coef[t] w dloss/dz.");
+  m.def(("first_non_finite" + sfx).c_str(),
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes) -> int64_t {
+          if (ptrs.size() != sizes.size()) throw std::invalid_argument("first_non_finite: one size per pointer");
+          py::gil_scoped_release release;
+          for (size_t i = 0; i < ptrs.size(); ++i) {
+            const T* p = cp<T>(ptrs[i]);
+            bool bad = false;
+            for (int64_t j = 0; j < sizes[i]; ++j) bad |= !(p[j] - p[j] == T(0));  // NaN and +-inf: NaN
+            if (bad) return static_cast<int64_t>(i);
+          }
+          return -1;
+        },
+        "The index of the first buffer (pointers, element counts) holding a NaN or an infinity, or -1.");
   m.def(("softmax_rows" + sfx).c_str(),
         [](uintptr_t logits, uintptr_t out, int64_t rows, int64_t E) {
           py::gil_scoped_release release;

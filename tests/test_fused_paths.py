@@ -378,6 +378,13 @@ def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big
     assert _non_finite(tensors) == "a"
     huge = [("h", torch.full((4,), 1e308, dtype=torch.float64))]  # finite, but its sum overflows
     assert _non_finite(huge) is None
+    tensors[1][1][2] = -float("inf")  # a float64 one before them: named first whichever pass finds it
+    assert _non_finite(tensors) == "a"
+    tensors[0][1][n - 1] = 0
+    assert _non_finite(tensors) == "b"
+    strided = [("t", torch.zeros(4, 3).t())]  # not contiguous: the general path
+    strided[0][1][0, 3] = float("nan")
+    assert _non_finite(strided) == "t"
 
 
 @pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])

@@ -385,6 +385,19 @@ def loss_grad(out, y, binary, coef, w):
     return sums, dz
 
 
+def first_non_finite(tensors) -> int | None:
+    """The index of the first of ``tensors`` (contiguous, float32 or float64 on the CPU) holding a NaN or an
+    infinity, or None: one pass over their memory per dtype, no copy."""
+    found = []
+    for dtype in _SUFFIX:
+        picked = [(i, t) for i, t in enumerate(tensors) if t.dtype == dtype]
+        if picked:
+            k = _kernel("first_non_finite", dtype)([t.data_ptr() for _, t in picked], [t.numel() for _, t in picked])
+            if k >= 0:
+                found.append(picked[k][0])
+    return min(found) if found else None
+
+
 def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation, y=None, binary=(), coef=None,
                   weight=None, active=None):
     """S replicas' outputs ``out[S, B, T]`` from their first layer's GEMM ``Y[S, B, C]`` (``C = E * H +
