@@ -8,7 +8,17 @@ import time
 from ..checkpoint import save
 from ..data import census_spec, load_splits
 from ..features import num_rows
-from .common import fmt, main_score, markdown_table, mean_std, output_dir, paired, train_run, write_outputs
+from .common import (
+    fmt,
+    main_score,
+    markdown_table,
+    mean_std,
+    output_dir,
+    paired,
+    train_run,
+    train_runs,
+    write_outputs,
+)
 
 # Main-task test AUC of the paper's MMoE on census-income (best run, mean over runs), from its Tables 1 and 2.
 PAPER_CENSUS_MAIN_AUC = {1: {"mmoe": (0.9410, 0.9359)}, 2: {"mmoe": (0.8860, 0.8826)}}
@@ -35,15 +45,34 @@ def census_learning_rates(args: argparse.Namespace, splits: dict) -> tuple[dict[
     seed = args.seed + PILOT_SEED_OFFSET
     chosen, pilots = {}, []
     for name in args.models:
-        for lr in args.lr_grid:
-            _, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                               progress=args.progress)
+        for (_, rec), lr in zip(_runs(name, splits, [(seed, lr) for lr in args.lr_grid], args), args.lr_grid):
             pilots.append({"model": name, "lr": lr, "seed": seed, "val": rec["val"],
                            "score": main_score(rec["val"][0])})
             print(f"pilot {name} lr={lr:g}: main validation AUC {fmt(rec['val'][0]['auc'])}", flush=True)
         chosen[name] = max((r for r in pilots if r["model"] == name), key=lambda r: r["score"])["lr"]
     print("learning rates: " + ", ".join(f"{n} {lr:g}" for n, lr in chosen.items()), flush=True)
     return chosen, pilots
+
+
+def _runs(name: str, splits: dict, runs: list[tuple[int, float]], args: argparse.Namespace,
+          on_done=None) -> list[tuple]:
+    """``(model, record)`` of ``name`` trained once per ``(seed, lr)`` of ``runs``: as one ``fit_many`` job where
+    the inputs are one tensor (MMoE, OMoE and Shared-Bottom then train packed, 2.5x faster a run here), else run
+    by run (feature columns). A diverged run is an error naming it, as ``fit``'s."""
+    if isinstance(splits["x_train"], dict):
+        done = []
+        for seed, lr in runs:
+            done.append(train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                                  progress=args.progress))
+            if on_done is not None:
+                on_done(len(done) - 1, done[-1][1])
+        return done
+    done = train_runs(name, [(splits, seed, lr) for seed, lr in runs], epochs=args.epochs,
+                      batch_size=args.batch_size, progress=args.progress, on_done=on_done)
+    for _, rec in done:
+        if rec["error"]:
+            raise FloatingPointError(f"{name} seed={rec['seed']}: {rec['error']}")
+    return done
 
 
 def reproduce_census(args: argparse.Namespace) -> int:
@@ -61,18 +90,17 @@ def reproduce_census(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     lrs, pilots = census_learning_rates(args, splits)
     runs = []
+
+    def report(_, rec):
+        runs.append(rec)
+        print(f"[{len(runs)}/{len(seeds) * len(args.models)}] {rec['model']} seed={rec['seed']}: val AUC "
+              f"{fmt(rec['val'][0]['auc'])}/{fmt(rec['val'][1]['auc'])}, test AUC "
+              f"{fmt(rec['test'][0]['auc'])}/{fmt(rec['test'][1]['auc'])} ({rec['seconds']:.1f} s)", flush=True)
+
     for name in args.models:
-        best = None
-        for seed in seeds:
-            model, rec = train_run(name, splits, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=lrs[name], progress=args.progress)
-            runs.append(rec)
-            print(f"[{len(runs)}/{len(seeds) * len(args.models)}] {name} seed={seed}: val AUC "
-                  f"{fmt(rec['val'][0]['auc'])}/{fmt(rec['val'][1]['auc'])}, test AUC "
-                  f"{fmt(rec['test'][0]['auc'])}/{fmt(rec['test'][1]['auc'])} ({rec['seconds']:.1f} s)", flush=True)
-            if best is None or main_score(rec["val"][0]) > main_score(best["val"][0]):
-                best = rec
-                save(model, out / f"best_{name}.pt", data=spec)
+        done = _runs(name, splits, [(seed, lrs[name]) for seed in seeds], args, on_done=report)
+        model, _ = max(done, key=lambda d: main_score(d[1]["val"][0]))  # the first of equals, as before
+        save(model, out / f"best_{name}.pt", data=spec)
     seconds = time.perf_counter() - start
 
     rows, summary = [], {}

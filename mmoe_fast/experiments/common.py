@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import files
+from ..features import num_rows
 from ..models import build_model
 from ..train import evaluate_metrics, fit, json_safe
 from ..train_many import fit_many
@@ -77,8 +78,9 @@ def train_runs(name: str, runs: Sequence[tuple[dict, int, float]], *, epochs: in
     diverged (its history then ends before the others'). ``on_done(i, record)`` after each job, per run."""
     out: list[tuple[nn.Module, dict]] = []
     rows = runs[0][0]["x_train"] if runs else None
-    per_run = rows.numel() * rows.element_size() if rows is not None else 1
-    at_once = max(1, min(RUNS_AT_ONCE, JOB_BYTES // per_run))  # each run's own data is stacked for its job
+    per_run = num_rows(rows) * _row_bytes(rows) if rows is not None else 1
+    shared = all(splits is runs[0][0] for splits, _, _ in runs)  # one data set: not stacked per run
+    at_once = RUNS_AT_ONCE if shared else max(1, min(RUNS_AT_ONCE, JOB_BYTES // per_run))
     for first in range(0, len(runs), at_once):
         job = runs[first : first + at_once]
         models = []
@@ -107,6 +109,12 @@ def train_runs(name: str, runs: Sequence[tuple[dict, int, float]], *, epochs: in
             if on_done is not None:
                 on_done(first + k, record)
     return out
+
+
+def _row_bytes(x) -> int:
+    """Bytes of one row of ``x`` (a tensor, or a dict of feature columns)."""
+    parts = x.values() if isinstance(x, dict) else [x]
+    return sum(t[:1].numel() * t.element_size() for t in parts)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
