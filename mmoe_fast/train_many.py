@@ -8,6 +8,7 @@ thread: ``python benchmarks/bench_fit_many.py`` measures the gain per run-step.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -82,6 +83,94 @@ class _Data:
         return self.shared if self.shared is not None else self.stacked
 
 
+# Fewer runs than this train one by one rather than as a FuncStack: vmap's per-step cost pays off only over many
+# (paper-sized models, 2 threads, per run-step, 30-step calls: PLE 4.6 ms vs 3.9 one by one at S = 8, 1.2 vs 3.7
+# at S = 64; two-layer MMoE 1.9 vs 1.8 and 0.96 vs 1.8; Cross-Stitch 1.1 vs 1.6 and 0.36 vs 1.9).
+VMAP_MIN_RUNS = 16
+
+
+class FuncStack:
+    """S models of one architecture trained as one through ``torch.func``: their weights stacked
+    (``stack_module_state``), a step is ``vmap(grad(...))`` of ``functional_call`` over the model's own forward,
+    whose fused ops run through their vmap rules (on the C++ backend: every op's kernels over the S replicas in
+    one call). The interface of ``ReplicaStack`` (``params``, ``step``, ``forward``, ``write_back``), for any
+    model ``vmap`` can run: ``why_not_vmapped`` says which."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        params, buffers = torch.func.stack_module_state(list(models))
+        self.names = list(params)
+        self.params = [params[n].detach() for n in self.names]
+        self.buffers = {k: v.detach() for k, v in buffers.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.task_types = tuple(models[0].task_types)
+        self.S = len(models)
+
+        def loss(p, b, x, y, coef):
+            sums = task_losses(torch.func.functional_call(self.base, (p, b), (x,)), y, self.task_types,
+                               reduction="sum")
+            return (coef * sums).sum(), sums
+
+        self._step = torch.func.vmap(torch.func.grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, None))
+        self._outputs = {dim: torch.func.vmap(lambda p, b, x: torch.func.functional_call(self.base, (p, b), (x,)),
+                                              in_dims=(0, 0, dim)) for dim in (None, 0)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def step(self, x: Tensor, y: Tensor, coef: Tensor, active: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``(sums[S, T] float64, grads)``, as ``ReplicaStack.step`` (every replica computed; ``active`` unused:
+        a stopped run's gradients are not applied)."""
+        self.base.train()
+        grads, sums = self._step(dict(zip(self.names, self.params)), self.buffers, x, y.to(self.dtype),
+                                 coef.to(self.dtype))
+        return sums.double(), [grads[n] for n in self.names]
+
+    def finite(self, sums: Tensor, grads: list[Tensor]) -> Tensor:
+        """``[S]``: whether each replica's loss sums and gradients are finite."""
+        total = sums.sum(1)
+        for g in grads:
+            total = total + g.reshape(self.S, -1).sum(1, dtype=torch.float64)
+        return torch.isfinite(total)
+
+    def forward(self, x: Tensor, chunk: int = 4096) -> Tensor:
+        """``out[S, N, T]`` on the same rows ``x[N, D]`` or each replica's ``x[S, N, D]`` (eval mode)."""
+        self.base.eval()
+        p = dict(zip(self.names, self.params))
+        with torch.no_grad():
+            if x.dim() == 2:
+                parts = [self._outputs[None](p, self.buffers, x[i : i + chunk]) for i in range(0, len(x), chunk)]
+            else:
+                parts = [self._outputs[0](p, self.buffers, x[:, i : i + chunk]) for i in range(0, x.shape[1], chunk)]
+        return torch.cat(parts, 1)
+
+    def write_back(self, models: Sequence[nn.Module]) -> None:
+        """Copy replica s's weights into ``models[s]``."""
+        with torch.no_grad():
+            for s, model in enumerate(models):
+                named = dict(model.named_parameters())
+                for name, stacked in zip(self.names, self.params):
+                    named[name].copy_(stacked[s])
+
+
+def why_not_vmapped(models: Sequence[nn.Module], x: Tensor, y: Tensor) -> str | None:
+    """Why ``models`` cannot train as one ``FuncStack`` (a sentence), or None: one architecture, a model with
+    ``task_types``, and a probe step and forward on two rows of ``x``, ``y`` that ``vmap`` runs (randomness such
+    as dropout, a buffer updated in place such as batch norm's, data-dependent control flow: refused)."""
+    if not isinstance(x, Tensor) or not all(hasattr(m, "task_types") for m in models):
+        return "the inputs are not one tensor, or a model has no task_types"
+    try:
+        stack = FuncStack(models)
+        rows = x[:2] if x.dim() == 2 else x[:, :2]
+        xs = rows.expand(len(models), *rows.shape) if x.dim() == 2 else rows
+        ys = (y[:2] if y.dim() == 2 else y[:, :2]).expand(len(models), 2, y.shape[-1])
+        stack.step(xs.to(stack.dtype), ys, torch.ones(ys.shape[-1]))
+        stack.forward(xs)
+    except Exception as exc:  # noqa: BLE001 - any failure means: train them one by one
+        return f"torch.func cannot run them ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
     """Consecutive stretches ``[a, b)`` of sorted ``indices``."""
     out: list[tuple[int, int]] = []
@@ -113,9 +202,12 @@ def fit_many(
       weights are the models' own.
     - ``packed``: None (default) packs the runs into one ``ReplicaStack`` where they can be (MMoE, OMoE or
       Shared-Bottom with one expert/bottom layer and plain towers, one architecture, float32/float64 on the CPU,
-      the C++ kernels built) and otherwise trains them one after another with ``fit``; True refuses (ValueError,
-      saying why) what cannot be packed; False always runs them one by one. Both give each run's ``fit``
-      results within floating-point rounding (the packed step sums in another order).
+      the C++ kernels built); otherwise trains them as one ``FuncStack`` (``torch.func``: any model ``vmap`` runs,
+      its fused ops through their replica kernels) where ``why_not_vmapped`` allows and there are at least
+      ``VMAP_MIN_RUNS`` runs, else one after another with
+      ``fit``. True refuses (ValueError, saying why) what cannot be packed; False always runs them one by one.
+      Each gives each run's ``fit`` results within floating-point rounding (sums in another order); each
+      result's ``engine`` says which ran ("packed", "vmapped", "one by one").
     - ``epochs``, ``batch_size``, ``steps``, ``loss_weights``, ``optimizer`` ("adam" or "adamw", fused as fit's),
       ``weight_decay``, ``main_task``, ``patience``: as ``fit``'s, the same for every run.
     """
@@ -136,9 +228,14 @@ def fit_many(
     data = [_Data(v, S, n, dtype, per_run_data) for v, n in ((x, "x"), (y, "y"), (x_val, "x_val"), (y_val, "y_val"))]
     common = dict(epochs=epochs, batch_size=batch_size, steps=steps, loss_weights=loss_weights, optimizer=optimizer,
                   weight_decay=weight_decay, main_task=main_task, patience=patience)
-    if packed is False or reason is not None:
+    if packed is False:
         return _one_by_one(models, data, lrs, seeds, common, progress, log)
-    return _packed(models, data, lrs, seeds, common, progress, log)
+    if reason is None:
+        return _packed(models, data, lrs, seeds, common, progress, log, ReplicaStack(models, checked=True), "packed")
+    X, Y = data[0], data[1]
+    if S < VMAP_MIN_RUNS or why_not_vmapped(models, *(d.all_rows() for d in (X, Y))) is not None:
+        return _one_by_one(models, data, lrs, seeds, common, progress, log)
+    return _packed(models, data, lrs, seeds, common, progress, log, FuncStack(models), "vmapped")
 
 
 def _one_by_one(models, data, lrs, seeds, common, progress, log) -> list[dict]:
@@ -151,9 +248,10 @@ def _one_by_one(models, data, lrs, seeds, common, progress, log) -> list[dict]:
                 history = fit(model, xs, ys, x_val=xv, y_val=yv, lr=lrs[s], seed=seeds[s], progress=False,
                               log=lambda _: None, **common)
                 stopped = common["patience"] is not None and _stopped(history, common)
-                results.append({"history": history, "error": None, "stopped_early": stopped})
+                results.append({"history": history, "error": None, "stopped_early": stopped, "engine": "one by one"})
             except FloatingPointError as exc:
-                results.append({"history": getattr(exc, "history", []), "error": str(exc), "stopped_early": False})
+                results.append({"history": getattr(exc, "history", []), "error": str(exc), "stopped_early": False,
+                                "engine": "one by one"})
             bar.update()
     log(_summary(results))
     return results
@@ -173,7 +271,7 @@ def _summary(results: list[dict]) -> str:
     return f"fit_many: {len(results)} runs, {bad} diverged, {early} stopped early"
 
 
-def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
+def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str) -> list[dict]:
     X, Y, XV, YV = data
     S = len(models)
     model = models[0]
@@ -190,7 +288,6 @@ def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
                             main_task, patience, None, None, batch_size, common["steps"])
         except ValueError as exc:
             raise ValueError(f"run {s}: {exc}") from None
-    stack = ReplicaStack(models, checked=True)
     params = stack.params
     exp_avgs = [torch.zeros_like(p) for p in params]
     exp_avg_sqs = [torch.zeros_like(p) for p in params]
@@ -202,7 +299,7 @@ def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
     gens = [torch.Generator().manual_seed(sd) for sd in seeds]
     higher_is_better = task_types[main_task] == "binary"
     main_metric = "auc" if higher_is_better else "mse"
-    results = [{"history": [], "error": None, "stopped_early": False} for _ in range(S)]
+    results = [{"history": [], "error": None, "stopped_early": False, "engine": engine} for _ in range(S)]
     active = [True] * S
     best: list = [None] * S
     best_state: list = [None] * S
@@ -210,7 +307,7 @@ def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
     step, epoch = 0, 1  # epochs count from 1, as fit's
     coefs: dict[int, Tensor] = {}  # the loss gradient's scale per batch size
     plans: dict[tuple, list] = {}
-    bar = tqdm(total=total, desc=f"{S} runs, packed", disable=not progress)
+    bar = tqdm(total=total, desc=f"{S} runs, {engine}", disable=not progress)
 
     def stop(s: int, message: str) -> None:
         active[s] = False
@@ -232,7 +329,8 @@ def _packed(models, data, lrs, seeds, common, progress, log) -> list[dict]:
                     coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
                 sums, grads = stack.step(xb, yb, coefs[rows], None if all(active) else torch.tensor(active))
                 # One check per run: its loss sums and bias gradient (the column sums of its dY) finite.
-                finite = torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64))
+                finite = (stack.finite(sums, grads) if hasattr(stack, "finite") else
+                          torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64)))
                 if not bool(finite.all()):
                     for s in (~finite).nonzero().flatten().tolist():
                         if active[s]:

@@ -299,3 +299,71 @@ def test_fit_many_refuses_bad_input_by_name():
             bad = y.clone()
             bad[3, 1] = float("nan")
             fit_many(models, [x, x], [y, bad], packed=True, **quiet)
+
+
+@pytest.mark.parametrize("name,options", [("mmoe", dict(expert_hidden=(5, 4))), ("ple", {}), ("cross-stitch", {}),
+                                          ("single-task", {})])
+def test_fit_many_vmapped_equals_separate_fit_runs(name, options, monkeypatch):
+    """Models the replicas cannot pack train as one FuncStack (torch.func over the fused ops' vmap rules): each
+    run's history and weights equal its own fit's in float64, per-run data, learning rates and orders,
+    validation and early stopping included."""
+    from mmoe_fast import train_many
+
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    S = 3
+    models = _models(name, S, task_types=["regression", "binary"], **options)
+    copies = copy.deepcopy(models)
+    xs, ys = _data(S)
+    xv, yv = _data(S, n=30, seed=1)
+    lrs, seeds = [1e-3, 1e-2, 3e-3], [3, 4, 5]
+    kw = dict(epochs=3, batch_size=16, weight_decay=0.01, loss_weights=[1.0, 0.5], patience=1)
+    results = fit_many(models, xs, ys, x_val=xv, y_val=yv, lr=lrs, seed=seeds, progress=False, log=lambda _: None,
+                       **kw)
+    assert [r["engine"] for r in results] == ["vmapped"] * S
+    alone = _separately(copies, xs, ys, lrs, seeds, x_val=xv, y_val=yv, **kw)
+    _same_runs(models, copies, results, alone, 1e-9)
+
+
+def test_a_diverging_vmapped_run_stops_alone(monkeypatch):
+    from mmoe_fast import train_many
+
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    S = 3
+    models = _models("ple", S, dtype=torch.float32, task_types=["regression", "regression"])
+    copies = copy.deepcopy(models)
+    xs, ys = _data(S, dtype=torch.float32)
+    ys = [y.clone() for y in ys]
+    ys[1][:, 1] = 3e19  # its squared error overflows float32: a non-finite loss at the first step
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-3, seed=0, progress=False, log=lambda _: None)
+    assert [r["engine"] for r in results] == ["vmapped"] * S
+    alone = _separately(copies, xs, ys, [1e-3] * S, [0] * S, epochs=2, batch_size=16)
+    assert "diverged" in results[1]["error"] and results[1]["history"] == []
+    _same_runs(models, copies, results, alone, 2e-4)
+
+
+class _Dropped(torch.nn.Module):
+    """A model vmap cannot run as fit does (dropout draws randomness)."""
+
+    task_types = ("regression", "regression")
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_models_vmap_cannot_run_or_too_few_runs_train_one_by_one(monkeypatch):
+    from mmoe_fast import train_many
+
+    x, y = torch.randn(40, 6), torch.randn(40, 2)
+    assert "torch.func cannot run them" in train_many.why_not_vmapped([_Dropped(), _Dropped()], x, y)
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    results = fit_many([_Dropped(), _Dropped()], x, y, epochs=1, batch_size=20, progress=False, log=lambda _: None)
+    assert [r["engine"] for r in results] == ["one by one"] * 2
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 3)
+    plain = _models("ple", 2, dtype=torch.float32, task_types=["regression", "regression"])
+    assert train_many.why_not_vmapped(plain, x, y) is None
+    results = fit_many(plain, x, y, epochs=1, batch_size=20, progress=False, log=lambda _: None)
+    assert [r["engine"] for r in results] == ["one by one"] * 2  # fewer runs than VMAP_MIN_RUNS
