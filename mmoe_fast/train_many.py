@@ -159,6 +159,8 @@ def why_not_vmapped(models: Sequence[nn.Module], x: Tensor, y: Tensor) -> str | 
     as dropout, a buffer updated in place such as batch norm's, data-dependent control flow: refused)."""
     if not isinstance(x, Tensor) or not all(hasattr(m, "task_types") for m in models):
         return "the inputs are not one tensor, or a model has no task_types"
+    if any(not p.requires_grad for m in models for p in m.parameters()):
+        return "a model freezes a parameter (fit leaves it as it is; the stack would train it)"
     try:
         stack = FuncStack(models)
         rows = x[:2] if x.dim() == 2 else x[:, :2]

@@ -367,3 +367,5 @@ def test_models_vmap_cannot_run_or_too_few_runs_train_one_by_one(monkeypatch):
     assert train_many.why_not_vmapped(plain, x, y) is None
     results = fit_many(plain, x, y, epochs=1, batch_size=20, progress=False, log=lambda _: None)
     assert [r["engine"] for r in results] == ["one by one"] * 2  # fewer runs than VMAP_MIN_RUNS
+    plain[0].towers.requires_grad_(False)
+    assert "freezes" in train_many.why_not_vmapped(plain, x, y)
