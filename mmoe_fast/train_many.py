@@ -84,8 +84,8 @@ class _Data:
 
 
 # Fewer runs than this train one by one rather than as a FuncStack: vmap's per-step cost pays off only over many
-# (paper-sized models, 2 threads, per run-step, 30-step calls: PLE 4.6 ms vs 3.9 one by one at S = 8, 1.2 vs 3.7
-# at S = 64; two-layer MMoE 1.9 vs 1.8 and 0.96 vs 1.8; Cross-Stitch 1.1 vs 1.6 and 0.36 vs 1.9).
+# (paper-sized models, 2 threads, per run-step, 30-step calls: at S = 8 PLE 4.6 ms vmapped vs 3.9 one by one,
+# a two-layer MMoE 1.9 vs 1.8; at S = 64 2.2-4x faster, benchmarks/bench_fit_many_models.py).
 VMAP_MIN_RUNS = 16
 
 
