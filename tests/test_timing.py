@@ -136,3 +136,21 @@ def test_the_many_runs_benchmark_runs_and_its_vmap_rules_agree(monkeypatch):
     replicas, loop = fns["torch.func vmap S=2"].params, fns["torch.func vmap, loop rule S=2"].params
     for key in replicas:
         assert (replicas[key] - loop[key]).abs().max() <= 1e-6 * (1 + loop[key].abs().max()), key
+
+
+def test_the_benchmark_of_fit_many_on_other_models_runs(monkeypatch):
+    """benchmarks/bench_fit_many_models.py's contenders, tiny: every one runs and says its engine."""
+    import importlib.util
+
+    from mmoe_fast import train_many
+
+    spec = importlib.util.spec_from_file_location("bench_fit_many_models",
+                                                  ROOT / "benchmarks" / "bench_fit_many_models.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    fns, per_call, engines = bench.contenders([2], 1)
+    for fn in fns.values():
+        fn()
+    assert set(engines.values()) == {"vmapped"} and len(engines) == len(bench.KINDS)
+    assert all(per_call[(kind, "one by one")] == bench.ONE_BY_ONE for kind in bench.KINDS)
