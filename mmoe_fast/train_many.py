@@ -155,12 +155,15 @@ class FuncStack:
 
 def why_not_vmapped(models: Sequence[nn.Module], x: Tensor, y: Tensor) -> str | None:
     """Why ``models`` cannot train as one ``FuncStack`` (a sentence), or None: one architecture, a model with
-    ``task_types``, and a probe step and forward on two rows of ``x``, ``y`` that ``vmap`` runs (randomness such
-    as dropout, a buffer updated in place such as batch norm's, data-dependent control flow: refused)."""
+    ``task_types``, every parameter trained, no ``extra_loss``, and a probe step and forward on two rows of ``x``,
+    ``y`` that ``vmap`` runs (randomness such as dropout, a buffer updated in place such as batch norm's,
+    data-dependent control flow: refused)."""
     if not isinstance(x, Tensor) or not all(hasattr(m, "task_types") for m in models):
         return "the inputs are not one tensor, or a model has no task_types"
     if any(not p.requires_grad for m in models for p in m.parameters()):
         return "a model freezes a parameter (fit leaves it as it is; the stack would train it)"
+    if any(callable(getattr(m, "extra_loss", None)) for m in models):
+        return "a model has an extra_loss (fit adds it to the loss; the stack's loss is the tasks' alone)"
     try:
         stack = FuncStack(models)
         rows = x[:2] if x.dim() == 2 else x[:, :2]

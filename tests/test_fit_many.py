@@ -233,15 +233,19 @@ def test_fit_many_per_run_data_as_one_tensor_and_float32():
 
 
 @needs_cpp
-def test_a_diverging_run_stops_alone_with_its_last_finite_weights():
+@pytest.mark.parametrize("name,engine", [("mmoe", "packed"), ("ple", "vmapped")])
+def test_a_diverging_run_stops_alone_with_its_last_finite_weights(name, engine, monkeypatch):
+    from mmoe_fast import train_many
+
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
     S = 3
-    models = _models("mmoe", S, dtype=torch.float32, task_types=["regression", "regression"])
+    models = _models(name, S, dtype=torch.float32, task_types=["regression", "regression"])
     copies = copy.deepcopy(models)
     xs, ys = _data(S, dtype=torch.float32)
     ys = [y.clone() for y in ys]
     ys[1][:, 1] = 3e19  # its squared error overflows float32: a non-finite loss at the first step
-    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-3, seed=0, packed=True, progress=False,
-                       log=lambda _: None)
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-3, seed=0, progress=False, log=lambda _: None)
+    assert [r["engine"] for r in results] == [engine] * S
     alone = _separately(copies, xs, ys, [1e-3] * S, [0] * S, epochs=2, batch_size=16)
     assert "diverged" in results[1]["error"] and results[1]["history"] == []
     assert alone[1][1] is not None
@@ -324,23 +328,6 @@ def test_fit_many_vmapped_equals_separate_fit_runs(name, options, monkeypatch):
     _same_runs(models, copies, results, alone, 1e-9)
 
 
-def test_a_diverging_vmapped_run_stops_alone(monkeypatch):
-    from mmoe_fast import train_many
-
-    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
-    S = 3
-    models = _models("ple", S, dtype=torch.float32, task_types=["regression", "regression"])
-    copies = copy.deepcopy(models)
-    xs, ys = _data(S, dtype=torch.float32)
-    ys = [y.clone() for y in ys]
-    ys[1][:, 1] = 3e19  # its squared error overflows float32: a non-finite loss at the first step
-    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-3, seed=0, progress=False, log=lambda _: None)
-    assert [r["engine"] for r in results] == ["vmapped"] * S
-    alone = _separately(copies, xs, ys, [1e-3] * S, [0] * S, epochs=2, batch_size=16)
-    assert "diverged" in results[1]["error"] and results[1]["history"] == []
-    _same_runs(models, copies, results, alone, 2e-4)
-
-
 class _Dropped(torch.nn.Module):
     """A model vmap cannot run as fit does (dropout draws randomness)."""
 
@@ -369,3 +356,21 @@ def test_models_vmap_cannot_run_or_too_few_runs_train_one_by_one(monkeypatch):
     assert [r["engine"] for r in results] == ["one by one"] * 2  # fewer runs than VMAP_MIN_RUNS
     plain[0].towers.requires_grad_(False)
     assert "freezes" in train_many.why_not_vmapped(plain, x, y)
+
+
+def test_a_model_with_an_extra_loss_trains_one_by_one_as_fit(monkeypatch):
+    """L2-Constrained adds its penalty through extra_loss, which fit minimizes too: not as a FuncStack (whose
+    loss is the tasks' alone), so the runs equal fit's, penalty included."""
+    from mmoe_fast import train_many
+
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    models = _models("l2-constrained", 2, task_types=["regression", "binary"])
+    copies = copy.deepcopy(models)
+    xs, ys = _data(2)
+    assert "extra_loss" in train_many.why_not_vmapped(models, xs[0], ys[0])
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-2, seed=[1, 2], progress=False,
+                       log=lambda _: None)
+    assert [r["engine"] for r in results] == ["one by one"] * 2
+    assert all("train_extra_loss" in rec for r in results for rec in r["history"])
+    _same_runs(models, copies, results, _separately(copies, xs, ys, [1e-2] * 2, [1, 2], epochs=2, batch_size=16),
+               1e-15)
