@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.threads} threads, torch {torch.__version__}, {timing.conditions()}; D={D}, T={T} regression, "
              f"B={B}, float32, {args.steps} steps per run and call, setup included; per run-step, best of "
              f"{args.passes} interleaved passes' medians; VMAP_MIN_RUNS = {train_many.VMAP_MIN_RUNS} (fewer runs: "
-             "one by one). In brackets: the engine that ran, and one-by-one's time over this.", "",
+             "one by one). In brackets: the engine that ran, and one-by-one's time over this. Against fit run by run "
+             "only: these models have no hand-stacked form here, and no GEMM limit is computed (bench_fit_many.py "
+             "has both for the packable MMoE).", "",
              f"| model | one by one ({ONE_BY_ONE} runs) | {header} |", "|---|---|" + "---|" * len(sizes)]
     for kind in KINDS:
         alone = per_step[(kind, "one by one")]
