@@ -143,6 +143,9 @@ def _looped(op):
     return rule
 
 
+_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _replicas_vmap(op, kernel: str, backend_at: int):
     """A vmap rule for ``op`` that runs the backend's ``<kernel>_replicas`` (every slice of the vmapped dimension
     in one call: S small models fill the cores) where the backend has it, else one call per slice. The backend
@@ -156,8 +159,11 @@ def _replicas_vmap(op, kernel: str, backend_at: int):
         at = backend_at % len(args)
         be = backends.resolve(args[at], args[0].device, args[0].dtype)
         replicas = getattr(be, f"{kernel}_replicas", None)
-        if replicas is None or S < 1 or any(a is not None and a.numel() == 0 for a in args[:n]):
-            return loop(info, in_dims, *args)  # empty inputs: the reference backend's, as outside vmap
+        if (replicas is None or S < 1 or any(a is not None and a.numel() == 0 for a in args[:n])
+                or any(a is not None and _wrapped(a) for a in args[:n])):
+            # empty inputs: the reference backend's, as outside vmap; tensors still wrapped by an outer transform
+            # (nested vmap, grad of vmap): the op per slice, which that transform then handles
+            return loop(info, in_dims, *args)
         tensors = [None if a is None else _dense(a.movedim(d, 0) if d is not None else a)
                    for a, d in zip(args[:n], in_dims[:n])]
         per = tuple(d is not None for d in in_dims[:n])
