@@ -169,6 +169,12 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   MMOE_DISPATCH(model.isa, Kern<T>::session_run(model, x, out, B, sc))
 }
 
+template <typename T>
+void live_run(const LiveModel<T>& model, const T* x, T* out, int64_t B) {
+  thread_local Scratch<T> sc;
+  MMOE_DISPATCH(active_isa(), Kern<T>::live_run(model, x, out, B, sc))
+}
+
 #define MMOE_INSTANTIATE(T)                                                                                      \
   template void gate_softmax<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);            \
   template void mixture_forward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, T*, T*, T*, \
@@ -185,6 +191,7 @@ void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \
   template void replicas_step<T>(const ReplicaStep<T>&);                                                          \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);                                                 \
+  template void live_run<T>(const LiveModel<T>&, const T*, T*, int64_t);                                        \
   template void towers_forward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,      \
                                   const T* const*, T*, T*);                                                      \
   template void towers_backward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,     \

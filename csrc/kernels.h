@@ -41,10 +41,10 @@ void advise_huge_pages(void* p, size_t bytes);
 
 // Per-thread buffers that grow and are kept: a call allocates nothing once a thread has warmed up.
 // Slots 0-3 serve the work inside a parallel region (every thread its own), 4-7 the calling thread's
-// whole-call buffers shared with its team.
+// whole-call buffers shared with its team, 8 a weight panel copied for reuse (Kern::reused_panel).
 template <typename T>
 T* scratch(int slot, size_t n) {
-  thread_local std::vector<T> bufs[8];
+  thread_local std::vector<T> bufs[9];
   if (bufs[slot].size() < n) {
     bufs[slot] = std::vector<T>();
     bufs[slot].reserve(n);
@@ -74,6 +74,29 @@ struct Model {
   Grouped<T> mixture;
   Grouped<T> gate;  // every gate's weights as one layer of gates * E columns
   std::vector<std::vector<Grouped<T>>> towers;  // per task: nn.Linear layers as one-expert layers
+};
+
+// A model read in place, in the ops' layout, for a no-grad forward: expert layers W[E, K, N] and b[E, N] (or
+// null), gates wg[gates, D, E] and bg[gates, E] (or null), tower layers as nn.Linear's weight [N, K] and bias
+// [N] (or null). act: the activation after the layer (towers: relu, the last identity).
+template <typename T>
+struct LiveLayer {
+  const T* w = nullptr;
+  const T* b = nullptr;
+  int64_t E = 1, K = 0, N = 0;
+  int act = kRelu;
+};
+
+// Hidden expert layers (the first on x), then a gated mixture (gates > 0; none: Shared-Bottom, the last hidden
+// layer with E = 1 feeds the towers), then one tower per task.
+template <typename T>
+struct LiveModel {
+  int64_t in_features = 0, tasks = 0, gates = 0;
+  std::vector<LiveLayer<T>> hidden;
+  LiveLayer<T> mixture;
+  const T* wg = nullptr;
+  const T* bg = nullptr;
+  std::vector<std::vector<LiveLayer<T>>> towers;
 };
 
 template <typename T>
@@ -197,5 +220,8 @@ template <typename T>
 void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out);
 template <typename T>
 void session_run(const Model<T>& model, const T* x, T* out, int64_t B);
+// The same forward on weights read in place (see LiveModel): a Session's bits without packing them first.
+template <typename T>
+void live_run(const LiveModel<T>& model, const T* x, T* out, int64_t B);
 
 }  // namespace mmoe

@@ -293,6 +293,18 @@ struct Kern {
     return Panels{w, rem ? tail : nullptr, bias, E, Kd, N, P, false};
   }
 
+  // A panel read in place (row stride ldw = N) that several register tiles of rows [r0, r0 + rows) will read:
+  // copied once into a contiguous [K][NR] buffer of this thread. Read in place, its rows N values apart alias
+  // in L1 (at N = 256 every fourth row maps to the same sets: a 128-row panel does not stay there); a packed
+  // Session's panels are contiguous already. The same values in the same order: the same bits.
+  static const T* reused_panel(const T* wp, int64_t* ldw, int64_t Kd, int64_t rows) {
+    if (*ldw == NR || rows <= MR) return wp;
+    T* buf = scratch<T>(8, static_cast<size_t>(Kd * NR));
+    for (int64_t k = 0; k < Kd; ++k) std::memcpy(buf + k * NR, wp + k * *ldw, sizeof(T) * NR);
+    *ldw = NR;
+    return buf;
+  }
+
   // a's rows for expert e: a[B, K] shared (stride K) or a[B, E, K] (stride E*K, offset e*K).
   static const T* rows_of(const T* a, bool shared, int64_t e, int64_t Kd) { return shared ? a : a + e * Kd; }
   static int64_t lda_of(bool shared, int64_t E, int64_t Kd) { return shared ? Kd : E * Kd; }
@@ -348,7 +360,7 @@ struct Kern {
     }
     for (int64_t e = 0; e < E; ++e) {
       int64_t ldw;
-      const T* wp = w.get(e, p, &ldw);
+      const T* wp = reused_panel(w.get(e, p, &ldw), &ldw, Kd, r1 - r0);
       const T* bp = w.bias + e * w.P * NR + h0;
       for (int64_t r = r0; r < r1; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
@@ -401,7 +413,7 @@ struct Kern {
     }
     for (int64_t e = 0; e < E; ++e) {
       int64_t ldw;
-      const T* wp = w.get(e, p, &ldw);
+      const T* wp = reused_panel(w.get(e, p, &ldw), &ldw, Kd, r1 - r0);
       const T* bp = w.bias + e * w.P * NR + h0;
       for (int64_t r = r0; r < r1; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
@@ -423,12 +435,15 @@ struct Kern {
   // packed into panels like an expert: w[P][D][NR], b[P*NR], zero-padded.
   static void pack_gate(const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, T* w, T* b) {
     const int64_t N = nT * E, P = panels(N);
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t j = 0; j < NR; ++j) {
-          const int64_t c = p * NR + j;
-          w[(p * D + d) * NR + j] = c < N ? wg[((c / E) * D + d) * E + c % E] : T(0);
-        }
+    for (int64_t c = 0; c < P * NR; ++c) {  // column by column: one division per column, not per value
+      T* o = w + (c / NR) * D * NR + c % NR;
+      if (c >= N) {
+        for (int64_t d = 0; d < D; ++d) o[d * NR] = T(0);
+        continue;
+      }
+      const T* src = wg + (c / E) * D * E + c % E;
+      for (int64_t d = 0; d < D; ++d) o[d * NR] = src[d * E];
+    }
     for (int64_t c = 0; c < P * NR; ++c) b[c] = (bg && c < N) ? bg[c] : T(0);
   }
 
@@ -842,21 +857,36 @@ struct Kern {
     });
   }
 
-  // ---- an InferenceSession's whole model ----------------------------------------------------------
+  // ---- a whole model's forward: an InferenceSession's (packed) or a no-grad forward's (read in place) --------
+  // One layer as the whole-model forward runs it.
+  struct NetLayer {
+    Panels w;
+    int act;
+  };
+  // Hidden expert layers (the first on x), a gated mixture (gates > 0) or none (Shared-Bottom), then per task
+  // its tower's layers (one-expert layers, NR-padded panels). widest: a tower layer's padded width.
+  struct Net {
+    std::vector<NetLayer> hidden;
+    NetLayer mixture{};
+    Panels gate{};
+    int64_t gates = 0, in_features = 0, tasks = 0, widest = 1;
+    std::vector<std::vector<NetLayer>> towers;
+  };
+
   // Task t's tower on rows [r0, r1) of its input (stride lda): each nn.Linear on the register tile,
   // through two buffers of RB rows x the widest padded layer; out[b, t] is the last layer's column 0.
-  static void tower_block(const std::vector<Grouped<T>>& tower, const T* in, int64_t lda, int64_t r0, int64_t r1,
+  static void tower_block(const std::vector<NetLayer>& tower, const T* in, int64_t lda, int64_t r0, int64_t r1,
                           int64_t tasks, int64_t t, T* out, T* buf0, T* buf1) {
     alignas(64) T pre[MR * NR];
     alignas(64) T f[NR];
     const int64_t rn = r1 - r0;
-    for (const Grouped<T>& l : tower) {
-      const Panels w = session_panels(l);
+    for (const NetLayer& l : tower) {
+      const Panels& w = l.w;
       const int64_t ldo = w.P * NR;
       for (int64_t r = 0; r < rn; r += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
         for (int64_t p = 0; p < w.P; ++p) {
-          tile_rows(mr, in + r * lda, lda, w.w + p * l.K * NR, NR, l.K, pre);
+          tile_rows(mr, in + r * lda, lda, w.w + p * w.Kd * NR, NR, w.Kd, pre);
           for (int i = 0; i < mr; ++i) {
             T* z = pre + i * NR;
             for (int j = 0; j < NR; ++j) z[j] += w.bias[p * NR + j];
@@ -877,40 +907,119 @@ struct Kern {
                   g.side};
   }
 
-  // x[B, D] -> out[B, T]; scratch: hidden outputs, G and m, owned by the calling thread.
+  // x[B, D] -> out[B, T] with a Session's packed weights.
   static void session_run(const Model<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
+    Net net;
+    for (const auto& g : s.hidden) net.hidden.push_back({session_panels(g), g.act});
+    if (s.has_mixture) {
+      net.mixture = {session_panels(s.mixture), s.mixture.act};
+      net.gate = session_panels(s.gate);
+      net.gates = s.gates;
+    }
+    net.in_features = s.in_features;
+    net.tasks = s.tasks;
+    net.widest = s.widest;
+    for (const auto& tower : s.towers) {
+      net.towers.emplace_back();
+      for (const auto& g : tower) net.towers.back().push_back({session_panels(g), g.act});
+    }
+    run_net(net, x, out, B, sc);
+  }
+
+  // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
+  // small gate and tower weights are packed per call): the Session's arithmetic in the same order, so the
+  // same bits as a Session of these weights.
+  static void live_run(const LiveModel<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
+    Net net;
+    std::vector<std::vector<T>> bufs(s.hidden.size() + 2 + s.towers.size());
+    size_t nb = 0;
+    for (size_t l = 0; l < s.hidden.size(); ++l) {
+      const LiveLayer<T>& h = s.hidden[l];
+      net.hidden.push_back({view(h.w, h.b, h.E, h.K, h.N, bufs[nb++], l == 0), h.act});
+    }
+    if (s.gates > 0) {
+      const LiveLayer<T>& m = s.mixture;
+      net.mixture = {view(m.w, m.b, m.E, m.K, m.N, bufs[nb++], s.hidden.empty()), m.act};
+      const int64_t D = s.in_features, GE = s.gates * m.E, P = panels(GE);
+      std::vector<T>& g = bufs[nb++];
+      g.resize(static_cast<size_t>(P * D * NR + P * NR));
+      pack_gate(s.wg, s.bg, D, s.gates, m.E, g.data(), g.data() + P * D * NR);
+      net.gate = Panels{g.data(), nullptr, g.data() + P * D * NR, 1, D, GE, P, true};
+      net.gates = s.gates;
+    }
+    net.in_features = s.in_features;
+    net.tasks = s.tasks;
+    for (const auto& tower : s.towers) {  // nn.Linear weights [N, K] into panels [P][K][NR], bias [P*NR]
+      size_t total = 0;
+      for (const LiveLayer<T>& l : tower) total += static_cast<size_t>(panels(l.N) * (l.K + 1) * NR);
+      std::vector<T>& buf = bufs[nb++];
+      buf.assign(total, T(0));
+      T* q = buf.data();
+      net.towers.emplace_back();
+      for (const LiveLayer<T>& l : tower) {
+        const int64_t P = panels(l.N), K = l.K;
+        for (int64_t n = 0; n < l.N; ++n)
+          for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = l.w[n * K + k];
+        T* bias = q + P * K * NR;
+        if (l.b) std::memcpy(bias, l.b, static_cast<size_t>(l.N) * sizeof(T));
+        net.towers.back().push_back({Panels{q, nullptr, bias, 1, K, l.N, P, true}, l.act});
+        net.widest = std::max<int64_t>(net.widest, P * NR);
+        q = bias + P * NR;
+      }
+    }
+    run_net(net, x, out, B, sc);
+  }
+
+  // n values from v, at a 2 MB boundary once they span several huge pages (asked for: at large B the
+  // mixture's tens of MB on 4 KB pages miss the TLB all the time); v grows and is kept.
+  static T* grow(std::vector<T>& v, size_t n) {
+    constexpr size_t kHuge = size_t(2) << 20, kPad = kHuge / sizeof(T);
+    const bool big = n * sizeof(T) >= 2 * kHuge;
+    const size_t want = big ? n + kPad : n;
+    if (v.size() < want) {
+      std::vector<T>().swap(v);
+      v.reserve(want);
+      advise_huge_pages(v.data(), want * sizeof(T));
+      v.resize(want);
+    }
+    if (!big) return v.data();
+    const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+    return reinterpret_cast<T*>((p + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
+  }
+
+  // scratch: hidden outputs and m, owned by the calling thread.
+  static void run_net(const Net& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
     const size_t nh = s.hidden.size();
     sc.h.resize(nh);
-    for (size_t l = 0; l < nh; ++l) sc.h[l].resize(static_cast<size_t>(B * s.hidden[l].E * s.hidden[l].N));
-    const bool mix = s.has_mixture;
-    if (mix) {
-      sc.m.resize(static_cast<size_t>(s.gates * B * s.mixture.N));
-    }
+    std::vector<T*> hbuf(nh);
+    for (size_t l = 0; l < nh; ++l)
+      hbuf[l] = grow(sc.h[l], static_cast<size_t>(B * s.hidden[l].w.E * s.hidden[l].w.N));
+    const bool mix = s.gates > 0;
+    T* mbuf = mix ? grow(sc.m, static_cast<size_t>(s.gates * B * s.mixture.w.N)) : nullptr;
     const int64_t nblocks = (B + RB - 1) / RB;
     int64_t most = nblocks;
-    for (const auto& g : s.hidden) most = std::max(most, nblocks * panels(g.N));
-    if (mix) most = std::max(most, nblocks * item_panels(session_panels(s.mixture)));
+    for (const auto& g : s.hidden) most = std::max(most, nblocks * g.w.P);
+    if (mix) most = std::max(most, nblocks * item_panels(s.mixture.w));
 #pragma omp parallel num_threads(threads_for(most))
     {
       const T* a = x;
       bool shared = true;
       for (size_t l = 0; l < nh; ++l) {
-        const Panels w = session_panels(s.hidden[l]);
+        const Panels& w = s.hidden[l].w;
         for_items(nblocks * w.P, nblocks > 1, [&](int64_t it) {
           const int64_t r0 = (it / w.P) * RB;
-          grouped_item(a, shared, w, sc.h[l].data(), nullptr, B, s.hidden[l].act, r0, std::min(B, r0 + RB),
+          grouped_item(a, shared, w, hbuf[l], nullptr, B, s.hidden[l].act, r0, std::min(B, r0 + RB),
                        it % w.P);
         });
-        a = sc.h[l].data();
+        a = hbuf[l];
         shared = false;
       }
       const T* feat = a;  // shared bottom: the last hidden layer (one "expert"), [B, N]
-      int64_t width = nh ? s.hidden.back().N : s.in_features;
+      int64_t width = nh ? s.hidden.back().w.N : s.in_features;
       if (mix) {
-        const Panels w = session_panels(s.mixture), gw = session_panels(s.gate);
-        mixture_items(a, shared, w, x, &gw, nullptr, sc.m.data(), B, s.gates, s.mixture.act);
-        feat = sc.m.data();
-        width = s.mixture.N;
+        mixture_items(a, shared, s.mixture.w, x, &s.gate, nullptr, mbuf, B, s.gates, s.mixture.act);
+        feat = mbuf;
+        width = s.mixture.w.N;
       }
       T* buf0 = scratch<T>(2, static_cast<size_t>(RB * s.widest));
       T* buf1 = scratch<T>(3, static_cast<size_t>(RB * s.widest));
@@ -967,12 +1076,9 @@ void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_
     for (int64_t l = 0; l < L; ++l) {
       const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
       const T* W = w[l * nT + t];
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t j = 0; j < NR; ++j) {
-            const int64_t n = p * NR + j;
-            q[(p * K + k) * NR + j] = n < N ? W[n * K + k] : T(0);
-          }
+      std::fill(q + (P - 1) * K * NR, q + P * K * NR, T(0));  // the last panel's padding columns
+      for (int64_t n = 0; n < N; ++n)  // W's rows in order
+        for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = W[n * K + k];
       q += P * K * NR;
     }
     for (int64_t r = 0; r < B; r += MR) {

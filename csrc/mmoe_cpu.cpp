@@ -236,6 +236,148 @@ class Session {
   mmoe::Model<T> model_;
 };
 
+// A model's no-grad forward on its own parameters, read in place at every call (mmoe::LiveModel): built once
+// with the shapes; run() takes the parameters' current pointers, in the order wg, bg, then each expert
+// layer's w, b (the mixture's last), then the towers' layer by layer, every task's weight, then every
+// task's bias (0: no bias).
+template <typename T>
+class Live {
+ public:
+  Live(int64_t in_features, int64_t tasks, int64_t gates, const std::vector<std::vector<int64_t>>& layers,
+       const std::vector<int64_t>& tower_widths) {
+    model_.in_features = in_features;
+    model_.tasks = tasks;
+    model_.gates = gates;
+    if (in_features < 1 || tasks < 1 || gates < 0 || layers.empty() || tower_widths.size() < 2)
+      throw std::invalid_argument("Live: bad model shape");
+    for (const auto& l : layers) {
+      if (l.size() != 4 || l[0] < 1 || l[1] < 1 || l[2] < 1) throw std::invalid_argument("Live: layer (E, K, N, act)");
+      mmoe::LiveLayer<T> layer;
+      layer.E = l[0];
+      layer.K = l[1];
+      layer.N = l[2];
+      layer.act = static_cast<int>(l[3]);
+      model_.hidden.push_back(layer);
+    }
+    if (gates > 0) {
+      model_.mixture = model_.hidden.back();
+      model_.hidden.pop_back();
+    }
+    for (int64_t v : tower_widths)
+      if (v < 1) throw std::invalid_argument("Live: every tower width must be at least 1");
+    const size_t L = tower_widths.size() - 1;
+    model_.towers.assign(static_cast<size_t>(tasks), std::vector<mmoe::LiveLayer<T>>(L));
+    for (auto& tower : model_.towers)
+      for (size_t l = 0; l < L; ++l) {
+        tower[l].K = tower_widths[l];
+        tower[l].N = tower_widths[l + 1];
+        tower[l].act = l + 1 < L ? mmoe::kRelu : mmoe::kIdentity;
+      }
+    count_ = 2 + 2 * layers.size() + 2 * L * static_cast<size_t>(tasks);
+  }
+
+  // The parameters as tensors (None: absent): their data_ptr() read here, at a fraction of Python's cost.
+  void run_tensors(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors) const {
+    static PyObject* const name = PyUnicode_InternFromString("data_ptr");
+    std::vector<uintptr_t> p(static_cast<size_t>(PyTuple_GET_SIZE(tensors.ptr())), 0);
+    for (size_t i = 0; i < p.size(); ++i) {
+      PyObject* t = PyTuple_GET_ITEM(tensors.ptr(), static_cast<Py_ssize_t>(i));
+      if (t == Py_None) continue;
+      PyObject* v = PyObject_CallMethodNoArgs(t, name);
+      if (!v) throw py::error_already_set();
+      p[i] = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(v));
+      Py_DECREF(v);
+      if (PyErr_Occurred()) throw py::error_already_set();
+    }
+    run(x, out, B, p);
+  }
+
+  void run(uintptr_t x, uintptr_t out, int64_t B, const std::vector<uintptr_t>& p) const {
+    if (p.size() != count_) throw std::invalid_argument("Live.run: expected " + std::to_string(count_) + " pointers");
+    mmoe::LiveModel<T> model = model_;
+    size_t i = 0;
+    model.wg = cp<T>(p[i++]);
+    model.bg = cp<T>(p[i++]);
+    for (auto& l : model.hidden) {
+      l.w = cp<T>(p[i++]);
+      l.b = cp<T>(p[i++]);
+    }
+    if (model.gates > 0) {
+      model.mixture.w = cp<T>(p[i++]);
+      model.mixture.b = cp<T>(p[i++]);
+    }
+    const size_t nT = model.towers.size(), L = model.towers[0].size();
+    for (size_t l = 0; l < L; ++l) {
+      for (size_t t = 0; t < nT; ++t) model.towers[t][l].w = cp<T>(p[i + t]);
+      for (size_t t = 0; t < nT; ++t) model.towers[t][l].b = cp<T>(p[i + nT + t]);
+      i += 2 * nT;
+    }
+    py::gil_scoped_release release;
+    mmoe::live_run<T>(model, cp<T>(x), mp<T>(out), B);
+  }
+
+ private:
+  mmoe::LiveModel<T> model_;
+  size_t count_ = 0;
+};
+
+// Whether a module tree is as a fused path read it (models/common.py's Guard): each module still of its
+// type, with no hooks and no instance `forward`, the same children and parameters by identity. The loop
+// Python would run, without its attribute lookups (a few microseconds per call at every forward).
+// modules, types: tuples; children: (module, tuple of its child modules); params: (module, name, parameter).
+bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, py::tuple params) {
+  static PyObject* const hooks[] = {PyUnicode_InternFromString("_forward_hooks"),
+                                    PyUnicode_InternFromString("_forward_pre_hooks"),
+                                    PyUnicode_InternFromString("_backward_hooks"),
+                                    PyUnicode_InternFromString("_backward_pre_hooks")};
+  static PyObject* const forward = PyUnicode_InternFromString("forward");
+  static PyObject* const kids_name = PyUnicode_InternFromString("_modules");
+  static PyObject* const params_name = PyUnicode_InternFromString("_parameters");
+  // m's instance dict entry `name` (borrowed; null if absent), through a materialized __dict__
+  auto entry = [](PyObject* m, PyObject* name, PyObject** dict) -> PyObject* {
+    PyObject* d = PyObject_GenericGetDict(m, nullptr);
+    if (!d) throw py::error_already_set();
+    Py_DECREF(d);  // the object keeps its dict alive
+    *dict = d;
+    return PyDict_GetItemWithError(d, name);
+  };
+  const Py_ssize_t n = PyTuple_GET_SIZE(modules.ptr());
+  if (PyTuple_GET_SIZE(types.ptr()) != n) throw std::invalid_argument("modules_unchanged: one type per module");
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* m = PyTuple_GET_ITEM(modules.ptr(), i);
+    if (reinterpret_cast<PyObject*>(Py_TYPE(m)) != PyTuple_GET_ITEM(types.ptr(), i)) return false;
+    PyObject* dict = nullptr;
+    for (PyObject* name : hooks) {
+      PyObject* h = entry(m, name, &dict);
+      if (!h || !PyDict_Check(h) || PyDict_GET_SIZE(h) != 0) return false;
+    }
+    const int has = PyDict_Contains(dict, forward);
+    if (has < 0) throw py::error_already_set();
+    if (has) return false;
+  }
+  for (auto item : children) {
+    PyObject* m = PyTuple_GET_ITEM(item.ptr(), 0);
+    PyObject* kids = PyTuple_GET_ITEM(item.ptr(), 1);
+    PyObject* dict = nullptr;
+    PyObject* now = entry(m, kids_name, &dict);
+    if (!now || !PyDict_Check(now) || PyDict_GET_SIZE(now) != PyTuple_GET_SIZE(kids)) return false;
+    Py_ssize_t pos = 0, j = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(now, &pos, &key, &value))
+      if (value != PyTuple_GET_ITEM(kids, j++)) return false;
+  }
+  for (auto item : params) {
+    PyObject* m = PyTuple_GET_ITEM(item.ptr(), 0);
+    PyObject* dict = nullptr;
+    PyObject* slots = entry(m, params_name, &dict);
+    if (!slots || !PyDict_Check(slots)) return false;
+    PyObject* p = PyDict_GetItemWithError(slots, PyTuple_GET_ITEM(item.ptr(), 1));
+    if (!p && PyErr_Occurred()) throw py::error_already_set();
+    if (p != PyTuple_GET_ITEM(item.ptr(), 2)) return false;  // absent (null) counts as changed
+  }
+  return true;
+}
+
 template <typename T>
 void bind(py::module_& m, const std::string& sfx) {
   m.def(("gate_softmax" + sfx).c_str(),
@@ -443,6 +585,11 @@ void bind(py::module_& m, const std::string& sfx) {
       .def("add_tower_layer", &Session<T>::add_tower_layer)
       .def("run", &Session<T>::run, "out[B,T] from x[B,D]; releases the GIL; safe from many threads at once.")
       .def_property_readonly("isa", &Session<T>::isa);
+  py::class_<Live<T>>(m, ("Live" + sfx).c_str())
+      .def(py::init<int64_t, int64_t, int64_t, const std::vector<std::vector<int64_t>>&, const std::vector<int64_t>&>(),
+           py::arg("in_features"), py::arg("tasks"), py::arg("gates"), py::arg("layers"), py::arg("tower_widths"))
+      .def("run", &Live<T>::run, "out[B,T] from x[B,D] and the parameters' pointers; releases the GIL.")
+      .def("run_tensors", &Live<T>::run_tensors, "run() with the parameters as a tuple of tensors (None: absent).");
 }
 
 }  // namespace
@@ -464,6 +611,9 @@ PYBIND11_MODULE(_C, m) {
         return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.bytes)}, {static_cast<py::ssize_t>(1)});
       });
+  m.def("modules_unchanged", &modules_unchanged, py::arg("modules"), py::arg("types"), py::arg("children"),
+        py::arg("params"), "Whether a module tree is as read: types, no hooks or instance forward, children and "
+        "parameters by identity (see models/common.py's Guard).");
   m.def("release_blocks", []() { return BlockPool::get().release(); },
         "Free the pool's kept blocks (those no tensor uses); returns the bytes freed.");
   m.def("cached_block_bytes", []() { return BlockPool::get().cached(); });

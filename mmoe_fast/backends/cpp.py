@@ -45,6 +45,11 @@ def session_class(dtype: torch.dtype):
     return _kernel("Session", dtype)
 
 
+def live_class(dtype: torch.dtype):
+    """The class of ``_C`` for ``dtype`` that runs a model's forward on its parameters read in place."""
+    return _kernel("Live", dtype)
+
+
 def isa() -> str | None:
     """The instruction set the kernels run (``"avx512"``, ``"avx2"``, ``"base"``); None without ``_C``."""
     return None if _C is None else _C.isa()

@@ -202,7 +202,8 @@ class Guard:
     are the path's to read at each call.
     """
 
-    __slots__ = ("modules", "types", "children", "params", "forwards", "value")
+    __slots__ = ("modules", "types", "children", "params", "slots", "forwards", "value", "tensors", "dtype",
+                 "device", "metadata")
 
     def __init__(self, modules: Sequence[nn.Module], value) -> None:
         self.modules = tuple(modules)
@@ -210,32 +211,77 @@ class Guard:
         self.children = tuple((m, tuple(m._modules.values())) for m in self.modules if m._modules)
         self.params = tuple((m, name, p, None if p is None else p.shape, p is not None and p.is_contiguous())
                             for m in self.modules for name, p in m._parameters.items())
+        self.slots = tuple((m, name, p) for m, name, p, _, _ in self.params)
         self.forwards = tuple({(type(m), type(m).forward) for m in self.modules})
         self.value = value
+        self.tensors = tuple(p for _, _, p, _, _ in self.params if p is not None)
+        # one dtype and device for every parameter (else None: the guard never holds, as t can match only one)
+        kinds = {(p.dtype, p.device) for p in self.tensors}
+        self.dtype, self.device = kinds.pop() if len(kinds) == 1 else (None, None)
+        # what each parameter's metadata is now, checked by one call per inference-mode state (under
+        # inference_mode a tensor's dispatch keys read differently): taken here, never later
+        self.metadata = []
+        for mode in (False, True):
+            with torch.inference_mode(mode):
+                self.metadata.append(_metadata_check(self.tensors))
 
     def holds(self, t: Tensor) -> bool:
         if not plain_eager(t):
             return False
+        if cpp_backend._C is not None:
+            if not cpp_backend._C.modules_unchanged(self.modules, self.types, self.children, self.slots):
+                return False
+        elif not self._modules_unchanged():
+            return False
+        for cls, forward in self.forwards:
+            if cls.forward is not forward:
+                return False
+        if not self.tensors:
+            return True
+        if t.dtype != self.dtype or t.device != self.device:
+            return False
+        return self._same_metadata()
+
+    def _modules_unchanged(self) -> bool:
+        """``_C.modules_unchanged`` in Python (where the extension is not built)."""
         for m, cls in zip(self.modules, self.types):
             if (type(m) is not cls or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                     or m._backward_pre_hooks or "forward" in m.__dict__):
                 return False
-        for cls, forward in self.forwards:
-            if cls.forward is not forward:
-                return False
         for m, kids in self.children:
             if tuple(m._modules.values()) != kids:
                 return False
-        dtype, cuda = t.dtype, t.is_cuda
-        for m, name, p, shape, contiguous in self.params:
-            if m._parameters.get(name) is not p:
-                return False
-            if p is not None and (p.dtype != dtype or p.is_cuda != cuda or p.shape != shape
-                                  or p.is_contiguous() != contiguous):
-                return False
-        if cuda and any(entry[2] is not None and entry[2].get_device() != t.get_device() for entry in self.params):
-            return False
-        return True
+        return all(name in m._parameters and m._parameters[name] is p for m, name, p in self.slots)
+
+    def _same_metadata(self) -> bool:
+        """Whether every parameter still has the dtype, device, shape and strides (and neg/conj bits) read."""
+        return self.metadata[torch.is_inference_mode_enabled()](*self.tensors)
+
+
+def _metadata_check(tensors: Sequence[Tensor]) -> Callable[..., bool]:
+    """A function of ``tensors`` that says whether each still has the metadata it has now: torch's C++ tensor
+    check where this torch has it (TorchDynamo's ``TensorGuards``: dtype, device, sizes, strides, dispatch keys,
+    requires_grad, in one call), else the same in Python."""
+    if _TensorGuards is not None:
+        try:
+            return _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+        except Exception:  # another torch's signature: the Python check below
+            pass
+    def read(p: Tensor) -> tuple:
+        return p.dtype, p.device, p.shape, p.stride(), p.is_neg(), p.is_conj(), p.requires_grad
+
+    then = [read(p) for p in tensors]
+
+    def check(*now: Tensor) -> bool:
+        return all(read(p) == r for p, r in zip(now, then))
+
+    return check
+
+
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # a torch without it: _metadata_check's Python path
+    _TensorGuards = None
 
 
 def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Module]], compute: Callable[[], object]):

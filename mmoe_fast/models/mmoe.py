@@ -11,7 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks, activations, backends, ops
+from ..backends import cpp as cpp_backend
 from ..backends import reference as reference_backend
+from ..contract import ACTIVATION_CODES
 from .common import (
     FusedModule,
     MultiTaskModel,
@@ -113,6 +115,10 @@ class MMoE(MultiTaskModel):
 
     def forward(self, x: Tensor) -> Tensor:
         grad = torch.is_grad_enabled()
+        if not grad:
+            out = self._live_forward(x)
+            if out is not None:
+                return out
         args = self._one_node(x, grad)
         if args is not None:
             return _MMoEModel.apply(*args) if grad else _one_node_forward(args, save=False)[0]
@@ -160,6 +166,30 @@ class MMoE(MultiTaskModel):
         if activation not in activations.ACTIVATIONS or not isinstance(backend, str):
             return None  # the layer's own checks say what is wrong
         return (x, *plan[:-2], activation, backend, self._modules["towers"].__dict__.get("backend"), *plan[-2:])
+
+    def _live_forward(self, x: Tensor) -> Tensor | None:
+        """The no-grad forward as one C++ call on the parameters read in place (``cpp.Live``: an
+        ``InferenceSession``'s kernels without its packed copy, so never stale), where the whole model runs as
+        one node on a CPU and the C++ backend runs the layers and the towers; else None (the general path)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_cpu:
+            return None
+        plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
+        if plan is None or x.shape[1] != plan[0].shape[1] or x.shape[0] == 0:
+            return None
+        # the guard (a new one whenever a module or parameter changed) and the plain attributes read at every call
+        layer, towers = self._modules["mixture"].__dict__, self._modules["towers"].__dict__
+        key = (self.__dict__["_guard"], layer.get("activation"), layer.get("backend"), towers.get("backend"))
+        cached = self.__dict__.get("_live")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_live"] = (key, _live_runner(x, plan, *key[1:]), plan[:-2])
+        live = cached[1]
+        if live is None:
+            return None
+        if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
+            x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
+        out = x.new_empty((x.shape[0], self.num_tasks))
+        live.run_tensors(x.data_ptr(), out.data_ptr(), x.shape[0], cached[2])
+        return out
 
     def _one_node_modules(self) -> list[nn.Module]:
         return [self, self.mixture, self.mixture.expert_weights, self.mixture.expert_biases,
@@ -270,6 +300,29 @@ def _one_node_backward(args: tuple, state: tuple, grad: Tensor, input_grad: bool
         if input_grad:
             dx = da + dx
     return [dx if input_grad else None, dwg, None if bg is None else dbg, *expert_grads, *tower_grads]
+
+
+def _live_runner(x: Tensor, plan: tuple, activation, backend, tower_backend):
+    """The ``cpp.Live`` for ``MMoE._one_node_plan``'s ``plan`` (``wg, bg, w_0, b_0, ..., tower parameters,
+    expert layers, tower layers``), or None where the C++ backend does not run both the layers and the towers
+    for ``x``, or a parameter is not plain contiguous memory (the general path then runs, and says what is
+    wrong with a bad attribute)."""
+    if activation not in activations.ACTIVATIONS or not isinstance(backend, str):
+        return None
+    if tower_backend is not None and not isinstance(tower_backend, str):
+        return None
+    if (backends.resolve(backend, x.device, x.dtype) is not cpp_backend
+            or backends.resolve(tower_backend or "auto", x.device, x.dtype) is not cpp_backend):
+        return None
+    if any(t is not None and (t.is_neg() or not t.is_contiguous()) for t in plan[:-2]):
+        return None
+    wg, expert_layers, tower_layers = plan[0], plan[-2], plan[-1]
+    experts = plan[2 : 2 + 2 * expert_layers : 2]
+    tower_params = plan[2 + 2 * expert_layers : -2]
+    num_tasks = len(tower_params) // (2 * tower_layers)
+    layers = [[*w.shape, ACTIVATION_CODES[activation]] for w in experts]
+    widths = [experts[-1].shape[2]] + [tower_params[2 * num_tasks * layer].shape[0] for layer in range(tower_layers)]
+    return cpp_backend.live_class(x.dtype)(x.shape[1], num_tasks, wg.shape[0], layers, widths)
 
 
 class _MMoEModel(torch.autograd.Function):
