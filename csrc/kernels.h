@@ -85,10 +85,11 @@ struct LiveLayer {
   const T* b = nullptr;
   int64_t E = 1, K = 0, N = 0;
   int act = kRelu;
+  bool linear = false;  // a hidden layer given as nn.Linear's weight [N, K] (E = 1; towers always are)
 };
 
 // Hidden expert layers (the first on x), then a gated mixture (gates > 0; none: Shared-Bottom, the last hidden
-// layer with E = 1 feeds the towers), then one tower per task.
+// layer with E = 1, or x itself, feeds the towers), then one tower per task.
 template <typename T>
 struct LiveModel {
   int64_t in_features = 0, tasks = 0, gates = 0;

@@ -929,12 +929,31 @@ struct Kern {
   // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
   // small gate and tower weights are packed per call): the Session's arithmetic in the same order, so the
   // same bits as a Session of these weights.
+  // The values of linear_panels' buffer for nn.Linear layers of these shapes.
+  static size_t linear_size(const LiveLayer<T>& l) { return static_cast<size_t>(panels(l.N) * (l.K + 1) * NR); }
+
+  // An nn.Linear layer (weight [N, K], bias [N] or null) as one-expert panels [P][K][NR] and bias [P*NR] in q
+  // (linear_size values, zeroed): a Session's add_tower_layer/add_hidden layout.
+  static Panels linear_panels(const LiveLayer<T>& l, T* q) {
+    const int64_t P = panels(l.N), K = l.K;
+    for (int64_t n = 0; n < l.N; ++n)
+      for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = l.w[n * K + k];
+    T* bias = q + P * K * NR;
+    if (l.b) std::memcpy(bias, l.b, static_cast<size_t>(l.N) * sizeof(T));
+    return Panels{q, nullptr, bias, 1, K, l.N, P, true};
+  }
+
   static void live_run(const LiveModel<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
     Net net;
     std::vector<std::vector<T>> bufs(s.hidden.size() + 2 + s.towers.size());
     size_t nb = 0;
     for (size_t l = 0; l < s.hidden.size(); ++l) {
       const LiveLayer<T>& h = s.hidden[l];
+      if (h.linear) {
+        bufs[nb].assign(linear_size(h), T(0));
+        net.hidden.push_back({linear_panels(h, bufs[nb++].data()), h.act});
+        continue;
+      }
       net.hidden.push_back({view(h.w, h.b, h.E, h.K, h.N, bufs[nb++], l == 0), h.act});
     }
     if (s.gates > 0) {
@@ -949,22 +968,17 @@ struct Kern {
     }
     net.in_features = s.in_features;
     net.tasks = s.tasks;
-    for (const auto& tower : s.towers) {  // nn.Linear weights [N, K] into panels [P][K][NR], bias [P*NR]
+    for (const auto& tower : s.towers) {
       size_t total = 0;
-      for (const LiveLayer<T>& l : tower) total += static_cast<size_t>(panels(l.N) * (l.K + 1) * NR);
+      for (const LiveLayer<T>& l : tower) total += linear_size(l);
       std::vector<T>& buf = bufs[nb++];
       buf.assign(total, T(0));
       T* q = buf.data();
       net.towers.emplace_back();
       for (const LiveLayer<T>& l : tower) {
-        const int64_t P = panels(l.N), K = l.K;
-        for (int64_t n = 0; n < l.N; ++n)
-          for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = l.w[n * K + k];
-        T* bias = q + P * K * NR;
-        if (l.b) std::memcpy(bias, l.b, static_cast<size_t>(l.N) * sizeof(T));
-        net.towers.back().push_back({Panels{q, nullptr, bias, 1, K, l.N, P, true}, l.act});
-        net.widest = std::max<int64_t>(net.widest, P * NR);
-        q = bias + P * NR;
+        net.towers.back().push_back({linear_panels(l, q), l.act});
+        net.widest = std::max<int64_t>(net.widest, panels(l.N) * NR);
+        q += linear_size(l);
       }
     }
     run_net(net, x, out, B, sc);

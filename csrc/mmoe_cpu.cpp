@@ -237,9 +237,9 @@ class Session {
 };
 
 // A model's no-grad forward on its own parameters, read in place at every call (mmoe::LiveModel): built once
-// with the shapes; run() takes the parameters' current pointers, in the order wg, bg, then each expert
-// layer's w, b (the mixture's last), then the towers' layer by layer, every task's weight, then every
-// task's bias (0: no bias).
+// with the shapes (layers: (E, K, N, activation code, 1 for an nn.Linear layer [N, K]), the mixture's last
+// when gates > 0); run() takes the parameters' current pointers, in the order wg, bg (0 without gates), then
+// each layer's w, b, then the towers' layer by layer, every task's weight, then every task's bias (0: none).
 template <typename T>
 class Live {
  public:
@@ -248,15 +248,17 @@ class Live {
     model_.in_features = in_features;
     model_.tasks = tasks;
     model_.gates = gates;
-    if (in_features < 1 || tasks < 1 || gates < 0 || layers.empty() || tower_widths.size() < 2)
+    if (in_features < 1 || tasks < 1 || gates < 0 || (gates > 0 && layers.empty()) || tower_widths.size() < 2)
       throw std::invalid_argument("Live: bad model shape");
     for (const auto& l : layers) {
-      if (l.size() != 4 || l[0] < 1 || l[1] < 1 || l[2] < 1) throw std::invalid_argument("Live: layer (E, K, N, act)");
+      if (l.size() != 5 || l[0] < 1 || l[1] < 1 || l[2] < 1 || (l[4] && l[0] != 1))
+        throw std::invalid_argument("Live: layer (E, K, N, act, linear)");
       mmoe::LiveLayer<T> layer;
       layer.E = l[0];
       layer.K = l[1];
       layer.N = l[2];
       layer.act = static_cast<int>(l[3]);
+      layer.linear = l[4] != 0;
       model_.hidden.push_back(layer);
     }
     if (gates > 0) {

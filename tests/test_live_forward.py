@@ -221,3 +221,86 @@ def test_the_guard_sees_every_change_to_a_parameters_metadata(python_check, monk
     w.requires_grad_(True)
     with torch.inference_mode():
         assert guard.holds(x)
+
+
+def _modules_forward(model, x):
+    with torch.no_grad():
+        return model.towers(model.bottom(x))
+
+
+@pytest.mark.parametrize("B,D,T,bottom,towers", [(1, 5, 1, (3,), ()), (1, 100, 2, 113, (8,)), (7, 10, 3, (6, 4), (5,)),
+                                                  (65, 37, 2, (40,), (33, 3)), (9, 6, 2, (), (4,))])
+def test_a_shared_bottoms_live_forward_equals_its_modules_and_a_session(B, D, T, bottom, towers):
+    torch.manual_seed(B + D + T)
+    for dtype in (torch.float64, torch.float32):
+        model = mf.SharedBottom(D, T, bottom_hidden=bottom, tower_hidden=towers).to(dtype).eval()
+        x = torch.randn(B, D, dtype=dtype)
+        out = _live(model, x)
+        want = torch.cat([tower(model.bottom(x)) for tower in model.towers.towers], dim=1).detach()
+        assert_close(out, want, 1e-10 if dtype == torch.float64 else 1e-4, "shared-bottom live forward")
+        if bottom:  # a session needs a bottom layer
+            assert torch.equal(out, mf.InferenceSession(model).run(x))
+
+
+def test_a_shared_bottoms_live_forward_sees_every_change():
+    torch.manual_seed(5)
+    model = mf.SharedBottom(6, 2, bottom_hidden=(5, 4), tower_hidden=(3,)).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    _live(model, x)
+    lin = model.bottom[2]
+    handle = lin.register_forward_hook(lambda m, i, o: o * 0)
+    with torch.no_grad():
+        hooked = model(x)
+    assert torch.equal(hooked, _modules_forward(model, x))  # the hook ran
+    handle.remove()
+    assert not torch.equal(hooked, _live(model, x))
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    assert_close(_live(model, x), _modules_forward(model, x), 1e-12, "in place")
+    model.bottom[2] = nn.Linear(5, 4, bias=False).double()
+    assert_close(_live(model, x), _modules_forward(model, x), 1e-12, "a Linear without bias")
+    model.bottom[1] = nn.Tanh()
+    with torch.no_grad():
+        out = model(x)
+    assert model.__dict__["_guard"] is None  # not Linear/ReLU pairs: the modules run
+    assert_close(out, _modules_forward(model, x), 1e-12, "tanh in the bottom")
+    model.bottom[1] = nn.ReLU()
+    model.towers.backend = "reference"
+    with torch.no_grad():
+        out = model(x)
+    assert model.__dict__["_live"][1] is None
+    assert_close(out, _modules_forward(model, x), 1e-12, "reference towers")
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model(torch.randn(3, 7, dtype=torch.float64))  # the Linear's own error
+
+
+def test_hooks_on_the_model_itself_run_around_the_live_forward():
+    """The model's own hooks are its __call__'s (a model on feature columns encodes its input in a pre-hook):
+    the whole-model paths still run under them, and the hooks' effects are kept."""
+    torch.manual_seed(6)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    want = _live(model, x)
+    model.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model.register_forward_hook(lambda m, args, out: out + 1)
+    with torch.no_grad():
+        out = model(x)
+    assert model.__dict__["_live"][1] is not None
+    assert_close(out, _oracle(model, 2 * x) + 1, 1e-10, "hooked model")
+    assert not torch.equal(out, want)
+    out = model(x)  # with autograd: one node under the model's own hooks
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_MMoEModelBackward"
+
+
+def test_a_model_on_feature_columns_runs_its_forward_live():
+    from mmoe_fast import features
+
+    torch.manual_seed(7)
+    columns = [features.Categorical("user", 10, 4), features.Dense("price", 1)]
+    model = mf.MMoE(columns, 2, num_experts=3, expert_hidden=5).eval()
+    batch = {"user": torch.randint(0, 10, (8,)), "price": torch.randn(8, 1)}
+    with torch.no_grad():
+        out = model(batch)
+    assert model.__dict__["_live"][1] is not None
+    assert_close(out, mf.InferenceSession(model).run(batch), 1e-6, "a model on feature columns")

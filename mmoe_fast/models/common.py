@@ -195,9 +195,10 @@ class Guard:
 
     Working a path out again at every forward costs a hundred microseconds of Python (module attributes are
     slow), as much as the step it saves at small batches. ``holds(t)`` checks, in a few microseconds, what could
-    have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module, each
-    module's class and its class's ``forward``, the child modules and every parameter slot by identity (an empty
-    slot too), and each parameter's dtype, device, shape and layout against ``t`` and what was read. ``value``
+    have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module but the
+    owner (whose ``__call__`` runs its own), each module's class and its class's ``forward``, the child modules
+    and every parameter slot by identity (an empty slot too), and each parameter's dtype, device, shape,
+    strides and neg/conj bits against ``t`` and what was read. ``value``
     is what the path computed (``None``: it does not apply); plain attributes (an activation's name, a backend)
     are the path's to read at each call.
     """
@@ -205,12 +206,15 @@ class Guard:
     __slots__ = ("modules", "types", "children", "params", "slots", "forwards", "value", "tensors", "dtype",
                  "device", "metadata")
 
-    def __init__(self, modules: Sequence[nn.Module], value) -> None:
-        self.modules = tuple(modules)
+    def __init__(self, modules: Sequence[nn.Module], value, owner: nn.Module | None = None) -> None:
+        every = tuple(modules)
+        # The owner's own hooks are its __call__'s to run, around the forward that checks this guard; its class
+        # and forward too (another forward would not be here). Its children and parameters are watched.
+        self.modules = tuple(m for m in every if m is not owner)
         self.types = tuple(type(m) for m in self.modules)
-        self.children = tuple((m, tuple(m._modules.values())) for m in self.modules if m._modules)
+        self.children = tuple((m, tuple(m._modules.values())) for m in every if m._modules)
         self.params = tuple((m, name, p, None if p is None else p.shape, p is not None and p.is_contiguous())
-                            for m in self.modules for name, p in m._parameters.items())
+                            for m in every for name, p in m._parameters.items())
         self.slots = tuple((m, name, p) for m, name, p, _, _ in self.params)
         self.forwards = tuple({(type(m), type(m).forward) for m in self.modules})
         self.value = value
@@ -285,14 +289,44 @@ except ImportError:  # a torch without it: _metadata_check's Python path
 
 
 def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Module]], compute: Callable[[], object]):
-    """``compute()`` for ``owner``'s fused path on input ``t``, kept on ``owner`` with a ``Guard`` over
-    ``modules()`` and computed again only when the guard no longer holds."""
+    """``compute()`` for ``owner``'s fused path on input ``t`` (called from ``owner``'s forward), kept on ``owner``
+    with a ``Guard`` over ``modules()`` and computed again only when the guard no longer holds."""
     guard = owner.__dict__.get("_guard")
     if guard is not None and guard.holds(t):
         return guard.value
     value = compute() if plain_eager(t) else None
-    owner.__dict__["_guard"] = Guard(modules(), value) if value is not None else None
-    return value
+    guard = owner.__dict__["_guard"] = Guard(modules(), value, owner) if value is not None else None
+    # a value is used only under a guard that holds (compute() need not have checked every module: a hook on
+    # one that another guard skips as its owner, say)
+    return value if guard is not None and guard.holds(t) else None
+
+
+def live_forward(owner: nn.Module, x: Tensor, key: tuple, build: Callable[[], tuple]) -> Tensor | None:
+    """A whole model's no-grad forward as one C++ call on its parameters read in place (``cpp.Live``: an
+    ``InferenceSession``'s forward without its packed copy, so never stale, with a session's bits), or None
+    where ``build()`` found it does not apply. ``key``: the model's guard and the plain attributes the call
+    depends on (a change builds again); ``build()``: ``(cpp.Live or None, the parameters in its order,
+    number of tasks)``, kept on ``owner`` with ``key``. The caller has checked ``x`` (a 2-D CPU tensor of the
+    model's width and dtype, B > 0)."""
+    cached = owner.__dict__.get("_live")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_live"] = (key, *build())
+    live = cached[1]
+    if live is None:
+        return None
+    if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
+        x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
+    out = x.new_empty((x.shape[0], cached[3]))
+    live.run_tensors(x.data_ptr(), out.data_ptr(), x.shape[0], cached[2])
+    return out
+
+
+def live_applies(x: Tensor, backends_: Sequence[str], tensors: Sequence[Tensor | None]) -> bool:
+    """Whether ``cpp.Live`` may run for ``x``: every backend name resolves to the C++ backend for its device and
+    dtype, and every tensor is plain contiguous memory (a negative-bit view's memory is not its value)."""
+    if any(not isinstance(b, str) or backends.resolve(b, x.device, x.dtype) is not cpp_backend for b in backends_):
+        return False
+    return all(t is None or (t.is_contiguous() and not t.is_neg()) for t in tensors)
 
 
 class Towers(nn.Module):

@@ -21,6 +21,8 @@ from .common import (
     _hooked,
     _stacked_towers,
     guarded,
+    live_applies,
+    live_forward,
     positive,
     sizes,
     towers_backward,
@@ -179,17 +181,7 @@ class MMoE(MultiTaskModel):
         # the guard (a new one whenever a module or parameter changed) and the plain attributes read at every call
         layer, towers = self._modules["mixture"].__dict__, self._modules["towers"].__dict__
         key = (self.__dict__["_guard"], layer.get("activation"), layer.get("backend"), towers.get("backend"))
-        cached = self.__dict__.get("_live")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_live"] = (key, _live_runner(x, plan, *key[1:]), plan[:-2])
-        live = cached[1]
-        if live is None:
-            return None
-        if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
-            x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
-        out = x.new_empty((x.shape[0], self.num_tasks))
-        live.run_tensors(x.data_ptr(), out.data_ptr(), x.shape[0], cached[2])
-        return out
+        return live_forward(self, x, key, lambda: _live_runner(x, plan, *key[1:]))
 
     def _one_node_modules(self) -> list[nn.Module]:
         return [self, self.mixture, self.mixture.expert_weights, self.mixture.expert_biases,
@@ -302,27 +294,22 @@ def _one_node_backward(args: tuple, state: tuple, grad: Tensor, input_grad: bool
     return [dx if input_grad else None, dwg, None if bg is None else dbg, *expert_grads, *tower_grads]
 
 
-def _live_runner(x: Tensor, plan: tuple, activation, backend, tower_backend):
-    """The ``cpp.Live`` for ``MMoE._one_node_plan``'s ``plan`` (``wg, bg, w_0, b_0, ..., tower parameters,
-    expert layers, tower layers``), or None where the C++ backend does not run both the layers and the towers
-    for ``x``, or a parameter is not plain contiguous memory (the general path then runs, and says what is
-    wrong with a bad attribute)."""
-    if activation not in activations.ACTIVATIONS or not isinstance(backend, str):
-        return None
-    if tower_backend is not None and not isinstance(tower_backend, str):
-        return None
-    if (backends.resolve(backend, x.device, x.dtype) is not cpp_backend
-            or backends.resolve(tower_backend or "auto", x.device, x.dtype) is not cpp_backend):
-        return None
-    if any(t is not None and (t.is_neg() or not t.is_contiguous()) for t in plan[:-2]):
-        return None
+def _live_runner(x: Tensor, plan: tuple, activation, backend, tower_backend) -> tuple:
+    """``live_forward``'s ``(cpp.Live or None, parameters, tasks)`` for ``MMoE._one_node_plan``'s ``plan``
+    (``wg, bg, w_0, b_0, ..., tower parameters, expert layers, tower layers``): None where the C++ backend does
+    not run both the layers and the towers for ``x`` or a parameter is not plain memory (the general path then
+    runs, and says what is wrong with a bad attribute)."""
+    tensors = plan[:-2]
     wg, expert_layers, tower_layers = plan[0], plan[-2], plan[-1]
-    experts = plan[2 : 2 + 2 * expert_layers : 2]
     tower_params = plan[2 + 2 * expert_layers : -2]
     num_tasks = len(tower_params) // (2 * tower_layers)
-    layers = [[*w.shape, ACTIVATION_CODES[activation]] for w in experts]
+    if activation not in activations.ACTIVATIONS or not live_applies(x, (backend, tower_backend or "auto"), tensors):
+        return None, tensors, num_tasks
+    experts = plan[2 : 2 + 2 * expert_layers : 2]
+    layers = [[*w.shape, ACTIVATION_CODES[activation], 0] for w in experts]
     widths = [experts[-1].shape[2]] + [tower_params[2 * num_tasks * layer].shape[0] for layer in range(tower_layers)]
-    return cpp_backend.live_class(x.dtype)(x.shape[1], num_tasks, wg.shape[0], layers, widths)
+    live = cpp_backend.live_class(x.dtype)(x.shape[1], num_tasks, wg.shape[0], layers, widths)
+    return live, tensors, num_tasks
 
 
 class _MMoEModel(torch.autograd.Function):
