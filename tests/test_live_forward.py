@@ -304,3 +304,17 @@ def test_a_model_on_feature_columns_runs_its_forward_live():
         out = model(batch)
     assert model.__dict__["_live"][1] is not None
     assert_close(out, mf.InferenceSession(model).run(batch), 1e-6, "a model on feature columns")
+
+
+def test_the_backend_chosen_by_the_environment_is_read_at_every_call(monkeypatch):
+    torch.manual_seed(8)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    _live(model, x)
+    monkeypatch.setenv("MMOE_FAST_BACKEND", "reference")
+    with torch.no_grad():
+        out = model(x)
+    assert model.__dict__["_live"][1] is None  # "auto" now means the reference backend
+    assert_close(out, _oracle(model, x), 1e-10, "the reference backend by the environment")
+    monkeypatch.delenv("MMOE_FAST_BACKEND")
+    _live(model, x)

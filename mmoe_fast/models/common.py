@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -271,6 +272,7 @@ def _metadata_check(tensors: Sequence[Tensor]) -> Callable[..., bool]:
             return _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
         except Exception:  # another torch's signature: the Python check below
             pass
+
     def read(p: Tensor) -> tuple:
         return p.dtype, p.device, p.shape, p.stride(), p.is_neg(), p.is_conj(), p.requires_grad
 
@@ -306,8 +308,9 @@ def live_forward(owner: nn.Module, x: Tensor, key: tuple, build: Callable[[], tu
     ``InferenceSession``'s forward without its packed copy, so never stale, with a session's bits), or None
     where ``build()`` found it does not apply. ``key``: the model's guard and the plain attributes the call
     depends on (a change builds again); ``build()``: ``(cpp.Live or None, the parameters in its order,
-    number of tasks)``, kept on ``owner`` with ``key``. The caller has checked ``x`` (a 2-D CPU tensor of the
-    model's width and dtype, B > 0)."""
+    number of tasks)``, kept on ``owner`` with ``key`` and ``$MMOE_FAST_BACKEND`` (what ``"auto"`` resolves to).
+    The caller has checked ``x`` (a 2-D CPU tensor of the model's width and dtype, B > 0)."""
+    key = (*key, os.environ.get(backends.ENV_VAR))
     cached = owner.__dict__.get("_live")
     if cached is None or cached[0] != key:
         cached = owner.__dict__["_live"] = (key, *build())
