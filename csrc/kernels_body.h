@@ -243,6 +243,14 @@ struct Kern {
     }
   }
 
+  // An nn.Linear weight W[N, K] transposed into panels [P][K][NR], P = panels(N), zero-padded; W read in order.
+  static void pack_linear(const T* W, int64_t N, int64_t K, T* q) {
+    const int64_t P = panels(N);
+    std::fill(q + (P - 1) * K * NR, q + P * K * NR, T(0));  // the last panel's padding columns
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = W[n * K + k];
+  }
+
   static void pack(const T* w, int64_t E, int64_t Kd, int64_t N, T* out) {
     const int64_t P = panels(N);
     for (int64_t e = 0; e < E; ++e)
@@ -926,23 +934,21 @@ struct Kern {
     run_net(net, x, out, B, sc);
   }
 
-  // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
-  // small gate and tower weights are packed per call): the Session's arithmetic in the same order, so the
-  // same bits as a Session of these weights.
-  // The values of linear_panels' buffer for nn.Linear layers of these shapes.
+  // The values of linear_panels' buffer for an nn.Linear layer of this shape.
   static size_t linear_size(const LiveLayer<T>& l) { return static_cast<size_t>(panels(l.N) * (l.K + 1) * NR); }
 
   // An nn.Linear layer (weight [N, K], bias [N] or null) as one-expert panels [P][K][NR] and bias [P*NR] in q
-  // (linear_size values, zeroed): a Session's add_tower_layer/add_hidden layout.
+  // (linear_size values, the bias's zeroed): a Session's add_tower_layer/add_hidden layout.
   static Panels linear_panels(const LiveLayer<T>& l, T* q) {
-    const int64_t P = panels(l.N), K = l.K;
-    for (int64_t n = 0; n < l.N; ++n)
-      for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = l.w[n * K + k];
-    T* bias = q + P * K * NR;
+    pack_linear(l.w, l.N, l.K, q);
+    T* bias = q + panels(l.N) * l.K * NR;
     if (l.b) std::memcpy(bias, l.b, static_cast<size_t>(l.N) * sizeof(T));
-    return Panels{q, nullptr, bias, 1, K, l.N, P, true};
+    return Panels{q, nullptr, bias, 1, l.K, l.N, panels(l.N), true};
   }
 
+  // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
+  // small gate and tower weights are packed per call): the Session's arithmetic in the same order, so the
+  // same bits as a Session of these weights.
   static void live_run(const LiveModel<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
     Net net;
     std::vector<std::vector<T>> bufs(s.hidden.size() + 2 + s.towers.size());
@@ -1089,10 +1095,7 @@ void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_
     T* q = wp;  // layer l: [P][K][NR], panel p's column j = output p * NR + j (zero past N)
     for (int64_t l = 0; l < L; ++l) {
       const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
-      const T* W = w[l * nT + t];
-      std::fill(q + (P - 1) * K * NR, q + P * K * NR, T(0));  // the last panel's padding columns
-      for (int64_t n = 0; n < N; ++n)  // W's rows in order
-        for (int64_t k = 0; k < K; ++k) q[((n / NR) * K + k) * NR + n % NR] = W[n * K + k];
+      Kt::pack_linear(w[l * nT + t], N, K, q);
       q += P * K * NR;
     }
     for (int64_t r = 0; r < B; r += MR) {

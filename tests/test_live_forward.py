@@ -2,6 +2,8 @@
 the guard that decides when it may run: equal to the oracle and bit for bit to an ``InferenceSession``, never
 stale after any change to the model, stepping aside wherever it cannot stand in."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -53,7 +55,7 @@ def test_the_live_forward_equals_the_oracle_and_a_session_bit_for_bit(cls, activ
             assert torch.equal(model(x), out)
 
 
-def test_the_live_forward_reads_the_parameters_as_they_are_at_each_call(tmp_path):
+def test_the_live_forward_reads_the_parameters_as_they_are_at_each_call():
     """In-place updates, .data replaced, swapped tensors, a loaded state dict, fit's own Adam, a negative-bit or
     strided parameter, a new shape: every call answers with the model as it is then."""
     torch.manual_seed(0)
@@ -141,12 +143,11 @@ def test_the_live_forward_takes_any_input_the_layers_take_and_refuses_the_rest()
     torch.manual_seed(2)
     model = mf.MMoE(8, 3, num_experts=2, expert_hidden=5)
     base = torch.randn(8, 11)
+    in_double = copy.deepcopy(model).double()
     for x in (base.t(), torch._neg_view(-base.t().contiguous()), base.t().contiguous().requires_grad_(),
               base.t().contiguous()[::2]):
-        with torch.no_grad():
-            out = model(x)
-        assert_close(out.double(), _oracle(model.double(), x.detach().double()), 1e-5, "an awkward x")
-        model.float()
+        out = _live(model, x)
+        assert_close(out.double(), _oracle(in_double, x.detach().double()), 1e-5, "an awkward x")
     with torch.no_grad():
         assert model(torch.randn(0, 8)).shape == (0, 3)
         with pytest.raises(ValueError, match="gate_weight|expert_weight"):
@@ -155,13 +156,18 @@ def test_the_live_forward_takes_any_input_the_layers_take_and_refuses_the_rest()
             model(torch.randn(4, 8, dtype=torch.float64))
 
 
-def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
-    torch.manual_seed(3)
+def _guarded_model(seed):
+    """An MMoE after one no-grad forward, its input and the guard that forward made."""
+    torch.manual_seed(seed)
     model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
     x = torch.randn(5, 6)
     with torch.no_grad():
         model(x)
-    guard = model.__dict__["_guard"]
+    return model, x, model.__dict__["_guard"]
+
+
+def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
+    model, x, guard = _guarded_model(3)
 
     def both():
         in_cpp = cpp_backend._C.modules_unchanged(guard.modules, guard.types, guard.children, guard.slots)
@@ -201,12 +207,7 @@ def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
 def test_the_guard_sees_every_change_to_a_parameters_metadata(python_check, monkeypatch):
     if python_check:
         monkeypatch.setattr(common, "_TensorGuards", None)
-    torch.manual_seed(4)
-    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
-    x = torch.randn(5, 6)
-    with torch.no_grad():
-        model(x)
-    guard = model.__dict__["_guard"]
+    model, x, guard = _guarded_model(4)
     assert guard.holds(x)
     w = model.mixture.gate_weight
     plain = w.data
