@@ -280,5 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The console entry point: ``sys.exit(main())``; a torchrun rank ends through
+    :func:`distributed.exit_rank`, which a gloo process group needs to exit cleanly."""
+    code = main()
+    if distributed.launched():
+        distributed.exit_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

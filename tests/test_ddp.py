@@ -1,6 +1,7 @@
 """DDP: two gloo ranks under torchrun train to the same parameters as one process with the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,16 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, capsys, extra):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         for ma, mb in zip(a["val_metrics"], b["val_metrics"]):
             assert ma == pytest.approx(mb, rel=1e-5)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_rank_ends_without_interpreter_teardown(world):
+    """A torchrun rank leaves through os._exit, its output flushed: a gloo worker of the process group DDP keeps
+    alive could otherwise be releasing tensors (it needs the GIL) while the interpreter finalizes, and abort."""
+    code = ("import atexit, sys; atexit.register(lambda: print('finalized')); "
+            "sys.argv = ['mmoe-fast', 'backends']; from mmoe_fast.cli import run; run()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": world})
+    assert proc.returncode == 0, proc.stderr
+    assert "cpp" in proc.stdout  # printed and flushed before the exit
+    assert ("finalized" in proc.stdout) == (world == "1")
