@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .backends import cpp as cpp_backend
 from .models.replicas import ReplicaStack, why_not_packed
 from .train import _as_tensor, _check_fit_args, fit, task_losses, task_metrics
 
@@ -76,7 +77,8 @@ class _Data:
             t = self.stacked
             index = index + torch.arange(S)[:, None] * t.shape[1]
             t = t.view(S * t.shape[1], *t.shape[2:])
-        return torch.index_select(t, 0, index.reshape(-1)).view(S, B, *t.shape[1:])
+        out = cpp_backend.fresh(t, (S * B, *t.shape[1:]))  # the pool's: a fresh MB-sized buffer faults its pages
+        return torch.index_select(t, 0, index.reshape(-1), out=out).view(S, B, *t.shape[1:])
 
     def all_rows(self) -> Tensor:
         """``[N, ...]`` shared, or ``[S, N, ...]``."""

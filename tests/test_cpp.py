@@ -128,12 +128,12 @@ def test_the_training_gemm_setting_is_checked_and_auto_follows_the_cpu(monkeypat
 
 def test_large_outputs_come_from_kept_blocks_and_can_be_released():
     cpp.release_cached_memory()
-    t = cpp._fresh(torch.empty(0), (512, 1024))  # 2 MiB: a kept block
+    t = cpp.fresh(torch.empty(0), (512, 1024))  # 2 MiB: a kept block
     t.fill_(2.0)
     assert t.sum().item() == 2.0 * t.numel() and cpp._C.cached_block_bytes() == 0
     del t
     assert cpp._C.cached_block_bytes() >= 2 << 20
-    again = cpp._fresh(torch.empty(0, dtype=torch.float64), (256, 1024))  # the same block, reused
+    again = cpp.fresh(torch.empty(0, dtype=torch.float64), (256, 1024))  # the same block, reused
     assert cpp._C.cached_block_bytes() == 0 and again.dtype == torch.float64
     del again
     assert cpp.release_cached_memory() >= 2 << 20 and cpp._C.cached_block_bytes() == 0

@@ -62,13 +62,13 @@ def _ptr(t: torch.Tensor | None) -> int:
 _LARGE = 1 << 20
 
 
-def _fresh(like: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """An uninitialized output. A large one comes from ``_C``'s pool of kept blocks (huge pages, returned to the
-    pool when the tensor dies): a fresh buffer of tens of MB per training step costs its page faults and
-    zeroing, as much as the kernel that writes it."""
+def fresh(like: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An uninitialized tensor like ``like``. A large one on the CPU comes from ``_C``'s pool of kept blocks (huge
+    pages, returned to the pool when the tensor dies): a fresh buffer of tens of MB per training step costs its
+    page faults and zeroing, as much as the kernel that writes it."""
     numel = math.prod(shape)
     nbytes = numel * like.element_size()
-    if nbytes < _LARGE:
+    if nbytes < _LARGE or _C is None or like.device.type != "cpu":
         return like.new_empty(shape)
     return torch.frombuffer(_C.Block(nbytes), dtype=like.dtype, count=numel).view(shape)
 
@@ -142,8 +142,8 @@ def _mixture(a, W, b, Wg, bg, G, T, activation, save):
     """m[T, B, H] and, when ``save``, pre[E, B, H] and (gates computed here: Wg given) G[B, T, E]."""
     E, K, H = W.shape
     B = a.shape[0]
-    m = _fresh(a, (T, B, H))
-    pre = _fresh(a, (E, B, H)) if save else None
+    m = fresh(a, (T, B, H))
+    pre = fresh(a, (E, B, H)) if save else None
     G_out = a.new_empty((B, T, E)) if save and Wg is not None else None
     _kernel("mixture_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(Wg), _ptr(bg), _ptr(G), _ptr(m),
                                         _ptr(pre), _ptr(G_out), B, E, K, H, T, ACTIVATION_CODES[activation])
@@ -172,11 +172,11 @@ def _blas_pre(a, W, b):
     well-shaped GEMM where E narrow ones run at a third of MKL's rate); else one batched GEMM, ``pre[E, B, N]``."""
     E, K, N = W.shape
     if a.dim() == 2 and N <= SIDE_BY_SIDE_MAX_N:
-        pre = _fresh(a, (a.shape[0], E * N))
+        pre = fresh(a, (a.shape[0], E * N))
         if b is None:
             return torch.mm(a, _side_by_side(W), out=pre)
         return torch.addmm(b.reshape(E * N), a, _side_by_side(W), out=pre)
-    pre = _fresh(a, (E, a.shape[0], N))
+    pre = fresh(a, (E, a.shape[0], N))
     if b is None:
         return torch.bmm(_per_expert(a, E), W, out=pre)
     return torch.baddbmm(b.unsqueeze(1), _per_expert(a, E), W, out=pre)
@@ -199,10 +199,10 @@ def _blas_train(a, W, b, G, T, activation):
     pre = _blas_pre(a, W, b)
     rowmajor = pre.dim() == 2
     if G is None:
-        out = _fresh(a, (B, E, N))
+        out = fresh(a, (B, E, N))
         _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, 0, 0, _ptr(out), B, E, N, 0, ACTIVATION_CODES[activation])
         return out, pre
-    m = _fresh(a, (T, B, N))
+    m = fresh(a, (T, B, N))
     _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(m), 0, B, E, N, T, ACTIVATION_CODES[activation])
     return m, pre
 
@@ -215,7 +215,7 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
     fused = Wg is not None
     T = Wg.shape[0] if fused else (0 if G is None else G.shape[1])
     rowmajor = pre.dim() == 2  # pre[B, E * N], from a shared x
-    dp = _fresh(a, tuple(pre.shape))
+    dp = fresh(a, tuple(pre.shape))
     dlogit = a.new_empty((B, T, E)) if fused else None
     dG = torch.empty_like(G) if G is not None and not fused else None
     _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), _ptr(dp), _ptr(dlogit),
@@ -236,7 +236,7 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
         if input_grad and a.dim() == 2:
             da = torch.bmm(dp, W.transpose(1, 2)).sum(0)
         elif input_grad:  # straight into a[B, E, K]'s layout
-            da = _fresh(a, a.shape)
+            da = fresh(a, a.shape)
             torch.bmm(dp, W.transpose(1, 2), out=da.transpose(0, 1))
     dWg = dbg = None
     if fused:
@@ -278,7 +278,7 @@ def mmoe_train(x, W, b, Wg, bg, activation):
 def _backward(a, W, b, activation, input_grad, pre, G=None, dm=None, dout=None, Wg=None, bg=None):
     """(da or None, dW, db, dG or None, dWg or None, dbg or None) from the one C++ call (pre None: recomputed)."""
     E, K, N = W.shape
-    da, dW, db = _fresh(a, a.shape) if input_grad else None, torch.empty_like(W), a.new_empty((E, N))
+    da, dW, db = fresh(a, a.shape) if input_grad else None, torch.empty_like(W), a.new_empty((E, N))
     fused = Wg is not None
     T = Wg.shape[0] if fused else (0 if G is None else G.shape[1])
     dG = torch.empty_like(G) if G is not None and not fused else None
@@ -311,7 +311,7 @@ def mmoe_backward(dm, x, W, b, Wg, bg, activation, input_grad=True, saved=()):
 
 def grouped_linear(a, W, b, activation):
     E, K, N = W.shape
-    out = _fresh(a, (a.shape[0], E, N))
+    out = fresh(a, (a.shape[0], E, N))
     _kernel("grouped_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(out), 0, a.shape[0], E, K, N,
                                         ACTIVATION_CODES[activation])
     return out
@@ -323,7 +323,7 @@ def grouped_linear_train(a, W, b, activation):
         out, pre = _blas_train(a, W, b, None, 0, activation)
         return out, (pre,)
     E, K, N = W.shape
-    out, pre = _fresh(a, (a.shape[0], E, N)), _fresh(a, (E, a.shape[0], N))
+    out, pre = fresh(a, (a.shape[0], E, N)), fresh(a, (E, a.shape[0], N))
     _kernel("grouped_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(out), _ptr(pre), a.shape[0], E,
                                         K, N, ACTIVATION_CODES[activation])
     return out, (pre,)
@@ -439,7 +439,9 @@ def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation
         return out
     new = Y.new_zeros if zeros else Y.new_empty
     sums = torch.zeros((S, T), dtype=torch.float64)
-    dY, dbias = new((S, B, C)), new((S, C))
+    dY, dbias = fresh(Y, (S, B, C)), new((S, C))
+    if zeros:
+        dY.zero_()
     grads = [new(p.shape) for p in tower_params]
     dw, db = _weights_biases(grads, num_layers, T)
     coef = coef.to(Y.dtype).contiguous()

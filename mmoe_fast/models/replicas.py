@@ -131,11 +131,13 @@ class ReplicaStack:
         and the gradient of ``sum_t coef[t] * sums[t]``, one per ``params`` entry. ``active[S]`` (bool): the
         replicas to compute (the others' sums and gradients are zero)."""
         W, bias, *towers = self.params
-        Y = torch.bmm(x, W)
+        S, B, _ = x.shape
+        # Step-sized buffers (MBs at S = 64) from the backend's pool: fresh ones cost their page faults.
+        Y = torch.bmm(x, W, out=cpp_backend.fresh(x, (S, B, W.shape[2])))
         _, sums, dY, dbias, tower_grads = cpp_backend.replicas_step(
             Y, bias, self.E, self.H, self.num_gates, towers, self.num_tower_layers, self.activation, y=y,
             binary=[t == "binary" for t in self.task_types], coef=coef, weight=weight, active=active)
-        dW = torch.bmm(x.transpose(1, 2), dY)
+        dW = torch.bmm(x.transpose(1, 2), dY, out=cpp_backend.fresh(x, tuple(W.shape)))
         if self.absent:  # a layer without a bias: its columns stay zero
             dbias[:, self.absent] = 0
         return sums, [dW, dbias, *tower_grads]
