@@ -1129,53 +1129,83 @@ void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_
 }
 
 // From dout[B, nT]: dw, db (per layer and task, as w and bias; overwritten) and, dh given, dh[nT, B, K_0]
-// (each task's own input gradient; a shared input's is their sum, taken by the caller).
+// (each task's own input gradient; a shared input's is their sum, taken by the caller). Rows go in blocks of
+// kRows, layer by layer: a weight-gradient row stays in registers across a block's rows, an input-gradient row
+// across the layer's outputs (row by row, each multiply-add paid a load and a store). The sums keep the
+// row-by-row order: rows ascending into dw and db, outputs ascending into each row's da.
 template <typename T>
 void towers_backward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
                            const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
+  using Kt = Kern<T>;
+  using V = typename Kt::V;
+  constexpr int Lw = Kt::L;
+  constexpr int64_t kRows = 32;
   const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
   int64_t widest = 0;
   for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, widths[l]);
 #pragma omp parallel num_threads(tower_threads<T>(B, nT, L, widths))
   {
-    T* dz = scratch<T>(0, static_cast<size_t>(2 * widest));
-    T* da = dz + widest;
+    T* dz = scratch<T>(0, static_cast<size_t>(2 * kRows * widest));  // this layer's output gradient [rows, N]
+    T* dnext = dz + kRows * widest;                                   // its input's [rows, K]
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < nT; ++t) {
       for (int64_t l = 0; l < L; ++l) {
         std::fill(dw[l * nT + t], dw[l * nT + t] + widths[l] * widths[l + 1], T(0));
         std::fill(db[l * nT + t], db[l * nT + t] + widths[l + 1], T(0));
       }
-      for (int64_t b = 0; b < B; ++b) {
-        const T* row = save + (t * B + b) * hid;
-        dz[0] = dout[b * nT + t];
-        int64_t off = hid;  // layer l's input starts at row + off - K_l (for l > 0)
+      for (int64_t r0 = 0; r0 < B; r0 += kRows) {
+        const int64_t rows = std::min(kRows, B - r0);
+        T* g = dz;
+        T* gn = dnext;
+        for (int64_t r = 0; r < rows; ++r) g[r] = dout[(r0 + r) * nT + t];
+        int64_t off = hid;  // layer l's input starts at column off - K_l of a saved row (for l > 0)
         for (int64_t l = L - 1; l >= 0; --l) {
           const int64_t K = widths[l], N = widths[l + 1];
           off -= (l > 0 ? K : 0);
-          const T* __restrict a = l > 0 ? row + off : (shared ? h + b * K0 : h + (t * B + b) * K0);
+          // Row r of the layer's input: a + r * lda.
+          const T* a = l > 0 ? save + (t * B + r0) * hid + off : (shared ? h + r0 * K0 : h + (t * B + r0) * K0);
+          const int64_t lda = l > 0 ? hid : K0;
           const T* W = w[l * nT + t];
           T* dW = dw[l * nT + t];
           T* dbl = db[l * nT + t];
-          const bool wants_da = l > 0 || dh != nullptr;
-          if (wants_da) std::fill(da, da + K, T(0));
           for (int64_t n = 0; n < N; ++n) {
-            const T g = dz[n];
-            dbl[n] += g;
-            T* __restrict dWn = dW + n * K;
-            const T* __restrict wn = W + n * K;
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) dWn[k] += g * a[k];
-            if (wants_da) {
-#pragma omp simd
-              for (int64_t k = 0; k < K; ++k) da[k] += g * wn[k];
+            T sb = dbl[n];
+            for (int64_t r = 0; r < rows; ++r) sb += g[r * N + n];
+            dbl[n] = sb;
+            T* dWn = dW + n * K;
+            int64_t k = 0;
+            for (; k + Lw <= K; k += Lw) {
+              V acc = Kt::load(dWn + k);
+              for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * Kt::load(a + r * lda + k);
+              std::memcpy(dWn + k, &acc, sizeof acc);
+            }
+            for (; k < K; ++k) {
+              T acc = dWn[k];
+              for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * a[r * lda + k];
+              dWn[k] = acc;
             }
           }
-          if (l > 0) {
-            for (int64_t k = 0; k < K; ++k) dz[k] = a[k] > T(0) ? da[k] : T(0);  // relu'(z) = [relu(z) > 0]
-          } else if (dh) {
-            std::copy(da, da + K, dh + (t * B + b) * K0);
+          if (l == 0 && dh == nullptr) break;
+          // da = g @ W, then through the ReLU below (its output a: relu'(z) = [relu(z) > 0]) or into dh.
+          T* into = l > 0 ? gn : dh + (t * B + r0) * K0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* gr = g + r * N;
+            const T* ar = a + r * lda;
+            T* dr = into + r * K;
+            int64_t k = 0;
+            for (; k + Lw <= K; k += Lw) {
+              V acc = {};
+              for (int64_t n = 0; n < N; ++n) acc += gr[n] * Kt::load(W + n * K + k);
+              if (l > 0) acc = Kt::load(ar + k) > T(0) ? acc : V{};
+              std::memcpy(dr + k, &acc, sizeof acc);
+            }
+            for (; k < K; ++k) {
+              T acc = 0;
+              for (int64_t n = 0; n < N; ++n) acc += gr[n] * W[n * K + k];
+              dr[k] = l > 0 && !(ar[k] > T(0)) ? T(0) : acc;
+            }
           }
+          std::swap(g, gn);
         }
       }
     }
@@ -1297,13 +1327,13 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   const int64_t hrows = shared ? B : nT * B, hid = tower_hidden_width<T>(nL, a.widths);
   const int64_t GW = (GE + Kt::L - 1) / Kt::L * Kt::L;  // softmax_groups' buffer: whole vectors
   // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
-  T* z = scratch<T>(5, static_cast<size_t>(B * C + B * EH + B * GE + hrows * H + nT * B * hid + GW + nT * B));
+  T* z = scratch<T>(5, static_cast<size_t>(B * C + B * EH + B * GE + hrows * H + nT * B * hid + B * GW + nT * B));
   T* f = z + B * C;     // act(pre) [B, EH]
   T* G = f + B * EH;    // [B, nG, E]
   T* h = G + B * GE;    // the towers' input [nT or 1, B, H]
   T* save = h + hrows * H;
-  T* lg = save + nT * B * hid;
-  T* dz = lg + GW;      // [B, nT]
+  T* lg = save + nT * B * hid;  // the gates' logits [B, GW]
+  T* dz = lg + B * GW;  // [B, nT]
   std::vector<const T*> tw(static_cast<size_t>(nL * nT)), tb(tw.size());
   std::vector<T*> dtw(tw.size()), dtb(tw.size());
   for (int64_t l = 0; l < nL; ++l)
@@ -1337,35 +1367,44 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
         for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
       }
       if (nG > 0) {
-        std::copy(zb + EH, zb + C, lg);
-        std::fill(lg + GE, lg + GW, T(0));
-        Kt::softmax_groups(lg, GW, G + b * GE, nG, E);
-      }
-      if (nG == 0) {
+        std::copy(zb + EH, zb + C, lg + b * GW);
+        std::fill(lg + b * GW + GE, lg + (b + 1) * GW, T(0));
+      } else {
         std::copy(fb, fb + H, h + b * H);
-        continue;
-      }
-      for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {
-        T* hr = h + (t * B + b) * H;
-        const T* g = G + b * GE + t * E;
-        std::fill(hr, hr + H, T(0));
-        for (int64_t e = 0; e < E; ++e) {
-          const T ge = g[e];
-          const T* fe = fb + e * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) hr[j] += ge * fe[j];
-        }
       }
     }
   });
+  // The softmax and the mixture in passes of their own: softmax_groups' vector loads of a row's logits, right
+  // after the scalar stores above, waited for them (no store forwarding).
+  if (nG > 0) {
+    for (int64_t b = 0; b < B; ++b) Kt::softmax_groups(lg + b * GW, GW, G + b * GE, nG, E);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* fb = f + b * EH;
+      for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {  // in registers over the experts, a vector at a time
+        T* hr = h + (t * B + b) * H;
+        const T* g = G + b * GE + t * E;
+        int64_t j = 0;
+        for (; j + Kt::L <= H; j += Kt::L) {
+          typename Kt::V acc = {};
+          for (int64_t e = 0; e < E; ++e) acc += g[e] * Kt::load(fb + e * H + j);
+          std::memcpy(hr + j, &acc, sizeof acc);
+        }
+        for (; j < H; ++j) {
+          T acc = 0;
+          for (int64_t e = 0; e < E; ++e) acc += g[e] * fb[e * H + j];
+          hr[j] = acc;
+        }
+      }
+    }
+  }
   T* out = a.out + s * B * nT;
   towers_forward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
   if (!a.y) return;
   loss_grad<T>(out, a.y + s * B * nT, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
                a.sums + s * nT, B, nT);
-  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + GE));
+  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + B * GE));
   T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
-  T* dG = dsum + H;            // [nG, E]
+  T* dGall = dsum + H;         // [B, nG, E]
   towers_backward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
   T* dY = a.dY + s * B * C;
   T* db = a.dbias + s * C;
@@ -1377,6 +1416,7 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
       const T* fb = f + b * EH;
       const T* g = G + b * GE;
       T* dyb = dY + b * C;
+      T* dG = dGall + b * GE;
       if (shared) {
         std::fill(dsum, dsum + H, T(0));
         for (int64_t t = 0; t < nT; ++t) {
@@ -1410,6 +1450,15 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
             dye[j] = d;
             dbe[j] += d;
           }
+        } else if (nm == 2) {  // one pass: the mixture's two tasks, act', the bias gradient
+          const T* d1 = dh + (B + b) * H;
+          const T g1 = g[E + e];
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = (g0 * d0[j] + g1 * d1[j]) * Kt::template fder<A>(ze[j]);
+            dye[j] = d;
+            dbe[j] += d;
+          }
         } else {
           const T* d1 = dh + (B + b) * H;
           const T g1 = g[E + e];
@@ -1430,17 +1479,24 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
         }
         for (int64_t t = 0; t < nm; ++t) dG[t * E + e] = Kt::dot(shared ? dsum : dh + (t * B + b) * H, fe, H);
       }
-      for (int64_t t = 0; t < nG; ++t) {  // dlogit = G (dG - sum_e G dG)
-        T sg = 0;
-        for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
-        for (int64_t e = 0; e < E; ++e) {
-          const T d = g[t * E + e] * (dG[t * E + e] - sg);
-          dyb[EH + t * E + e] = d;
-          db[EH + t * E + e] += d;
-        }
-      }
     }
   });
+  // dlogit = G (dG - sum_e G dG), once every row's dG is made: read back in vectors right after its scalar
+  // stores, a row's dG missed store forwarding (half of this function's time at E = 8).
+  for (int64_t b = 0; b < B; ++b) {
+    const T* g = G + b * GE;
+    const T* dG = dGall + b * GE;
+    T* dyb = dY + b * C;
+    for (int64_t t = 0; t < nG; ++t) {
+      T sg = 0;
+      for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
+      for (int64_t e = 0; e < E; ++e) {
+        const T d = g[t * E + e] * (dG[t * E + e] - sg);
+        dyb[EH + t * E + e] = d;
+        db[EH + t * E + e] += d;
+      }
+    }
+  }
 }
 
 template <typename T>
