@@ -1080,52 +1080,57 @@ int tower_threads(int64_t B, int64_t nT, int64_t L, const int64_t* widths) {
 // out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer. Each layer
 // runs on the GEMM's register tiles (MR rows x NR outputs, the task's weights transposed into panels first):
 // per row a few vector FMAs, where a dot product per output paid a horizontal sum each.
+// Task t's tower (towers_forward_entry's loop body; on the calling thread alone).
 template <typename T>
-void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
-                          const T* const* w, const T* const* bias, T* out, T* save) {
+void tower_forward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                        const T* const* w, const T* const* bias, T* out, T* save) {
   using Kt = Kern<T>;
   constexpr int NR = Kt::NR, MR = Kt::MR;
   const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
   int64_t packed = 0;
   for (int64_t l = 0; l < L; ++l) packed += Kt::panels(widths[l + 1]) * widths[l] * NR;
-#pragma omp parallel for schedule(static) num_threads(tower_threads<T>(B, nT, L, widths))
-  for (int64_t t = 0; t < nT; ++t) {
-    T* wp = scratch<T>(1, static_cast<size_t>(packed + MR * NR));
-    T* tile = wp + packed;
-    T* q = wp;  // layer l: [P][K][NR], panel p's column j = output p * NR + j (zero past N)
+  T* wp = scratch<T>(1, static_cast<size_t>(packed + MR * NR));
+  T* tile = wp + packed;
+  T* q = wp;  // layer l: [P][K][NR], panel p's column j = output p * NR + j (zero past N)
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
+    Kt::pack_linear(w[l * nT + t], N, K, q);
+    q += P * K * NR;
+  }
+  for (int64_t r = 0; r < B; r += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, B - r));
+    const T* a = shared ? h + r * K0 : h + (t * B + r) * K0;
+    int64_t lda = K0, off = 0;
+    T* rows = save + (t * B + r) * hid;
+    q = wp;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
-      Kt::pack_linear(w[l * nT + t], N, K, q);
+      const T* bl = bias[l * nT + t];
+      for (int64_t p = 0; p < P; ++p) {
+        Kt::tile_rows(mr, a, lda, q + p * K * NR, NR, K, tile);
+        const int64_t n1 = std::min<int64_t>(NR, N - p * NR);
+        for (int i = 0; i < mr; ++i)
+          for (int64_t j = 0; j < n1; ++j) {
+            const T z = tile[i * NR + j] + bl[p * NR + j];
+            if (l == L - 1)
+              out[(r + i) * nT + t] = z;  // the last layer has one output
+            else
+              rows[i * hid + off + p * NR + j] = z < T(0) ? T(0) : z;  // NaN stays NaN
+          }
+      }
+      a = rows + off;
+      lda = hid;
+      off += N;
       q += P * K * NR;
     }
-    for (int64_t r = 0; r < B; r += MR) {
-      const int mr = static_cast<int>(std::min<int64_t>(MR, B - r));
-      const T* a = shared ? h + r * K0 : h + (t * B + r) * K0;
-      int64_t lda = K0, off = 0;
-      T* rows = save + (t * B + r) * hid;
-      q = wp;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
-        const T* bl = bias[l * nT + t];
-        for (int64_t p = 0; p < P; ++p) {
-          Kt::tile_rows(mr, a, lda, q + p * K * NR, NR, K, tile);
-          const int64_t n1 = std::min<int64_t>(NR, N - p * NR);
-          for (int i = 0; i < mr; ++i)
-            for (int64_t j = 0; j < n1; ++j) {
-              const T z = tile[i * NR + j] + bl[p * NR + j];
-              if (l == L - 1)
-                out[(r + i) * nT + t] = z;  // the last layer has one output
-              else
-                rows[i * hid + off + p * NR + j] = z < T(0) ? T(0) : z;  // NaN stays NaN
-            }
-        }
-        a = rows + off;
-        lda = hid;
-        off += N;
-        q += P * K * NR;
-      }
-    }
   }
+}
+
+template <typename T>
+void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                          const T* const* w, const T* const* bias, T* out, T* save) {
+#pragma omp parallel for schedule(static) num_threads(tower_threads<T>(B, nT, L, widths))
+  for (int64_t t = 0; t < nT; ++t) tower_forward_task<T>(t, h, shared, B, nT, L, widths, w, bias, out, save);
 }
 
 // From dout[B, nT]: dw, db (per layer and task, as w and bias; overwritten) and, dh given, dh[nT, B, K_0]
@@ -1134,8 +1139,8 @@ void towers_forward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_
 // across the layer's outputs (row by row, each multiply-add paid a load and a store). The sums keep the
 // row-by-row order: rows ascending into dw and db, outputs ascending into each row's da.
 template <typename T>
-void towers_backward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
-                           const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
+void tower_backward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                         const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
   using Kt = Kern<T>;
   using V = typename Kt::V;
   constexpr int Lw = Kt::L;
@@ -1143,73 +1148,74 @@ void towers_backward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64
   const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
   int64_t widest = 0;
   for (int64_t l = 0; l <= L; ++l) widest = std::max(widest, widths[l]);
-#pragma omp parallel num_threads(tower_threads<T>(B, nT, L, widths))
-  {
-    T* dz = scratch<T>(0, static_cast<size_t>(2 * kRows * widest));  // this layer's output gradient [rows, N]
-    T* dnext = dz + kRows * widest;                                   // its input's [rows, K]
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < nT; ++t) {
-      for (int64_t l = 0; l < L; ++l) {
-        std::fill(dw[l * nT + t], dw[l * nT + t] + widths[l] * widths[l + 1], T(0));
-        std::fill(db[l * nT + t], db[l * nT + t] + widths[l + 1], T(0));
-      }
-      for (int64_t r0 = 0; r0 < B; r0 += kRows) {
-        const int64_t rows = std::min(kRows, B - r0);
-        T* g = dz;
-        T* gn = dnext;
-        for (int64_t r = 0; r < rows; ++r) g[r] = dout[(r0 + r) * nT + t];
-        int64_t off = hid;  // layer l's input starts at column off - K_l of a saved row (for l > 0)
-        for (int64_t l = L - 1; l >= 0; --l) {
-          const int64_t K = widths[l], N = widths[l + 1];
-          off -= (l > 0 ? K : 0);
-          // Row r of the layer's input: a + r * lda.
-          const T* a = l > 0 ? save + (t * B + r0) * hid + off : (shared ? h + r0 * K0 : h + (t * B + r0) * K0);
-          const int64_t lda = l > 0 ? hid : K0;
-          const T* W = w[l * nT + t];
-          T* dW = dw[l * nT + t];
-          T* dbl = db[l * nT + t];
-          for (int64_t n = 0; n < N; ++n) {
-            T sb = dbl[n];
-            for (int64_t r = 0; r < rows; ++r) sb += g[r * N + n];
-            dbl[n] = sb;
-            T* dWn = dW + n * K;
-            int64_t k = 0;
-            for (; k + Lw <= K; k += Lw) {
-              V acc = Kt::load(dWn + k);
-              for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * Kt::load(a + r * lda + k);
-              std::memcpy(dWn + k, &acc, sizeof acc);
-            }
-            for (; k < K; ++k) {
-              T acc = dWn[k];
-              for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * a[r * lda + k];
-              dWn[k] = acc;
-            }
-          }
-          if (l == 0 && dh == nullptr) break;
-          // da = g @ W, then through the ReLU below (its output a: relu'(z) = [relu(z) > 0]) or into dh.
-          T* into = l > 0 ? gn : dh + (t * B + r0) * K0;
-          for (int64_t r = 0; r < rows; ++r) {
-            const T* gr = g + r * N;
-            const T* ar = a + r * lda;
-            T* dr = into + r * K;
-            int64_t k = 0;
-            for (; k + Lw <= K; k += Lw) {
-              V acc = {};
-              for (int64_t n = 0; n < N; ++n) acc += gr[n] * Kt::load(W + n * K + k);
-              if (l > 0) acc = Kt::load(ar + k) > T(0) ? acc : V{};
-              std::memcpy(dr + k, &acc, sizeof acc);
-            }
-            for (; k < K; ++k) {
-              T acc = 0;
-              for (int64_t n = 0; n < N; ++n) acc += gr[n] * W[n * K + k];
-              dr[k] = l > 0 && !(ar[k] > T(0)) ? T(0) : acc;
-            }
-          }
-          std::swap(g, gn);
+  T* dz = scratch<T>(0, static_cast<size_t>(2 * kRows * widest));  // this layer's output gradient [rows, N]
+  T* dnext = dz + kRows * widest;                                   // its input's [rows, K]
+  for (int64_t l = 0; l < L; ++l) {
+    std::fill(dw[l * nT + t], dw[l * nT + t] + widths[l] * widths[l + 1], T(0));
+    std::fill(db[l * nT + t], db[l * nT + t] + widths[l + 1], T(0));
+  }
+  for (int64_t r0 = 0; r0 < B; r0 += kRows) {
+    const int64_t rows = std::min(kRows, B - r0);
+    T* g = dz;
+    T* gn = dnext;
+    for (int64_t r = 0; r < rows; ++r) g[r] = dout[(r0 + r) * nT + t];
+    int64_t off = hid;  // layer l's input starts at column off - K_l of a saved row (for l > 0)
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const int64_t K = widths[l], N = widths[l + 1];
+      off -= (l > 0 ? K : 0);
+      // Row r of the layer's input: a + r * lda.
+      const T* a = l > 0 ? save + (t * B + r0) * hid + off : (shared ? h + r0 * K0 : h + (t * B + r0) * K0);
+      const int64_t lda = l > 0 ? hid : K0;
+      const T* W = w[l * nT + t];
+      T* dW = dw[l * nT + t];
+      T* dbl = db[l * nT + t];
+      for (int64_t n = 0; n < N; ++n) {
+        T sb = dbl[n];
+        for (int64_t r = 0; r < rows; ++r) sb += g[r * N + n];
+        dbl[n] = sb;
+        T* dWn = dW + n * K;
+        int64_t k = 0;
+        for (; k + Lw <= K; k += Lw) {
+          V acc = Kt::load(dWn + k);
+          for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * Kt::load(a + r * lda + k);
+          std::memcpy(dWn + k, &acc, sizeof acc);
+        }
+        for (; k < K; ++k) {
+          T acc = dWn[k];
+          for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * a[r * lda + k];
+          dWn[k] = acc;
         }
       }
+      if (l == 0 && dh == nullptr) break;
+      // da = g @ W, then through the ReLU below (its output a: relu'(z) = [relu(z) > 0]) or into dh.
+      T* into = l > 0 ? gn : dh + (t * B + r0) * K0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* gr = g + r * N;
+        const T* ar = a + r * lda;
+        T* dr = into + r * K;
+        int64_t k = 0;
+        for (; k + Lw <= K; k += Lw) {
+          V acc = {};
+          for (int64_t n = 0; n < N; ++n) acc += gr[n] * Kt::load(W + n * K + k);
+          if (l > 0) acc = Kt::load(ar + k) > T(0) ? acc : V{};
+          std::memcpy(dr + k, &acc, sizeof acc);
+        }
+        for (; k < K; ++k) {
+          T acc = 0;
+          for (int64_t n = 0; n < N; ++n) acc += gr[n] * W[n * K + k];
+          dr[k] = l > 0 && !(ar[k] > T(0)) ? T(0) : acc;
+        }
+      }
+      std::swap(g, gn);
     }
   }
+}
+
+template <typename T>
+void towers_backward_entry(const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,
+                           const T* const* w, const T* save, const T* dout, T* dh, T* const* dw, T* const* db) {
+#pragma omp parallel for schedule(static) num_threads(tower_threads<T>(B, nT, L, widths))
+  for (int64_t t = 0; t < nT; ++t) tower_backward_task<T>(t, h, shared, B, nT, L, widths, w, save, dout, dh, dw, db);
 }
 
 // ---- entry points on unpacked weights (the ops) ---------------------------------------------------
@@ -1398,14 +1404,16 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
     }
   }
   T* out = a.out + s * B * nT;
-  towers_forward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
+  for (int64_t t = 0; t < nT; ++t)  // no nested parallel region: this thread runs one replica
+    tower_forward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
   if (!a.y) return;
   loss_grad<T>(out, a.y + s * B * nT, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
                a.sums + s * nT, B, nT);
   T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + B * GE));
   T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
   T* dGall = dsum + H;         // [B, nG, E]
-  towers_backward_entry<T>(h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
+  for (int64_t t = 0; t < nT; ++t)
+    tower_backward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
   T* dY = a.dY + s * B * C;
   T* db = a.dbias + s * C;
   std::fill(db, db + C, T(0));
