@@ -69,7 +69,8 @@ def exit_rank(code: int) -> NoReturn:
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # none without a console
+            stream.flush()
     os._exit(code)
 
 
