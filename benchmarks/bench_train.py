@@ -2,8 +2,9 @@
 
 Step = zero_grad, forward, BCE-with-logits (mean over the batch) summed over tasks, backward, Adam(lr=1e-3).step:
 - ``mmoe_fast``: ``mf.MMoE(D, T, num_experts=E, expert_hidden=H, tower_hidden=...)`` on ``backend="auto"``, in the
-  step ``fit`` takes: no autograd at all (``fused_training_forward``: the kernels, the loss gradient formed
-  directly); fit's Adam (torch's fused kernel, its state kept ready between steps: the same update bit for bit);
+  step ``fit`` takes: no autograd at all (``train.fused_step``: at small batches the whole step is one C++ call,
+  else the kernels with the loss gradient formed directly); fit's Adam (torch's fused kernel, its state kept
+  ready between steps: the same update bit for bit);
 - ``mmoe_fast (autograd)``: the same model under ``loss.backward()`` (one autograd node for the whole model) and
   torch's fused Adam, as the others below;
 - ``batched eager``: plain PyTorch, one GEMM for every expert, one for every gate, softmax, one bmm mixture,
@@ -38,7 +39,7 @@ import mmoe_fast as mf
 from mmoe_fast import timing
 from mmoe_fast.models.common import mlp
 from mmoe_fast.timing import format_ratio, format_time
-from mmoe_fast.train import _fused_backward, make_optimizer
+from mmoe_fast.train import fused_step, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,13 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def fit_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """The step ``mmoe_fast.train.fit`` takes (less its bookkeeping): where the model offers
-    ``fused_training_forward``, no autograd (``train._fused_backward``: the forward's kernels, the loss sums and
-    their gradient in one pass, the backward's kernels into ``.grad``), else ``loss.backward()``; then fit's
+    """The step ``mmoe_fast.train.fit`` takes (less its bookkeeping): where the model offers it, no autograd
+    (``train.fused_step``: the whole step in one C++ call at small batches, else the forward's kernels, the loss
+    sums and their gradient in one pass, the backward's kernels into ``.grad``), else ``loss.backward()``; then fit's
     optimizer (``make_optimizer``: torch's fused Adam kernel, its state kept ready between steps)."""
     opt = make_optimizer("adam", model, lr=1e-3)
-    weights, rows = torch.ones(len(model.task_types)), range(x.shape[0])
-    if model.fused_training_forward(x) is None:
+    weights = torch.ones(len(model.task_types))
+    if fused_step(model, opt, x, y, None, x.shape[0], weights) is None:
         def autograd_step():
             opt.zero_grad(set_to_none=True)
             F.binary_cross_entropy_with_logits(model(x), y, reduction="none").mean(0).sum().backward()
@@ -145,7 +146,7 @@ def fit_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         return autograd_step
 
     def step():
-        _fused_backward(model.fused_training_forward(x), model, opt, y, None, rows, weights, x.device)
+        fused_step(model, opt, x, y, None, x.shape[0], weights)
         opt.step()
 
     return step

@@ -236,6 +236,22 @@ class Session {
   mmoe::Model<T> model_;
 };
 
+// Each tensor's data_ptr() (None: 0), read here at a fraction of Python's cost.
+std::vector<uintptr_t> data_pointers(py::tuple tensors) {
+  static PyObject* const name = PyUnicode_InternFromString("data_ptr");
+  std::vector<uintptr_t> p(static_cast<size_t>(PyTuple_GET_SIZE(tensors.ptr())), 0);
+  for (size_t i = 0; i < p.size(); ++i) {
+    PyObject* t = PyTuple_GET_ITEM(tensors.ptr(), static_cast<Py_ssize_t>(i));
+    if (t == Py_None) continue;
+    PyObject* v = PyObject_CallMethodNoArgs(t, name);
+    if (!v) throw py::error_already_set();
+    p[i] = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(v));
+    Py_DECREF(v);
+    if (PyErr_Occurred()) throw py::error_already_set();
+  }
+  return p;
+}
+
 // A model's no-grad forward on its own parameters, read in place at every call (mmoe::LiveModel): built once
 // with the shapes (layers: (E, K, N, activation code, 1 for an nn.Linear layer [N, K]), the mixture's last
 // when gates > 0); run() takes the parameters' current pointers, in the order wg, bg (0 without gates), then
@@ -278,20 +294,9 @@ class Live {
     count_ = 2 + 2 * layers.size() + 2 * L * static_cast<size_t>(tasks);
   }
 
-  // The parameters as tensors (None: absent): their data_ptr() read here, at a fraction of Python's cost.
+  // The parameters as tensors (None: absent).
   void run_tensors(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors) const {
-    static PyObject* const name = PyUnicode_InternFromString("data_ptr");
-    std::vector<uintptr_t> p(static_cast<size_t>(PyTuple_GET_SIZE(tensors.ptr())), 0);
-    for (size_t i = 0; i < p.size(); ++i) {
-      PyObject* t = PyTuple_GET_ITEM(tensors.ptr(), static_cast<Py_ssize_t>(i));
-      if (t == Py_None) continue;
-      PyObject* v = PyObject_CallMethodNoArgs(t, name);
-      if (!v) throw py::error_already_set();
-      p[i] = static_cast<uintptr_t>(PyLong_AsUnsignedLongLong(v));
-      Py_DECREF(v);
-      if (PyErr_Occurred()) throw py::error_already_set();
-    }
-    run(x, out, B, p);
+    run(x, out, B, data_pointers(tensors));
   }
 
   void run(uintptr_t x, uintptr_t out, int64_t B, const std::vector<uintptr_t>& p) const {
@@ -321,6 +326,97 @@ class Live {
  private:
   mmoe::LiveModel<T> model_;
   size_t count_ = 0;
+};
+
+// One training step of a one-layer MMoE (gates = tasks) or OMoE (one gate) whose towers run in C++, in one
+// call: the kernels that models/mmoe.py's _one_node_forward and _one_node_backward run on this path, in their
+// order (the gated mixture keeping its pre-activations and gates, the towers, the loss and its gradient, the
+// towers' backward, the mixture's and the gates' backward; no input gradient), with the intermediates in
+// buffers kept between calls. Built once with the shapes; run() takes the parameters and their gradients'
+// buffers as tensors (read in place at every call) and returns the per-task loss sums (as loss_grad).
+template <typename T>
+class TrainStep {
+ public:
+  TrainStep(int64_t in_features, int64_t experts, int64_t hidden, int64_t gates, const std::vector<int64_t>& widths,
+            int act, const std::vector<uint8_t>& binary)
+      : D_(in_features), E_(experts), H_(hidden), gates_(gates), tasks_(static_cast<int64_t>(binary.size())),
+        act_(act), widths_(widths), binary_(binary) {
+    if (D_ < 1 || E_ < 1 || H_ < 1 || tasks_ < 1 || (gates_ != 1 && gates_ != tasks_) || widths_.size() < 2 ||
+        widths_.front() != H_ || widths_.back() != 1)
+      throw std::invalid_argument("TrainStep: bad model shape");
+    for (int64_t v : widths_)
+      if (v < 1) throw std::invalid_argument("TrainStep: every tower width must be at least 1");
+    L_ = static_cast<int64_t>(widths_.size()) - 1;
+    for (int64_t l = 1; l < L_; ++l) saved_width_ += widths_[static_cast<size_t>(l)];
+    count_ = 4 + static_cast<size_t>(2 * L_ * tasks_);
+  }
+
+  // params, grads: wg, bg, W, b, then the towers' layer by layer (every task's weight, then every task's bias);
+  // None for an absent bias (bg, b) and its gradient. x[B, D], y, w (0: none) [B, tasks], coef[tasks].
+  std::vector<double> run(uintptr_t x, uintptr_t y, uintptr_t coef, uintptr_t w, int64_t B, py::tuple params,
+                          py::tuple grads) {
+    const std::vector<uintptr_t> p = data_pointers(params), g = data_pointers(grads);
+    if (p.size() != count_ || g.size() != count_)
+      throw std::invalid_argument("TrainStep.run: expected " + std::to_string(count_) + " parameters and gradients");
+    for (size_t i = 0; i < count_; ++i)
+      if ((i != 1 && i != 3 && (!p[i] || !g[i])) || (!p[i] != !g[i]))
+        throw std::invalid_argument("TrainStep.run: a parameter or gradient is missing");
+    if (B < 1 || !x || !y || !coef) throw std::invalid_argument("TrainStep.run: B >= 1 and x, y, coef are needed");
+    std::lock_guard<std::mutex> lock(mu_);  // the buffers are this object's
+    const int64_t nT = tasks_, nG = gates_;
+    const size_t b = static_cast<size_t>(B);
+    m_.resize(static_cast<size_t>(nG * H_) * b);
+    pre_.resize(static_cast<size_t>(E_ * H_) * b);
+    G_.resize(static_cast<size_t>(nG * E_) * b);
+    out_.resize(static_cast<size_t>(nT) * b);
+    dz_.resize(static_cast<size_t>(nT) * b);
+    save_.resize(static_cast<size_t>(nT * std::max<int64_t>(saved_width_, 1)) * b);
+    dh_.resize(static_cast<size_t>(nT * H_) * b);
+    spare_.resize(static_cast<size_t>(E_ * H_ + nG * E_));  // db, dbg without a bias
+    std::vector<const T*> tw, tb;
+    std::vector<T*> dtw, dtb;
+    for (int64_t l = 0; l < L_; ++l)
+      for (int64_t t = 0; t < nT; ++t) {
+        const size_t i = 4 + static_cast<size_t>(2 * nT * l + t), j = i + static_cast<size_t>(nT);
+        tw.push_back(cp<T>(p[i]));
+        tb.push_back(cp<T>(p[j]));
+        dtw.push_back(mp<T>(g[i]));
+        dtb.push_back(mp<T>(g[j]));
+      }
+    std::vector<double> sums(static_cast<size_t>(nT));
+    {
+      py::gil_scoped_release release;
+      const bool shared = nG == 1;  // OMoE: every tower reads the one mixture
+      T* const m = m_.data();
+      mmoe::mixture_forward<T>(cp<T>(x), true, cp<T>(p[2]), cp<T>(p[3]), cp<T>(p[0]), cp<T>(p[1]), nullptr, m,
+                               pre_.data(), G_.data(), B, E_, D_, H_, nG, act_);
+      mmoe::towers_forward<T>(m, shared, B, nT, L_, widths_.data(), tw.data(), tb.data(), out_.data(), save_.data());
+      mmoe::loss_grad<T>(out_.data(), cp<T>(y), binary_.data(), cp<T>(coef), cp<T>(w), dz_.data(), sums.data(), B,
+                         nT);
+      mmoe::towers_backward<T>(m, shared, B, nT, L_, widths_.data(), tw.data(), save_.data(), dz_.data(), dh_.data(),
+                               dtw.data(), dtb.data());
+      T* const dh = dh_.data();
+      if (shared) {  // the one mixture's gradient: the tasks' summed in task order
+        const int64_t n = B * H_;
+        for (int64_t t = 1; t < nT; ++t)
+          for (int64_t k = 0; k < n; ++k) dh[k] += dh[t * n + k];
+      }
+      T* const db = g[3] ? mp<T>(g[3]) : spare_.data();
+      T* const dbg = g[1] ? mp<T>(g[1]) : spare_.data() + E_ * H_;
+      mmoe::backward<T>(cp<T>(x), true, cp<T>(p[2]), cp<T>(p[3]), pre_.data(), G_.data(), dh, nullptr, cp<T>(p[0]),
+                        cp<T>(p[1]), nullptr, mp<T>(g[2]), db, nullptr, mp<T>(g[0]), dbg, B, E_, D_, H_, nG, act_);
+    }
+    return sums;
+  }
+
+ private:
+  int64_t D_, E_, H_, gates_, tasks_, L_ = 0, saved_width_ = 0;
+  int act_;
+  std::vector<int64_t> widths_;
+  std::vector<uint8_t> binary_;
+  size_t count_ = 0;
+  std::mutex mu_;
+  std::vector<T> m_, pre_, G_, out_, dz_, save_, dh_, spare_;
 };
 
 // Whether a module tree is as a fused path read it (models/common.py's Guard): each module still of its
@@ -592,6 +688,13 @@ void bind(py::module_& m, const std::string& sfx) {
            py::arg("in_features"), py::arg("tasks"), py::arg("gates"), py::arg("layers"), py::arg("tower_widths"))
       .def("run", &Live<T>::run, "out[B,T] from x[B,D] and the parameters' pointers; releases the GIL.")
       .def("run_tensors", &Live<T>::run_tensors, "run() with the parameters as a tuple of tensors (None: absent).");
+  py::class_<TrainStep<T>>(m, ("TrainStep" + sfx).c_str())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, const std::vector<int64_t>&, int, const std::vector<uint8_t>&>(),
+           py::arg("in_features"), py::arg("experts"), py::arg("hidden"), py::arg("gates"), py::arg("tower_widths"),
+           py::arg("activation"), py::arg("binary"))
+      .def("run", &TrainStep<T>::run, py::arg("x"), py::arg("y"), py::arg("coef"), py::arg("weight"), py::arg("B"),
+           py::arg("params"), py::arg("grads"),
+           "Per-task loss sums of one training step; every gradient written into grads' buffers; releases the GIL.");
 }
 
 }  // namespace

@@ -952,9 +952,11 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
     (over all ranks), and the extra loss."""
     local = distributed.shard(rows)
     xb, yb = to_device(take(x, local), device), take(y, local).to(device)
-    fused = None if gradnorm is not None else _fused_forward(net, model, xb, has_extra, log_vars)
-    if fused is not None:
-        return _fused_backward(fused, model, opt, yb, label_w, local, weights, device)
+    if gradnorm is None and _fused_applies(net, model, has_extra, log_vars):
+        wb = None if label_w is None else take(label_w, local).to(device)
+        done = fused_step(model, opt, xb, yb, wb, len(local), weights)
+        if done is not None:
+            return done
     out = net(xb)
     wb = None if label_w is None else take(label_w, local).to(device=device, dtype=out.dtype)
     sums = _loss_sums(out, yb.to(out.dtype), model.task_types, wb)
@@ -986,38 +988,63 @@ def _backward(net, model, opt, x, y, label_w, rows, weights, has_extra, device, 
 
 
 # fit's step skips autograd where the model offers ``fused_training_forward`` (MMoE, OMoE): the same kernels and
-# loss, its gradient formed directly (tests compare the two paths). False: autograd always.
+# loss, its gradient formed directly, the whole step one C++ call where ``fused_training_step`` applies (tests
+# compare the paths). False: autograd always.
 FUSED_STEP = True
 
 
-def _fused_forward(net, model, xb, has_extra, log_vars):
-    """``model.fused_training_forward(xb)`` where fit may use it (one process, no extra loss, static loss
-    weights), else None."""
-    fused = getattr(model, "fused_training_forward", None)
-    if not FUSED_STEP or fused is None or net is not model or has_extra or log_vars is not None:
+def _fused_applies(net, model, has_extra, log_vars) -> bool:
+    """Whether fit may skip autograd for ``model`` (one process, no extra loss, static loss weights, and the
+    model offers ``fused_training_forward``)."""
+    return (FUSED_STEP and net is model and not has_extra and log_vars is None
+            and getattr(model, "fused_training_forward", None) is not None)
+
+
+def _set_grads(opt, grads: list) -> None:
+    """``grads``' ``(parameter, gradient)`` pairs become the ``.grad``; a parameter the list leaves out keeps
+    no old gradient."""
+    if len(grads) != sum(len(group["params"]) for group in opt.param_groups):
+        opt.zero_grad(set_to_none=True)
+    for param, grad in grads:
+        if param.grad is not grad:
+            param.grad = grad
+
+
+def fused_step(model, opt, xb, yb, wb, rows: int, weights) -> tuple[list[float], list[float], float] | None:
+    """``_backward`` without autograd (where ``_fused_applies``) for the batch ``xb``, ``yb`` of ``rows`` rows
+    (``wb``: their label weights or None): the whole step in one C++ call where the model offers it
+    (``fused_training_step``), else its ``fused_training_forward``, the loss sums and their gradient in one
+    pass, then the model's backward kernels; the gradients become the parameters' ``.grad``. None where
+    neither applies (autograd then)."""
+    if not isinstance(xb, Tensor):
         return None
-    return fused(xb)
+    wb = None if wb is None else wb.to(dtype=xb.dtype)
+    step = getattr(model, "fused_training_step", None)
+    done = None if step is None else step(xb, yb, weights.to(xb.dtype) * (1.0 / rows), wb)
+    if done is not None:
+        sums, grads = done
+    else:
+        fused = model.fused_training_forward(xb)
+        if fused is None:
+            return None
+        sums, grads = _fused_backward(fused, model, yb, wb, rows, weights)
+    _set_grads(opt, grads)
+    wsums = [float(rows)] * len(sums) if wb is None else wb.sum(0).double().tolist()
+    return sums, wsums, 0.0
 
 
-def _fused_backward(fused, model, opt, yb, label_w, local, weights, device) -> tuple[list[float], list[float], float]:
-    """``_backward`` without autograd (one process, see ``_fused_forward``): the loss sums and their gradient in
-    one pass, then the model's backward kernels, whose gradients become the parameters' ``.grad``."""
+def _fused_backward(fused, model, yb, wb, rows: int, weights) -> tuple[list[float], list]:
+    """The per-task loss sums and ``(parameter, gradient)`` pairs from ``model.fused_training_forward``'s
+    ``fused``."""
     out, backward = fused
-    wb = None if label_w is None else take(label_w, local).to(device=device, dtype=out.dtype)
-    coef = weights.to(out.dtype) * (1.0 / len(local))
+    coef = weights.to(out.dtype) * (1.0 / rows)
     if out.is_cpu and out.dtype in (torch.float32, torch.float64) and cpp_backend.unavailable_reason() is None:
         sums, dz = cpp_backend.loss_grad(out, yb, [t == "binary" for t in model.task_types], coef, wb)
     else:
         targets = yb.to(out.dtype)
         sums = _loss_sums(out, targets, model.task_types, wb).double().tolist()
         dz = _loss_grad(out, targets, model.task_types, coef, wb)
-    grads = backward(dz)
-    if len(grads) != sum(len(group["params"]) for group in opt.param_groups):
-        opt.zero_grad(set_to_none=True)  # a parameter the model's backward does not cover keeps no old gradient
-    for param, grad in grads:
-        param.grad = grad
-    wsums = [float(len(local))] * len(sums) if wb is None else wb.sum(0).double().tolist()
-    return sums, wsums, 0.0
+    return sums, backward(dz)
 
 
 def _loss_sums(out: Tensor, targets: Tensor, task_types: Sequence[str], wb: Tensor | None) -> Tensor:

@@ -182,7 +182,9 @@ def test_the_one_node_steps_aside_where_it_cannot_stand_in():
     assert model(torch.randn(0, 6)).shape == (0, 2)
 
 
-def _fit_both_ways(monkeypatch, make, x, y, **kw):
+def _fit_both_ways(monkeypatch, make, x, y, one_call=True, **kw):
+    """fit without autograd (``one_call``: the whole step in one C++ call where it applies, else the layers'
+    kernels with the loss formed between) and with it; each run's model, history and the paths its steps took."""
     from mmoe_fast import train
 
     results = []
@@ -190,24 +192,34 @@ def _fit_both_ways(monkeypatch, make, x, y, **kw):
         monkeypatch.setattr(train, "FUSED_STEP", fused)
         model = make()
         calls = []
-        original = type(model).fused_training_forward
+        cls = type(model)
 
-        def counted(self, xb, original=original, calls=calls):
-            got = original(self, xb)
-            calls.append(got is not None)
+        def counted_step(self, *args, original=cls.fused_training_step, calls=calls):
+            got = original(self, *args) if one_call else None
+            if got is not None:
+                calls.append("one call")
             return got
 
-        monkeypatch.setattr(type(model), "fused_training_forward", counted)
+        def counted_forward(self, xb, original=cls.fused_training_forward, calls=calls):
+            got = original(self, xb)
+            calls.append("autograd" if got is None else "layers")
+            return got
+
+        monkeypatch.setattr(cls, "fused_training_step", counted_step)
+        monkeypatch.setattr(cls, "fused_training_forward", counted_forward)
         history = train.fit(model, x, y, epochs=3, batch_size=16, progress=False, log=lambda s: None, **kw)
         results.append((model, history, calls))
     return results
 
 
+@pytest.mark.parametrize("path", ["one call", "layers"])
 @pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
 @pytest.mark.parametrize("options", ["plain", "masked", "weighted", "clipped", "torch-loss"])
-def test_fit_without_autograd_trains_as_with_it(cls, options, monkeypatch):
-    """fit's autograd-free step (fused_training_forward and the loss gradient formed directly) gives the autograd
-    step's losses and weights within float32 rounding, binary and regression tasks, masks and weights included."""
+def test_fit_without_autograd_trains_as_with_it(cls, options, path, monkeypatch):
+    """fit's autograd-free step (the whole step in one C++ call, or fused_training_forward and the loss gradient
+    formed directly) gives the autograd step's losses and weights within float32 rounding, binary and regression
+    tasks, masks and weights included. Two-layer experts ("plain") always take the layers' path."""
+    one_call = path == "one call" and options != "plain" and cpp_backend.unavailable_reason() is None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70, 6, generator=g)
     y = torch.stack([(x[:, 0] > 0).float(), x[:, 1] - x[:, 2]], dim=1)
@@ -231,12 +243,130 @@ def test_fit_without_autograd_trains_as_with_it(cls, options, monkeypatch):
         return cls(6, 2, num_experts=3, expert_hidden=(5, 4) if options == "plain" else 5, tower_hidden=(4,),
                    task_types=("binary", "regression"))
 
-    (fast, fast_history, fast_calls), (slow, slow_history, slow_calls) = _fit_both_ways(monkeypatch, make, x, y, **kw)
-    assert fast_calls and all(fast_calls) and not slow_calls  # each run took the path it was told to
+    (fast, fast_history, fast_calls), (slow, slow_history, slow_calls) = _fit_both_ways(
+        monkeypatch, make, x, y, one_call=path == "one call", **kw)
+    # each run took the path it was told to
+    assert fast_calls and set(fast_calls) == {"one call" if one_call else "layers"} and not slow_calls
     for a, b in zip(fast_history, slow_history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
         assert_close(p, q, 1e-4, name)
+
+
+def _step_by_autograd(model, x, y, coef, weight):
+    """The per-task loss sums and each parameter's gradient (by name) of ``sum_t coef[t] sum_b weight *
+    loss_t``, by autograd through a copy of ``model`` on the plain-PyTorch reference backend, layer by layer."""
+    from mmoe_fast.train import task_losses
+
+    ref = copy.deepcopy(model)
+    ref.mixture.backend = ref.towers.backend = "reference"
+    out = ref.towers(ref.mixture(x))
+    each = task_losses(out, y, ref.task_types, reduction="none", mask=None if weight is None else weight > 0)
+    sums = (each if weight is None else each * weight).sum(0)
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad((coef * sums).sum(), [p for _, p in named])
+    return sums.detach(), {n: g for (n, _), g in zip(named, grads)}
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
+@pytest.mark.parametrize("D,E,H,types,B,towers,gate_bias,activation", [
+    (1, 1, 1, ("binary",), 1, (), True, "relu"),
+    (7, 3, 5, ("binary", "regression", "binary"), 37, (4, 2), False, "gelu"),
+    (100, 8, 16, ("binary", "binary"), 128, (8,), True, "relu"),
+    (13, 2, 33, ("regression", "binary"), 17, (9,), True, "silu"),
+])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_the_whole_step_in_one_call_equals_autograd_in_float64(cls, D, E, H, types, B, towers, gate_bias, activation,
+                                                              weighted):
+    """``fused_training_step`` (one C++ call: forward, loss, backward) against autograd through the layers: the
+    loss sums and every gradient at float64 precision, at B=1, E=1, T=1, odd widths, no gate bias, deeper and no
+    hidden towers, label weights with skipped rows (whose NaN targets are never read), and again with new
+    values in the same buffers."""
+    torch.manual_seed(B + E)
+    T = len(types)
+    model = cls(D, T, num_experts=E, expert_hidden=H, tower_hidden=towers, task_types=types, gate_bias=gate_bias,
+                activation=activation).double()
+    for step in range(2):
+        x = torch.randn(B, D, dtype=torch.float64)
+        y = torch.stack([(torch.rand(B) > 0.5).double() if t == "binary" else torch.randn(B, dtype=torch.float64)
+                         for t in types], dim=1)
+        coef = torch.rand(T, dtype=torch.float64)
+        weight = None
+        if weighted:
+            weight = torch.rand(B, T, dtype=torch.float64) * (torch.rand(B, T) > 0.3)
+            y = torch.where(weight > 0, y, torch.nan)
+        got = model.fused_training_step(x, y, coef, weight)
+        assert got is not None, "the one-call step did not apply"
+        sums, grads = got
+        want_sums, want = _step_by_autograd(model, x, y, coef, weight)
+        assert_close(torch.tensor(sums, dtype=torch.float64), want_sums, 1e-12, f"loss sums, step {step}")
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert sorted(names[id(p)] for p, _ in grads) == sorted(want)
+        for p, g in grads:
+            assert_close(g, want[names[id(p)]], 1e-12, f"{names[id(p)]}, step {step}")
+        with torch.no_grad():  # the next step runs on other weights: the kernels read them in place
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@needs_cpp
+def test_the_whole_step_in_one_call_reads_views_and_leaves_frozen_parameters_alone():
+    """A transposed or negative-bit x is read by value; a parameter that needs no gradient gets none; the
+    buffers handed back are the same at every step (written in place)."""
+    torch.manual_seed(0)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=5).double()
+    model.mixture.gate_weight.requires_grad_(False)
+    x = torch.randn(6, 9, dtype=torch.float64).t()
+    y, coef = (torch.rand(9, 2) > 0.5).double(), torch.ones(2, dtype=torch.float64)
+    sums, grads = model.fused_training_step(x, y, coef, None)
+    assert all(p is not model.mixture.gate_weight for p, _ in grads)
+    want_sums, want = _step_by_autograd(model, x, y, coef, None)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p, _ in grads) == sorted(want)
+    for p, g in grads:
+        assert_close(g, want[names[id(p)]], 1e-12, "a transposed x")
+    again = model.fused_training_step(torch._neg_view(-x.contiguous()), y, coef, None)
+    assert again[0] == sums
+    for (p, a), (q, b) in zip(again[1], grads):
+        assert p is q and a is b  # the same buffers, written again
+        assert_close(a, want[names[id(p)]], 1e-12, "a negative-bit x")
+
+
+@needs_cpp
+def test_the_whole_step_in_one_call_steps_aside_or_refuses_bad_labels(monkeypatch):
+    """It applies only where it runs the same function (one expert layer, the C++ backend, small enough, no
+    hooks, x needing no gradient), and refuses labels, coefficients or weights of the wrong shape."""
+    torch.manual_seed(0)
+    x, y, coef = torch.randn(5, 6), torch.zeros(5, 2), torch.ones(2)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    assert model.fused_training_step(x, y, coef, None) is not None
+    for bad, what in ((torch.zeros(4, 2), "y"), (torch.zeros(5, 3), "y")):
+        with pytest.raises(ValueError, match=f"{what} must be a tensor of shape \\(5, 2\\)"):
+            model.fused_training_step(x, bad, coef, None)
+    with pytest.raises(ValueError, match="coef must be a tensor of shape \\(2,\\)"):
+        model.fused_training_step(x, y, torch.ones(3), None)
+    with pytest.raises(ValueError, match="weight must be"):
+        model.fused_training_step(x, y, coef, torch.ones(5))
+    with pytest.raises(TypeError, match="dtype"):  # the layers' own error
+        model.double().fused_training_step(x, y, coef, None)
+    model.float()
+    assert mf.MMoE(6, 2, num_experts=3, expert_hidden=(4, 4)).fused_training_step(x, y, coef, None) is None
+    assert model.fused_training_step(x.requires_grad_(), y, coef, None) is None
+    x = x.detach()
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "blas")
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 1)
+    assert model.fused_training_step(x, y, coef, None) is None  # the GEMMs asked of torch's BLAS
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "own")
+    monkeypatch.setattr(common, "STEP_TOWERS_MAX_MACS", 1)
+    assert model.fused_training_step(x, y, coef, None) is None  # towers too large for the one call
+    monkeypatch.setattr(common, "STEP_TOWERS_MAX_MACS", 1 << 40)
+    assert model.fused_training_step(x, y, coef, None) is not None
+    model.mixture.backend = "reference"
+    assert model.fused_training_step(x, y, coef, None) is None
+    model.mixture.backend = "auto"
+    model.register_forward_hook(lambda *a: None)
+    assert model.fused_training_step(x, y, coef, None) is None
 
 
 def test_fit_keeps_autograd_for_a_subclass_forward_and_for_hooks(monkeypatch):
@@ -543,3 +673,26 @@ def test_fit_without_autograd_resumes_exactly(tmp_path):
     assert run("resumed", resumed, steps=9, resume=tmp_path / "stopped") == history
     for k, v in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE, mf.SharedBottom])
+def test_a_model_that_ran_its_fused_paths_copies_and_pickles(cls):
+    """The C++ objects the fused paths keep on a model (the no-grad forward's, the one-call step's) are left
+    out of a copy or a pickle and built again there: the copy computes what the model does."""
+    import io
+    import pickle
+
+    from mmoe_fast.train import fit
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), (torch.rand(40, 2) > 0.5).float()
+    model = cls(6, 2, num_experts=3, expert_hidden=4) if cls is not mf.SharedBottom else cls(6, 2, bottom_hidden=4)
+    fit(model, x, y, epochs=1, batch_size=20, progress=False, log=lambda s: None)
+    with torch.no_grad():
+        want = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            assert torch.equal(copied(x), want)

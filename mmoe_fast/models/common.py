@@ -159,11 +159,15 @@ class _StackedTowers(torch.autograd.Function):
 # on this project's 2-core VM, forward and backward: 272 MACs 198 vs 235 us, 35k 232 vs 293 us, 279k a tie,
 # 4.2M 1.14 vs 0.90 ms in torch's favour).
 CPP_TOWERS_MAX_MACS = 1 << 18
+# The same limit where the whole training step is one C++ call (``MMoE.fused_training_step``), which saves more:
+# at the paper's size (272 MACs a row) B=1024 runs 1.12 ms a step against 1.55 with the towers as GEMMs.
+STEP_TOWERS_MAX_MACS = 1 << 19
 
 
-def _towers_in_cpp(h: Tensor, params: Sequence[Tensor], backend: str | None) -> bool:
+def _towers_in_cpp(h: Tensor, params: Sequence[Tensor], backend: str | None, whole_step: bool = False) -> bool:
     """Whether the C++ backend runs these towers: ``backend`` (the model's; None: ``"auto"``) resolves to it for
-    ``h``, the parameters are contiguous, and the towers are small enough."""
+    ``h``, the parameters are contiguous, and the towers are small enough (``CPP_TOWERS_MAX_MACS``, batch
+    included; in a training step that is one C++ call, ``STEP_TOWERS_MAX_MACS``)."""
     if not h.is_cpu or backends.resolve(backend or "auto", h.device, h.dtype) is not cpp_backend:
         return False
     macs = 0
@@ -172,7 +176,7 @@ def _towers_in_cpp(h: Tensor, params: Sequence[Tensor], backend: str | None) -> 
             return False
         if p.dim() == 2:
             macs += p.shape[0] * p.shape[1]
-    return macs * h.shape[-2] <= CPP_TOWERS_MAX_MACS
+    return macs * h.shape[-2] <= (STEP_TOWERS_MAX_MACS if whole_step else CPP_TOWERS_MAX_MACS)
 
 
 # The forwards the stacked towers reproduce: a class-level patch of either makes them step aside.
@@ -290,6 +294,17 @@ except ImportError:  # a torch without it: _metadata_check's Python path
     _TensorGuards = None
 
 
+class KeepsCaches:
+    """A module whose fused paths keep caches in its ``__dict__`` (``guarded``'s guard, ``live_forward``'s and
+    ``fused_training_step``'s C++ objects, which cannot be pickled): they are built again on demand, so a copy
+    or a pickle of the module leaves them out."""
+
+    _CACHES = ("_guard", "_live", "_train_step")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
+
 def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Module]], compute: Callable[[], object]):
     """``compute()`` for ``owner``'s fused path on input ``t`` (called from ``owner``'s forward), kept on ``owner``
     with a ``Guard`` over ``modules()`` and computed again only when the guard no longer holds."""
@@ -332,7 +347,7 @@ def live_applies(x: Tensor, backends_: Sequence[str], tensors: Sequence[Tensor |
     return all(t is None or (t.is_contiguous() and not t.is_neg()) for t in tensors)
 
 
-class Towers(nn.Module):
+class Towers(KeepsCaches, nn.Module):
     """One small MLP per task, ``in_features -> tower_hidden... -> 1``; ``forward(h)`` -> ``[B, T]``.
 
     ``h`` is ``[T, B, in_features]`` (one input per task) or ``[B, in_features]`` (shared). In eager mode all
@@ -439,7 +454,7 @@ class FusedModule(nn.Module):
                         "mmoe_fast.InferenceSession")
 
 
-class MultiTaskModel(FusedModule):
+class MultiTaskModel(KeepsCaches, FusedModule):
     """Base of the full models: validates ``task_types``, and records the constructor's arguments.
 
     ``config()`` returns those arguments (defaults filled in), so ``type(model)(**model.config())`` builds the

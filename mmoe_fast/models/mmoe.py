@@ -20,6 +20,7 @@ from .common import (
     Towers,
     _hooked,
     _stacked_towers,
+    _towers_in_cpp,
     guarded,
     live_applies,
     live_forward,
@@ -147,6 +148,48 @@ class MMoE(MultiTaskModel):
             return [(p, g) for p, g in zip(params, grads[1:]) if p is not None and p.requires_grad]
 
         return out, backward
+
+    def fused_training_step(self, x: Tensor, y: Tensor, coef: Tensor, weight: Tensor | None
+                            ) -> tuple[list[float], list[tuple[Tensor, Tensor]]] | None:
+        """One training step in one C++ call (``cpp.TrainStep``): the per-task loss sums of ``out[B, T]``
+        against ``y`` (``cpp.loss_grad``'s losses, scaled by ``coef[T]``, rows weighted by ``weight[B, T]`` or
+        None) and ``(parameter, gradient)`` for every parameter that requires one. It applies where
+        ``fused_training_forward`` does, the experts are one layer and small enough
+        (``cpp.step_in_one_call``, ``common.STEP_TOWERS_MAX_MACS``): the C++ backend's own kernels in the order of
+        its layer by layer path; else None. The gradients are buffers kept on the model and written in place at every
+        call: at a small batch the Python between the kernels is most of a step."""
+        if type(self).forward is not _ORIGINAL_FORWARDS[MMoE] or _hooked(self):
+            return None
+        args = self._one_node(x)
+        if args is None or args[-2] != 1 or x.requires_grad or x.dtype not in cpp_backend.DTYPES:
+            return None
+        x, wg, bg, w, b, *towers = args[:-_OTHERS]
+        activation, backend, tower_backend = args[-_OTHERS : -_OTHERS + 3]
+        if (backends.resolve(backend, x.device, x.dtype) is not cpp_backend
+                or not cpp_backend.step_in_one_call(x.shape[0], w)
+                or not _towers_in_cpp(x, towers, tower_backend, whole_step=True)):
+            return None
+        key = (self.__dict__["_guard"], activation, backend, tower_backend,
+               tuple(t == "binary" for t in self.task_types))
+        cached = self.__dict__.get("_train_step")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_train_step"] = (key, *_train_step_runner(args[:-_OTHERS], activation, key[-1]))
+        step, params, grads = cached[1:]
+        if step is None:
+            return None
+        B, T = x.shape[0], self.num_tasks
+        for name, t, shape in (("y", y, (B, T)), ("coef", coef, (T,)), ("weight", weight, (B, T))):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape or t.device != x.device):
+                raise ValueError(f"fused_training_step: {name} must be a tensor of shape {shape} on {x.device} "
+                                 f"(x has {B} rows, the model {T} tasks), got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if x.is_neg() or not x.is_contiguous():
+            x = x.clone(memory_format=torch.contiguous_format)
+        y, coef = (t.to(x.dtype).resolve_neg().contiguous() for t in (y, coef))
+        weight = None if weight is None else weight.to(x.dtype).resolve_neg().contiguous()
+        sums = step.run(x.data_ptr(), y.data_ptr(), coef.data_ptr(), 0 if weight is None else weight.data_ptr(), B,
+                        params, grads)
+        return sums, [(p, g) for p, g in zip(params, grads) if p is not None and p.requires_grad]
 
     def _one_node(self, x: Tensor, grad: bool = True) -> tuple | None:
         """``_MMoEModel``'s arguments where the whole model can run as one node (plain eager mode, plain towers
@@ -310,6 +353,23 @@ def _live_runner(x: Tensor, plan: tuple, activation, backend, tower_backend) -> 
     widths = [experts[-1].shape[2]] + [tower_params[2 * num_tasks * layer].shape[0] for layer in range(tower_layers)]
     live = cpp_backend.live_class(x.dtype)(x.shape[1], num_tasks, wg.shape[0], layers, widths)
     return live, tensors, num_tasks
+
+
+def _train_step_runner(tensors: tuple, activation: str, binary: tuple[bool, ...]) -> tuple:
+    """``MMoE.fused_training_step``'s ``(cpp.TrainStep or None, parameters, gradient buffers)`` for
+    ``_one_node``'s tensors ``(x, wg, bg, w, b, *tower parameters)`` of a one-layer model (checked by its
+    plan): None where a parameter is not plain contiguous memory of ``x``'s dtype."""
+    x, wg, bg, w, b, *towers = tensors
+    params = (wg, bg, w, b, *towers)
+    if activation not in activations.ACTIVATIONS or not live_applies(x, (), params) or any(
+            p is not None and p.dtype != x.dtype for p in params):
+        return None, params, ()
+    E, D, H = w.shape
+    widths = [H] + [towers[2 * len(binary) * layer].shape[0] for layer in range(len(towers) // (2 * len(binary)))]
+    step = cpp_backend.train_step_class(x.dtype)(D, E, H, wg.shape[0], widths, ACTIVATION_CODES[activation],
+                                                 list(binary))
+    grads = tuple(None if p is None else torch.empty_like(p, memory_format=torch.contiguous_format) for p in params)
+    return step, params, grads
 
 
 class _MMoEModel(torch.autograd.Function):
