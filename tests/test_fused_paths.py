@@ -517,6 +517,31 @@ def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big
     assert _non_finite(strided) == "t"
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_cpp_finiteness_pass_finds_every_nan_and_infinity_and_nothing_else(dtype):
+    """``first_non_finite`` (fit's per-step weight check, and its check of x) tests the exponent bits a block of
+    4096 values at a time: a bad value at any position around the blocks' edges is found, in any of several
+    buffers; the largest finite values, subnormals and negative zero are not flagged."""
+    info = torch.finfo(dtype)
+    edge = torch.tensor([info.max, -info.max, info.tiny / 4, -0.0, info.tiny], dtype=dtype)
+    for n in (1, 5, 4095, 4096, 4097, 3 * 4096 + 1):
+        clean = torch.randn(n, dtype=dtype) * 1e3
+        clean[: len(edge)] = edge[:n]
+        assert cpp_backend.first_non_finite([clean]) is None
+        for pos in sorted({0, n // 2, n - 1, min(n - 1, 4095), min(n - 1, 4096)}):
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                t = clean.clone()
+                t[pos] = bad
+                assert cpp_backend.first_non_finite([clean, t, t]) == 1, (n, pos, bad)
+    with pytest.raises(ValueError, match="x has a non-finite value inf at row 2, column 1"):
+        from mmoe_fast.train import check_features
+
+        x = torch.zeros(3, 4, dtype=dtype)
+        x[2, 1] = float("inf")
+        check_features(x)
+
+
 @pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
 @pytest.mark.parametrize("B,D,T,E,H,towers", [(1, 5, 1, 1, 3, ()), (7, 10, 2, 3, 5, (4,)), (33, 9, 3, 5, 7, (6, 3)),
                                               (1500, 100, 2, 8, 16, (8,)), (11, 8, 2, 3, (6, 4), (3,))])
