@@ -385,17 +385,7 @@ class TrainStep {
       if ((i != 1 && i != 3 && (!p[i] || !g[i])) || (!p[i] != !g[i]))
         throw std::invalid_argument("TrainStep.run: a parameter or gradient is missing");
     if (B < 1 || !x || !y || !coef) throw std::invalid_argument("TrainStep.run: B >= 1 and x, y, coef are needed");
-    std::lock_guard<std::mutex> lock(mu_);  // the buffers are this object's
     const int64_t nT = tasks_, nG = gates_;
-    const size_t b = static_cast<size_t>(B);
-    m_.resize(static_cast<size_t>(nG * H_) * b);
-    pre_.resize(static_cast<size_t>(E_ * H_) * b);
-    G_.resize(static_cast<size_t>(nG * E_) * b);
-    out_.resize(static_cast<size_t>(nT) * b);
-    dz_.resize(static_cast<size_t>(nT) * b);
-    save_.resize(static_cast<size_t>(nT * std::max<int64_t>(saved_width_, 1)) * b);
-    dh_.resize(static_cast<size_t>(nT * H_) * b);
-    spare_.resize(static_cast<size_t>(E_ * H_ + nG * E_));  // db, dbg without a bias
     std::vector<const T*> tw, tb;
     std::vector<T*> dtw, dtb;
     for (int64_t l = 0; l < L_; ++l)
@@ -408,7 +398,19 @@ class TrainStep {
       }
     std::vector<double> sums(static_cast<size_t>(nT));
     {
+      // The GIL first, then the buffers' lock: a second caller waiting on the lock must not hold the GIL
+      // that this one needs back when it returns.
       py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu_);
+      const size_t b = static_cast<size_t>(B);
+      m_.resize(static_cast<size_t>(nG * H_) * b);
+      pre_.resize(static_cast<size_t>(E_ * H_) * b);
+      G_.resize(static_cast<size_t>(nG * E_) * b);
+      out_.resize(static_cast<size_t>(nT) * b);
+      dz_.resize(static_cast<size_t>(nT) * b);
+      save_.resize(static_cast<size_t>(nT * std::max<int64_t>(saved_width_, 1)) * b);
+      dh_.resize(static_cast<size_t>(nT * H_) * b);
+      spare_.resize(static_cast<size_t>(E_ * H_ + nG * E_));  // db, dbg without a bias
       const bool shared = nG == 1;  // OMoE: every tower reads the one mixture
       T* const m = m_.data();
       mmoe::mixture_forward<T>(cp<T>(x), true, cp<T>(p[2]), cp<T>(p[3]), cp<T>(p[0]), cp<T>(p[1]), nullptr, m,

@@ -70,11 +70,11 @@ class _LeanFusedAdam:
                 return False
             work.append((group, entry, grads))
         threads = torch.get_num_threads()
-        for group, (_, params, _, exp_avgs, exp_avg_sqs, steps, counts), grads in work:
+        for group, (_, params, _, exp_avgs, exp_avg_sqs, steps, counts, small), grads in work:
             beta1, beta2 = group["betas"]
             counts.add_(1)
             kernel = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-            few = threads > 1 and sum(p.numel() for p in params) < ADAM_ONE_THREAD_MAX
+            few = small and threads > 1
             if few:
                 torch.set_num_threads(1)
             try:
@@ -93,7 +93,7 @@ class _LeanFusedAdam:
                                                 or group.get("capturable") or group.get("differentiable")))
 
     def _lean_holds(self, group: dict, entry: tuple) -> bool:
-        listed, params, states, exp_avgs, exp_avg_sqs, steps, _ = entry
+        listed, params, states, exp_avgs, exp_avg_sqs, steps, *_ = entry
         if group["params"] is not listed or len(listed) != len(params) or not self._lean_options(group):
             return False
         state = self.state
@@ -119,8 +119,9 @@ class _LeanFusedAdam:
         counts = torch.stack(steps)
         for k, st in enumerate(states):
             st["step"] = counts[k]
+        small = params[0].is_cpu and sum(p.numel() for p in params) < ADAM_ONE_THREAD_MAX  # see its comment
         return (group["params"], params, states, [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], counts)
+                [st["exp_avg_sq"] for st in states], [st["step"] for st in states], counts, small)
 
 
 class Adam(_LeanFusedAdam, torch.optim.Adam):
@@ -1036,26 +1037,27 @@ def fused_step(model, opt, xb, yb, wb, rows: int, weights) -> tuple[list[float],
     if not isinstance(xb, Tensor):
         return None
     wb = None if wb is None else wb.to(dtype=xb.dtype)
+    coef = weights.to(xb.dtype) * (1.0 / rows)
     step = getattr(model, "fused_training_step", None)
-    done = None if step is None else step(xb, yb, weights.to(xb.dtype) * (1.0 / rows), wb)
+    done = None if step is None else step(xb, yb, coef, wb)
     if done is not None:
         sums, grads = done
     else:
         fused = model.fused_training_forward(xb)
         if fused is None:
             return None
-        sums, grads = _fused_backward(fused, model, yb, wb, rows, weights)
+        sums, grads = _fused_backward(fused, model, yb, wb, coef)
     _set_grads(opt, grads)
     wsums = [float(rows)] * len(sums) if wb is None else wb.sum(0).double().tolist()
     return sums, wsums, 0.0
 
 
-def _fused_backward(fused, model, yb, wb, rows: int, weights) -> tuple[list[float], list]:
-    """The per-task loss sums and ``(parameter, gradient)`` pairs from ``model.fused_training_forward``'s
-    ``fused``."""
+def _fused_backward(fused, model, yb, wb, coef) -> tuple[list[float], list]:
+    """The per-task loss sums and ``(parameter, gradient)`` pairs (of ``sum_t coef[t] * sums[t]``) from
+    ``model.fused_training_forward``'s ``fused``."""
     out, backward = fused
-    coef = weights.to(out.dtype) * (1.0 / rows)
-    if out.is_cpu and out.dtype in (torch.float32, torch.float64) and cpp_backend.unavailable_reason() is None:
+    coef = coef.to(out.dtype)
+    if out.is_cpu and out.dtype in cpp_backend.DTYPES and cpp_backend.unavailable_reason() is None:
         sums, dz = cpp_backend.loss_grad(out, yb, [t == "binary" for t in model.task_types], coef, wb)
     else:
         targets = yb.to(out.dtype)

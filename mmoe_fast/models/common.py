@@ -302,7 +302,10 @@ class KeepsCaches:
     _CACHES = ("_guard", "_live", "_train_step")
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+        state = super().__getstate__()  # nn.Module's (which drops a compiled call)
+        for key in self._CACHES:
+            state.pop(key, None)
+        return state
 
 
 def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Module]], compute: Callable[[], object]):

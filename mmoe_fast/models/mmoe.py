@@ -152,12 +152,14 @@ class MMoE(MultiTaskModel):
     def fused_training_step(self, x: Tensor, y: Tensor, coef: Tensor, weight: Tensor | None
                             ) -> tuple[list[float], list[tuple[Tensor, Tensor]]] | None:
         """One training step in one C++ call (``cpp.TrainStep``): the per-task loss sums of ``out[B, T]``
-        against ``y`` (``cpp.loss_grad``'s losses, scaled by ``coef[T]``, rows weighted by ``weight[B, T]`` or
-        None) and ``(parameter, gradient)`` for every parameter that requires one. It applies where
-        ``fused_training_forward`` does, the experts are one layer and small enough
-        (``cpp.step_in_one_call``, ``common.STEP_TOWERS_MAX_MACS``): the C++ backend's own kernels in the order of
-        its layer by layer path; else None. The gradients are buffers kept on the model and written in place at every
-        call: at a small batch the Python between the kernels is most of a step."""
+        against ``y`` (``cpp.loss_grad``'s losses, rows weighted by ``weight[B, T]`` or None; not scaled) and
+        ``(parameter, gradient)`` for every parameter that requires one, the gradient of ``sum_t coef[t] *
+        sums[t]``. It applies where ``fused_training_forward`` does, the experts are one layer and small enough
+        (``cpp.step_in_one_call``, ``common.STEP_TOWERS_MAX_MACS``); else None. It runs the C++ backend's own
+        kernels in the order the layer by layer path runs them, so the same bits where that path runs the own
+        kernels too (not where it hands its GEMMs to torch's BLAS or its towers to batched GEMMs). The gradients
+        are buffers kept on the model and written in place at every call: at a small batch the Python between
+        the kernels is most of a step."""
         if type(self).forward is not _ORIGINAL_FORWARDS[MMoE] or _hooked(self):
             return None
         args = self._one_node(x)
@@ -179,12 +181,13 @@ class MMoE(MultiTaskModel):
             return None
         B, T = x.shape[0], self.num_tasks
         for name, t, shape in (("y", y, (B, T)), ("coef", coef, (T,)), ("weight", weight, (B, T))):
-            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape or t.device != x.device):
+            if (t is not None or name != "weight") and (
+                    not isinstance(t, Tensor) or tuple(t.shape) != shape or t.device != x.device):
                 raise ValueError(f"fused_training_step: {name} must be a tensor of shape {shape} on {x.device} "
                                  f"(x has {B} rows, the model {T} tasks), got "
                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if x.is_neg() or not x.is_contiguous():
-            x = x.clone(memory_format=torch.contiguous_format)
+        if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
+            x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
         y, coef = (t.to(x.dtype).resolve_neg().contiguous() for t in (y, coef))
         weight = None if weight is None else weight.to(x.dtype).resolve_neg().contiguous()
         sums = step.run(x.data_ptr(), y.data_ptr(), coef.data_ptr(), 0 if weight is None else weight.data_ptr(), B,
