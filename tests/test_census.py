@@ -182,8 +182,11 @@ def test_fixture_ids_are_the_one_hot_blocks_positions_and_the_model_standardizes
                                                                       == 0).any()
     with pytest.raises(ValueError, match="encoding must be one of"):
         load_census(1, path=FIXTURE, encoding="hashed")
-    with pytest.raises(ValueError, match="embedding_dim must be a positive int"):
+    with pytest.raises(ValueError, match="embedding_dim must be a positive int or 'vocab'"):
         load_census(1, path=FIXTURE, encoding="ids", embedding_dim=0)
+    wide = load_census(1, path=FIXTURE, seed=0, encoding="ids", embedding_dim="vocab")
+    assert [c.dim for c in wide.columns[1:]] == [c.vocab for c in ids.columns[1:]]  # as wide as each vocabulary
+    assert all(c.dim > 1 for c in wide.columns[1:])
 
 
 def test_census_with_ids_trains_a_model_on_columns_through_the_splits():
@@ -199,3 +202,14 @@ def test_census_with_ids_trains_a_model_on_columns_through_the_splits():
     assert 0.0 <= record["test"][0]["auc"] <= 1.0 or np.isnan(record["test"][0]["auc"])
     sub = load_splits({**spec, "train_rows": 5})
     assert all(len(v) == 5 for v in sub["x_train"].values()) and len(sub["y_train"]) == 5
+
+
+def test_the_embedding_width_option_takes_a_positive_int_or_vocab():
+    import argparse
+
+    from mmoe_fast.experiments.commands import _embedding_dim
+
+    assert _embedding_dim("vocab") == "vocab" and _embedding_dim("3") == 3
+    for bad in ("0", "wide", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _embedding_dim(bad)

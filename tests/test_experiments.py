@@ -185,7 +185,7 @@ def test_reproduce_census(census_run):
 def test_census_lr_grid_gives_every_method_the_same_pilots(tmp_path):
     out = tmp_path / "lr"
     assert cli.main(["reproduce", "census", "--models", "mmoe,shared-bottom", "--runs", "1", "--lr-grid", "0.001,0.1",
-                     "--encoding", "ids", "--embedding-dim", "2", *CENSUS_TINY, "--out", str(out)]) == 0
+                     "--encoding", "ids", "--embedding-dim", "vocab", *CENSUS_TINY, "--out", str(out)]) == 0
     result, table = _outputs(out)
     pilots = result["pilots"]
     assert [(p["model"], p["lr"]) for p in pilots] == [("mmoe", 0.001), ("mmoe", 0.1), ("shared-bottom", 0.001),
@@ -196,7 +196,7 @@ def test_census_lr_grid_gives_every_method_the_same_pilots(tmp_path):
         assert result["settings"]["learning_rates"][name] == best
         assert [r["history"][-1]["lr"] for r in result["runs"] if r["model"] == name] == [best]
     assert "lr per method from a pilot run per value of 0.001, 0.1" in table and "2 runs and 4 pilots" in table
-    assert "31 categorical as 2-wide embeddings" in table
+    assert "31 categorical as vocabulary-wide embeddings" in table
 
 
 def test_gates_from_a_census_checkpoint(census_run, tmp_path):

