@@ -302,8 +302,7 @@ def check_features(x, name: str = "x") -> None:
             if column.is_floating_point():
                 check_features(column.reshape(len(column), -1), f"{name}[{key!r}]")
         return
-    if (x.is_cpu and x.dtype in cpp_backend.DTYPES and x.is_contiguous() and not x.is_neg()
-            and cpp_backend.unavailable_reason() is None and cpp_backend.first_non_finite([x]) is None):
+    if _cpp_checks([x]) and cpp_backend.first_non_finite([x]) is None:
         return  # one C++ pass over the memory: isfinite's mask and its any() cost 5-10x that, at every fit call
     bad = ~torch.isfinite(x)
     if bad.any():
@@ -630,6 +629,13 @@ def _differences(saved: object, given: object, name: str) -> list[tuple[str, obj
     return [] if same else [(name, saved, given)]
 
 
+def _cpp_checks(tensors: Sequence[Tensor]) -> bool:
+    """Whether ``cpp.first_non_finite`` can read these tensors' memory: on the CPU, float32 or float64,
+    contiguous (a negative-bit view's memory is finite where its values are)."""
+    return cpp_backend.unavailable_reason() is None and all(
+        t.is_cpu and t.dtype in cpp_backend.DTYPES and t.is_contiguous() for t in tensors)
+
+
 def _non_finite(tensors: list[tuple[str, Tensor]]) -> str | None:
     """The name of the first tensor holding a NaN or infinity, or None. On the CPU (float32/float64, contiguous)
     one C++ pass over their memory. Elsewhere first one float64 sum of everything (a
@@ -640,8 +646,7 @@ def _non_finite(tensors: list[tuple[str, Tensor]]) -> str | None:
     values = [t for _, t in tensors]
     if not values:
         return None
-    if cpp_backend.unavailable_reason() is None and all(
-            t.is_cpu and t.dtype in (torch.float32, torch.float64) and t.is_contiguous() for t in values):
+    if _cpp_checks(values):
         k = cpp_backend.first_non_finite(values)  # one pass in C++, no copy (a dozen ops' worth of time saved)
         return None if k is None else tensors[k][0]
     if any(t.device.type == "mps" for t in values):  # no float64 there: tensor by tensor

@@ -740,8 +740,10 @@ def test_fits_adam_follows_options_changed_mid_run_and_runs_step_hooks_once():
     assert len(calls) == 5
 
 
-def test_fit_without_autograd_resumes_exactly(tmp_path):
-    """Stopped at step 4 and resumed (fit's Adam keeping its state as views), the run ends as if never stopped."""
+@pytest.mark.parametrize("hidden", [(5, 4), 5], ids=["layers", "one-call"])
+def test_fit_without_autograd_resumes_exactly(tmp_path, hidden):
+    """Stopped at step 4 and resumed (fit's Adam keeping its state as views; the one call's gradient buffers
+    built again in the new model), the run ends as if never stopped."""
     from mmoe_fast import train
 
     g = torch.Generator().manual_seed(0)
@@ -750,13 +752,15 @@ def test_fit_without_autograd_resumes_exactly(tmp_path):
 
     def model(seed):
         torch.manual_seed(seed)
-        return mf.MMoE(6, 2, num_experts=3, expert_hidden=(5, 4), task_types=("binary", "regression"))
+        return mf.MMoE(6, 2, num_experts=3, expert_hidden=hidden, task_types=("binary", "regression"))
 
     def run(name, m, **kw):
         return train.fit(m, x, y, batch_size=10, lr=0.05, seed=1, checkpoint_dir=tmp_path / name, progress=False,
                          log=lambda s: None, **kw)
 
-    assert model(0).fused_training_forward(x) is not None
+    probe = model(0)
+    one_call = probe.fused_training_step(x[:10], y[:10], torch.ones(2), None) is not None
+    assert probe.fused_training_forward(x) is not None and one_call == (hidden == 5)
     straight = model(0)
     history = run("straight", straight, steps=9)
     run("stopped", model(0), steps=4)
