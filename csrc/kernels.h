@@ -63,17 +63,27 @@ struct Grouped {
   std::vector<T> w, b;  // [E][P][K][NR], [E][P*NR]
 };
 
+// A tower's nn.Linear layer: weight w[N, K] row-major and bias b[N] (empty: none) as they are, and packed as a
+// one-expert layer (the forward takes one or the other by its shape); act after it.
+template <typename T>
+struct Linear {
+  int64_t K = 0, N = 0;
+  int act = kIdentity;
+  std::vector<T> w, b;
+  Grouped<T> packed;
+};
+
 // A whole model: hidden expert layers (first one on x, shared), then a gated mixture (MMoE/OMoE),
 // then one tower per task. Shared-Bottom is hidden layers with E = 1 and no mixture.
 template <typename T>
 struct Model {
   int isa = kBase;
-  int64_t in_features = 0, tasks = 0, gates = 0, widest = 1;  // widest: a tower layer's padded width
+  int64_t in_features = 0, tasks = 0, gates = 0;
   bool has_mixture = false;
   std::vector<Grouped<T>> hidden;
   Grouped<T> mixture;
   Grouped<T> gate;  // every gate's weights as one layer of gates * E columns
-  std::vector<std::vector<Grouped<T>>> towers;  // per task: nn.Linear layers as one-expert layers
+  std::vector<std::vector<Linear<T>>> towers;  // per task: its nn.Linear layers
 };
 
 // A model read in place, in the ops' layout, for a no-grad forward: expert layers W[E, K, N] and b[E, N] (or

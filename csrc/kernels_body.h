@@ -179,6 +179,9 @@ struct Kern {
   // panel then holds several experts (at the paper's N = 16 half of each per-expert panel was padding).
   // `direct` (the ops, N = L): no copy, panel p is experts 2p and 2p + 1 read in place, one vector each (the
   // tail: the last expert of an odd E, beside zeros).
+  // `ld` (a one-expert layer, packed): 0, panels [P][K][NR]; else the rows [K][ld] (ld >= N) with NR values to
+  // spare after the last, panel p at column p * NR (a no-grad forward's small layers, copied per call: a
+  // quarter of the values for a tower of 8; the columns past N are other values, computed and never used).
   struct Panels {
     const T* w;
     const T* tail;  // [E][K][NR] or null
@@ -186,6 +189,7 @@ struct Kern {
     int64_t E, Kd, N, P;
     bool packed;
     bool side = false, direct = false;
+    int64_t ld = 0;
 
     // Side by side: panel p's weights, their row stride and the offset of a row's second vector.
     const T* side_panel(int64_t p, int64_t* ldw, int64_t* hi) const {
@@ -200,6 +204,10 @@ struct Kern {
     }
 
     const T* get(int64_t e, int64_t p, int64_t* ldw) const {
+      if (packed && ld) {
+        *ldw = ld;
+        return w + p * NR;
+      }
       if (packed) {
         *ldw = NR;
         return w + (e * P + p) * Kd * NR;
@@ -290,6 +298,7 @@ struct Kern {
       return Panels{buf.data(), nullptr, buf.data() + P * Kd * NR, E, Kd, N, P, true, true};
     }
     const int64_t P = panels(N), rem = N % NR;
+    if (!rem && b) return Panels{w, nullptr, b, E, Kd, N, P, false};  // whole panels: b is [E][P*NR] already
     buf.assign(static_cast<size_t>(E * (rem ? Kd * NR : 0) + E * P * NR), T(0));
     T* tail = buf.data();
     if (rem)
@@ -514,7 +523,9 @@ struct Kern {
     for (int64_t r = r0; r < r1; r += MR) {
       const int mr = static_cast<int>(std::min<int64_t>(MR, r1 - r));
       for (int64_t p = 0; p < gw.P; ++p) {
-        tile_rows(mr, x + r * D, D, gw.w + p * D * NR, NR, D, pre);
+        int64_t ldw;
+        const T* wp = gw.get(0, p, &ldw);
+        tile_rows(mr, x + r * D, D, wp, ldw, D, pre);
         for (int i = 0; i < mr; ++i)
           for (int j = 0; j < NR; ++j) logits[i * W + p * NR + j] = pre[i * NR + j] + gw.bias[p * NR + j];
       }
@@ -871,35 +882,120 @@ struct Kern {
     Panels w;
     int act;
   };
+  // A tower's nn.Linear layer as the forward runs it: dot products over the weight's rows as they are (`dot`,
+  // dot_layer), or the register tile on panels `p` ([P][K][NR] or rows, bias [P*NR]).
+  struct TowerLayer {
+    LiveLayer<T> l;  // nn.Linear's weight [N, K] and bias [N] (or null), K, N, act
+    Panels p;
+    bool dot;
+  };
   // Hidden expert layers (the first on x), a gated mixture (gates > 0) or none (Shared-Bottom), then per task
-  // its tower's layers (one-expert layers, NR-padded panels). widest: a tower layer's padded width.
+  // its tower's layers. widest: a tower layer's output row (dot: N, else P * NR).
   struct Net {
     std::vector<NetLayer> hidden;
     NetLayer mixture{};
     Panels gate{};
     int64_t gates = 0, in_features = 0, tasks = 0, widest = 1;
-    std::vector<std::vector<NetLayer>> towers;
+    std::vector<std::vector<TowerLayer>> towers;
   };
 
-  // Task t's tower on rows [r0, r1) of its input (stride lda): each nn.Linear on the register tile,
-  // through two buffers of RB rows x the widest padded layer; out[b, t] is the last layer's column 0.
-  static void tower_block(const std::vector<NetLayer>& tower, const T* in, int64_t lda, int64_t r0, int64_t r1,
+  // Whether a tower layer of K inputs and N outputs runs as dot products over its weight's rows (dot_rows) rather
+  // than on the register tile: narrow (a panel of NR columns would be mostly padding: 8 outputs is common) and
+  // long enough for the vector sums to pay off. Every path that runs a tower forward (a Session, a no-grad
+  // forward, training) decides alike, so they all give the same bits.
+  static bool dot_layer(int64_t K, int64_t N) { return 2 * N <= NR && K >= 4 * L; }
+
+  // out[i * ldo + j] = in[i] . w[j] for RI rows of in (stride lda) and NJ rows of w[.., K]: RI * NJ dot
+  // products at once, over k in vectors (then a tree sum and the k tail one at a time). A tower layer is
+  // narrow (8 outputs is common, a panel's NR would be mostly padding) and its nn.Linear weight rows are
+  // the dot products' operands as they are: nothing is packed, for a Session or a forward read in place.
+  template <int RI, int NJ>
+  static void dot_tile(const T* in, int64_t lda, const T* w, int64_t K, T* out, int64_t ldo) {
+    V acc[RI][NJ] = {};
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      V a[RI];
+      for (int i = 0; i < RI; ++i) a[i] = load(in + i * lda + k);
+      for (int j = 0; j < NJ; ++j) {
+        const V wj = load(w + j * K + k);
+        for (int i = 0; i < RI; ++i) acc[i][j] += a[i] * wj;
+      }
+    }
+    for (int i = 0; i < RI; ++i)
+      for (int j = 0; j < NJ; ++j) {
+        T s = hsum(acc[i][j]);
+        for (int64_t q = k; q < K; ++q) s += in[i * lda + q] * w[j * K + q];
+        out[i * ldo + j] = s;
+      }
+  }
+
+  // dot_tile for ri <= RI rows and nj <= NJ outputs, both at least 1.
+  static constexpr int kDotRows = kVecBytes == 64 ? 4 : 2, kDotCols = 4;  // accumulators: 16 of 32 zmm, 8 of 16
+  template <int RI>
+  static void dot_tile_cols(int nj, const T* in, int64_t lda, const T* w, int64_t K, T* out, int64_t ldo) {
+    switch (nj) {
+      case 4: return dot_tile<RI, 4>(in, lda, w, K, out, ldo);
+      case 3: return dot_tile<RI, 3>(in, lda, w, K, out, ldo);
+      case 2: return dot_tile<RI, 2>(in, lda, w, K, out, ldo);
+      default: return dot_tile<RI, 1>(in, lda, w, K, out, ldo);
+    }
+  }
+  static void dot_tile_any(int ri, int nj, const T* in, int64_t lda, const T* w, int64_t K, T* out, int64_t ldo) {
+    static_assert(kDotCols == 4 && (kDotRows == 4 || kDotRows == 2));
+    switch (ri) {
+      case 4: return dot_tile_cols<kDotRows == 4 ? 4 : 2>(nj, in, lda, w, K, out, ldo);
+      case 3: return dot_tile_cols<kDotRows == 4 ? 3 : 2>(nj, in, lda, w, K, out, ldo);
+      case 2: return dot_tile_cols<2>(nj, in, lda, w, K, out, ldo);
+      default: return dot_tile_cols<1>(nj, in, lda, w, K, out, ldo);
+    }
+  }
+
+  // out[i * ldo + n] = act(in[i] . w[n] + b[n]) for rn rows of in (stride lda): an nn.Linear layer (weight
+  // w[N, K], bias b[N] or null) as dot products.
+  static void dot_rows(const T* in, int64_t lda, int64_t rn, const T* w, const T* b, int64_t K, int64_t N, int act,
+                       T* out, int64_t ldo) {
+    for (int64_t r = 0; r < rn; r += kDotRows) {
+      const int ri = static_cast<int>(std::min<int64_t>(kDotRows, rn - r));
+      for (int64_t n = 0; n < N; n += kDotCols)
+        dot_tile_any(ri, static_cast<int>(std::min<int64_t>(kDotCols, N - n)), in + r * lda, lda, w + n * K, K,
+                     out + r * ldo + n, ldo);
+    }
+    with_act(act, [&](auto A) {
+      for (int64_t i = 0; i < rn; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          T& z = out[i * ldo + n];
+          z = fval<A>(b ? z + b[n] : z);
+        }
+    });
+  }
+
+  // Task t's tower on rows [r0, r1) of its input (stride lda), layer by layer through two buffers of RB rows
+  // x the widest layer; out[b, t] is the last layer's column 0.
+  static void tower_block(const std::vector<TowerLayer>& tower, const T* in, int64_t lda, int64_t r0, int64_t r1,
                           int64_t tasks, int64_t t, T* out, T* buf0, T* buf1) {
     alignas(64) T pre[MR * NR];
     alignas(64) T f[NR];
     const int64_t rn = r1 - r0;
-    for (const NetLayer& l : tower) {
-      const Panels& w = l.w;
-      const int64_t ldo = w.P * NR;
-      for (int64_t r = 0; r < rn; r += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
-        for (int64_t p = 0; p < w.P; ++p) {
-          tile_rows(mr, in + r * lda, lda, w.w + p * w.Kd * NR, NR, w.Kd, pre);
-          for (int i = 0; i < mr; ++i) {
-            T* z = pre + i * NR;
-            for (int j = 0; j < NR; ++j) z[j] += w.bias[p * NR + j];
-            act_fwd(l.act, z, f);
-            std::memcpy(buf0 + (r + i) * ldo + p * NR, f, sizeof f);
+    for (const TowerLayer& tl : tower) {
+      const LiveLayer<T>& l = tl.l;
+      int64_t ldo = l.N;
+      if (tl.dot) {
+        dot_rows(in, lda, rn, l.w, l.b, l.K, l.N, l.act, buf0, ldo);
+      } else {
+        const Panels& w = tl.p;
+        ldo = w.P * NR;
+        for (int64_t r = 0; r < rn; r += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, rn - r));
+          for (int64_t p = 0; p < w.P; ++p) {
+            int64_t ldw;
+            const T* wp = w.get(0, p, &ldw);
+            tile_rows(mr, in + r * lda, lda, wp, ldw, w.Kd, pre);
+            for (int i = 0; i < mr; ++i) {
+              T* z = pre + i * NR;
+              for (int j = 0; j < NR; ++j) z[j] += w.bias[p * NR + j];
+              act_fwd(l.act, z, f);
+              std::memcpy(buf0 + (r + i) * ldo + p * NR, f, sizeof f);
+            }
           }
         }
       }
@@ -909,6 +1005,9 @@ struct Kern {
     }
     for (int64_t i = 0; i < rn; ++i) out[(r0 + i) * tasks + t] = in[i * lda];
   }
+
+  // A tower layer's output row in tower_block's buffers.
+  static int64_t tower_row(const TowerLayer& tl) { return tl.dot ? tl.l.N : tl.p.P * NR; }
 
   static Panels session_panels(const Grouped<T>& g) {
     return Panels{g.w.data(), nullptr, g.b.data(), g.E, g.K, g.N, g.side ? panels(g.E * g.N) : panels(g.N), true,
@@ -926,37 +1025,70 @@ struct Kern {
     }
     net.in_features = s.in_features;
     net.tasks = s.tasks;
-    net.widest = s.widest;
     for (const auto& tower : s.towers) {
       net.towers.emplace_back();
-      for (const auto& g : tower) net.towers.back().push_back({session_panels(g), g.act});
+      for (const Linear<T>& l : tower) {
+        TowerLayer tl;
+        tl.l.w = l.w.data();
+        tl.l.b = l.b.empty() ? nullptr : l.b.data();
+        tl.l.K = l.K;
+        tl.l.N = l.N;
+        tl.l.act = l.act;
+        tl.p = session_panels(l.packed);
+        tl.dot = dot_layer(l.K, l.N);
+        net.widest = std::max(net.widest, tower_row(tl));
+        net.towers.back().push_back(tl);
+      }
     }
     run_net(net, x, out, B, sc);
   }
 
   // The values of linear_panels' buffer for an nn.Linear layer of this shape.
-  static size_t linear_size(const LiveLayer<T>& l) { return static_cast<size_t>(panels(l.N) * (l.K + 1) * NR); }
+  static size_t linear_size(const LiveLayer<T>& l) {
+    return static_cast<size_t>(l.K * l.N + NR + panels(l.N) * NR);
+  }
 
-  // An nn.Linear layer (weight [N, K], bias [N] or null) as one-expert panels [P][K][NR] and bias [P*NR] in q
-  // (linear_size values, the bias's zeroed): a Session's add_tower_layer/add_hidden layout.
+  // An nn.Linear layer (weight [N, K], bias [N] or null) as one-expert rows [K][N] (Panels::ld = N) and bias
+  // [P*NR] in q (linear_size values): the transpose a Session packs into [P][K][NR], without its padding.
   static Panels linear_panels(const LiveLayer<T>& l, T* q) {
-    pack_linear(l.w, l.N, l.K, q);
-    T* bias = q + panels(l.N) * l.K * NR;
-    if (l.b) std::memcpy(bias, l.b, static_cast<size_t>(l.N) * sizeof(T));
-    return Panels{q, nullptr, bias, 1, l.K, l.N, panels(l.N), true};
+    const int64_t N = l.N, K = l.K, P = panels(N);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) q[k * N + n] = l.w[n * K + k];
+    T* bias = q + K * N + NR;
+    std::fill(q + K * N, bias, T(0));
+    for (int64_t c = 0; c < P * NR; ++c) bias[c] = (l.b && c < N) ? l.b[c] : T(0);
+    Panels out{q, nullptr, bias, 1, K, N, P, true};
+    out.ld = N;
+    return out;
+  }
+
+  // The gates' weights wg[gates, D, E] (bg[gates, E] or null) as the rows [D][gates * E] (Panels::ld) of one
+  // layer, all tasks' logits in one tile, and bias [P*NR], in q (D * GE + NR + P * NR values).
+  static Panels gate_rows(const T* wg, const T* bg, int64_t D, int64_t gates, int64_t E, T* q) {
+    const int64_t GE = gates * E, P = panels(GE);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t t = 0; t < gates; ++t)
+        std::memcpy(q + d * GE + t * E, wg + (t * D + d) * E, static_cast<size_t>(E) * sizeof(T));
+    T* bias = q + D * GE + NR;
+    std::fill(q + D * GE, bias, T(0));
+    for (int64_t c = 0; c < P * NR; ++c) bias[c] = (bg && c < GE) ? bg[c] : T(0);
+    Panels out{q, nullptr, bias, 1, D, GE, P, true};
+    out.ld = GE;
+    return out;
   }
 
   // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
-  // small gate and tower weights are packed per call): the Session's arithmetic in the same order, so the
-  // same bits as a Session of these weights.
+  // small gate and tower weights are copied per call, into buffers this thread keeps): the Session's arithmetic
+  // in the same order, so the same bits as a Session of these weights.
   static void live_run(const LiveModel<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
     Net net;
-    std::vector<std::vector<T>> bufs(s.hidden.size() + 2 + s.towers.size());
+    thread_local std::vector<std::vector<T>> bufs;
+    if (bufs.size() < s.hidden.size() + 2) bufs.resize(s.hidden.size() + 2);
     size_t nb = 0;
     for (size_t l = 0; l < s.hidden.size(); ++l) {
       const LiveLayer<T>& h = s.hidden[l];
       if (h.linear) {
-        bufs[nb].assign(linear_size(h), T(0));
+        bufs[nb].resize(linear_size(h));
         net.hidden.push_back({linear_panels(h, bufs[nb++].data()), h.act});
         continue;
       }
@@ -965,26 +1097,27 @@ struct Kern {
     if (s.gates > 0) {
       const LiveLayer<T>& m = s.mixture;
       net.mixture = {view(m.w, m.b, m.E, m.K, m.N, bufs[nb++], s.hidden.empty()), m.act};
-      const int64_t D = s.in_features, GE = s.gates * m.E, P = panels(GE);
+      const int64_t D = s.in_features, GE = s.gates * m.E;
       std::vector<T>& g = bufs[nb++];
-      g.resize(static_cast<size_t>(P * D * NR + P * NR));
-      pack_gate(s.wg, s.bg, D, s.gates, m.E, g.data(), g.data() + P * D * NR);
-      net.gate = Panels{g.data(), nullptr, g.data() + P * D * NR, 1, D, GE, P, true};
+      constexpr size_t kAlign = 64 / sizeof(T);  // rows of 16 floats: one cache line each, not two halves
+      g.resize(static_cast<size_t>(D * GE + NR + panels(GE) * NR) + kAlign);
+      const uintptr_t at = (reinterpret_cast<uintptr_t>(g.data()) + 63) & ~uintptr_t(63);
+      net.gate = gate_rows(s.wg, s.bg, D, s.gates, m.E, reinterpret_cast<T*>(at));
       net.gates = s.gates;
     }
     net.in_features = s.in_features;
     net.tasks = s.tasks;
     for (const auto& tower : s.towers) {
-      size_t total = 0;
-      for (const LiveLayer<T>& l : tower) total += linear_size(l);
-      std::vector<T>& buf = bufs[nb++];
-      buf.assign(total, T(0));
-      T* q = buf.data();
       net.towers.emplace_back();
       for (const LiveLayer<T>& l : tower) {
-        net.towers.back().push_back({linear_panels(l, q), l.act});
-        net.widest = std::max<int64_t>(net.widest, panels(l.N) * NR);
-        q += linear_size(l);
+        TowerLayer tl{l, Panels{}, dot_layer(l.K, l.N)};
+        if (!tl.dot) {  // the register tile's panels (small: K < 4 L, or N wide enough to fill them)
+          if (nb == bufs.size()) bufs.emplace_back();
+          bufs[nb].resize(linear_size(l));
+          tl.p = linear_panels(l, bufs[nb++].data());
+        }
+        net.widest = std::max(net.widest, tower_row(tl));
+        net.towers.back().push_back(tl);
       }
     }
     run_net(net, x, out, B, sc);
@@ -1087,13 +1220,15 @@ void tower_forward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t n
   using Kt = Kern<T>;
   constexpr int NR = Kt::NR, MR = Kt::MR;
   const int64_t hid = tower_hidden_width<T>(L, widths), K0 = widths[0];
-  int64_t packed = 0;
-  for (int64_t l = 0; l < L; ++l) packed += Kt::panels(widths[l + 1]) * widths[l] * NR;
+  int64_t packed = 0;  // the register tile's layers (Kern::dot_layer: the others run as dot products)
+  for (int64_t l = 0; l < L; ++l)
+    if (!Kt::dot_layer(widths[l], widths[l + 1])) packed += Kt::panels(widths[l + 1]) * widths[l] * NR;
   T* wp = scratch<T>(1, static_cast<size_t>(packed + MR * NR));
   T* tile = wp + packed;
   T* q = wp;  // layer l: [P][K][NR], panel p's column j = output p * NR + j (zero past N)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
+    if (Kt::dot_layer(K, N)) continue;
     Kt::pack_linear(w[l * nT + t], N, K, q);
     q += P * K * NR;
   }
@@ -1106,22 +1241,29 @@ void tower_forward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t n
     for (int64_t l = 0; l < L; ++l) {
       const int64_t K = widths[l], N = widths[l + 1], P = Kt::panels(N);
       const T* bl = bias[l * nT + t];
-      for (int64_t p = 0; p < P; ++p) {
-        Kt::tile_rows(mr, a, lda, q + p * K * NR, NR, K, tile);
-        const int64_t n1 = std::min<int64_t>(NR, N - p * NR);
-        for (int i = 0; i < mr; ++i)
-          for (int64_t j = 0; j < n1; ++j) {
-            const T z = tile[i * NR + j] + bl[p * NR + j];
-            if (l == L - 1)
-              out[(r + i) * nT + t] = z;  // the last layer has one output
-            else
-              rows[i * hid + off + p * NR + j] = z < T(0) ? T(0) : z;  // NaN stays NaN
-          }
+      if (Kt::dot_layer(K, N)) {
+        if (l == L - 1)  // the last layer has one output
+          Kt::dot_rows(a, lda, mr, w[l * nT + t], bl, K, N, kIdentity, out + r * nT + t, nT);
+        else
+          Kt::dot_rows(a, lda, mr, w[l * nT + t], bl, K, N, kRelu, rows + off, hid);
+      } else {
+        for (int64_t p = 0; p < P; ++p) {
+          Kt::tile_rows(mr, a, lda, q + p * K * NR, NR, K, tile);
+          const int64_t n1 = std::min<int64_t>(NR, N - p * NR);
+          for (int i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < n1; ++j) {
+              const T z = tile[i * NR + j] + bl[p * NR + j];
+              if (l == L - 1)
+                out[(r + i) * nT + t] = z;  // the last layer has one output
+              else
+                rows[i * hid + off + p * NR + j] = z < T(0) ? T(0) : z;  // NaN stays NaN
+            }
+        }
+        q += P * K * NR;
       }
       a = rows + off;
       lda = hid;
       off += N;
-      q += P * K * NR;
     }
   }
 }

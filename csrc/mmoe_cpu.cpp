@@ -235,17 +235,23 @@ class Session {
     model_.has_mixture = true;
   }
 
-  // An nn.Linear: weight[out, in], bias[out] or 0; packed as a one-expert layer W[1, in, out].
+  // An nn.Linear: weight[out, in], bias[out] or 0; kept as it is and packed as a one-expert layer W[1, in, out]
+  // (the forward reads one or the other, by the layer's shape).
   void add_tower_layer(int64_t task, uintptr_t w, uintptr_t b, int64_t in, int64_t out, bool relu) {
     if (task < 0 || task >= model_.tasks) throw std::invalid_argument("task out of range");
+    if (in < 1 || out < 1) throw std::invalid_argument("add_tower_layer: in and out must be at least 1");
     std::vector<T> wt(static_cast<size_t>(in * out));
     for (int64_t o = 0; o < out; ++o)
       for (int64_t i = 0; i < in; ++i) wt[i * out + o] = cp<T>(w)[o * in + i];
     auto& tower = model_.towers[static_cast<size_t>(task)];
     tower.emplace_back();
-    mmoe::pack_grouped<T>(model_.isa, wt.data(), cp<T>(b), 1, in, out, relu ? mmoe::kRelu : mmoe::kIdentity,
-                          tower.back());
-    model_.widest = std::max<int64_t>(model_.widest, static_cast<int64_t>(tower.back().b.size()));
+    mmoe::Linear<T>& l = tower.back();
+    l.K = in;
+    l.N = out;
+    l.act = relu ? mmoe::kRelu : mmoe::kIdentity;
+    l.w.assign(cp<T>(w), cp<T>(w) + in * out);
+    if (b) l.b.assign(cp<T>(b), cp<T>(b) + out);
+    mmoe::pack_grouped<T>(model_.isa, wt.data(), cp<T>(b), 1, in, out, l.act, l.packed);
   }
 
   void run(uintptr_t x, uintptr_t out, int64_t B) const {
@@ -274,6 +280,8 @@ std::vector<uintptr_t> data_pointers(py::tuple tensors) {
   }
   return p;
 }
+
+bool watch_holds(py::tuple watch, bool inference);
 
 // A model's no-grad forward on its own parameters, read in place at every call (mmoe::LiveModel): built once
 // with the shapes (layers: (E, K, N, activation code, 1 for an nn.Linear layer [N, K]), the mixture's last
@@ -320,6 +328,14 @@ class Live {
   // The parameters as tensors (None: absent).
   void run_tensors(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors) const {
     run(x, out, B, data_pointers(tensors));
+  }
+
+  // run_tensors where watch_holds(watch, inference), else false (nothing read or written): a no-grad
+  // forward's checks and its call in one crossing from Python.
+  bool run_watched(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors, py::tuple watch, bool inference) const {
+    if (!watch_holds(watch, inference)) return false;
+    run(x, out, B, data_pointers(tensors));
+    return true;
   }
 
   void run(uintptr_t x, uintptr_t out, int64_t B, const std::vector<uintptr_t>& p) const {
@@ -447,8 +463,9 @@ class TrainStep {
 // Whether a module tree is as a fused path read it (models/common.py's Guard): each module still of its
 // type, with no hooks and no instance `forward`, the same children and parameters by identity. The loop
 // Python would run, without its attribute lookups (a few microseconds per call at every forward).
-// modules, types: tuples; children: (module, tuple of its child modules); params: (module, name, parameter).
-bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, py::tuple params) {
+// modules, types: tuples; children: (module, tuple of its child modules); params: (module, name, parameter);
+// forwards: (class, the forward it had).
+bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, py::tuple params, py::tuple forwards) {
   static PyObject* const hooks[] = {PyUnicode_InternFromString("_forward_hooks"),
                                     PyUnicode_InternFromString("_forward_pre_hooks"),
                                     PyUnicode_InternFromString("_backward_hooks"),
@@ -456,22 +473,21 @@ bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, p
   static PyObject* const forward = PyUnicode_InternFromString("forward");
   static PyObject* const kids_name = PyUnicode_InternFromString("_modules");
   static PyObject* const params_name = PyUnicode_InternFromString("_parameters");
-  // m's instance dict entry `name` (borrowed; null if absent), through a materialized __dict__
-  auto entry = [](PyObject* m, PyObject* name, PyObject** dict) -> PyObject* {
+  // m's instance __dict__ (borrowed, materialized)
+  auto dict_of = [](PyObject* m) -> PyObject* {
     PyObject* d = PyObject_GenericGetDict(m, nullptr);
     if (!d) throw py::error_already_set();
     Py_DECREF(d);  // the object keeps its dict alive
-    *dict = d;
-    return PyDict_GetItemWithError(d, name);
+    return d;
   };
   const Py_ssize_t n = PyTuple_GET_SIZE(modules.ptr());
   if (PyTuple_GET_SIZE(types.ptr()) != n) throw std::invalid_argument("modules_unchanged: one type per module");
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* m = PyTuple_GET_ITEM(modules.ptr(), i);
     if (reinterpret_cast<PyObject*>(Py_TYPE(m)) != PyTuple_GET_ITEM(types.ptr(), i)) return false;
-    PyObject* dict = nullptr;
+    PyObject* dict = dict_of(m);
     for (PyObject* name : hooks) {
-      PyObject* h = entry(m, name, &dict);
+      PyObject* h = PyDict_GetItemWithError(dict, name);
       if (!h || !PyDict_Check(h) || PyDict_GET_SIZE(h) != 0) return false;
     }
     const int has = PyDict_Contains(dict, forward);
@@ -481,24 +497,69 @@ bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, p
   for (auto item : children) {
     PyObject* m = PyTuple_GET_ITEM(item.ptr(), 0);
     PyObject* kids = PyTuple_GET_ITEM(item.ptr(), 1);
-    PyObject* dict = nullptr;
-    PyObject* now = entry(m, kids_name, &dict);
+    PyObject* now = PyDict_GetItemWithError(dict_of(m), kids_name);
     if (!now || !PyDict_Check(now) || PyDict_GET_SIZE(now) != PyTuple_GET_SIZE(kids)) return false;
     Py_ssize_t pos = 0, j = 0;
     PyObject *key, *value;
     while (PyDict_Next(now, &pos, &key, &value))
       if (value != PyTuple_GET_ITEM(kids, j++)) return false;
   }
+  PyObject *last = nullptr, *slots = nullptr;  // a module's parameters are listed together: its dict read once
   for (auto item : params) {
     PyObject* m = PyTuple_GET_ITEM(item.ptr(), 0);
-    PyObject* dict = nullptr;
-    PyObject* slots = entry(m, params_name, &dict);
-    if (!slots || !PyDict_Check(slots)) return false;
+    if (m != last) {
+      slots = PyDict_GetItemWithError(dict_of(m), params_name);
+      if (!slots || !PyDict_Check(slots)) return false;
+      last = m;
+    }
     PyObject* p = PyDict_GetItemWithError(slots, PyTuple_GET_ITEM(item.ptr(), 1));
     if (!p && PyErr_Occurred()) throw py::error_already_set();
     if (p != PyTuple_GET_ITEM(item.ptr(), 2)) return false;  // absent (null) counts as changed
   }
+  for (auto item : forwards) {  // (class, the forward it had)
+    PyObject* now = PyObject_GetAttr(PyTuple_GET_ITEM(item.ptr(), 0), forward);
+    if (!now) throw py::error_already_set();
+    Py_DECREF(now);  // the class keeps it alive
+    if (now != PyTuple_GET_ITEM(item.ptr(), 1)) return false;
+  }
   return true;
+}
+
+// A fused path's watch list (models/common.py's LiveCall): (modules, types, children, params, forwards,
+// (metadata check, the same under inference mode), the parameters, attrs): modules_unchanged's five, then the
+// parameters' metadata check (a callable of the parameters: torch's TensorGuards.check), and each plain
+// attribute (module __dict__, name, the value read) still equal to that value.
+bool watch_holds(py::tuple watch, bool inference) {
+  PyObject* w = watch.ptr();
+  if (PyTuple_GET_SIZE(w) != 8) throw std::invalid_argument("watch_holds: a watch list has 8 items");
+  auto item = [w](Py_ssize_t i) {
+    PyObject* t = PyTuple_GET_ITEM(w, i);
+    if (!PyTuple_Check(t)) throw std::invalid_argument("watch_holds: every item but the checks is a tuple");
+    return py::reinterpret_borrow<py::tuple>(t);
+  };
+  if (!modules_unchanged(item(0), item(1), item(2), item(3), item(4))) return false;
+  for (auto a : item(7)) {
+    PyObject* t = a.ptr();
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 || !PyDict_Check(PyTuple_GET_ITEM(t, 0)))
+      throw std::invalid_argument("watch_holds: an attribute is (dict, name, value)");
+    PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1));
+    if (!now) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      now = Py_None;  // as dict.get reads an absent name
+    }
+    const int same = PyObject_RichCompareBool(now, PyTuple_GET_ITEM(t, 2), Py_EQ);
+    if (same < 0) throw py::error_already_set();
+    if (!same) return false;
+  }
+  PyObject* checks = PyTuple_GET_ITEM(w, 5);
+  if (!PyTuple_Check(checks) || PyTuple_GET_SIZE(checks) != 2)
+    throw std::invalid_argument("watch_holds: two metadata checks");
+  PyObject* r = PyObject_Call(PyTuple_GET_ITEM(checks, inference ? 1 : 0), item(6).ptr(), nullptr);
+  if (!r) throw py::error_already_set();
+  const int ok = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  if (ok < 0) throw py::error_already_set();
+  return ok == 1;
 }
 
 template <typename T>
@@ -709,7 +770,10 @@ void bind(py::module_& m, const std::string& sfx) {
       .def(py::init<int64_t, int64_t, int64_t, const std::vector<std::vector<int64_t>>&, const std::vector<int64_t>&>(),
            py::arg("in_features"), py::arg("tasks"), py::arg("gates"), py::arg("layers"), py::arg("tower_widths"))
       .def("run", &Live<T>::run, "out[B,T] from x[B,D] and the parameters' pointers; releases the GIL.")
-      .def("run_tensors", &Live<T>::run_tensors, "run() with the parameters as a tuple of tensors (None: absent).");
+      .def("run_tensors", &Live<T>::run_tensors, "run() with the parameters as a tuple of tensors (None: absent).")
+      .def("run_watched", &Live<T>::run_watched, py::arg("x"), py::arg("out"), py::arg("B"), py::arg("tensors"),
+           py::arg("watch"), py::arg("inference"),
+           "run_tensors() where watch_holds(watch, inference); False (nothing written) where it does not.");
   py::class_<TrainStep<T>>(m, ("TrainStep" + sfx).c_str())
       .def(py::init<int64_t, int64_t, int64_t, int64_t, const std::vector<int64_t>&, int, const std::vector<uint8_t>&>(),
            py::arg("in_features"), py::arg("experts"), py::arg("hidden"), py::arg("gates"), py::arg("tower_widths"),
@@ -739,8 +803,12 @@ PYBIND11_MODULE(_C, m) {
                                {static_cast<py::ssize_t>(b.bytes)}, {static_cast<py::ssize_t>(1)});
       });
   m.def("modules_unchanged", &modules_unchanged, py::arg("modules"), py::arg("types"), py::arg("children"),
-        py::arg("params"), "Whether a module tree is as read: types, no hooks or instance forward, children and "
-        "parameters by identity (see models/common.py's Guard).");
+        py::arg("params"), py::arg("forwards") = py::tuple(),
+        "Whether a module tree is as read: types, no hooks or instance forward, children and parameters by "
+        "identity, each (class, forward) pair's class still has that forward (see models/common.py's Guard).");
+  m.def("watch_holds", &watch_holds, py::arg("watch"), py::arg("inference"),
+        "Whether a fused path's watch list holds: modules_unchanged's, each plain attribute's value and the "
+        "parameters' metadata check (see models/common.py's LiveCall).");
   m.def("release_blocks", []() { return BlockPool::get().release(); },
         "Free the pool's kept blocks (those no tensor uses); returns the bytes freed.");
   m.def("cached_block_bytes", []() { return BlockPool::get().cached(); });

@@ -610,8 +610,10 @@ def test_the_cpp_finiteness_pass_finds_every_nan_and_infinity_and_nothing_else(d
 
 @pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
 @pytest.mark.parametrize("B,D,T,E,H,towers", [(1, 5, 1, 1, 3, ()), (7, 10, 2, 3, 5, (4,)), (33, 9, 3, 5, 7, (6, 3)),
-                                              (1500, 100, 2, 8, 16, (8,)), (11, 8, 2, 3, (6, 4), (3,))])
+                                              (1500, 100, 2, 8, 16, (8,)), (11, 8, 2, 3, (6, 4), (3,)),
+                                              (13, 6, 2, 3, 70, (6, 3)), (1, 6, 3, 2, 131, (8,))])
 def test_the_no_grad_forward_runs_the_same_kernels_directly(cls, B, D, T, E, H, towers):
+    # (H = 70, 131 with narrow towers: their first layer runs as dot products, Kern::dot_layer, in both paths)
     """Under no_grad a whole MMoE/OMoE runs its kernels straight from the guarded plan: bitwise the layers'
     output, and the oracle's in float64; a hook added later is honoured."""
     torch.manual_seed(B + E)

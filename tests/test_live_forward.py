@@ -3,6 +3,7 @@ the guard that decides when it may run: equal to the oracle and bit for bit to a
 stale after any change to the model, stepping aside wherever it cannot stand in."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -25,12 +26,18 @@ def _oracle(model, x):
     return torch.cat([tower(m[t]) for t, tower in enumerate(model.towers.towers)], dim=1)
 
 
+def _live_of(model):
+    """The ``cpp.Live`` the model's last no-grad forward ran or built (None: the general path)."""
+    call = model.__dict__.get("_live")
+    return None if call is None else call.live
+
+
 def _live(model, x):
     """The no-grad forward, asserting it ran on the live path."""
     model.__dict__.pop("_live", None)
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__.get("_live", (None, None))[1] is not None, "the live path did not run"
+    assert _live_of(model) is not None, "the live path did not run"
     return out
 
 
@@ -39,7 +46,8 @@ def _live(model, x):
 @pytest.mark.parametrize("B,D,T,E,H,towers,gate_bias", [
     (1, 5, 1, 1, 3, (), True), (1, 100, 2, 8, 16, (8,), True), (7, 10, 2, 3, 5, (4,), False),
     (33, 9, 3, 5, 7, (6, 3), True), (65, 37, 2, 3, 33, (40,), True), (1, 6, 2, 1, (5, 3), (4,), False),
-    (9, 7, 3, 4, (6, 5, 3), (2,), True), (300, 20, 2, 9, 8, (), True)])
+    (9, 7, 3, 4, (6, 5, 3), (2,), True), (300, 20, 2, 9, 8, (), True),
+    (5, 20, 2, 3, 70, (6, 3), True), (70, 12, 2, 2, (9, 131), (16, 8), False)])
 def test_the_live_forward_equals_the_oracle_and_a_session_bit_for_bit(cls, activation, B, D, T, E, H, towers,
                                                                        gate_bias):
     torch.manual_seed(B * 7 + D + T + E)
@@ -86,10 +94,10 @@ def test_the_live_forward_reads_the_parameters_as_they_are_at_each_call():
     tw = model.towers.towers[1][0].weight
     tw.data = torch._neg_view(-tw.detach().clone())  # memory holds minus the values
     check("a negative-bit tower weight")
-    assert model.__dict__["_live"][1] is None  # stepped aside to the general path
+    assert _live_of(model) is None  # stepped aside to the general path
     tw.data = tw.detach().clone()
     check("a plain one again")
-    assert model.__dict__["_live"][1] is not None
+    assert _live_of(model) is not None
     model.mixture.gate_weight.data = torch.randn(2, 4, 12, dtype=torch.float64).transpose(1, 2)  # strided
     check("a strided gate weight")
     model.mixture.expert_biases[0].data = torch.randn(4, 7, dtype=torch.float64)  # no longer fits the weights
@@ -127,7 +135,7 @@ def test_the_live_forward_sees_every_change_to_the_modules():
     model.towers.towers[1][1] = nn.Tanh()
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__["_live"][1] is None or model.__dict__["_guard"] is None
+    assert _live_of(model) is None or model.__dict__["_guard"] is None
     assert_close(out, _oracle(model, x), 1e-10, "a tanh tower, module by module")
     model.towers.towers[1][1] = nn.ReLU()
     model.mixture.activation = "gelu"
@@ -135,7 +143,7 @@ def test_the_live_forward_sees_every_change_to_the_modules():
     model.mixture.backend = "reference"
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__["_live"][1] is None  # the reference backend is plain PyTorch
+    assert _live_of(model) is None  # the reference backend is plain PyTorch
     assert_close(out, _oracle(model, x), 1e-10, "the reference backend")
 
 
@@ -170,7 +178,8 @@ def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
     model, x, guard = _guarded_model(3)
 
     def both():
-        in_cpp = cpp_backend._C.modules_unchanged(guard.modules, guard.types, guard.children, guard.slots)
+        in_cpp = cpp_backend._C.modules_unchanged(guard.modules, guard.types, guard.children, guard.slots,
+                                                    guard.forwards)
         assert in_cpp == guard._modules_unchanged()
         return in_cpp
 
@@ -269,7 +278,7 @@ def test_a_shared_bottoms_live_forward_sees_every_change():
     model.towers.backend = "reference"
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__["_live"][1] is None
+    assert _live_of(model) is None
     assert_close(out, _modules_forward(model, x), 1e-12, "reference towers")
     with torch.no_grad(), pytest.raises(RuntimeError):
         model(torch.randn(3, 7, dtype=torch.float64))  # the Linear's own error
@@ -286,7 +295,7 @@ def test_hooks_on_the_model_itself_run_around_the_live_forward():
     model.register_forward_hook(lambda m, args, out: out + 1)
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__["_live"][1] is not None
+    assert _live_of(model) is not None
     assert_close(out, _oracle(model, 2 * x) + 1, 1e-10, "hooked model")
     assert not torch.equal(out, want)
     out = model(x)  # with autograd: one node under the model's own hooks
@@ -303,8 +312,18 @@ def test_a_model_on_feature_columns_runs_its_forward_live():
     batch = {"user": torch.randint(0, 10, (8,)), "price": torch.randn(8, 1)}
     with torch.no_grad():
         out = model(batch)
-    assert model.__dict__["_live"][1] is not None
+    assert _live_of(model) is not None
     assert_close(out, mf.InferenceSession(model).run(batch), 1e-6, "a model on feature columns")
+
+
+def test_the_environment_is_read_as_os_environ_reads_it(monkeypatch):
+    from mmoe_fast import backends
+
+    for value in ("reference", "", "cpp"):
+        monkeypatch.setenv(backends.ENV_VAR, value)
+        assert backends.env_backend() == os.environ.get(backends.ENV_VAR) == value
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.env_backend() is None
 
 
 def test_the_backend_chosen_by_the_environment_is_read_at_every_call(monkeypatch):
@@ -315,7 +334,7 @@ def test_the_backend_chosen_by_the_environment_is_read_at_every_call(monkeypatch
     monkeypatch.setenv("MMOE_FAST_BACKEND", "reference")
     with torch.no_grad():
         out = model(x)
-    assert model.__dict__["_live"][1] is None  # "auto" now means the reference backend
+    assert _live_of(model) is None  # "auto" now means the reference backend
     assert_close(out, _oracle(model, x), 1e-10, "the reference backend by the environment")
     monkeypatch.delenv("MMOE_FAST_BACKEND")
     _live(model, x)

@@ -24,6 +24,21 @@ ENV_VAR = "MMOE_FAST_BACKEND"
 _loaded: dict[str, ModuleType | str] = {}
 _resolved: dict[tuple, ModuleType] = {}
 
+# os.environ's own mapping and ENV_VAR as it keys it (POSIX: bytes), for env_backend.
+_ENVIRON = os.environ
+_ENV_DATA: dict = getattr(_ENVIRON, "_data", {})
+_ENV_KEY = _ENVIRON.encodekey(ENV_VAR) if hasattr(_ENVIRON, "_data") and hasattr(_ENVIRON, "encodekey") else None
+
+
+def env_backend() -> str | None:
+    """``os.environ.get(ENV_VAR)``, read at every fused call (a change takes effect at once), at a tenth of its
+    cost (0.68 against 0.05 us here): os.environ's own mapping, keyed as os.environ keys it; the public path
+    where os.environ is not that object."""
+    if os.environ is not _ENVIRON or _ENV_KEY is None:
+        return os.environ.get(ENV_VAR)
+    value = _ENV_DATA.get(_ENV_KEY)
+    return None if value is None else _ENVIRON.decodevalue(value)
+
 
 def _load(name: str) -> ModuleType | str:
     """The backend module, or a string saying why it cannot be used."""
@@ -102,13 +117,14 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> ModuleTyp
     device's preference list that supports the dtype. An explicit name that cannot run raises
     ``ValueError`` saying why.
     """
-    key = (backend, device.type, dtype, os.environ.get(ENV_VAR))
+    env = env_backend()
+    key = (backend, device.type, dtype, env)
     hit = _resolved.get(key)
     if hit is not None:
         return hit
     check_backend_name(backend)
-    if backend == "auto" and os.environ.get(ENV_VAR):
-        backend = os.environ[ENV_VAR]
+    if backend == "auto" and env:
+        backend = env
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"${ENV_VAR} must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -240,19 +239,17 @@ class Guard:
     def holds(self, t: Tensor) -> bool:
         if not plain_eager(t):
             return False
-        if cpp_backend._C is not None:
-            if not cpp_backend._C.modules_unchanged(self.modules, self.types, self.children, self.slots):
+        c = cpp_backend._C
+        if c is not None:
+            if not c.modules_unchanged(self.modules, self.types, self.children, self.slots, self.forwards):
                 return False
         elif not self._modules_unchanged():
             return False
-        for cls, forward in self.forwards:
-            if cls.forward is not forward:
-                return False
         if not self.tensors:
             return True
         if t.dtype != self.dtype or t.device != self.device:
             return False
-        return self._same_metadata()
+        return self.metadata[_is_inference_mode_enabled()](*self.tensors)
 
     def _modules_unchanged(self) -> bool:
         """``_C.modules_unchanged`` in Python (where the extension is not built)."""
@@ -263,11 +260,9 @@ class Guard:
         for m, kids in self.children:
             if tuple(m._modules.values()) != kids:
                 return False
+        if any(cls.forward is not forward for cls, forward in self.forwards):
+            return False
         return all(name in m._parameters and m._parameters[name] is p for m, name, p in self.slots)
-
-    def _same_metadata(self) -> bool:
-        """Whether every parameter still has the dtype, device, shape and strides (and neg/conj bits) read."""
-        return self.metadata[torch.is_inference_mode_enabled()](*self.tensors)
 
 
 def _metadata_check(tensors: Sequence[Tensor]) -> Callable[..., bool]:
@@ -324,25 +319,84 @@ def guarded(owner: nn.Module, t: Tensor, modules: Callable[[], Sequence[nn.Modul
     return value if guard is not None and guard.holds(t) else None
 
 
-def live_forward(owner: nn.Module, x: Tensor, key: tuple, build: Callable[[], tuple]) -> Tensor | None:
+def live_forward(owner: nn.Module, x, build: Callable[[Tensor], Tensor | bool | None]) -> Tensor | None:
     """A whole model's no-grad forward as one C++ call on its parameters read in place (``cpp.Live``: an
-    ``InferenceSession``'s forward without its packed copy, so never stale, with a session's bits), or None
-    where ``build()`` found it does not apply. ``key``: the model's guard and the plain attributes the call
-    depends on (a change builds again); ``build()``: ``(cpp.Live or None, the parameters in its order,
-    number of tasks)``, kept on ``owner`` with ``key`` and ``$MMOE_FAST_BACKEND`` (what ``"auto"`` resolves to).
-    The caller has checked ``x`` (a 2-D CPU tensor of the model's width and dtype, B > 0)."""
-    key = (*key, os.environ.get(backends.ENV_VAR))
-    cached = owner.__dict__.get("_live")
-    if cached is None or cached[0] != key:
-        cached = owner.__dict__["_live"] = (key, *build())
-    live = cached[1]
-    if live is None:
-        return None
-    if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
-        x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
-    out = x.new_empty((x.shape[0], cached[3]))
-    live.run_tensors(x.data_ptr(), out.data_ptr(), x.shape[0], cached[2])
-    return out
+    ``InferenceSession``'s forward without its packed copy, so never stale, with a session's bits), or None where
+    it does not apply (the model's modules then run). The ``LiveCall`` kept on ``owner`` answers where its checks
+    hold; else ``build(x)`` (the owner's: its guard, then ``live_call``) works it out again."""
+    call = owner.__dict__.get("_live")
+    out = call.run(x) if call is not None else None
+    if out is None:
+        out = build(x)
+        if out is None:  # no call applies now (a hook, another mode, this x): none is kept
+            owner.__dict__.pop("_live", None)
+    return None if out is None or out is False else out
+
+
+def live_call(owner: nn.Module, x: Tensor, width: int, attrs: tuple,
+              build: Callable[[], tuple]) -> Tensor | bool | None:
+    """``LiveCall.run(x)`` of the call kept on ``owner``, built again (``build()``: ``(cpp.Live or None, the
+    parameters in its order, number of tasks)``) unless it was built under ``owner``'s current guard with the
+    same plain attributes (``attrs``: ``(module __dict__, name)`` pairs) and ``$MMOE_FAST_BACKEND`` (what
+    ``"auto"`` resolves to). The caller's guard holds for ``x`` (a 2-D CPU tensor); ``width``: the model's
+    input width."""
+    guard = owner.__dict__["_guard"]
+    values = tuple(d.get(name) for d, name in attrs)
+    env = backends.env_backend()
+    call = owner.__dict__.get("_live")
+    if call is None or call.guard is not guard or call.values != values or call.env != env:
+        call = owner.__dict__["_live"] = LiveCall(guard, attrs, values, env, width, *build())
+    return call.run(x)
+
+
+class LiveCall:
+    """A model's no-grad forward in one C++ call (``cpp.Live``, or None where it does not apply) and, in one
+    function, every check that it still may run for ``x``: those of its ``Guard`` (plain eager mode, the module
+    tree, each parameter's metadata), the plain attributes and ``$MMOE_FAST_BACKEND`` it was built with, and
+    ``x`` (a 2-D CPU tensor of the parameters' dtype and the model's width, B > 0). At B = 1 these checks are
+    most of the forward's Python: one frame, not five, and nothing built per call."""
+
+    __slots__ = ("guard", "values", "env", "live", "params", "tasks", "width", "dtype", "watch")
+
+    def __init__(self, guard: Guard, attrs: tuple, values: tuple, env, width: int, live, params: tuple,
+                 tasks: int) -> None:
+        self.guard, self.values, self.env, self.width = guard, values, env, width
+        self.live, self.params, self.tasks, self.dtype = live, params, tasks, guard.dtype
+        # what _C.watch_holds checks, in one call: the guard's module tree, its parameters' metadata (a check per
+        # inference-mode state) and the plain attributes with the values read
+        self.watch = (guard.modules, guard.types, guard.children, guard.slots, guard.forwards,
+                      tuple(guard.metadata), guard.tensors,
+                      tuple((d, name, value) for (d, name), value in zip(attrs, values)))
+
+    def run(self, x) -> Tensor | bool | None:
+        """``out[B, T]``; False where every check holds but ``cpp.Live`` does not apply; None where a check
+        fails (the caller works the call out again)."""
+        if not isinstance(x, Tensor) or not x.is_cpu or x.dtype != self.dtype:
+            return None
+        shape = x.shape
+        if len(shape) != 2 or shape[1] != self.width or shape[0] == 0:
+            return None
+        # plain_eager, inline (x is on a CPU), and what "auto" resolves to
+        if (_is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch._C._is_tracing()
+                or ops._decomposing or ops._in_onnx_export() or _peek_interpreter_stack() is not None
+                or _forward_ad._current_level >= 0 or _global_hooks() or backends.env_backend() != self.env):
+            return None
+        c, live = cpp_backend._C, self.live
+        if c is None or self.guard.device.type != "cpu":
+            return None  # (no C++ extension: no call is live)
+        if live is None:
+            return False if c.watch_holds(self.watch, _is_inference_mode_enabled()) else None
+        if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
+            x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
+        B, dtype = shape[0], self.dtype
+        out = _empty(B, self.tasks) if _default_dtype() is dtype else _empty(B, self.tasks, dtype=dtype)
+        if not live.run_watched(x.data_ptr(), out.data_ptr(), B, self.params, self.watch,
+                                _is_inference_mode_enabled()):
+            return None
+        return out
+
+
+_empty, _default_dtype = torch.empty, torch.get_default_dtype
 
 
 def live_applies(x: Tensor, backends_: Sequence[str], tensors: Sequence[Tensor | None]) -> bool:
@@ -398,13 +452,19 @@ def plain_eager(t: Tensor) -> bool:
     (``ops.decomposed``), and no global module hook is set (the fused paths that stand in for several modules
     apply only then; otherwise the modules run as they are)."""
     if t.is_cpu:
-        if torch.is_autocast_enabled("cpu"):
+        if _is_autocast_enabled("cpu"):
             return False
-    elif not t.is_cuda or torch.is_autocast_enabled("cuda"):  # meta, fake, other devices: the modules as they are
+    elif not t.is_cuda or _is_autocast_enabled("cuda"):  # meta, fake, other devices: the modules as they are
         return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or ops.is_decomposing()
-                or torch._C._functorch.peek_interpreter_stack() is not None
-                or torch.autograd.forward_ad._current_level >= 0 or _global_hooks())
+    # (read at every no-grad forward: the C functions themselves, not their Python wrappers, where eager)
+    return not (torch.compiler.is_compiling() or torch._C._is_tracing() or ops.is_decomposing()
+                or _peek_interpreter_stack() is not None or _forward_ad._current_level >= 0 or _global_hooks())
+
+
+_is_autocast_enabled = torch.is_autocast_enabled
+_is_inference_mode_enabled = torch.is_inference_mode_enabled
+_peek_interpreter_stack = torch._C._functorch.peek_interpreter_stack
+_forward_ad = torch.autograd.forward_ad
 
 
 def _tower_params(towers: nn.ModuleList, h: Tensor) -> list[Tensor] | None:

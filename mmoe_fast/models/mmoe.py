@@ -23,6 +23,7 @@ from .common import (
     _towers_in_cpp,
     guarded,
     live_applies,
+    live_call,
     live_forward,
     positive,
     sizes,
@@ -119,7 +120,7 @@ class MMoE(MultiTaskModel):
     def forward(self, x: Tensor) -> Tensor:
         grad = torch.is_grad_enabled()
         if not grad:
-            out = self._live_forward(x)
+            out = live_forward(self, x, self._live_forward)
             if out is not None:
                 return out
         args = self._one_node(x, grad)
@@ -215,19 +216,22 @@ class MMoE(MultiTaskModel):
             return None  # the layer's own checks say what is wrong
         return (x, *plan[:-2], activation, backend, self._modules["towers"].__dict__.get("backend"), *plan[-2:])
 
-    def _live_forward(self, x: Tensor) -> Tensor | None:
+    def _live_forward(self, x: Tensor) -> Tensor | bool | None:
         """The no-grad forward as one C++ call on the parameters read in place (``cpp.Live``: an
         ``InferenceSession``'s kernels without its packed copy, so never stale), where the whole model runs as
-        one node on a CPU and the C++ backend runs the layers and the towers; else None (the general path)."""
+        one node on a CPU and the C++ backend runs the layers and the towers; else None or False (the general
+        path). ``common.live_forward`` calls this where the call it keeps no longer answers."""
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_cpu:
             return None
         plan = guarded(self, x, self._one_node_modules, lambda: self._one_node_plan(x))
-        if plan is None or x.shape[1] != plan[0].shape[1] or x.shape[0] == 0:
+        if plan is None:
             return None
-        # the guard (a new one whenever a module or parameter changed) and the plain attributes read at every call
+        # the plain attributes read at every call (the guard watches modules and parameters)
         layer, towers = self._modules["mixture"].__dict__, self._modules["towers"].__dict__
-        key = (self.__dict__["_guard"], layer.get("activation"), layer.get("backend"), towers.get("backend"))
-        return live_forward(self, x, key, lambda: _live_runner(x, plan, *key[1:]))
+        attrs = ((layer, "activation"), (layer, "backend"), (towers, "backend"))
+        return live_call(self, x, plan[0].shape[1], attrs,
+                         lambda: _live_runner(x, plan, layer.get("activation"), layer.get("backend"),
+                                              towers.get("backend")))
 
     def _one_node_modules(self) -> list[nn.Module]:
         return [self, self.mixture, self.mixture.expert_weights, self.mixture.expert_biases,

@@ -13,7 +13,18 @@ from torch import Tensor, nn
 
 from ..backends import cpp as cpp_backend
 from ..contract import RELU
-from .common import MultiTaskModel, Towers, _hooked, guarded, live_applies, live_forward, mlp, positive, sizes
+from .common import (
+    MultiTaskModel,
+    Towers,
+    _hooked,
+    guarded,
+    live_applies,
+    live_call,
+    live_forward,
+    mlp,
+    positive,
+    sizes,
+)
 
 
 class SharedBottom(MultiTaskModel):
@@ -30,22 +41,23 @@ class SharedBottom(MultiTaskModel):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled():
-            out = self._live_forward(x)
+            out = live_forward(self, x, self._live_forward)
             if out is not None:
                 return out
         return self.towers(self.bottom(x))
 
-    def _live_forward(self, x: Tensor) -> Tensor | None:
-        """The no-grad forward as one C++ call (``common.live_forward``) where the bottom is plain
+    def _live_forward(self, x: Tensor) -> Tensor | bool | None:
+        """The no-grad forward as one C++ call (``common.live_call``) where the bottom is plain
         ``Linear``/``ReLU`` pairs, the towers stack, nothing is hooked and the C++ backend runs for ``x``; else
-        None (the modules run, and say what is wrong)."""
-        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_cpu or x.shape[0] == 0:
+        None or False (the modules run, and say what is wrong)."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_cpu:
             return None
         plan = guarded(self, x, self._live_modules, lambda: self._live_plan(x))
-        if plan is None or x.shape[1] != plan[-1]:
+        if plan is None:
             return None
-        key = (self.__dict__["_guard"], self._modules["towers"].__dict__.get("backend"))
-        return live_forward(self, x, key, lambda: self._live_runner(x, plan, key[1]))
+        towers = self._modules["towers"].__dict__
+        return live_call(self, x, plan[-1], ((towers, "backend"),),
+                         lambda: self._live_runner(x, plan, towers.get("backend")))
 
     def _live_modules(self) -> list[nn.Module]:
         bottom = self._modules["bottom"]
