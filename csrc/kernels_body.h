@@ -902,7 +902,8 @@ struct Kern {
   // Whether a tower layer of K inputs and N outputs runs as dot products over its weight's rows (dot_rows) rather
   // than on the register tile: narrow (a panel of NR columns would be mostly padding: 8 outputs is common) and
   // long enough for the vector sums to pay off. Every path that runs a tower forward (a Session, a no-grad
-  // forward, training) decides alike, so they all give the same bits.
+  // forward, training) decides alike, so they all give the same bits on one instruction set (NR, L and the
+  // sums' order are the instruction set's: a Session keeps the one it was built with).
   static bool dot_layer(int64_t K, int64_t N) { return 2 * N <= NR && K >= 4 * L; }
 
   // out[i * ldo + j] = in[i] . w[j] for RI rows of in (stride lda) and NJ rows of w[.., K]: RI * NJ dot
@@ -942,12 +943,13 @@ struct Kern {
   }
   static void dot_tile_any(int ri, int nj, const T* in, int64_t lda, const T* w, int64_t K, T* out, int64_t ldo) {
     static_assert(kDotCols == 4 && (kDotRows == 4 || kDotRows == 2));
-    switch (ri) {
-      case 4: return dot_tile_cols<kDotRows == 4 ? 4 : 2>(nj, in, lda, w, K, out, ldo);
-      case 3: return dot_tile_cols<kDotRows == 4 ? 3 : 2>(nj, in, lda, w, K, out, ldo);
-      case 2: return dot_tile_cols<2>(nj, in, lda, w, K, out, ldo);
-      default: return dot_tile_cols<1>(nj, in, lda, w, K, out, ldo);
+    if constexpr (kDotRows == 4) {
+      if (ri == 4) return dot_tile_cols<4>(nj, in, lda, w, K, out, ldo);
+      if (ri == 3) return dot_tile_cols<3>(nj, in, lda, w, K, out, ldo);
     }
+    if (ri > 2) throw std::logic_error("dot_tile_any: more rows than kDotRows");  // callers step by kDotRows
+    if (ri == 2) return dot_tile_cols<2>(nj, in, lda, w, K, out, ldo);
+    return dot_tile_cols<1>(nj, in, lda, w, K, out, ldo);
   }
 
   // out[i * ldo + n] = act(in[i] . w[n] + b[n]) for rn rows of in (stride lda): an nn.Linear layer (weight
@@ -1077,9 +1079,10 @@ struct Kern {
     return out;
   }
 
-  // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels and the
-  // small gate and tower weights are copied per call, into buffers this thread keeps): the Session's arithmetic
-  // in the same order, so the same bits as a Session of these weights.
+  // x[B, D] -> out[B, T] from weights in the ops' layout, read in place (the experts' partial panels, the gates
+  // and the tower layers on the register tile are copied per call, into buffers this thread keeps; dot_layer
+  // tower layers are read as they are): the Session's arithmetic in the same order, so the same bits as a
+  // Session of these weights built on this instruction set.
   static void live_run(const LiveModel<T>& s, const T* x, T* out, int64_t B, Scratch<T>& sc) {
     Net net;
     thread_local std::vector<std::vector<T>> bufs;
@@ -1210,9 +1213,11 @@ int tower_threads(int64_t B, int64_t nT, int64_t L, const int64_t* widths) {
   return Kern<T>::threads_for(nT, B * nT * macs);
 }
 
-// out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer. Each layer
-// runs on the GEMM's register tiles (MR rows x NR outputs, the task's weights transposed into panels first):
-// per row a few vector FMAs, where a dot product per output paid a horizontal sum each.
+// out[b, t] (out is [B, nT]); save[nT, B, hid]: each hidden layer's output after ReLU, layer by layer. A layer
+// runs on the GEMM's register tiles (MR rows x NR outputs, the task's weights transposed into panels first: per
+// row a few vector FMAs, where a dot product per output paid a horizontal sum each), or, narrow and long
+// (Kern::dot_layer: 256 -> 8, say, where a panel would be three quarters padding), as dot products over the
+// weight's rows as they are: a Session's and the no-grad forward's choice too, so the same bits.
 // Task t's tower (towers_forward_entry's loop body; on the calling thread alone).
 template <typename T>
 void tower_forward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t nT, int64_t L, const int64_t* widths,

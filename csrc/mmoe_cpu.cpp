@@ -464,8 +464,9 @@ class TrainStep {
 // type, with no hooks and no instance `forward`, the same children and parameters by identity. The loop
 // Python would run, without its attribute lookups (a few microseconds per call at every forward).
 // modules, types: tuples; children: (module, tuple of its child modules); params: (module, name, parameter);
-// forwards: (class, the forward it had).
-bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, py::tuple params, py::tuple forwards) {
+// forwards: (class, the forward it had); counts: (module, how many parameters it holds).
+bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, py::tuple params, py::tuple forwards,
+                       py::tuple counts) {
   static PyObject* const hooks[] = {PyUnicode_InternFromString("_forward_hooks"),
                                     PyUnicode_InternFromString("_forward_pre_hooks"),
                                     PyUnicode_InternFromString("_backward_hooks"),
@@ -494,9 +495,20 @@ bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, p
     if (has < 0) throw py::error_already_set();
     if (has) return false;
   }
+  // each entry a tuple of `size` items (these are private to the guard, but a wrong one must not read past it)
+  auto entries = [](py::tuple list, Py_ssize_t size, const char* what) {
+    for (auto item : list)
+      if (!PyTuple_Check(item.ptr()) || PyTuple_GET_SIZE(item.ptr()) != size)
+        throw std::invalid_argument(std::string("modules_unchanged: every ") + what);
+  };
+  entries(children, 2, "child entry is (module, children)");
+  entries(params, 3, "parameter entry is (module, name, parameter)");
+  entries(forwards, 2, "forward entry is (class, forward)");
+  entries(counts, 2, "count entry is (module, count)");
   for (auto item : children) {
     PyObject* m = PyTuple_GET_ITEM(item.ptr(), 0);
     PyObject* kids = PyTuple_GET_ITEM(item.ptr(), 1);
+    if (!PyTuple_Check(kids)) throw std::invalid_argument("modules_unchanged: children come as a tuple");
     PyObject* now = PyDict_GetItemWithError(dict_of(m), kids_name);
     if (!now || !PyDict_Check(now) || PyDict_GET_SIZE(now) != PyTuple_GET_SIZE(kids)) return false;
     Py_ssize_t pos = 0, j = 0;
@@ -519,26 +531,34 @@ bool modules_unchanged(py::tuple modules, py::tuple types, py::tuple children, p
   for (auto item : forwards) {  // (class, the forward it had)
     PyObject* now = PyObject_GetAttr(PyTuple_GET_ITEM(item.ptr(), 0), forward);
     if (!now) throw py::error_already_set();
-    Py_DECREF(now);  // the class keeps it alive
-    if (now != PyTuple_GET_ITEM(item.ptr(), 1)) return false;
+    const bool same = now == PyTuple_GET_ITEM(item.ptr(), 1);
+    Py_DECREF(now);
+    if (!same) return false;
+  }
+  for (auto item : counts) {  // a parameter added (a layer appended to a ParameterList) is a change
+    PyObject* slots = PyDict_GetItemWithError(dict_of(PyTuple_GET_ITEM(item.ptr(), 0)), params_name);
+    if (!slots || !PyDict_Check(slots)) return false;
+    const Py_ssize_t n = PyLong_AsSsize_t(PyTuple_GET_ITEM(item.ptr(), 1));
+    if (n == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (PyDict_GET_SIZE(slots) != n) return false;
   }
   return true;
 }
 
-// A fused path's watch list (models/common.py's LiveCall): (modules, types, children, params, forwards,
-// (metadata check, the same under inference mode), the parameters, attrs): modules_unchanged's five, then the
+// A fused path's watch list (models/common.py's LiveCall): (modules, types, children, params, forwards, counts,
+// (metadata check, the same under inference mode), the parameters, attrs): modules_unchanged's six, then the
 // parameters' metadata check (a callable of the parameters: torch's TensorGuards.check), and each plain
 // attribute (module __dict__, name, the value read) still equal to that value.
 bool watch_holds(py::tuple watch, bool inference) {
   PyObject* w = watch.ptr();
-  if (PyTuple_GET_SIZE(w) != 8) throw std::invalid_argument("watch_holds: a watch list has 8 items");
+  if (PyTuple_GET_SIZE(w) != 9) throw std::invalid_argument("watch_holds: a watch list has 9 items");
   auto item = [w](Py_ssize_t i) {
     PyObject* t = PyTuple_GET_ITEM(w, i);
-    if (!PyTuple_Check(t)) throw std::invalid_argument("watch_holds: every item but the checks is a tuple");
+    if (!PyTuple_Check(t)) throw std::invalid_argument("watch_holds: every item of a watch list is a tuple");
     return py::reinterpret_borrow<py::tuple>(t);
   };
-  if (!modules_unchanged(item(0), item(1), item(2), item(3), item(4))) return false;
-  for (auto a : item(7)) {
+  if (!modules_unchanged(item(0), item(1), item(2), item(3), item(4), item(5))) return false;
+  for (auto a : item(8)) {
     PyObject* t = a.ptr();
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3 || !PyDict_Check(PyTuple_GET_ITEM(t, 0)))
       throw std::invalid_argument("watch_holds: an attribute is (dict, name, value)");
@@ -547,14 +567,15 @@ bool watch_holds(py::tuple watch, bool inference) {
       if (PyErr_Occurred()) throw py::error_already_set();
       now = Py_None;  // as dict.get reads an absent name
     }
+    Py_INCREF(now);  // held across a comparison that may run Python
     const int same = PyObject_RichCompareBool(now, PyTuple_GET_ITEM(t, 2), Py_EQ);
+    Py_DECREF(now);
     if (same < 0) throw py::error_already_set();
     if (!same) return false;
   }
-  PyObject* checks = PyTuple_GET_ITEM(w, 5);
-  if (!PyTuple_Check(checks) || PyTuple_GET_SIZE(checks) != 2)
-    throw std::invalid_argument("watch_holds: two metadata checks");
-  PyObject* r = PyObject_Call(PyTuple_GET_ITEM(checks, inference ? 1 : 0), item(6).ptr(), nullptr);
+  py::tuple checks = item(6);
+  if (PyTuple_GET_SIZE(checks.ptr()) != 2) throw std::invalid_argument("watch_holds: two metadata checks");
+  PyObject* r = PyObject_Call(PyTuple_GET_ITEM(checks.ptr(), inference ? 1 : 0), item(7).ptr(), nullptr);
   if (!r) throw py::error_already_set();
   const int ok = PyObject_IsTrue(r);
   Py_DECREF(r);
@@ -803,9 +824,10 @@ PYBIND11_MODULE(_C, m) {
                                {static_cast<py::ssize_t>(b.bytes)}, {static_cast<py::ssize_t>(1)});
       });
   m.def("modules_unchanged", &modules_unchanged, py::arg("modules"), py::arg("types"), py::arg("children"),
-        py::arg("params"), py::arg("forwards") = py::tuple(),
+        py::arg("params"), py::arg("forwards") = py::tuple(), py::arg("counts") = py::tuple(),
         "Whether a module tree is as read: types, no hooks or instance forward, children and parameters by "
-        "identity, each (class, forward) pair's class still has that forward (see models/common.py's Guard).");
+        "identity, each (class, forward) pair's class still has that forward, each (module, n) still holds n "
+        "parameters (see models/common.py's Guard).");
   m.def("watch_holds", &watch_holds, py::arg("watch"), py::arg("inference"),
         "Whether a fused path's watch list holds: modules_unchanged's, each plain attribute's value and the "
         "parameters' metadata check (see models/common.py's LiveCall).");

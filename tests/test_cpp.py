@@ -193,3 +193,21 @@ def test_side_by_side_gives_the_bits_of_one_panel_per_expert(isa, dtype):
             a = x[:, None].expand(70, E, 11).contiguous()
             assert torch.equal(cpp.grouped_linear(x, w, b, "silu"), cpp.grouped_linear(a, w, b, "silu")), (N, E)
             assert torch.equal(cpp.expert_mixture(x, w, b, G, "relu"), cpp.expert_mixture(a, w, b, G, "relu")), (N, E)
+
+
+@pytest.mark.parametrize("towers", [(6, 3), (4,), (40,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_tower_forward_gives_the_same_bits_on_each_instruction_set(isa, towers, dtype):
+    """A no-grad forward, a session built on this instruction set and the training forward run a tower layer
+    as dot products or on the register tile alike (Kern::dot_layer, which depends on the vector width): the same
+    bits on each instruction set, and the oracle's values."""
+    torch.manual_seed(len(towers) + towers[0])
+    model = mf.MMoE(9, 2, num_experts=3, expert_hidden=70, tower_hidden=towers).to(dtype)
+    x = torch.randn(11, 9, dtype=dtype)
+    trained = model(x)  # the training forward (one autograd node, towers in C++)
+    with torch.no_grad():
+        live = model(x)
+        assert torch.equal(live, trained.detach())
+        assert torch.equal(mf.InferenceSession(model).run(x), live)
+        oracle = torch.cat([t(model.mixture(x)[i]) for i, t in enumerate(model.towers.towers)], dim=1)
+    assert_close(live, oracle, 1e-5 if dtype == torch.float32 else 1e-12, f"live forward on {isa}")

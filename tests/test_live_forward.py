@@ -179,7 +179,7 @@ def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
 
     def both():
         in_cpp = cpp_backend._C.modules_unchanged(guard.modules, guard.types, guard.children, guard.slots,
-                                                    guard.forwards)
+                                                    guard.forwards, guard.counts)
         assert in_cpp == guard._modules_unchanged()
         return in_cpp
 
@@ -208,8 +208,48 @@ def test_the_guard_in_cpp_and_in_python_agree_on_every_change():
     assert not both()
     lin.weight = weight
     assert both()
+    lin.register_parameter("extra", nn.Parameter(torch.zeros(1)))  # a parameter more
+    assert not both()
+    del lin.extra
+    assert both()
+    original = nn.Linear.forward
+    nn.Linear.forward = lambda self, h: original(self, h)  # the class's forward patched
+    try:
+        assert not both()
+    finally:
+        nn.Linear.forward = original
+    assert both()
     del lin.bias
     assert not both()
+
+
+def test_an_expert_layer_appended_after_a_first_call_is_used():
+    """A guard counts each module's parameters: a third layer appended to the experts' ParameterLists after a
+    first call (with and without grad) runs, as in a fresh copy of the model."""
+    torch.manual_seed(4)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=(5, 4), tower_hidden=(3,)).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _live(model, x)
+    model(x)
+    layer = model.mixture
+    layer.expert_weights.append(nn.Parameter(torch.randn(3, 4, 4, dtype=torch.float64) * 0.5))
+    layer.expert_biases.append(nn.Parameter(torch.randn(3, 4, dtype=torch.float64)))
+    fresh = copy.deepcopy(model)  # no cached plan or call
+    with torch.no_grad():
+        expected = fresh(x)
+        assert torch.equal(model(x), expected)
+    assert_close(model(x).detach(), expected, 1e-12, "the grad path after the append")
+
+
+def test_the_no_grad_forward_answers_on_the_inputs_device_whatever_the_default_device():
+    torch.manual_seed(5)
+    model = mf.MMoE(6, 2, num_experts=3, expert_hidden=4)
+    x = torch.randn(3, 6)
+    expected = _live(model, x)
+    for default in ("meta", "cpu"):
+        with torch.no_grad(), torch.device(default):
+            out = model(x)
+        assert out.device.type == "cpu" and torch.equal(out, expected), default
 
 
 @pytest.mark.parametrize("python_check", [False, True], ids=["torch-tensor-guards", "python"])

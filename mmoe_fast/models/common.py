@@ -204,14 +204,14 @@ class Guard:
     slow), as much as the step it saves at small batches. ``holds(t)`` checks, in a few microseconds, what could
     have changed since: plain eager mode (``plain_eager``), hooks or an instance ``forward`` on any module but the
     owner (whose ``__call__`` runs its own), each module's class and its class's ``forward``, the child modules
-    and every parameter slot by identity (an empty slot too), and each parameter's dtype, device, shape,
-    strides and neg/conj bits against ``t`` and what was read. ``value``
+    and every parameter slot by identity (an empty slot too) and how many each module holds, and each parameter's
+    dtype, device, shape, strides and neg/conj bits against ``t`` and what was read. ``value``
     is what the path computed (``None``: it does not apply); plain attributes (an activation's name, a backend)
     are the path's to read at each call.
     """
 
-    __slots__ = ("modules", "types", "children", "params", "slots", "forwards", "value", "tensors", "dtype",
-                 "device", "metadata")
+    __slots__ = ("modules", "types", "children", "params", "slots", "counts", "forwards", "value", "tensors",
+                 "dtype", "device", "metadata")
 
     def __init__(self, modules: Sequence[nn.Module], value, owner: nn.Module | None = None) -> None:
         every = tuple(modules)
@@ -223,6 +223,8 @@ class Guard:
         self.params = tuple((m, name, p, None if p is None else p.shape, p is not None and p.is_contiguous())
                             for m in every for name, p in m._parameters.items())
         self.slots = tuple((m, name, p) for m, name, p, _, _ in self.params)
+        # how many parameters each module holds: one added (a layer appended to a ParameterList) is a change
+        self.counts = tuple((m, len(m._parameters)) for m in every)
         self.forwards = tuple({(type(m), type(m).forward) for m in self.modules})
         self.value = value
         self.tensors = tuple(p for _, _, p, _, _ in self.params if p is not None)
@@ -241,7 +243,8 @@ class Guard:
             return False
         c = cpp_backend._C
         if c is not None:
-            if not c.modules_unchanged(self.modules, self.types, self.children, self.slots, self.forwards):
+            if not c.modules_unchanged(self.modules, self.types, self.children, self.slots, self.forwards,
+                                       self.counts):
                 return False
         elif not self._modules_unchanged():
             return False
@@ -261,6 +264,8 @@ class Guard:
             if tuple(m._modules.values()) != kids:
                 return False
         if any(cls.forward is not forward for cls, forward in self.forwards):
+            return False
+        if any(len(m._parameters) != n for m, n in self.counts):
             return False
         return all(name in m._parameters and m._parameters[name] is p for m, name, p in self.slots)
 
@@ -364,7 +369,7 @@ class LiveCall:
         self.live, self.params, self.tasks, self.dtype = live, params, tasks, guard.dtype
         # what _C.watch_holds checks, in one call: the guard's module tree, its parameters' metadata (a check per
         # inference-mode state) and the plain attributes with the values read
-        self.watch = (guard.modules, guard.types, guard.children, guard.slots, guard.forwards,
+        self.watch = (guard.modules, guard.types, guard.children, guard.slots, guard.forwards, guard.counts,
                       tuple(guard.metadata), guard.tensors,
                       tuple((d, name, value) for (d, name), value in zip(attrs, values)))
 
@@ -382,21 +387,21 @@ class LiveCall:
                 or _forward_ad._current_level >= 0 or _global_hooks() or backends.env_backend() != self.env):
             return None
         c, live = cpp_backend._C, self.live
-        if c is None or self.guard.device.type != "cpu":
-            return None  # (no C++ extension: no call is live)
+        if self.guard.device.type != "cpu":
+            return None
+        if c is None:  # no C++ extension: no call is live, the guard's checks in Python
+            return False if self.guard.holds(x) else None
         if live is None:
             return False if c.watch_holds(self.watch, _is_inference_mode_enabled()) else None
         if x.is_neg() or not x.is_contiguous() or x.data_ptr() % x.element_size():
             x = x.clone(memory_format=torch.contiguous_format)  # plain, aligned memory
-        B, dtype = shape[0], self.dtype
-        out = _empty(B, self.tasks) if _default_dtype() is dtype else _empty(B, self.tasks, dtype=dtype)
+        B = shape[0]
+        out = x.new_empty(B, self.tasks)  # x's device and dtype (torch.empty's follow the defaults)
         if not live.run_watched(x.data_ptr(), out.data_ptr(), B, self.params, self.watch,
                                 _is_inference_mode_enabled()):
             return None
         return out
 
-
-_empty, _default_dtype = torch.empty, torch.get_default_dtype
 
 
 def live_applies(x: Tensor, backends_: Sequence[str], tensors: Sequence[Tensor | None]) -> bool:
