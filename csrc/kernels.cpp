@@ -164,6 +164,11 @@ void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t
 }
 
 template <typename T>
+bool tower_dot_layer(int isa, int64_t K, int64_t N) {
+  MMOE_DISPATCH(isa, Kern<T>::dot_layer(K, N))
+}
+
+template <typename T>
 void session_run(const Model<T>& model, const T* x, T* out, int64_t B) {
   thread_local Scratch<T> sc;  // per calling thread: concurrent runs share nothing writable
   MMOE_DISPATCH(model.isa, Kern<T>::session_run(model, x, out, B, sc))
@@ -190,6 +195,7 @@ void live_run(const LiveModel<T>& model, const T* x, T* out, int64_t B) {
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \
   template void replicas_step<T>(const ReplicaStep<T>&);                                                          \
+  template bool tower_dot_layer<T>(int, int64_t, int64_t);                                                        \
   template void session_run<T>(const Model<T>&, const T*, T*, int64_t);                                                 \
   template void live_run<T>(const LiveModel<T>&, const T*, T*, int64_t);                                        \
   template void towers_forward<T>(const T*, bool, int64_t, int64_t, int64_t, const int64_t*, const T* const*,      \

@@ -63,8 +63,8 @@ struct Grouped {
   std::vector<T> w, b;  // [E][P][K][NR], [E][P*NR]
 };
 
-// A tower's nn.Linear layer: weight w[N, K] row-major and bias b[N] (empty: none) as they are, and packed as a
-// one-expert layer (the forward takes one or the other by its shape); act after it.
+// A tower's nn.Linear layer: weight w[N, K] row-major and bias b[N] (empty: none) as they are, or packed as a
+// one-expert layer where the forward runs it on the register tile (tower_dot_layer false); act after it.
 template <typename T>
 struct Linear {
   int64_t K = 0, N = 0;
@@ -229,6 +229,9 @@ void pack_grouped(int isa, const T* w, const T* b, int64_t E, int64_t K, int64_t
                   bool shared = false);
 template <typename T>
 void pack_gate(int isa, const T* wg, const T* bg, int64_t D, int64_t nT, int64_t E, Grouped<T>& out);
+// Whether a tower layer of K inputs and N outputs runs as dot products on this instruction set (Kern::dot_layer).
+template <typename T>
+bool tower_dot_layer(int isa, int64_t K, int64_t N);
 template <typename T>
 void session_run(const Model<T>& model, const T* x, T* out, int64_t B);
 // The same forward on weights read in place (see LiveModel): a Session's bits without packing them first.

@@ -1030,14 +1030,14 @@ struct Kern {
     for (const auto& tower : s.towers) {
       net.towers.emplace_back();
       for (const Linear<T>& l : tower) {
-        TowerLayer tl;
+        TowerLayer tl{};
         tl.l.w = l.w.data();
         tl.l.b = l.b.empty() ? nullptr : l.b.data();
         tl.l.K = l.K;
         tl.l.N = l.N;
         tl.l.act = l.act;
-        tl.p = session_panels(l.packed);
-        tl.dot = dot_layer(l.K, l.N);
+        tl.dot = dot_layer(l.K, l.N);  // (add_tower_layer's choice: this is the Session's instruction set)
+        if (!tl.dot) tl.p = session_panels(l.packed);
         net.widest = std::max(net.widest, tower_row(tl));
         net.towers.back().push_back(tl);
       }

@@ -235,22 +235,25 @@ class Session {
     model_.has_mixture = true;
   }
 
-  // An nn.Linear: weight[out, in], bias[out] or 0; kept as it is and packed as a one-expert layer W[1, in, out]
-  // (the forward reads one or the other, by the layer's shape).
+  // An nn.Linear: weight[out, in], bias[out] or 0; kept as it is where the forward runs it as dot products
+  // (mmoe::tower_dot_layer), else packed as a one-expert layer W[1, in, out].
   void add_tower_layer(int64_t task, uintptr_t w, uintptr_t b, int64_t in, int64_t out, bool relu) {
     if (task < 0 || task >= model_.tasks) throw std::invalid_argument("task out of range");
     if (in < 1 || out < 1) throw std::invalid_argument("add_tower_layer: in and out must be at least 1");
-    std::vector<T> wt(static_cast<size_t>(in * out));
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t i = 0; i < in; ++i) wt[i * out + o] = cp<T>(w)[o * in + i];
     auto& tower = model_.towers[static_cast<size_t>(task)];
     tower.emplace_back();
     mmoe::Linear<T>& l = tower.back();
     l.K = in;
     l.N = out;
     l.act = relu ? mmoe::kRelu : mmoe::kIdentity;
-    l.w.assign(cp<T>(w), cp<T>(w) + in * out);
-    if (b) l.b.assign(cp<T>(b), cp<T>(b) + out);
+    if (mmoe::tower_dot_layer<T>(model_.isa, in, out)) {
+      l.w.assign(cp<T>(w), cp<T>(w) + in * out);
+      if (b) l.b.assign(cp<T>(b), cp<T>(b) + out);
+      return;
+    }
+    std::vector<T> wt(static_cast<size_t>(in * out));
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) wt[i * out + o] = cp<T>(w)[o * in + i];
     mmoe::pack_grouped<T>(model_.isa, wt.data(), cp<T>(b), 1, in, out, l.act, l.packed);
   }
 
