@@ -403,7 +403,6 @@ class LiveCall:
         return out
 
 
-
 def live_applies(x: Tensor, backends_: Sequence[str], tensors: Sequence[Tensor | None]) -> bool:
     """Whether ``cpp.Live`` may run for ``x``: every backend name resolves to the C++ backend for its device and
     dtype, and every tensor is plain contiguous memory (a negative-bit view's memory is not its value)."""
