@@ -328,13 +328,8 @@ class Live {
     count_ = 2 + 2 * layers.size() + 2 * L * static_cast<size_t>(tasks);
   }
 
-  // The parameters as tensors (None: absent).
-  void run_tensors(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors) const {
-    run(x, out, B, data_pointers(tensors));
-  }
-
-  // run_tensors where watch_holds(watch, inference), else false (nothing read or written): a no-grad
-  // forward's checks and its call in one crossing from Python.
+  // run() with the parameters as a tuple of tensors (None: absent) where watch_holds(watch, inference), else
+  // false (nothing read or written): a no-grad forward's checks and its call in one crossing from Python.
   bool run_watched(uintptr_t x, uintptr_t out, int64_t B, py::tuple tensors, py::tuple watch, bool inference) const {
     if (!watch_holds(watch, inference)) return false;
     run(x, out, B, data_pointers(tensors));
@@ -794,10 +789,10 @@ void bind(py::module_& m, const std::string& sfx) {
       .def(py::init<int64_t, int64_t, int64_t, const std::vector<std::vector<int64_t>>&, const std::vector<int64_t>&>(),
            py::arg("in_features"), py::arg("tasks"), py::arg("gates"), py::arg("layers"), py::arg("tower_widths"))
       .def("run", &Live<T>::run, "out[B,T] from x[B,D] and the parameters' pointers; releases the GIL.")
-      .def("run_tensors", &Live<T>::run_tensors, "run() with the parameters as a tuple of tensors (None: absent).")
       .def("run_watched", &Live<T>::run_watched, py::arg("x"), py::arg("out"), py::arg("B"), py::arg("tensors"),
            py::arg("watch"), py::arg("inference"),
-           "run_tensors() where watch_holds(watch, inference); False (nothing written) where it does not.");
+           "run() on the tensors' pointers where watch_holds(watch, inference); False (nothing written) "
+           "where it does not.");
   py::class_<TrainStep<T>>(m, ("TrainStep" + sfx).c_str())
       .def(py::init<int64_t, int64_t, int64_t, int64_t, const std::vector<int64_t>&, int, const std::vector<uint8_t>&>(),
            py::arg("in_features"), py::arg("experts"), py::arg("hidden"), py::arg("gates"), py::arg("tower_widths"),
