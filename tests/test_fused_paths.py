@@ -613,10 +613,9 @@ def test_the_cpp_finiteness_pass_finds_every_nan_and_infinity_and_nothing_else(d
                                               (1500, 100, 2, 8, 16, (8,)), (11, 8, 2, 3, (6, 4), (3,)),
                                               (13, 6, 2, 3, 70, (6, 3)), (1, 6, 3, 2, 131, (8,))])
 def test_the_no_grad_forward_runs_the_same_kernels_directly(cls, B, D, T, E, H, towers):
-    # (H = 70, 131 with narrow towers: with AVX-512 in float32 their first layer runs as dot products,
-    # Kern::dot_layer, in both paths)
     """Under no_grad a whole MMoE/OMoE runs its kernels straight from the guarded plan: bitwise the layers'
-    output, and the oracle's in float64; a hook added later is honoured."""
+    output, and the oracle's in float64; a hook added later is honoured. (H = 70, 131 with narrow towers: on
+    AVX-512 their first tower layer runs as dot products, Kern::dot_layer, in both paths.)"""
     torch.manual_seed(B + E)
     for dtype in (torch.float32, torch.float64):
         model = cls(D, T, num_experts=E, expert_hidden=H, tower_hidden=towers).to(dtype)
