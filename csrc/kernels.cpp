@@ -115,15 +115,16 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
 }
 
 template <typename T>
-void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
-              int act) {
-  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, rowmajor, G, m, out, B, E, N, nT, act))
+void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E, int64_t N,
+              int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, rowmajor, G, m, out, out_em, B, E, N, nT, act))
 }
 
 template <typename T>
-void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
-                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), rows_entry<T>(pre, rowmajor, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act))
+void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp,
+                   T* dlogit, T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(),
+                rows_entry<T>(pre, rowmajor, G, dm, dout, dout_em, dp, dlogit, dG, db, B, E, N, nT, act))
 }
 
 template <typename T>
@@ -188,9 +189,9 @@ void live_run(const LiveModel<T>& model, const T* x, T* out, int64_t B) {
                                    int64_t, int);                                                                \
   template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, const T*, const T*, \
                             const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int);  \
-  template void from_pre<T>(const T*, bool, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int);             \
-  template void backward_rows<T>(const T*, bool, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, int64_t, \
-                                 int64_t, int);                                                                \
+  template void from_pre<T>(const T*, bool, const T*, T*, T*, bool, int64_t, int64_t, int64_t, int64_t, int);       \
+  template void backward_rows<T>(const T*, bool, const T*, const T*, const T*, bool, T*, T*, T*, T*, int64_t,        \
+                                 int64_t, int64_t, int64_t, int);                                              \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&, bool);           \
   template void pack_gate<T>(int, const T*, const T*, int64_t, int64_t, int64_t, Grouped<T>&);                  \
   template void softmax_rows<T>(const T*, T*, int64_t, int64_t);                                                   \

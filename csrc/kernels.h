@@ -138,14 +138,15 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
               const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
               int64_t N, int64_t nT, int act);
 // Around a GEMM done elsewhere, on pre[E, B, N] (or pre[B, E, N]: rowmajor): m[nT, B, N] = sum_e G act(pre[e]) (m given), else
-// out[B, E, N] = act(pre); and the backward's elementwise step: dp[E, B, N] = df * act'(pre) with
-// df = sum_t G dm (a mixture) or dout; dlogit[B, nT, E] (gates fused: given) or dG[B, nT, E].
+// out[B, E, N] = act(pre) (out_em: expert-major out[E, B, N]); and the backward's elementwise step:
+// dp[E, B, N] = df * act'(pre) with df = sum_t G dm (a mixture) or dout[B, E, N] (dout_em: dout[E, B, N]);
+// dlogit[B, nT, E] (gates fused: given) or dG[B, nT, E]; db[E, N] = dp summed over rows (given: non-null).
 template <typename T>
-void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N, int64_t nT,
-              int act);
+void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E, int64_t N,
+              int64_t nT, int act);
 template <typename T>
-void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
-                   int64_t B, int64_t E, int64_t N, int64_t nT, int act);
+void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp,
+                   T* dlogit, T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act);
 // Every task's training tower (Linear, ReLU, ..., Linear -> 1) on h[nT, B, K0] or a shared h[B, K0]:
 // layer l of task t has w[l * nT + t] ([N, K], nn.Linear's layout) and bias[l * nT + t]; widths: K0, N0, ...,
 // 1. Forward: out[B, nT] and save[nT, B, sum of hidden widths] (after ReLU). Backward from dout[B, nT]:

@@ -663,13 +663,15 @@ struct Kern {
   // dlogit[b] = G * (dG - sum_e G dG). dgrow: nT * E scratch values.
   // pre's layout: expert-major [E, B, N] (rowmajor false) or [B, E, N].
   template <int A>
-  static void backward_row(int64_t b, const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dG,
-                           T* dlogit, int64_t B, int64_t E, int64_t N, int64_t nT, T* out, int64_t oe, T* dgrow) {
+  // dout[B, E, N], or (dout_em) expert-major dout[E, B, N].
+  static void backward_row(int64_t b, const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout,
+                           bool dout_em, T* dG, T* dlogit, int64_t B, int64_t E, int64_t N, int64_t nT, T* out,
+                           int64_t oe, T* dgrow) {
     for (int64_t e = 0; e < E; ++e) {
       const T* __restrict z = pre + (rowmajor ? (b * E + e) * N : (e * B + b) * N);
       T* __restrict o = out + e * oe;
       if (!G) {
-        const T* __restrict dt = dout + (b * E + e) * N;
+        const T* __restrict dt = dout + (dout_em ? e * B + b : b * E + e) * N;
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) o[j] = dt[j] * fder<A>(z[j]);
         continue;
@@ -770,7 +772,7 @@ struct Kern {
           std::fill(row, row + lay.groups * width, T(0));
           if (bb < B)
             with_act(act, [&](auto A) {
-              backward_row<A>(bb, pre, false, G, dm, dout, dG, fused ? row + E * N : nullptr, B, E, N, nT, row,
+              backward_row<A>(bb, pre, false, G, dm, dout, false, dG, fused ? row + E * N : nullptr, B, E, N, nT, row,
                               lay.groups == 1 ? N : width, dgrow);
             });
           for (int64_t g = 0; g < lay.groups; ++g)
@@ -821,9 +823,10 @@ struct Kern {
   }
 
   // ---- passes around a GEMM done elsewhere (BLAS): pre[E, B, N] in, pre[E, B, N]-shaped dp out -----------
-  // m[t, b, :] = sum_e G[b, t, e] act(pre[e, b, :]) (G given), or out[b, e, :] = act(pre[e, b, :]) (m null).
-  static void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N,
-                       int64_t nT, int act) {
+  // m[t, b, :] = sum_e G[b, t, e] act(pre[e, b, :]) (G given), or out[b, e, :] = act(pre[e, b, :]) (m null;
+  // out_em: expert-major, out[e, b, :]).
+  static void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
+                       int64_t N, int64_t nT, int act) {
     const int64_t pe = rowmajor ? N : B * N, pb = rowmajor ? E * N : N;  // pre's expert and row strides
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
@@ -833,7 +836,7 @@ struct Kern {
           if (!m) {
             for (int64_t e = 0; e < E; ++e) {
               const T* __restrict z = pre + e * pe + b * pb;
-              T* __restrict o = out + (b * E + e) * N;
+              T* __restrict o = out + (out_em ? e * B + b : b * E + e) * N;
 #pragma omp simd
               for (int64_t j = 0; j < N; ++j) o[j] = fval<A>(z[j]);
             }
@@ -859,19 +862,48 @@ struct Kern {
   }
 
   // Step 1 of the backward alone: dp in pre's layout (dp[e, b, :] expert-major, or dp[b, e, :]), and
-  // dlogit[B, nT, E] (gates fused) or dG.
-  static void rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
-                   int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-    const int64_t nblocks = (B + RB - 1) / RB;
+  // dlogit[B, nT, E] (gates fused) or dG; db[E, N] = sum_b dp[e, b, :] where db is given: each block of RB rows
+  // sums its rows in order while they are in L1, then the blocks' sums add up in block order (the same bits for
+  // any thread count).
+  static void rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp,
+                   T* dlogit, T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+    const int64_t nblocks = (B + RB - 1) / RB, EN = E * N;
+    std::vector<T> part(db ? static_cast<size_t>(nblocks * EN) : 0);
     with_act(act, [&](auto A) {
 #pragma omp parallel num_threads(threads_for(nblocks, 8 * B * E * N * (nT + 2)))
       {
         T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
 #pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < nblocks; ++rb)
-          for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b)
-            backward_row<A>(b, pre, rowmajor, G, dm, dout, dG, dlogit ? dlogit + b * nT * E : nullptr, B, E, N, nT,
-                            rowmajor ? dp + b * E * N : dp + b * N, rowmajor ? N : B * N, dgrow);
+        for (int64_t rb = 0; rb < nblocks; ++rb) {
+          T* __restrict sum = db ? part.data() + rb * EN : nullptr;
+          for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
+            T* row = rowmajor ? dp + b * E * N : dp + b * N;
+            const int64_t oe = rowmajor ? N : B * N;
+            backward_row<A>(b, pre, rowmajor, G, dm, dout, dout_em, dG, dlogit ? dlogit + b * nT * E : nullptr, B, E,
+                            N, nT, row, oe, dgrow);
+            if (!sum) continue;
+            for (int64_t e = 0; e < E; ++e) {
+              const T* __restrict o = row + e * oe;
+              T* __restrict s = sum + e * N;
+              if (b == rb * RB) {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) s[j] = o[j];
+              } else {
+#pragma omp simd
+                for (int64_t j = 0; j < N; ++j) s[j] += o[j];
+              }
+            }
+          }
+        }
+        if (db) {
+#pragma omp for schedule(static)
+          for (int64_t c = 0; c < EN; c += 16) {
+            const int64_t n = std::min<int64_t>(16, EN - c);
+            for (int64_t j = 0; j < n; ++j) db[c + j] = part[c + j];
+            for (int64_t rb = 1; rb < nblocks; ++rb)
+              for (int64_t j = 0; j < n; ++j) db[c + j] += part[rb * EN + c + j];
+          }
+        }
       }
     });
   }
@@ -1427,15 +1459,15 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
 }
 
 template <typename T>
-void from_pre_entry(const T* pre, bool rowmajor, const T* G, T* m, T* out, int64_t B, int64_t E, int64_t N,
-                    int64_t nT, int act) {
-  Kern<T>::from_pre(pre, rowmajor, G, m, out, B, E, N, nT, act);
+void from_pre_entry(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
+                    int64_t N, int64_t nT, int act) {
+  Kern<T>::from_pre(pre, rowmajor, G, m, out, out_em, B, E, N, nT, act);
 }
 
 template <typename T>
-void rows_entry(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, T* dp, T* dlogit, T* dG,
-                int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
-  Kern<T>::rows(pre, rowmajor, G, dm, dout, dp, dlogit, dG, B, E, N, nT, act);
+void rows_entry(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp, T* dlogit,
+                T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+  Kern<T>::rows(pre, rowmajor, G, dm, dout, dout_em, dp, dlogit, dG, db, B, E, N, nT, act);
 }
 
 template <typename T>

@@ -629,22 +629,23 @@ void bind(py::module_& m, const std::string& sfx) {
         "dG[B,T,E], from the saved pre-activations pre[E,B,N] (0: recomputed). With wg != 0 (wg[T,K,E], bg, a "
         "shared) the gates' backward is fused: dWg[T,K,E], dbg[T,E] instead of dG (G 0: recomputed).");
   m.def(("from_pre" + sfx).c_str(),
-        [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t m, uintptr_t out, int64_t B, int64_t E, int64_t N,
-           int64_t nT, int act) {
+        [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t m, uintptr_t out, bool out_em, int64_t B, int64_t E,
+           int64_t N, int64_t nT, int act) {
           py::gil_scoped_release release;
-          mmoe::from_pre<T>(cp<T>(pre), rowmajor, cp<T>(G), mp<T>(m), mp<T>(out), B, E, N, nT, act);
+          mmoe::from_pre<T>(cp<T>(pre), rowmajor, cp<T>(G), mp<T>(m), mp<T>(out), out_em, B, E, N, nT, act);
         },
         "From pre[E,B,N] (rowmajor: pre[B,E,N]): m[T,B,N] = sum_e G[b,t,e] act(pre[e,b]) when m != 0, else "
-        "out[B,E,N] = act(pre).");
+        "out[B,E,N] = act(pre) (out_em: out[E,B,N]).");
   m.def(("backward_rows" + sfx).c_str(),
-        [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t dm, uintptr_t dout, uintptr_t dp, uintptr_t dlogit,
-           uintptr_t dG, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
+        [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t dm, uintptr_t dout, bool dout_em, uintptr_t dp,
+           uintptr_t dlogit, uintptr_t dG, uintptr_t db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
           py::gil_scoped_release release;
-          mmoe::backward_rows<T>(cp<T>(pre), rowmajor, cp<T>(G), cp<T>(dm), cp<T>(dout), mp<T>(dp), mp<T>(dlogit),
-                                 mp<T>(dG), B, E, N, nT, act);
+          mmoe::backward_rows<T>(cp<T>(pre), rowmajor, cp<T>(G), cp<T>(dm), cp<T>(dout), dout_em, mp<T>(dp),
+                                 mp<T>(dlogit), mp<T>(dG), mp<T>(db), B, E, N, nT, act);
         },
         "dp[E,B,N] = df * act'(pre[E,B,N]) (rowmajor: both [B,E,N]), df = sum_t G dm[T,B,N] (G != 0) or "
-        "dout[B,E,N]; with G, dlogit[B,T,E] of the gates' softmax when dlogit != 0, else dG[B,T,E].");
+        "dout[B,E,N] (dout_em: dout[E,B,N]); with G, dlogit[B,T,E] of the gates' softmax when dlogit != 0, else "
+        "dG[B,T,E]; db[E,N] = dp summed over rows when db != 0.");
   m.def(("loss_grad" + sfx).c_str(),
         [](uintptr_t out, uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef, uintptr_t w, uintptr_t dz,
            int64_t B) {

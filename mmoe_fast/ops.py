@@ -38,6 +38,14 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else _dense(t)
 
 
+def _c_in(be, t: Tensor) -> Tensor:
+    """``_c(t)``, but an expert-major ``t[B, E, K]`` (a hidden layer's output as the one-node training path keeps
+    it) stays as it is for a backend that reads those in place (``READS_EXPERT_MAJOR``)."""
+    if getattr(be, "READS_EXPERT_MAJOR", False) and be.expert_major(t) and not t.is_neg():
+        return t
+    return _dense(t)
+
+
 def _input_grad(da: Optional[Tensor], wanted: bool, like: Tensor) -> Tensor:
     """The backward op's first output: the input gradient, or an empty tensor when nothing needs it (a backend
     may then skip computing it, as ``input_grad=False`` lets it)."""
@@ -413,15 +421,16 @@ def _expert_mixture_train(recompute, a, expert_weight, expert_bias, gates, activ
     train = _saving(be, "expert_mixture", recompute)
     if train is None:
         return _expert_mixture_forward(a, expert_weight, expert_bias, gates, activation, backend), ()
-    return train(_c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation)
+    return train(_c_in(be, a), _c(expert_weight), _c(expert_bias), _c(gates), activation)
 
 
 def _expert_mixture_eager_backward(grad, a, expert_weight, expert_bias, gates, activation, backend, input_grad,
                                    saved):
     if not saved:
         return _expert_mixture_backward(grad, a, expert_weight, expert_bias, gates, activation, backend, input_grad)
-    da, dw, db, dg = _impl(backend, a).expert_mixture_backward(
-        _c(grad), _c(a), _c(expert_weight), _c(expert_bias), _c(gates), activation, input_grad=input_grad,
+    be = _impl(backend, a)
+    da, dw, db, dg = be.expert_mixture_backward(
+        _c(grad), _c_in(be, a), _c(expert_weight), _c(expert_bias), _c(gates), activation, input_grad=input_grad,
         saved=saved)
     return _input_grad(da, input_grad, a), dw, db, dg
 
@@ -480,19 +489,23 @@ _grouped_linear, _grouped_linear_bwd, _GroupedLinear = _define(
     _grouped_linear_backward_fake, lambda a, w, b, act, backend: _reference.grouped_linear(a, w, b, act), tensors=3)
 
 
-def _grouped_linear_train(recompute, a, weight, bias, activation, backend):
+def _grouped_linear_train(recompute, a, weight, bias, activation, backend, expert_major=False):
+    """``expert_major``: the output may be an expert-major view where the backend reads those (``_c_in``)."""
     be = _impl(backend, a)
     train = _saving(be, "grouped_linear", recompute)
     if train is None:
         return _grouped_linear_forward(a, weight, bias, activation, backend), ()
+    if expert_major and getattr(be, "READS_EXPERT_MAJOR", False):
+        return train(_c_in(be, a), _c(weight), _c(bias), activation, expert_major=True)
     return train(_c(a), _c(weight), _c(bias), activation)
 
 
 def _grouped_linear_eager_backward(grad, a, weight, bias, activation, backend, input_grad, saved):
     if not saved:
         return _grouped_linear_backward(grad, a, weight, bias, activation, backend, input_grad)
-    da, dw, db = _impl(backend, a).grouped_linear_backward(_c(grad), _c(a), _c(weight), _c(bias), activation,
-                                                           input_grad=input_grad, saved=saved)
+    be = _impl(backend, a)
+    da, dw, db = be.grouped_linear_backward(_c_in(be, grad), _c_in(be, a), _c(weight), _c(bias), activation,
+                                            input_grad=input_grad, saved=saved)
     return _input_grad(da, input_grad, a), dw, db
 
 

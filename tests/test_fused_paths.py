@@ -561,6 +561,43 @@ def test_a_gemm_setting_changed_between_forward_and_backward_still_gives_the_gra
         assert_close(a, c, 1e-10, f"{forward_gemm} forward, {backward_gemm} backward")
 
 
+@needs_cpp
+@pytest.mark.parametrize("x_grad", [False, True], ids=["x-data", "x-grad"])
+@pytest.mark.parametrize("backward_gemm", ["blas", "own"])
+@pytest.mark.parametrize("B,D,E,H", [(1, 5, 3, (6, 5, 3)), (9, 7, 1, (6, 5)), (13, 6, 4, (6, 5, 3)),
+                                     (70, 20, 3, (33, 17)), (200, 9, 2, (40, 19))])
+def test_hidden_expert_layers_kept_expert_major_give_the_oracles_gradients(B, D, E, H, backward_gemm, x_grad,
+                                                                            monkeypatch):
+    """Under torch's GEMMs the one-node path keeps a hidden expert layer's output expert-major ([E, B, N] in
+    memory, a transposed view) for the next layer, and its input gradient likewise; whatever reads them (the
+    batched GEMMs, the C++ passes, the own kernels after a switch of the GEMM setting) reads them in that layout."""
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 0)
+    monkeypatch.setattr(cpp_backend, "SIDE_BY_SIDE_MAX_N", 0)  # every layer's pre expert-major
+    seen = []
+    blas_backward = cpp_backend._blas_backward
+
+    def spy(a, *args, **kw):
+        seen.append(cpp_backend.expert_major(a))
+        return blas_backward(a, *args, **kw)
+
+    monkeypatch.setattr(cpp_backend, "_blas_backward", spy)
+    torch.manual_seed(B + D + E)
+    model = mf.MMoE(D, 2, num_experts=E, expert_hidden=H, tower_hidden=(4,)).double()
+    x = torch.randn(B, D, dtype=torch.float64, requires_grad=x_grad)
+    params = [*model.parameters(), *([x] if x_grad else [])]
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "blas")
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_MMoEModelBackward"
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", backward_gemm)
+    layer = model.mixture
+    m = reference.mmoe_layer(x, list(layer.expert_weights), list(layer.expert_biases), layer.gate_weight,
+                             layer.gate_bias, layer.activation).expand(2, -1, -1)
+    _same(out, _towers_by_module(model.towers, m), params, "expert-major hidden layers against the oracle",
+          tol=1e-10)
+    if backward_gemm == "blas":
+        assert any(seen) == (B > 1 and E > 1)  # B or E of 1: both layouts are the same memory
+
+
 @pytest.mark.parametrize("big", [False, True], ids=["small", "over-a-million"])
 def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big):
     from mmoe_fast.train import _non_finite

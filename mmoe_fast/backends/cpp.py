@@ -65,6 +65,23 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# A hidden expert layer's output as the one-node training path keeps it for the next layer (``grouped_linear_train``
+# with ``expert_major``): ``out[B, E, N]`` as a view of an expert-major ``[E, B, N]`` block, which the next layer's
+# batched GEMMs read in place (read row by row, a[B, E, K]'s experts lie E * K apart: MKL's weight gradient took
+# 20% longer). The entry points here read such views (``READS_EXPERT_MAJOR``); the own kernels get rows.
+READS_EXPERT_MAJOR = True
+
+
+def expert_major(t: torch.Tensor | None) -> bool:
+    """Whether ``t[B, E, K]`` lies expert by expert in memory (a transposed ``[E, B, K]`` block), not row by row."""
+    return t is not None and t.dim() == 3 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` row-major, as the own kernels read it (an expert-major view copied)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 _LARGE = 1 << 20
 
 
@@ -171,6 +188,7 @@ def _mixture(a, W, b, Wg, bg, G, T, activation, save):
     """m[T, B, H] and, when ``save``, pre[E, B, H] and (gates computed here: Wg given) G[B, T, E]."""
     E, K, H = W.shape
     B = a.shape[0]
+    a = _rows(a)
     m = fresh(a, (T, B, H))
     pre = fresh(a, (E, B, H)) if save else None
     G_out = a.new_empty((B, T, E)) if save and Wg is not None else None
@@ -221,18 +239,22 @@ def _blas_gates(x, Wg, bg):
     return G
 
 
-def _blas_train(a, W, b, G, T, activation):
-    """(m[T, B, N] or, G None, out[B, E, N]; pre as ``_blas_pre``): the GEMM by torch, the rest in one C++ pass."""
+def _blas_train(a, W, b, G, T, activation, out_expert_major=False):
+    """(m[T, B, N] or, G None, out[B, E, N]; pre as ``_blas_pre``): the GEMM by torch, the rest in one C++ pass.
+    ``out_expert_major``: out as a view of an [E, B, N] block where pre is one too."""
     E, K, N = W.shape
     B = a.shape[0]
     pre = _blas_pre(a, W, b)
     rowmajor = pre.dim() == 2
     if G is None:
-        out = fresh(a, (B, E, N))
-        _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, 0, 0, _ptr(out), B, E, N, 0, ACTIVATION_CODES[activation])
-        return out, pre
+        em = out_expert_major and not rowmajor
+        out = fresh(a, (E, B, N) if em else (B, E, N))
+        _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, 0, 0, _ptr(out), em, B, E, N, 0,
+                                     ACTIVATION_CODES[activation])
+        return (out.transpose(0, 1) if em else out), pre
     m = fresh(a, (T, B, N))
-    _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(m), 0, B, E, N, T, ACTIVATION_CODES[activation])
+    _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(m), 0, False, B, E, N, T,
+                                 ACTIVATION_CODES[activation])
     return m, pre
 
 
@@ -247,23 +269,30 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
     dp = fresh(a, tuple(pre.shape))
     dlogit = a.new_empty((B, T, E)) if fused else None
     dG = torch.empty_like(G) if G is not None and not fused else None
-    _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), _ptr(dp), _ptr(dlogit),
-                                      _ptr(dG), B, E, N, T, ACTIVATION_CODES[activation])
+    if dout is not None and not expert_major(dout):
+        dout = _rows(dout)
+    db = a.new_empty((E, N))  # summed with dp's rows while they are in cache
+    _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), expert_major(dout),
+                                      _ptr(dp), _ptr(dlogit), _ptr(dG), _ptr(db), B, E, N, T,
+                                      ACTIVATION_CODES[activation])
     da = None
     if rowmajor:
         dW = torch.mm(a.t(), dp).view(K, E, N).transpose(0, 1).contiguous()
-        db = dp.view(B, E, N).sum(0)
         if input_grad:
             da = torch.mm(dp, _side_by_side(W).t())
     else:
+        em = expert_major(a)
         if a.dim() == 2:
             dW = torch.bmm(a.t().expand(E, K, B), dp)
+        elif em:  # a_e^T, each expert's rows contiguous
+            dW = torch.bmm(a.transpose(0, 1).transpose(1, 2), dp)
         else:  # dW[e]^T = dp[e]^T a_e, written through a transposed view: a's strided rows need no copy that way
             dW = W.new_empty((E, K, N))
             torch.bmm(dp.transpose(1, 2), a.transpose(0, 1), out=dW.transpose(1, 2))
-        db = dp.sum(1)
         if input_grad and a.dim() == 2:
             da = torch.bmm(dp, W.transpose(1, 2)).sum(0)
+        elif input_grad and em:  # expert-major as a: the layer below reads it so (backward_rows' dout_em)
+            da = torch.bmm(dp, W.transpose(1, 2), out=fresh(a, (E, B, K))).transpose(0, 1)
         elif input_grad:  # straight into a[B, E, K]'s layout
             da = fresh(a, a.shape)
             torch.bmm(dp, W.transpose(1, 2), out=da.transpose(0, 1))
@@ -307,6 +336,7 @@ def mmoe_train(x, W, b, Wg, bg, activation):
 def _backward(a, W, b, activation, input_grad, pre, G=None, dm=None, dout=None, Wg=None, bg=None):
     """(da or None, dW, db, dG or None, dWg or None, dbg or None) from the one C++ call (pre None: recomputed)."""
     E, K, N = W.shape
+    a, dout = _rows(a), _rows(dout)
     da, dW, db = fresh(a, a.shape) if input_grad else None, torch.empty_like(W), a.new_empty((E, N))
     fused = Wg is not None
     T = Wg.shape[0] if fused else (0 if G is None else G.shape[1])
@@ -340,17 +370,20 @@ def mmoe_backward(dm, x, W, b, Wg, bg, activation, input_grad=True, saved=()):
 
 def grouped_linear(a, W, b, activation):
     E, K, N = W.shape
+    a = _rows(a)
     out = fresh(a, (a.shape[0], E, N))
     _kernel("grouped_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(out), 0, a.shape[0], E, K, N,
                                         ACTIVATION_CODES[activation])
     return out
 
 
-def grouped_linear_train(a, W, b, activation):
-    """(out, (pre,)): the forward, keeping the pre-activations for ``grouped_linear_backward(saved=...)``."""
+def grouped_linear_train(a, W, b, activation, expert_major=False):
+    """(out, (pre,)): the forward, keeping the pre-activations for ``grouped_linear_backward(saved=...)``;
+    ``expert_major``: out may be an expert-major view (see ``READS_EXPERT_MAJOR``)."""
     if _blas(a, W):
-        out, pre = _blas_train(a, W, b, None, 0, activation)
+        out, pre = _blas_train(a, W, b, None, 0, activation, expert_major)
         return out, (pre,)
+    a = _rows(a)
     E, K, N = W.shape
     out, pre = fresh(a, (a.shape[0], E, N)), fresh(a, (E, a.shape[0], N))
     _kernel("grouped_forward", a.dtype)(_ptr(a), a.dim() == 2, _ptr(W), _ptr(b), _ptr(out), _ptr(pre), a.shape[0], E,

@@ -296,7 +296,7 @@ def _one_node_forward(args: tuple, save: bool = True) -> tuple[Tensor, tuple]:
         a = x
         for w, b in experts[:-1]:
             if save:
-                out, saved = ops._grouped_linear_train(False, a, w, b, activation, backend)
+                out, saved = ops._grouped_linear_train(False, a, w, b, activation, backend, expert_major=True)
             else:
                 out, saved = ops._grouped_linear_forward(a, w, b, activation, backend), ()
             groups += [(a,), saved]
