@@ -15,19 +15,25 @@ The limit is 3 x the forward's FLOPs (forward, weight and input gradients) at th
 the same run: torch.mm, onnxruntime's MatMul and numpy's OpenBLAS (run in a child process with
 ``OPENBLAS_CORETYPE``/``OPENBLAS_L2_SIZE`` unset, which otherwise cap it), each on the cell's expert GEMM.
 Each figure is the best of interleaved passes' medians, all contenders side by side in one process.
+``--breakdown`` prints instead where mmoe_fast's step goes in each cell (cProfile: torch's GEMMs, the C++
+kernels, the Adam kernel, the rest).
 
 Run: python benchmarks/bench_train.py [--quick] [--no-compile] [--write benchmarks/RESULTS.md] [--plot F.png]
+     python benchmarks/bench_train.py --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import datetime
 import json
 import os
+import pstats
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,6 +293,43 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def breakdown(cells, steps: int = 40) -> str:
+    """Where ``fit``'s step goes, per cell: ``steps`` steps under cProfile, the time of each call grouped as torch's
+    GEMMs, the C++ kernels (``_C``), the Adam kernel and the rest (Python, small torch ops), per step."""
+    lines = []
+    for cell in cells:
+        torch.manual_seed(0)
+        x, y = torch.randn(cell.B, cell.D), (torch.rand(cell.B, cell.T) > 0.5).float()
+        model = mf.MMoE(cell.D, cell.T, num_experts=cell.E, expert_hidden=cell.experts, tower_hidden=cell.towers)
+        step = fit_step_fn(model, x, y)
+        for _ in range(5):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = (time.perf_counter() - start) / steps
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(steps):
+            step()
+        profile.disable()
+        groups: dict[str, float] = {}
+        for (_, _, name), (_, _, own, _, _) in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+            if "_fused_adam" in name:
+                group = "Adam kernel"
+            elif "mmoe_fast._C." in name:
+                group = "C++ kernels"
+            elif name.startswith("<built-in method torch.") and name.rstrip(">").split(".")[-1] in (
+                    "mm", "bmm", "addmm", "baddbmm"):
+                group = "torch GEMMs"
+            else:
+                group = "the rest"
+            groups[group] = groups.get(group, 0.0) + own / steps
+        parts = ", ".join(f"{g} {format_time(t)}" for g, t in sorted(groups.items(), key=lambda kv: -kv[1]))
+        lines.append(f"{cell}: {format_time(wall)} a step ({format_time(sum(groups.values()))} profiled): {parts}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -296,10 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
     parser.add_argument("--write", type=Path, help="replace this benchmark's section of that markdown file")
     parser.add_argument("--plot", type=Path, help="draw the ratios to that PNG file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only where mmoe_fast's step goes: GEMMs, C++ kernels, Adam, the rest (cProfile)")
     args = parser.parse_args(argv)
     timing.raise_priority()
     torch.set_num_threads(args.threads)
     cells = QUICK if args.quick else CELLS
+    if args.breakdown:
+        print(breakdown(cells))
+        return 0
     rows = run(cells, 2 if args.quick else args.passes, 0.05 if args.quick else args.min_time, not args.no_compile,
                args.threads)
     command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)

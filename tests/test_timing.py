@@ -117,6 +117,9 @@ def test_the_training_benchmark_runs_renders_and_draws(tmp_path, monkeypatch):
     timing.write_section(tmp_path / "R.md", "bench_train", text)
     timing.write_section(tmp_path / "R.md", "bench_train", text)  # replaced, not appended
     assert (tmp_path / "R.md").read_text().count("<!-- bench_train:begin -->") == 1
+    lines = bench.breakdown([cell, one_layer], steps=2).splitlines()  # --breakdown
+    assert len(lines) == 2 and all(" a step (" in line for line in lines)
+    assert "C++ kernels" in lines[1] and "the rest" in lines[1]  # the one-call step: one C++ kernel
 
 
 def test_the_many_runs_benchmark_runs_and_its_vmap_rules_agree(monkeypatch):
