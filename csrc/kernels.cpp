@@ -115,9 +115,9 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
 }
 
 template <typename T>
-void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E, int64_t N,
-              int64_t nT, int act) {
-  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, rowmajor, G, m, out, out_em, B, E, N, nT, act))
+void from_pre(T* pre, bool rowmajor, const T* bias, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
+              int64_t N, int64_t nT, int act) {
+  MMOE_DISPATCH(active_isa(), from_pre_entry<T>(pre, rowmajor, bias, G, m, out, out_em, B, E, N, nT, act))
 }
 
 template <typename T>
@@ -189,7 +189,7 @@ void live_run(const LiveModel<T>& model, const T* x, T* out, int64_t B) {
                                    int64_t, int);                                                                \
   template void backward<T>(const T*, bool, const T*, const T*, const T*, const T*, const T*, const T*, const T*, \
                             const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int);  \
-  template void from_pre<T>(const T*, bool, const T*, T*, T*, bool, int64_t, int64_t, int64_t, int64_t, int);       \
+  template void from_pre<T>(T*, bool, const T*, const T*, T*, T*, bool, int64_t, int64_t, int64_t, int64_t, int);   \
   template void backward_rows<T>(const T*, bool, const T*, const T*, const T*, bool, T*, T*, T*, T*, int64_t,        \
                                  int64_t, int64_t, int64_t, int);                                              \
   template void pack_grouped<T>(int, const T*, const T*, int64_t, int64_t, int64_t, int, Grouped<T>&, bool);           \

@@ -138,12 +138,13 @@ void backward(const T* a, bool shared, const T* w, const T* b, const T* pre, con
               const T* wg, const T* bg, T* da, T* dW, T* db, T* dG, T* dWg, T* dbg, int64_t B, int64_t E, int64_t K,
               int64_t N, int64_t nT, int act);
 // Around a GEMM done elsewhere, on pre[E, B, N] (or pre[B, E, N]: rowmajor): m[nT, B, N] = sum_e G act(pre[e]) (m given), else
-// out[B, E, N] = act(pre) (out_em: expert-major out[E, B, N]); and the backward's elementwise step:
+// out[B, E, N] = act(pre) (out_em: expert-major out[E, B, N]), bias[E, N] (non-null) first added to pre in place;
+// and the backward's elementwise step:
 // dp[E, B, N] = df * act'(pre) with df = sum_t G dm (a mixture) or dout[B, E, N] (dout_em: dout[E, B, N]);
 // dlogit[B, nT, E] (gates fused: given) or dG[B, nT, E]; db[E, N] = dp summed over rows (given: non-null).
 template <typename T>
-void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E, int64_t N,
-              int64_t nT, int act);
+void from_pre(T* pre, bool rowmajor, const T* bias, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
+              int64_t N, int64_t nT, int act);
 template <typename T>
 void backward_rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp,
                    T* dlogit, T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act);

@@ -824,15 +824,24 @@ struct Kern {
 
   // ---- passes around a GEMM done elsewhere (BLAS): pre[E, B, N] in, pre[E, B, N]-shaped dp out -----------
   // m[t, b, :] = sum_e G[b, t, e] act(pre[e, b, :]) (G given), or out[b, e, :] = act(pre[e, b, :]) (m null;
-  // out_em: expert-major, out[e, b, :]).
-  static void from_pre(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
-                       int64_t N, int64_t nT, int act) {
+  // out_em: expert-major, out[e, b, :]). bias[E, N] (or null): first added to pre in place (the GEMM before ran
+  // without it: a broadcast copy of the bias into its output and a second read of it saved), so that pre is
+  // the pre-activations the backward reads.
+  static void from_pre(T* pre, bool rowmajor, const T* bias, const T* G, T* m, T* out, bool out_em, int64_t B,
+                       int64_t E, int64_t N, int64_t nT, int act) {
     const int64_t pe = rowmajor ? N : B * N, pb = rowmajor ? E * N : N;  // pre's expert and row strides
     const int64_t nblocks = (B + RB - 1) / RB;
     with_act(act, [&](auto A) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(nblocks, 8 * B * E * N * (nT + 1)))
       for (int64_t rb = 0; rb < nblocks; ++rb)
         for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
+          if (bias)  // the row's E * N values, then read again below from L1
+            for (int64_t e = 0; e < E; ++e) {
+              T* __restrict z = pre + e * pe + b * pb;
+              const T* __restrict be = bias + e * N;
+#pragma omp simd
+              for (int64_t j = 0; j < N; ++j) z[j] += be[j];
+            }
           if (!m) {
             for (int64_t e = 0; e < E; ++e) {
               const T* __restrict z = pre + e * pe + b * pb;
@@ -1459,9 +1468,9 @@ void backward_entry(const T* a, bool shared, const T* w, const T* b, const T* pr
 }
 
 template <typename T>
-void from_pre_entry(const T* pre, bool rowmajor, const T* G, T* m, T* out, bool out_em, int64_t B, int64_t E,
-                    int64_t N, int64_t nT, int act) {
-  Kern<T>::from_pre(pre, rowmajor, G, m, out, out_em, B, E, N, nT, act);
+void from_pre_entry(T* pre, bool rowmajor, const T* bias, const T* G, T* m, T* out, bool out_em, int64_t B,
+                    int64_t E, int64_t N, int64_t nT, int act) {
+  Kern<T>::from_pre(pre, rowmajor, bias, G, m, out, out_em, B, E, N, nT, act);
 }
 
 template <typename T>

@@ -629,13 +629,14 @@ void bind(py::module_& m, const std::string& sfx) {
         "dG[B,T,E], from the saved pre-activations pre[E,B,N] (0: recomputed). With wg != 0 (wg[T,K,E], bg, a "
         "shared) the gates' backward is fused: dWg[T,K,E], dbg[T,E] instead of dG (G 0: recomputed).");
   m.def(("from_pre" + sfx).c_str(),
-        [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t m, uintptr_t out, bool out_em, int64_t B, int64_t E,
-           int64_t N, int64_t nT, int act) {
+        [](uintptr_t pre, bool rowmajor, uintptr_t bias, uintptr_t G, uintptr_t m, uintptr_t out, bool out_em,
+           int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
           py::gil_scoped_release release;
-          mmoe::from_pre<T>(cp<T>(pre), rowmajor, cp<T>(G), mp<T>(m), mp<T>(out), out_em, B, E, N, nT, act);
+          mmoe::from_pre<T>(mp<T>(pre), rowmajor, cp<T>(bias), cp<T>(G), mp<T>(m), mp<T>(out), out_em, B, E, N, nT,
+                            act);
         },
-        "From pre[E,B,N] (rowmajor: pre[B,E,N]): m[T,B,N] = sum_e G[b,t,e] act(pre[e,b]) when m != 0, else "
-        "out[B,E,N] = act(pre) (out_em: out[E,B,N]).");
+        "From pre[E,B,N] (rowmajor: pre[B,E,N]), bias[E,N] added to it in place first when bias != 0: "
+        "m[T,B,N] = sum_e G[b,t,e] act(pre[e,b]) when m != 0, else out[B,E,N] = act(pre) (out_em: out[E,B,N]).");
   m.def(("backward_rows" + sfx).c_str(),
         [](uintptr_t pre, bool rowmajor, uintptr_t G, uintptr_t dm, uintptr_t dout, bool dout_em, uintptr_t dp,
            uintptr_t dlogit, uintptr_t dG, uintptr_t db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {

@@ -213,20 +213,15 @@ def _side_by_side(W: torch.Tensor) -> torch.Tensor:
 SIDE_BY_SIDE_MAX_N = 64
 
 
-def _blas_pre(a, W, b):
-    """The pre-activations by torch's GEMMs, into a kept block: for a shared x[B, K] and narrow experts, one GEMM
-    against every expert's weights side by side, ``pre[B, E * N]`` (row-major: rows b, then experts; one
-    well-shaped GEMM where E narrow ones run at a third of MKL's rate); else one batched GEMM, ``pre[E, B, N]``."""
+def _blas_pre(a, W):
+    """The pre-activations less the bias by torch's GEMMs, into a kept block: for a shared x[B, K] and narrow
+    experts, one GEMM against every expert's weights side by side, ``pre[B, E * N]`` (row-major: rows b, then
+    experts; one well-shaped GEMM where E narrow ones run at a third of MKL's rate); else one batched GEMM,
+    ``pre[E, B, N]``. The bias is added by ``from_pre`` (a GEMM given it first copies it into every row)."""
     E, K, N = W.shape
     if a.dim() == 2 and N <= SIDE_BY_SIDE_MAX_N:
-        pre = fresh(a, (a.shape[0], E * N))
-        if b is None:
-            return torch.mm(a, _side_by_side(W), out=pre)
-        return torch.addmm(b.reshape(E * N), a, _side_by_side(W), out=pre)
-    pre = fresh(a, (E, a.shape[0], N))
-    if b is None:
-        return torch.bmm(_per_expert(a, E), W, out=pre)
-    return torch.baddbmm(b.unsqueeze(1), _per_expert(a, E), W, out=pre)
+        return torch.mm(a, _side_by_side(W), out=fresh(a, (a.shape[0], E * N)))
+    return torch.bmm(_per_expert(a, E), W, out=fresh(a, (E, a.shape[0], N)))
 
 
 def _blas_gates(x, Wg, bg):
@@ -244,16 +239,16 @@ def _blas_train(a, W, b, G, T, activation, out_expert_major=False):
     ``out_expert_major``: out as a view of an [E, B, N] block where pre is one too."""
     E, K, N = W.shape
     B = a.shape[0]
-    pre = _blas_pre(a, W, b)
+    pre = _blas_pre(a, W)
     rowmajor = pre.dim() == 2
     if G is None:
         em = out_expert_major and not rowmajor
         out = fresh(a, (E, B, N) if em else (B, E, N))
-        _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, 0, 0, _ptr(out), em, B, E, N, 0,
+        _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(b), 0, 0, _ptr(out), em, B, E, N, 0,
                                      ACTIVATION_CODES[activation])
         return (out.transpose(0, 1) if em else out), pre
     m = fresh(a, (T, B, N))
-    _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(m), 0, False, B, E, N, T,
+    _kernel("from_pre", a.dtype)(_ptr(pre), rowmajor, _ptr(b), _ptr(G), _ptr(m), 0, False, B, E, N, T,
                                  ACTIVATION_CODES[activation])
     return m, pre
 
