@@ -661,9 +661,9 @@ struct Kern {
 
   // Step 1 for row b: expert e's dpre columns to out + e * oe; with G, dG[b] (dG given) or, gates fused,
   // dlogit[b] = G * (dG - sum_e G dG). dgrow: nT * E scratch values.
-  // pre's layout: expert-major [E, B, N] (rowmajor false) or [B, E, N].
+  // pre's layout: expert-major [E, B, N] (rowmajor false) or [B, E, N]; dout[B, E, N], or (dout_em) expert-major
+  // dout[E, B, N].
   template <int A>
-  // dout[B, E, N], or (dout_em) expert-major dout[E, B, N].
   static void backward_row(int64_t b, const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout,
                            bool dout_em, T* dG, T* dlogit, int64_t B, int64_t E, int64_t N, int64_t nT, T* out,
                            int64_t oe, T* dgrow) {
@@ -877,14 +877,16 @@ struct Kern {
   static void rows(const T* pre, bool rowmajor, const T* G, const T* dm, const T* dout, bool dout_em, T* dp,
                    T* dlogit, T* dG, T* db, int64_t B, int64_t E, int64_t N, int64_t nT, int act) {
     const int64_t nblocks = (B + RB - 1) / RB, EN = E * N;
-    std::vector<T> part(db ? static_cast<size_t>(nblocks * EN) : 0);
+    if (db && nblocks == 0) std::fill(db, db + EN, T(0));
+    // every block writes its whole row of partial sums before the reduction reads it: left uninitialized
+    std::unique_ptr<T[]> part(db && nblocks ? new T[static_cast<size_t>(nblocks * EN)] : nullptr);
     with_act(act, [&](auto A) {
 #pragma omp parallel num_threads(threads_for(nblocks, 8 * B * E * N * (nT + 2)))
       {
         T* dgrow = scratch<T>(1, static_cast<size_t>(nT * E + 1));
 #pragma omp for schedule(static)
         for (int64_t rb = 0; rb < nblocks; ++rb) {
-          T* __restrict sum = db ? part.data() + rb * EN : nullptr;
+          T* __restrict sum = db ? part.get() + rb * EN : nullptr;
           for (int64_t b = rb * RB; b < std::min(B, (rb + 1) * RB); ++b) {
             T* row = rowmajor ? dp + b * E * N : dp + b * N;
             const int64_t oe = rowmajor ? N : B * N;
@@ -904,7 +906,7 @@ struct Kern {
             }
           }
         }
-        if (db) {
+        if (db && nblocks) {
 #pragma omp for schedule(static)
           for (int64_t c = 0; c < EN; c += 16) {
             const int64_t n = std::min<int64_t>(16, EN - c);

@@ -598,6 +598,57 @@ def test_hidden_expert_layers_kept_expert_major_give_the_oracles_gradients(B, D,
         assert any(seen) == (B > 1 and E > 1)  # B or E of 1: both layouts are the same memory
 
 
+@needs_cpp
+def test_an_expert_major_layer_output_feeds_the_own_kernels_of_a_smaller_next_layer(monkeypatch):
+    """Only the first expert layer is large enough for torch's GEMMs: its expert-major output goes on to the own
+    kernels of the layer after it, which read it row by row (a copy), forward and backward."""
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "blas")
+    torch.manual_seed(0)
+    B = 50
+    model = mf.MMoE(5, 2, num_experts=3, expert_hidden=(200, 2), tower_hidden=(4,)).double()
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", B * 2000)  # layer 0: 50 x 3000 MACs; layer 1: 50 x 1200
+    outputs = []
+    blas_train = cpp_backend._blas_train
+    monkeypatch.setattr(cpp_backend, "_blas_train", lambda *a, **k: outputs.append(blas_train(*a, **k)) or outputs[-1])
+    x = torch.randn(B, 5, dtype=torch.float64)
+    out = model(x)
+    assert len(outputs) == 1 and cpp_backend.expert_major(outputs[0][0])  # layer 0 on BLAS, expert-major
+    layer = model.mixture
+    m = reference.mmoe_layer(x, list(layer.expert_weights), list(layer.expert_biases), layer.gate_weight,
+                             layer.gate_bias, layer.activation).expand(2, -1, -1)
+    _same(out, _towers_by_module(model.towers, m), list(model.parameters()), "BLAS layer then own kernels",
+          tol=1e-10)
+
+
+@needs_cpp
+@pytest.mark.parametrize("gemm", ["blas", "own"])
+@pytest.mark.parametrize("negative", [False, True], ids=["plain", "negative-bit"])
+def test_the_layer_ops_take_expert_major_inputs_and_gradients(gemm, negative, monkeypatch):
+    """A user's ``a[B, E, K]`` or incoming gradient laid out expert-major (a transposed [E, B, K] block; also as a
+    negative-bit view) reaches the C++ backend's kernels by value on either GEMM setting."""
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", gemm)
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 0)
+    torch.manual_seed(1)
+    B, E, K, N, T = 9, 3, 6, 5, 2
+
+    def expert_major(t):  # t[B, E, ...] as an expert-major view holding the same values
+        block = t.detach().transpose(0, 1).contiguous()
+        return (torch._neg_view(-block) if negative else block).transpose(0, 1)
+
+    a = expert_major(torch.randn(B, E, K, dtype=torch.float64)).requires_grad_()
+    assert cpp_backend.expert_major(a)
+    w = torch.randn(E, K, N, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(E, N, dtype=torch.float64, requires_grad=True)
+    g = torch.softmax(torch.randn(B, T, E, dtype=torch.float64), -1).requires_grad_()
+    for op, args in ((mf.grouped_linear, (a, w, b)), (mf.expert_mixture, (a, w, b, g))):
+        out, ref = op(*args, backend="cpp"), op(*args, backend="reference")
+        assert_close(out, ref, 1e-12, f"{op.__name__} forward")
+        grad = torch.randn_like(ref)
+        grad = expert_major(grad) if op is mf.grouped_linear else grad
+        for got, want in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+            assert_close(got, want, 1e-12, f"{op.__name__} gradient, {gemm}")
+
+
 @pytest.mark.parametrize("big", [False, True], ids=["small", "over-a-million"])
 def test_the_weight_check_names_the_first_non_finite_tensor_and_nothing_else(big):
     from mmoe_fast.train import _non_finite
