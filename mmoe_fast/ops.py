@@ -41,7 +41,7 @@ def _c(t: Optional[Tensor]) -> Optional[Tensor]:
 def _c_in(be, t: Tensor) -> Tensor:
     """``_c(t)``, but an expert-major ``t[B, E, K]`` (a hidden layer's output as the one-node training path keeps
     it) stays as it is for a backend that reads those in place (``READS_EXPERT_MAJOR``)."""
-    if getattr(be, "READS_EXPERT_MAJOR", False) and be.expert_major(t) and not t.is_neg():
+    if getattr(be, "READS_EXPERT_MAJOR", False) and be.is_expert_major(t) and not t.is_neg():
         return t
     return _dense(t)
 

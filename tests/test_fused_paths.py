@@ -577,7 +577,7 @@ def test_hidden_expert_layers_kept_expert_major_give_the_oracles_gradients(B, D,
     blas_backward = cpp_backend._blas_backward
 
     def spy(a, *args, **kw):
-        seen.append(cpp_backend.expert_major(a))
+        seen.append(cpp_backend.is_expert_major(a))
         return blas_backward(a, *args, **kw)
 
     monkeypatch.setattr(cpp_backend, "_blas_backward", spy)
@@ -612,7 +612,7 @@ def test_an_expert_major_layer_output_feeds_the_own_kernels_of_a_smaller_next_la
     monkeypatch.setattr(cpp_backend, "_blas_train", lambda *a, **k: outputs.append(blas_train(*a, **k)) or outputs[-1])
     x = torch.randn(B, 5, dtype=torch.float64)
     out = model(x)
-    assert len(outputs) == 1 and cpp_backend.expert_major(outputs[0][0])  # layer 0 on BLAS, expert-major
+    assert len(outputs) == 1 and cpp_backend.is_expert_major(outputs[0][0])  # layer 0 on BLAS, expert-major
     layer = model.mixture
     m = reference.mmoe_layer(x, list(layer.expert_weights), list(layer.expert_biases), layer.gate_weight,
                              layer.gate_bias, layer.activation).expand(2, -1, -1)
@@ -636,7 +636,7 @@ def test_the_layer_ops_take_expert_major_inputs_and_gradients(gemm, negative, mo
         return (torch._neg_view(-block) if negative else block).transpose(0, 1)
 
     a = expert_major(torch.randn(B, E, K, dtype=torch.float64)).requires_grad_()
-    assert cpp_backend.expert_major(a)
+    assert cpp_backend.is_expert_major(a)
     w = torch.randn(E, K, N, dtype=torch.float64, requires_grad=True)
     b = torch.randn(E, N, dtype=torch.float64, requires_grad=True)
     g = torch.softmax(torch.randn(B, T, E, dtype=torch.float64), -1).requires_grad_()

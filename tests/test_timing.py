@@ -120,6 +120,12 @@ def test_the_training_benchmark_runs_renders_and_draws(tmp_path, monkeypatch):
     lines = bench.breakdown([cell, one_layer], steps=2).splitlines()  # --breakdown
     assert len(lines) == 2 and all(" a step (" in line for line in lines)
     assert "C++ kernels" in lines[1] and "the rest" in lines[1]  # the one-call step: one C++ kernel
+    assert "torch GEMMs" not in lines[1]
+    from mmoe_fast.backends import cpp as cpp_backend
+
+    monkeypatch.setenv("MMOE_FAST_CPU_GEMM", "blas")  # the layers' GEMMs on torch's BLAS: counted as GEMMs
+    monkeypatch.setattr(cpp_backend, "BLAS_MIN_MACS", 0)
+    assert "torch GEMMs" in bench.breakdown([cell], steps=2)
 
 
 def test_the_many_runs_benchmark_runs_and_its_vmap_rules_agree(monkeypatch):

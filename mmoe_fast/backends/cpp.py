@@ -72,7 +72,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 READS_EXPERT_MAJOR = True
 
 
-def expert_major(t: torch.Tensor | None) -> bool:
+def is_expert_major(t: torch.Tensor | None) -> bool:
     """Whether ``t[B, E, K]`` lies expert by expert in memory (a transposed ``[E, B, K]`` block), not row by row."""
     return t is not None and t.dim() == 3 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
 
@@ -264,10 +264,10 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
     dp = fresh(a, tuple(pre.shape))
     dlogit = a.new_empty((B, T, E)) if fused else None
     dG = torch.empty_like(G) if G is not None and not fused else None
-    if dout is not None and not expert_major(dout):
+    if not is_expert_major(dout):
         dout = _rows(dout)
     db = a.new_empty((E, N))  # summed with dp's rows while they are in cache
-    _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), expert_major(dout),
+    _kernel("backward_rows", a.dtype)(_ptr(pre), rowmajor, _ptr(G), _ptr(dm), _ptr(dout), is_expert_major(dout),
                                       _ptr(dp), _ptr(dlogit), _ptr(dG), _ptr(db), B, E, N, T,
                                       ACTIVATION_CODES[activation])
     da = None
@@ -276,7 +276,7 @@ def _blas_backward(a, W, pre, activation, input_grad, G=None, dm=None, dout=None
         if input_grad:
             da = torch.mm(dp, _side_by_side(W).t())
     else:
-        em = expert_major(a)
+        em = is_expert_major(a)
         if a.dim() == 2:
             dW = torch.bmm(a.t().expand(E, K, B), dp)
         elif em:  # a_e^T, each expert's rows contiguous
