@@ -1029,6 +1029,8 @@ def _set_grads(opt, grads: list) -> None:
     if len(grads) != sum(len(group["params"]) for group in opt.param_groups):
         opt.zero_grad(set_to_none=True)
     for param, grad in grads:
+        if grad.stride() != param.stride():  # the fused Adam kernel reads both as flat memory: one layout
+            grad = torch.empty_like(param).copy_(grad)
         if param.grad is not grad:
             param.grad = grad
 

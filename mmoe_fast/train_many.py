@@ -101,7 +101,10 @@ class FuncStack:
     def __init__(self, models: Sequence[nn.Module]) -> None:
         params, buffers = torch.func.stack_module_state(list(models))
         self.names = list(params)
-        self.params = [params[n].detach() for n in self.names]
+        # Contiguous, as their gradients are made below: torch's fused Adam reads each tensor as flat memory
+        # (a model's column-major parameter, a QR factor say, stacked with a gradient of other strides was
+        # updated from the wrong elements).
+        self.params = [params[n].detach().contiguous() for n in self.names]
         self.buffers = {k: v.detach() for k, v in buffers.items()}
         self.base = copy.deepcopy(models[0]).to("meta")
         self.task_types = tuple(models[0].task_types)
@@ -126,7 +129,7 @@ class FuncStack:
         self.base.train()
         grads, sums = self._step(dict(zip(self.names, self.params)), self.buffers, x, y.to(self.dtype),
                                  coef.to(self.dtype))
-        return sums.double(), [grads[n] for n in self.names]
+        return sums.double(), [grads[n].contiguous() for n in self.names]
 
     def finite(self, sums: Tensor, grads: list[Tensor]) -> Tensor:
         """``[S]``: whether each replica's loss sums and gradients are finite."""

@@ -881,3 +881,29 @@ def test_a_model_that_ran_its_fused_paths_copies_and_pickles(cls):
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
         with torch.no_grad():
             assert torch.equal(copied(x), want)
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls", [mf.MMoE, mf.OMoE])
+def test_fit_without_autograd_updates_parameters_of_any_layout_as_with_it(cls, monkeypatch):
+    """torch's fused Adam reads a parameter, its gradient and its state as flat memory: the fused step's
+    gradients (made contiguous by the kernels) must take a column-major parameter's layout, or the update mixes
+    up its elements."""
+    from mmoe_fast import train
+
+    torch.manual_seed(0)
+    model = cls(6, 2, num_experts=3, expert_hidden=4, task_types=["regression", "binary"]).double()
+    layer = model.mixture
+    with torch.no_grad():  # the same values, column-major in their last two dimensions
+        layer.expert_weights[0] = nn.Parameter(layer.expert_weights[0].transpose(1, 2).contiguous().transpose(1, 2))
+        layer.gate_weight = nn.Parameter(layer.gate_weight.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not layer.expert_weights[0].is_contiguous()
+    x = torch.randn(50, 6, dtype=torch.float64)
+    y = torch.stack([torch.randn(50, dtype=torch.float64), (torch.rand(50) > 0.5).double()], 1)
+    fits = {}
+    for fused in (True, False):
+        monkeypatch.setattr(train, "FUSED_STEP", fused)
+        fits[fused] = copy.deepcopy(model)
+        train.fit(fits[fused], x, y, steps=4, batch_size=16, lr=1e-2, seed=1, progress=False, log=lambda _: None)
+    for p, q in zip(fits[True].parameters(), fits[False].parameters()):
+        assert_close(p, q, 1e-12, "weights after 4 steps")
