@@ -1,9 +1,11 @@
-"""CPU benchmark: fit_many on models the replicas cannot pack (its torch.func engine) against one run at a time.
+"""CPU benchmark: fit_many on the models other than MMoE, OMoE and Shared-Bottom against one run at a time.
 
-For each model kind (PLE, Cross-Stitch, Single-Task, a two-layer-expert MMoE; D=100, 2 regression tasks, B=128,
-the synthetic study's 10,000 rows) and each number of runs S: ``fit_many`` on S models (``engine`` "vmapped" from
-``VMAP_MIN_RUNS`` on: the weights stacked, ``vmap(grad(...))`` of the model's forward, the fused ops on their C++
-replica kernels) against ``fit_many(packed=False)`` (``fit`` one run after another) on 4 of them. Both train
+For each model kind (D=100, 2 regression tasks, B=128, the synthetic study's 10,000 rows) and each number of runs
+S: ``fit_many`` on S models against ``fit_many(packed=False)`` (``fit`` one run after another) on 4 of them. PLE,
+Cross-Stitch, Tensor-Factorization, a two-layer Single-Task and a two-layer-expert MMoE do not pack: ``engine``
+"vmapped" from ``VMAP_MIN_RUNS`` on (the weights stacked, ``vmap(grad(...))`` of the model's forward, the fused
+ops on their C++ replica kernels); Single-Task and L2-Constrained with one task layer pack as replicas at any S
+(``engine`` "packed"). Both train
 ``--steps`` steps per run, setup included; the figure is the time per run and step, each contender's best of
 ``--passes`` interleaved passes' medians.
 
@@ -29,9 +31,14 @@ TYPES = ("regression",) * T
 KINDS = {
     "ple": lambda: mf.build_model("ple", D, T, task_types=TYPES),
     "cross-stitch": lambda: mf.build_model("cross-stitch", D, T, task_types=TYPES),
-    "single-task": lambda: mf.build_model("single-task", D, T, task_types=TYPES),
+    "tensor-factorization": lambda: mf.build_model("tensor-factorization", D, T, task_types=TYPES),
+    "single-task, layers [64, 32]": lambda: mf.build_model("single-task", D, T, task_hidden=(64, 32),
+                                                           task_types=TYPES),
     "mmoe, experts [16, 16]": lambda: mf.MMoE(D, T, num_experts=8, expert_hidden=(16, 16), task_types=TYPES),
+    "single-task": lambda: mf.build_model("single-task", D, T, task_types=TYPES),
+    "l2-constrained": lambda: mf.build_model("l2-constrained", D, T, task_types=TYPES),
 }
+PACKED = ("single-task", "l2-constrained")  # the kinds the replicas pack (at any S)
 ONE_BY_ONE = 4  # runs timed one after another (per run-step, like the others)
 
 
@@ -72,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     per_step = {name: t.best / per_call[name] for name, t in times.items()}
     command = "python benchmarks/bench_fit_many_models.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = " | ".join(f"S={S}: fit_many" for S in sizes)
-    lines = [f"## CPU: fit_many on models that do not pack (bench_fit_many_models.py, {datetime.date.today()})", "",
+    lines = [f"## CPU: fit_many on other models (bench_fit_many_models.py, {datetime.date.today()})", "",
              f"Command: `{command.strip()}`  ",
              f"{args.threads} threads, torch {torch.__version__}, {timing.conditions()}; D={D}, T={T} regression, "
              f"B={B}, float32, {args.steps} steps per run and call, setup included; per run-step, best of "
              f"{args.passes} interleaved passes' medians; VMAP_MIN_RUNS = {train_many.VMAP_MIN_RUNS} (fewer runs: "
-             "one by one). In brackets: the engine that ran, and one-by-one's time over this. Against fit run by run "
-             "only: these models have no hand-stacked form here, and no GEMM limit is computed (bench_fit_many.py "
-             "has both for the packable MMoE).", "",
+             "one by one; the packed kinds pack at any S). In brackets: the engine that ran, and one-by-one's "
+             "time over this. Against fit run by run only: these models have no hand-stacked form here, and no "
+             "GEMM limit is computed (bench_fit_many.py has both for the packable MMoE).", "",
              f"| model | one by one ({ONE_BY_ONE} runs) | {header} |", "|---|---|" + "---|" * len(sizes)]
     for kind in KINDS:
         alone = per_step[(kind, "one by one")]

@@ -197,7 +197,8 @@ void loss_grad(const T* out, const T* y, const uint8_t* binary, const T* coef, c
 // Y[s] = x[s] @ Wcat[s] ([B, C], C = E * H + nG * E: every expert's columns side by side, then the gates'
 // logits), one batched GEMM done by the caller; bias[s, C] (or null) is added here. Then, one replica per
 // thread: the gates' softmax, the mixture (nG == nT: task t mixes with gate t; nG == 1: one gate, a mixture
-// shared by the tasks; nG == 0: E == 1 and act(pre) is shared, a Shared-Bottom), the towers (as
+// shared by the tasks; nG == 0 and E == 1: act(pre) is shared, a Shared-Bottom; nG == 0 and E == nT > 1: task
+// t's tower reads expert t alone, per-task networks as Single-Task's), the towers (as
 // towers_forward: widths[0] == H; tw, tb: replica 0's weight and bias of layer l, task t at [l * nT + t],
 // replica s's at + s * size), out[s, B, nT]. With y: loss_grad's sums[s, nT] and gradients: dY[s, B, C] (the
 // pre-activations' and the logits'), dbias[s, C], dtw, dtb (laid out as tw, tb). A replica with active[s] == 0

@@ -1519,7 +1519,8 @@ template <typename T>
 void replica_one(const ReplicaStep<T>& a, int64_t s) {
   using Kt = Kern<T>;
   const int64_t B = a.B, E = a.E, H = a.H, nG = a.nG, nT = a.nT, nL = a.L, EH = E * H, GE = nG * E, C = EH + GE;
-  const bool shared = nG <= 1;  // one input for every tower
+  const bool own = nG == 0 && E > 1;  // E == nT: task t's tower reads expert t alone (per-task networks)
+  const bool shared = nG <= 1 && !own;  // one input for every tower
   const int64_t hrows = shared ? B : nT * B, hid = tower_hidden_width<T>(nL, a.widths);
   const int64_t GW = (GE + Kt::L - 1) / Kt::L * Kt::L;  // softmax_groups' buffer: whole vectors
   // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
@@ -1565,6 +1566,8 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
       if (nG > 0) {
         std::copy(zb + EH, zb + C, lg + b * GW);
         std::fill(lg + b * GW + GE, lg + (b + 1) * GW, T(0));
+      } else if (own) {
+        for (int64_t t = 0; t < nT; ++t) std::copy(fb + t * H, fb + (t + 1) * H, h + (t * B + b) * H);
       } else {
         std::copy(fb, fb + H, h + b * H);
       }
@@ -1631,9 +1634,10 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
         T* dye = dyb + e * H;
         T* dbe = db + e * H;
         if (nG == 0) {
+          const T* de = own ? dh + (e * B + b) * H : dsum;  // own: expert e feeds task e's tower alone
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
-            const T d = dsum[j] * Kt::template fder<A>(ze[j]);
+            const T d = de[j] * Kt::template fder<A>(ze[j]);
             dye[j] = d;
             dbe[j] += d;
           }

@@ -710,9 +710,9 @@ void bind(py::module_& m, const std::string& sfx) {
           mmoe::ReplicaStep<T> st;
           st.L = checked_layers(widths, tw, tb, nT);
           if (S < 0 || B < 0 || E < 1 || H < 1 || widths[0] != H || !(nG == 0 || nG == 1 || nG == nT) ||
-              (nG == 0 && E != 1))
-            throw std::invalid_argument("replicas_step: needs E, H >= 1, widths[0] == H, nG in {0, 1, T}, E == 1 "
-                                        "without gates");
+              (nG == 0 && E != 1 && E != nT))
+            throw std::invalid_argument("replicas_step: needs E, H >= 1, widths[0] == H, nG in {0, 1, T}, E in "
+                                        "{1, T} without gates");
           if (y && (static_cast<int64_t>(binary.size()) != nT || !coef || !sums || !dY || !dbias))
             throw std::invalid_argument("replicas_step: training needs binary[T], coef, sums, dY and dbias");
           if (y) checked_layers(widths, dtw, dtb, nT);
@@ -727,8 +727,9 @@ void bind(py::module_& m, const std::string& sfx) {
           py::gil_scoped_release release;
           mmoe::replicas_step<T>(st);
         },
-        "S replicas of a one-layer MMoE/OMoE/Shared-Bottom with towers (see ReplicaStep in kernels.h): from "
-        "Y[S,B,C] = x @ Wcat, out[S,B,T]; with y (else 0), loss sums[S,T] (float64) and gradients.");
+        "S replicas of a one-layer MMoE/OMoE/Shared-Bottom/Single-Task with towers (see ReplicaStep in "
+        "kernels.h): from Y[S,B,C] = x @ Wcat, out[S,B,T]; with y (else 0), loss sums[S,T] (float64) and "
+        "gradients.");
   // The ops' kernels over S replicas (see over_replicas): pointers and strides (elements) in the order named.
   m.def(("gate_softmax_replicas" + sfx).c_str(),
         [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t D,

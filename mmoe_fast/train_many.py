@@ -210,11 +210,11 @@ def fit_many(
       or one per run: a sequence of S of one shape, or, with ``per_run_data=True``, tensors ``[S, N, ...]``.
     - ``lr``, ``seed`` (the batch order's, as ``fit``'s): one value, or one per run. The models' initial
       weights are the models' own.
-    - ``packed``: None (default) packs the runs into one ``ReplicaStack`` where they can be (MMoE, OMoE or
-      Shared-Bottom with one expert/bottom layer and plain towers, one architecture, float32/float64 on the CPU,
-      the C++ kernels built); otherwise trains them as one ``FuncStack`` (``torch.func``: any model ``vmap`` runs,
-      its fused ops through their replica kernels) where ``why_not_vmapped`` allows and there are at least
-      ``VMAP_MIN_RUNS`` runs, else one after another with
+    - ``packed``: None (default) packs the runs into one ``ReplicaStack`` where they can be (MMoE, OMoE,
+      Shared-Bottom, Single-Task or L2-Constrained with one expert/bottom/task layer and plain towers, one
+      architecture, float32/float64 on the CPU, the C++ kernels built); otherwise trains them as one
+      ``FuncStack`` (``torch.func``: any model ``vmap`` runs, its fused ops through their replica kernels) where
+      ``why_not_vmapped`` allows and there are at least ``VMAP_MIN_RUNS`` runs, else one after another with
       ``fit``. True refuses (ValueError, saying why) what cannot be packed; False always runs them one by one.
       Each gives each run's ``fit`` results within floating-point rounding (sums in another order); each
       result's ``engine`` says which ran ("packed", "vmapped", "one by one").
@@ -318,6 +318,7 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
     coefs: dict[int, Tensor] = {}  # the loss gradient's scale per batch size
     plans: dict[tuple, list] = {}
     bar = tqdm(total=total, desc=f"{S} runs, {engine}", disable=not progress)
+    has_penalty = getattr(stack, "alphas", None) is not None  # L2-Constrained: fit adds its extra_loss
 
     def stop(s: int, message: str) -> None:
         active[s] = False
@@ -327,7 +328,8 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
         while step < total and any(active):
             orders = torch.stack([torch.randperm(n, generator=g) for g in gens])
             loss_sum = torch.zeros((S, T), dtype=torch.float64)
-            rows_seen = 0
+            extra_sum = torch.zeros(S, dtype=torch.float64)  # L2-Constrained's penalty, as fit's extra_loss
+            rows_seen, batches = 0, 0
             started = list(active)
             for b in range(per_epoch):
                 if step >= total or not any(active):
@@ -338,14 +340,18 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                 if rows not in coefs:
                     coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
                 sums, grads = stack.step(xb, yb, coefs[rows], None if all(active) else torch.tensor(active))
+                extra = stack.add_penalty(grads) if has_penalty else None
                 # One check per run: its loss sums and bias gradient (the column sums of its dY) finite.
                 finite = (stack.finite(sums, grads) if hasattr(stack, "finite") else
                           torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64)))
+                if extra is not None:
+                    finite &= torch.isfinite(extra)  # finite weights (checked) give it a finite gradient
                 if not bool(finite.all()):
                     for s in (~finite).nonzero().flatten().tolist():
                         if active[s]:
+                            part = "" if extra is None else f", extra_loss {extra[s].item()}"
                             stop(s, f"training diverged at epoch {epoch}, step {step + 1}: non-finite training "
-                                    f"loss or gradient before the update (per-task sums {sums[s].tolist()}); "
+                                    f"loss or gradient before the update (per-task sums {sums[s].tolist()}{part}); "
                                     f"nothing of this step was applied; lower the learning rate (now {lrs[s]}) "
                                     "or check the inputs")
                 count.add_(1)
@@ -363,7 +369,10 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                            weight_decay=common["weight_decay"], eps=_EPS, maximize=False, grad_scale=None,
                            found_inf=None)
                 loss_sum += sums
+                if extra is not None:
+                    extra_sum += extra
                 rows_seen += rows
+                batches += 1
                 step += 1
                 bar.update()
             # A finite gradient makes a finite update; still, each epoch ends with the weights checked, as fit's
@@ -379,6 +388,8 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                     continue
                 record = {"epoch": epoch, "step": step, "train_loss": (loss_sum[s] / rows_seen).tolist(),
                           "lr": lrs[s]}
+                if has_penalty:
+                    record["train_extra_loss"] = extra_sum[s].item() / batches
                 if out is not None:
                     yv = YV.run(s).to(out)
                     record["val_loss"] = task_losses(out[s], yv, task_types).double().tolist()

@@ -3,6 +3,7 @@ separate fit runs (packed and one by one), bad input included."""
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -28,8 +29,8 @@ def _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
         z = (Y[s] + (bias[s] if bias is not None else 0)).detach().requires_grad_(True)
         tw = [p[s].detach().requires_grad_(True) for p in towers]
         f = ACT[act](z[:, : E * H]).view(B, E, H)
-        if nG == 0:
-            hs = [f[:, 0]] * T
+        if nG == 0:  # E == 1: one bottom for every task; E == T: task t's own network
+            hs = [f[:, t if E > 1 else 0] for t in range(T)]
         else:
             G = torch.softmax(z[:, E * H :].view(B, nG, E), -1)
             hs = [(G[:, t if nG > 1 else 0, :, None] * f).sum(1) for t in range(T)]
@@ -60,11 +61,12 @@ def _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
 @pytest.mark.parametrize("kind,T,E,H,hidden,B", [
     ("mmoe", 2, 8, 16, (8,), 128), ("mmoe", 1, 1, 1, (), 1), ("mmoe", 3, 5, 17, (4, 6), 33),
-    ("omoe", 2, 3, 5, (3,), 7), ("omoe", 4, 2, 33, (), 2), ("sb", 2, 1, 13, (8,), 65), ("sb", 1, 1, 1, (2,), 1)])
+    ("omoe", 2, 3, 5, (3,), 7), ("omoe", 4, 2, 33, (), 2), ("sb", 2, 1, 13, (8,), 65), ("sb", 1, 1, 1, (2,), 1),
+    ("st", 2, 2, 16, (8,), 33), ("st", 3, 3, 5, (), 1), ("st", 4, 4, 17, (3, 2), 9)])
 def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, act, dtype):
     torch.manual_seed(T * 1000 + E * 100 + H + B)
     S = 3
-    nG = {"mmoe": T, "omoe": 1, "sb": 0}[kind]
+    nG = {"mmoe": T, "omoe": 1, "sb": 0, "st": 0}[kind]
     C = E * H + nG * E
     widths = [H, *hidden, 1]
     L = len(widths) - 1
@@ -101,6 +103,8 @@ def test_replicas_step_refuses_shapes_it_cannot_run():
     towers = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1), torch.randn(2, 1)]
     with pytest.raises(ValueError, match="nG"):  # 3 gates for 2 tasks
         cpp_backend.replicas_step(Y, bias, 2, 4, 3, towers, 1, "relu")
+    with pytest.raises(ValueError, match="E in"):  # no gates: one expert, or one per task (2), not 3
+        cpp_backend.replicas_step(Y[..., :12].contiguous(), bias[:, :12].contiguous(), 3, 4, 0, towers, 1, "relu")
     with pytest.raises(ValueError, match="belongs"):  # towers of another width
         cpp_backend.replicas_step(Y[..., :10].contiguous(), bias[:, :10].contiguous(), 2, 5, 0, towers, 1, "relu")
     with pytest.raises(ValueError, match="belongs"):  # not contiguous
@@ -121,7 +125,8 @@ def _models(name, S, D=6, T=2, dtype=torch.float64, seed=0, **options):
 @needs_cpp
 @pytest.mark.parametrize("name,options", [("mmoe", {}), ("omoe", {}), ("shared-bottom", {"bottom_hidden": 9}),
                                           ("mmoe", {"gate_bias": False, "activation": "gelu", "num_experts": 1}),
-                                          ("mmoe", {"tower_hidden": (4, 3)})])
+                                          ("mmoe", {"tower_hidden": (4, 3)}), ("single-task", {"task_hidden": 7}),
+                                          ("l2-constrained", {"alpha": 0.3, "activation": "silu"})])
 def test_replica_stack_packs_steps_and_writes_back_exactly(name, options):
     models = _models(name, 3, task_types=["regression", "binary"], **options)
     before = [copy.deepcopy(m.state_dict()) for m in models]
@@ -134,6 +139,7 @@ def test_replica_stack_packs_steps_and_writes_back_exactly(name, options):
     y[..., 1] = (y[..., 1] > 0).double()
     coef = torch.tensor([0.5, 2.0], dtype=torch.float64)
     sums, grads = stack.step(x, y, coef)
+    penalties = []
     assert_close(stack.forward(x), torch.stack([m(x[s]) for s, m in enumerate(models)]), 1e-12, "forward")
     assert_close(stack.forward(x[0], chunk=4), torch.stack([m(x[0]) for m in models]), 1e-12, "shared rows, chunks")
     # The gradient of each model, by autograd, packed the same way, is the stack's.
@@ -144,9 +150,18 @@ def test_replica_stack_packs_steps_and_writes_back_exactly(name, options):
         assert_close(sums[s], torch.stack([(out[:, 0] - y[s, :, 0]).square().sum(), F.binary_cross_entropy_with_logits(
             out[:, 1], y[s, :, 1], reduction="sum")]).detach(), 1e-12, "sums")
         m.zero_grad()
-        loss.backward()
+        if name == "l2-constrained":  # fit's objective: the penalty too
+            extra = m.extra_loss()
+            (loss + extra).backward()
+            penalties.append(extra.detach())
+        else:
+            loss.backward()
         for p in m.parameters():
             p.data = p.grad.clone()  # the gradients as weights: packing them gives the stack's gradient layout
+    if name == "l2-constrained":
+        assert_close(stack.add_penalty(grads), torch.stack(penalties), 1e-12, "penalty")
+    else:
+        assert stack.add_penalty(grads) is None
     packed = ReplicaStack(models)
     for k, (got, want) in enumerate(zip(grads, packed.params)):
         assert_close(got, want, 1e-12, f"gradient {k}")
@@ -182,16 +197,20 @@ def _same_runs(models, copies, results, alone, tol):
             assert math.isclose(sum(a["train_loss"]), sum(b["train_loss"]), rel_tol=max(tol, 1e-6)), (s, a, b)
             if "val_loss" in a:
                 assert math.isclose(sum(a["val_loss"]), sum(b["val_loss"]), rel_tol=tol), (s, a, b)
+            assert ("train_extra_loss" in a) == ("train_extra_loss" in b), (s, a, b)
+            if "train_extra_loss" in a:
+                assert math.isclose(a["train_extra_loss"], b["train_extra_loss"], rel_tol=max(tol, 1e-6)), (s, a, b)
         for p, q in zip(models[s].parameters(), copies[s].parameters()):
             assert_close(p, q, tol, f"run {s} weights")
 
 
 @needs_cpp
-@pytest.mark.parametrize("name", ["mmoe", "omoe", "shared-bottom"])
+@pytest.mark.parametrize("name,options", [("mmoe", {}), ("omoe", {}), ("shared-bottom", {}), ("single-task", {}),
+                                          ("l2-constrained", {"alpha": 0.5})])
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_fit_many_equals_separate_fit_runs_in_float64(name, optimizer):
+def test_fit_many_equals_separate_fit_runs_in_float64(name, options, optimizer):
     S = 4
-    models = _models(name, S, task_types=["regression", "binary"])
+    models = _models(name, S, task_types=["regression", "binary"], **options)
     copies = copy.deepcopy(models)
     xs, ys = _data(S)
     xv, yv = _data(S, n=30, seed=1)
@@ -306,7 +325,7 @@ def test_fit_many_refuses_bad_input_by_name():
 
 
 @pytest.mark.parametrize("name,options", [("mmoe", dict(expert_hidden=(5, 4))), ("ple", {}), ("cross-stitch", {}),
-                                          ("single-task", {})])
+                                          ("single-task", dict(task_hidden=(5, 4))), ("tensor-factorization", {})])
 def test_fit_many_vmapped_equals_separate_fit_runs(name, options, monkeypatch):
     """Models the replicas cannot pack train as one FuncStack (torch.func over the fused ops' vmap rules): each
     run's history and weights equal its own fit's in float64, per-run data, learning rates and orders,
@@ -358,19 +377,30 @@ def test_models_vmap_cannot_run_or_too_few_runs_train_one_by_one(monkeypatch):
     assert "freezes" in train_many.why_not_vmapped(plain, x, y)
 
 
-def test_a_model_with_an_extra_loss_trains_one_by_one_as_fit(monkeypatch):
-    """L2-Constrained adds its penalty through extra_loss, which fit minimizes too: not as a FuncStack (whose
-    loss is the tasks' alone), so the runs equal fit's, penalty included."""
+def test_a_model_with_an_extra_loss_trains_packed_only_where_the_replicas_form_it(monkeypatch):
+    """L2-Constrained's penalty (extra_loss, which fit minimizes too) is formed by the replicas: packed, the runs
+    equal fit's, penalty and its per-epoch mean included. Any other extra_loss (a model's own) cannot be: not
+    packed, not a FuncStack (whose loss is the tasks' alone), but one by one, as fit."""
     from mmoe_fast import train_many
 
     monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
-    models = _models("l2-constrained", 2, task_types=["regression", "binary"])
+    models = _models("l2-constrained", 2, task_types=["regression", "binary"], alpha=0.2)
     copies = copy.deepcopy(models)
     xs, ys = _data(2)
     assert "extra_loss" in train_many.why_not_vmapped(models, xs[0], ys[0])
     results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=1e-2, seed=[1, 2], progress=False,
                        log=lambda _: None)
+    assert [r["engine"] for r in results] == ["packed"] * 2
+    assert all(rec["train_extra_loss"] > 0 for r in results for rec in r["history"])
+    _same_runs(models, copies, results, _separately(copies, xs, ys, [1e-2] * 2, [1, 2], epochs=2, batch_size=16),
+               1e-9)
+    own = _models("mmoe", 2, task_types=["regression", "binary"])
+    for m in own:  # bound: a deep copy's penalty is its own
+        m.extra_loss = types.MethodType(lambda self: 0.1 * sum(p.square().sum() for p in self.towers.parameters()), m)
+    assert "extra_loss of its own" in why_not_packed(own)
+    copies = copy.deepcopy(own)
+    results = fit_many(own, xs, ys, epochs=2, batch_size=16, lr=1e-2, seed=[1, 2], progress=False,
+                       log=lambda _: None)
     assert [r["engine"] for r in results] == ["one by one"] * 2
     assert all("train_extra_loss" in rec for r in results for rec in r["history"])
-    _same_runs(models, copies, results, _separately(copies, xs, ys, [1e-2] * 2, [1, 2], epochs=2, batch_size=16),
-               1e-15)
+    _same_runs(own, copies, results, _separately(copies, xs, ys, [1e-2] * 2, [1, 2], epochs=2, batch_size=16), 1e-15)

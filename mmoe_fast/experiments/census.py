@@ -58,8 +58,9 @@ def census_learning_rates(args: argparse.Namespace, splits: dict) -> tuple[dict[
 def _runs(name: str, splits: dict, runs: list[tuple[int, float]], args: argparse.Namespace,
           on_done=None) -> list[tuple]:
     """``(model, record)`` of ``name`` trained once per ``(seed, lr)`` of ``runs``: as one ``fit_many`` job where
-    the inputs are one tensor (MMoE, OMoE and Shared-Bottom then train packed, 2.5x faster a run here), else run
-    by run (feature columns). A diverged run is an error naming it, as ``fit``'s."""
+    the inputs are one tensor (MMoE, OMoE, Shared-Bottom, Single-Task and L2-Constrained then train packed, about
+    2x faster a run here than vmapped or one by one), else run by run (feature columns). A diverged run is an
+    error naming it, as ``fit``'s."""
     if isinstance(splits["x_train"], dict):
         done = []
         for seed, lr in runs:

@@ -1,10 +1,12 @@
-"""S models of one small architecture as one: ``ReplicaStack`` packs MMoE, OMoE or Shared-Bottom replicas (one
-expert or bottom layer, plain towers) into stacked tensors, so that a training step of all S is one batched GEMM
-each way and one C++ call, one replica per thread (``fit_many``'s engine).
+"""S models of one small architecture as one: ``ReplicaStack`` packs MMoE, OMoE, Shared-Bottom, Single-Task or
+L2-Constrained replicas (one expert, bottom or task layer, plain towers) into stacked tensors, so that a training
+step of all S is one batched GEMM each way and one C++ call, one replica per thread (``fit_many``'s engine).
 
 The first layer of every replica is one matrix ``Wcat[D, C]``: the experts' weights side by side (``C = E * H``
-columns), then the gates' (``num_gates * E``); the gates' softmax, the mixture, the towers, the loss and every
-gradient but ``dWcat`` are ``_C.replicas_step``'s, and ``dWcat = x^T dY`` is a batched GEMM again.
+columns; Single-Task's task networks are its E = T "experts", task t's tower reading expert t alone), then the
+gates' (``num_gates * E``); the gates' softmax, the mixture, the towers, the loss and every gradient but
+``dWcat`` are ``_C.replicas_step``'s, and ``dWcat = x^T dY`` is a batched GEMM again. L2-Constrained's penalty
+and its gradient are added on the stacked tensors (``add_penalty``).
 """
 
 from __future__ import annotations
@@ -15,17 +17,29 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import cpp as cpp_backend
+from .baselines import L2Constrained, SingleTask
 from .common import Towers, _hooked, _tower_params
 from .mmoe import MMoE, MMoELayer, OMoE, OMoELayer
 from .shared_bottom import SharedBottom
 
-_KINDS = (MMoE, OMoE, SharedBottom)
-_FORWARDS = {kind: kind.forward for kind in (*_KINDS, MMoELayer, Towers)}  # what packing stands in for
+_TASK_NETS = (SingleTask, L2Constrained)  # per-task networks: task t's tower reads task layer t alone
+_KINDS = (MMoE, OMoE, SharedBottom, *_TASK_NETS)
+# What packing stands in for: each kind's forward (and the task networks' hidden layers and penalty), as defined.
+_FORWARDS = {kind: kind.forward for kind in (*_KINDS, MMoELayer, Towers)}
+_TASK_PARTS = {kind: (kind.hidden, kind._layer) for kind in _TASK_NETS}
+_PENALTY = L2Constrained.extra_loss
 
 
 def _first_layer(model: nn.Module) -> tuple | None:
     """``(W[D, C], bias[C] or None, absent bias columns, E, H, num_gates, activation)`` of a packable model, as
     views of its parameters; None where the model is not one ``ReplicaStack`` packs."""
+    if type(model) in _TASK_NETS:
+        if (len(model.task_weights) != 1 or "hidden" in model.__dict__ or "_layer" in model.__dict__
+                or (type(model).hidden, type(model)._layer) != _TASK_PARTS[type(model)]):
+            return None
+        w, b = model.task_weights[0], model.task_biases[0]
+        T, D, H = w.shape
+        return w.permute(1, 0, 2).reshape(D, T * H), b.reshape(-1), [], T, H, 0, model.activation
     if isinstance(model, SharedBottom):
         bottom = model.bottom
         mods = list(bottom._modules.values())
@@ -62,7 +76,8 @@ def why_not_packed(models: Sequence[nn.Module]) -> str | None:
     for i, model in enumerate(models):
         kind = type(model)
         if kind not in _KINDS:
-            return f"model {i} is a {kind.__name__}; replicas pack MMoE, OMoE and SharedBottom only"
+            return (f"model {i} is a {kind.__name__}; replicas pack MMoE, OMoE, SharedBottom, SingleTask and "
+                    "L2Constrained only")
         if kind is not type(first):
             return f"model {i} is a {kind.__name__}, model 0 a {type(first).__name__}"
         towers = model.__dict__["_modules"].get("towers")
@@ -70,6 +85,10 @@ def why_not_packed(models: Sequence[nn.Module]) -> str | None:
                 or type(towers) is not Towers or "forward" in towers.__dict__ or Towers.forward is not _FORWARDS[Towers]
                 or _hooked(towers)):
             return f"model {i} has hooks, a replaced forward or other towers"
+        extra = getattr(model, "extra_loss", None)
+        if callable(extra) and (kind is not L2Constrained or "extra_loss" in model.__dict__
+                                or kind.extra_loss is not _PENALTY):
+            return f"model {i} has an extra_loss of its own (fit adds it to the loss; the replicas cannot form it)"
         if getattr(model, "backend", None) == "reference" or any(getattr(m, "backend", None) == "reference"
                                                                  for m in model.modules()):
             return f"model {i} asks for the reference backend (plain PyTorch, the oracle)"
@@ -82,7 +101,7 @@ def why_not_packed(models: Sequence[nn.Module]) -> str | None:
             return f"model {i} shares or freezes a parameter"
         layer = _first_layer(model)
         if layer is None:
-            return f"model {i} has more than one expert/bottom layer or a changed layer"
+            return f"model {i} has more than one expert/bottom/task layer or a changed layer"
         towers = _tower_params(model.towers.towers, params[0].new_empty((1, layer[4])))
         if towers is None or len(towers) % (2 * model.num_tasks):
             return f"model {i}'s towers are not plain Linear/ReLU stacks of one shape"
@@ -119,6 +138,9 @@ class ReplicaStack:
                            torch.stack([lay[1] for lay in layers]).contiguous(),
                            *(torch.stack([t[k] for t in towers]).contiguous() for k in range(len(towers[0])))]
         self.S = len(models)
+        # L2-Constrained's alpha per replica, [S, 1]; None: no penalty
+        self.alphas = (torch.tensor([[m.alpha] for m in models], dtype=self.dtype) if self.kind is L2Constrained
+                       else None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,6 +164,31 @@ class ReplicaStack:
             dbias[:, self.absent] = 0
         return sums, [dW, dbias, *tower_grads]
 
+    def add_penalty(self, grads: list[Tensor]) -> Tensor | None:
+        """L2-Constrained's ``alpha * sum_{i<j} ||theta_i - theta_j||^2`` (``extra_loss``: theta_t being task t's
+        task layer and tower) per replica, ``[S]`` float64, its gradient added to ``grads`` (``step``'s); None,
+        and nothing added, for the other kinds."""
+        if self.alphas is None:
+            return None
+        W, bias, *towers = self.params
+        S, T, H = self.S, self.num_tasks, self.H
+        # Each parameter group as T tensors [S, n], task t's: the task layer's columns, then each tower layer's
+        # T weights and T biases (towers' order: layer by layer, the weights then the biases).
+        groups = [([W.view(S, -1, T, H)[:, :, t] for t in range(T)], [grads[0].view(S, -1, T, H)[:, :, t]
+                                                                      for t in range(T)]),
+                  ([bias.view(S, T, H)[:, t] for t in range(T)], [grads[1].view(S, T, H)[:, t] for t in range(T)])]
+        groups += [(towers[k : k + T], grads[2 + k : 2 + k + T]) for k in range(0, len(towers), T)]
+        penalty = torch.zeros(S, dtype=torch.float64)
+        for ps, gs in groups:
+            for i in range(T):
+                for j in range(i + 1, T):
+                    d = ps[i] - ps[j]
+                    penalty += d.reshape(S, -1).square().sum(1, dtype=torch.float64)
+                    d = d.reshape(S, -1).mul_(2 * self.alphas).view_as(d)
+                    gs[i].add_(d)
+                    gs[j].sub_(d)
+        return penalty.mul_(self.alphas[:, 0].double())
+
     def forward(self, x: Tensor, chunk: int = 1024) -> Tensor:
         """``out[S, N, T]`` of every replica on its rows ``x[S, N, D]``, or on the same rows ``x[N, D]`` (``chunk``
         rows at a time)."""
@@ -163,6 +210,10 @@ class ReplicaStack:
                     lin = model.bottom[0]
                     lin.weight.copy_(W[s].t())
                     lin.bias.copy_(bias[s])
+                elif self.kind in _TASK_NETS:
+                    w = model.task_weights[0]
+                    w.copy_(W[s].reshape(w.shape[1], E, H).permute(1, 0, 2))
+                    model.task_biases[0].copy_(bias[s].reshape(E, H))
                 else:
                     layer = model.mixture
                     w = layer.expert_weights[0]
