@@ -180,6 +180,24 @@ def test_reproduce_census(census_run):
             diffs = [r["test"][0]["auc"] - base[r["seed"]] for r in mine]
             assert result["summary"][name]["income_minus_mmoe"] == pytest.approx(np.mean(diffs))
             assert result["summary"][name]["pairs"] == 2
+    assert result["claim"]["text"] in table and result["claim"]["held"] in (True, False)
+    assert sorted(result["claim"]["below"] + result["claim"]["level"] + result["claim"]["above"]) == sorted(
+        experiments.DEFAULT_CENSUS_MODELS[1:])
+
+
+def test_the_census_claim_is_judged_by_paired_differences_and_two_standard_errors():
+    from mmoe_fast.experiments.census import census_claim
+
+    def summary(**diffs):
+        return {"mmoe": {}, **{n: {"income_minus_mmoe": d, "income_minus_mmoe_se": se} for n, (d, se) in diffs.items()}}
+
+    claim = census_claim(summary(a=(-0.003, 0.001), b=(-0.001, 0.001)), "mmoe", "income")
+    assert (claim["held"], claim["below"], claim["level"]) == (False, ["a"], ["b"])  # b within two SE: level
+    assert "not held (below mmoe: a; level with mmoe: b)" in claim["text"]
+    assert census_claim(summary(a=(-0.003, 0.001)), "mmoe", "income")["held"] is True
+    assert census_claim(summary(a=(-0.003, 0.001), c=(0.0021, 0.001)), "mmoe", "income")["above"] == ["c"]
+    assert census_claim(summary(a=(-0.003, float("nan"))), "mmoe", "income")["held"] is None  # one pair: no SE
+    assert census_claim(summary(), "mmoe", "income")["held"] is None  # nothing to compare
 
 
 def test_census_lr_grid_gives_every_method_the_same_pilots(tmp_path):
@@ -366,3 +384,24 @@ def test_reproduce_labels_figure_2(tmp_path):
     assert "Here the mean rises with p" in table and len(_table_rows(table)) == 4
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "labels", "--p", "1.5"])
+
+
+@pytest.mark.parametrize("encoding, threads, want", [("onehot", None, 2), ("ids", None, 1), ("onehot", "1", 1),
+                                                      ("ids", "2", 2)])
+def test_census_threads_default_to_every_core_for_fit_many_jobs_and_one_for_runs_one_by_one(
+        tmp_path, monkeypatch, encoding, threads, want):
+    """One-hot runs train as fit_many jobs (their GEMMs use every core); feature-column runs one by one with fit
+    (fastest on one thread); ``--threads`` overrides both, and the caller's thread count comes back."""
+    from mmoe_fast.experiments import census
+
+    seen, runs = [], census._runs
+    monkeypatch.setattr(census, "_runs", lambda *a, **k: seen.append(torch.get_num_threads()) or runs(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cli.main(["reproduce", "census", "--models", "mmoe", "--runs", "1", "--encoding", encoding,
+                         *(["--threads", threads] if threads else []), *CENSUS_TINY, "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [want]
