@@ -194,21 +194,26 @@ void loss_grad(const T* out, const T* y, const uint8_t* binary, const T* coef, c
 }
 
 // S replicas of one small model trained at once (fit_many), each on its own rows: replica s's first layer is
-// Y[s] = x[s] @ Wcat[s] ([B, C], C = E * H + nG * E: every expert's columns side by side, then the gates'
-// logits), one batched GEMM done by the caller; bias[s, C] (or null) is added here. Then, one replica per
-// thread: the gates' softmax, the mixture (nG == nT: task t mixes with gate t; nG == 1: one gate, a mixture
-// shared by the tasks; nG == 0 and E == 1: act(pre) is shared, a Shared-Bottom; nG == 0 and E == nT > 1: task
-// t's tower reads expert t alone, per-task networks as Single-Task's), the towers (as
-// towers_forward: widths[0] == H; tw, tb: replica 0's weight and bias of layer l, task t at [l * nT + t],
-// replica s's at + s * size), out[s, B, nT]. With y: loss_grad's sums[s, nT] and gradients: dY[s, B, C] (the
-// pre-activations' and the logits'), dbias[s, C], dtw, dtb (laid out as tw, tb). A replica with active[s] == 0
-// (active given) is skipped: its outputs and gradients are left as they were.
+// Y[s] = x[s] @ W[s] + bias[s] ([B, C], C = E * H + nG * E: every expert's columns side by side, then the gates'
+// logits), x[s] at x + s * xs (xs = 0: every replica reads the same rows) or, with xrow, its rows x + xrow[s, b] * D
+// (y's likewise with yrow: y + yrow[s, b] * nT; the rows are gathered in the thread), W[S, D, C], bias[S, C] or null. One
+// replica per thread, everything of a replica in its thread, its buffers in its cache: the GEMM, the gates'
+// softmax, the mixture (nG == nT: task t mixes with gate t; nG == 1: one gate, a mixture shared by the tasks;
+// nG == 0 and E == 1: act(pre) is shared, a Shared-Bottom; nG == 0 and E == nT > 1: task t's tower reads expert t
+// alone, per-task networks as Single-Task's), the towers (as towers_forward: widths[0] == H; tw, tb: replica 0's
+// weight and bias of layer l, task t at [l * nT + t], replica s's at + s * size), out[s, B, nT]. With y: loss_grad's
+// sums[s, nT] and gradients: dW[S, D, C] = x[s]^T dY[s] (dY: the pre-activations' and the logits' gradients, kept
+// in the thread), dbias[s, C], dtw, dtb (laid out as tw, tb). A replica with active[s] == 0 (active given) is
+// skipped: its outputs and gradients are left as they were.
 template <typename T>
 struct ReplicaStep {
-  int64_t S = 0, B = 0, E = 0, H = 0, nG = 0, nT = 0, L = 0;
+  int64_t S = 0, B = 0, D = 0, E = 0, H = 0, nG = 0, nT = 0, L = 0, xs = 0;
   const int64_t* widths = nullptr;
   int act = kRelu;
-  const T* Y = nullptr;
+  const T* x = nullptr;
+  const int64_t* xrow = nullptr;  // [S, B] or null
+  const int64_t* yrow = nullptr;  // [S, B] or null
+  const T* W = nullptr;
   const T* bias = nullptr;
   const T* const* tw = nullptr;
   const T* const* tb = nullptr;
@@ -219,10 +224,21 @@ struct ReplicaStep {
   const T* coef = nullptr;    // [nT]
   const T* weight = nullptr;  // [S, B, nT] label weights or null
   double* sums = nullptr;
-  T* dY = nullptr;
+  T* dW = nullptr;
   T* dbias = nullptr;
   T* const* dtw = nullptr;
   T* const* dtb = nullptr;
+  // Adam/AdamW in the thread (adam_m given): right after a replica's gradients, where its loss sums and bias
+  // gradient add up to a finite number (ok[s] = 1; else ok[s] = 0 and nothing of it changes), every parameter is
+  // updated in place, as torch's fused Adam would. params, adam_m, adam_v: [W, bias, the tower weights (l * nT + t),
+  // their biases], replica 0's (replica s's at + s * size). dW is then not written (null).
+  T* const* params = nullptr;
+  T* const* adam_m = nullptr;
+  T* const* adam_v = nullptr;
+  const double* lr = nullptr;  // [S]
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, wd = 0, bc1 = 1, bc2sqrt = 1;  // bc: 1 - beta^step, sqrt(..)
+  bool adamw = false;
+  uint8_t* ok = nullptr;
 };
 template <typename T>
 void replicas_step(const ReplicaStep<T>& step);

@@ -94,6 +94,42 @@ struct Kern {
     tile<M>(a, lda, w, ldw, Kd, out, hi);
   }
 
+  // out[M rows, stride ldo][NV * L] = sum_k A[i][k] * w[k * ldw + 0:NV * L], A[i][k] = a[i * lda + k], or with AT
+  // (A transposed) a[k * lda + i]: the replicas' own GEMMs, x @ W and x^T @ dY, on operands read in place. NV = 1:
+  // a half panel (C = 144 is 4.5 panels: its last costs half).
+  template <bool AT, int NV, int M>
+  static void tile_in_place(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out, int64_t ldo) {
+    V acc[M][NV] = {};
+    for (int64_t k = 0; k < Kd; ++k) {
+      const T* wk = w + k * ldw;
+      V wv[NV];
+      for (int j = 0; j < NV; ++j) wv[j] = load(wk + j * L);
+      for (int i = 0; i < M; ++i) {
+        const T ai = AT ? a[k * lda + i] : a[i * lda + k];
+        for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
+      }
+    }
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < NV; ++j) std::memcpy(out + i * ldo + j * L, &acc[i][j], sizeof(V));
+  }
+
+  template <bool AT, int NV, int M = MR>
+  static void tile_in_place_rows(int m, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out,
+                                 int64_t ldo) {
+    if constexpr (M > 1) {
+      if (m < M) return tile_in_place_rows<AT, NV, M - 1>(m, a, lda, w, ldw, Kd, out, ldo);
+    }
+    tile_in_place<AT, NV, M>(a, lda, w, ldw, Kd, out, ldo);
+  }
+
+  // The same over n <= NR columns: one vector's worth or two.
+  template <bool AT>
+  static void tile_in_place_cols(int m, int64_t n, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd,
+                                 T* out, int64_t ldo) {
+    if (n <= L) return tile_in_place_rows<AT, 1>(m, a, lda, w, ldw, Kd, out, ldo);
+    tile_in_place_rows<AT, 2>(m, a, lda, w, ldw, Kd, out, ldo);
+  }
+
   // ---- exp on a vector: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^7 (float) or r^13
   // (double), whose remainder is under half an ulp there, times 2^n put into the exponent bits: within one ulp
   // (0.66 ulp measured with AVX-512, 0.85 with SSE). Below the smallest normal result it gives 0 (std::exp
@@ -1359,21 +1395,31 @@ void tower_backward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t 
       const T* W = w[l * nT + t];
       T* dW = dw[l * nT + t];
       T* dbl = db[l * nT + t];
+      // Sums over the block's rows in 4 interleaved chains (one chain: an FMA's latency per row, the towers'
+      // backward's whole time at widths 16-8-1).
+      const int64_t r4 = rows / 4 * 4;
       for (int64_t n = 0; n < N; ++n) {
-        T sb = dbl[n];
-        for (int64_t r = 0; r < rows; ++r) sb += g[r * N + n];
-        dbl[n] = sb;
+        T sb[4] = {dbl[n], 0, 0, 0};
+        for (int64_t r = 0; r < r4; r += 4)
+          for (int u = 0; u < 4; ++u) sb[u] += g[(r + u) * N + n];
+        for (int64_t r = r4; r < rows; ++r) sb[0] += g[r * N + n];
+        dbl[n] = (sb[0] + sb[1]) + (sb[2] + sb[3]);
         T* dWn = dW + n * K;
         int64_t k = 0;
         for (; k + Lw <= K; k += Lw) {
-          V acc = Kt::load(dWn + k);
-          for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * Kt::load(a + r * lda + k);
-          std::memcpy(dWn + k, &acc, sizeof acc);
+          V acc[4] = {Kt::load(dWn + k), V{}, V{}, V{}};
+          for (int64_t r = 0; r < r4; r += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += g[(r + u) * N + n] * Kt::load(a + (r + u) * lda + k);
+          for (int64_t r = r4; r < rows; ++r) acc[0] += g[r * N + n] * Kt::load(a + r * lda + k);
+          const V sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+          std::memcpy(dWn + k, &sum, sizeof sum);
         }
         for (; k < K; ++k) {
-          T acc = dWn[k];
-          for (int64_t r = 0; r < rows; ++r) acc += g[r * N + n] * a[r * lda + k];
-          dWn[k] = acc;
+          T acc[4] = {dWn[k], 0, 0, 0};
+          for (int64_t r = 0; r < r4; r += 4)
+            for (int u = 0; u < 4; ++u) acc[u] += g[(r + u) * N + n] * a[(r + u) * lda + k];
+          for (int64_t r = r4; r < rows; ++r) acc[0] += g[r * N + n] * a[r * lda + k];
+          dWn[k] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         }
       }
       if (l == 0 && dh == nullptr) break;
@@ -1515,22 +1561,54 @@ void pack_entry(const T* w, const T* b, Grouped<T>& out, bool shared) {
 }
 
 // ---- replicas (fit_many): see ReplicaStep in kernels.h --------------------------------------------
+// Adam (AdamW: decoupled weight decay) on n parameters p with moments m, v and gradient g, as torch's fused Adam.
+template <typename T>
+void adam_update(T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict g, int64_t n,
+                 const ReplicaStep<T>& a, double lr) {
+  const T b1 = static_cast<T>(a.beta1), b2 = static_cast<T>(a.beta2), c1 = static_cast<T>(1 - a.beta1);
+  // 1 / sqrt(1 - beta2^step) as a factor: a division per element fewer than torch's (within an ulp of it), on
+  // a loop whose divisions and square roots are its whole cost
+  const T c2 = static_cast<T>(1 - a.beta2), step = static_cast<T>(lr / a.bc1), rbc2 = static_cast<T>(1 / a.bc2sqrt);
+  const T eps = static_cast<T>(a.eps), wd = static_cast<T>(a.adamw ? 0 : a.wd);
+  const T keep = static_cast<T>(a.adamw ? 1 - lr * a.wd : 1);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T pi = p[i] * keep, gi = g[i] + wd * p[i];
+    const T mi = b1 * m[i] + c1 * gi, vi = b2 * v[i] + c2 * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi - step * mi / (std::sqrt(vi) * rbc2 + eps);
+  }
+}
+
 template <typename T>
 void replica_one(const ReplicaStep<T>& a, int64_t s) {
   using Kt = Kern<T>;
-  const int64_t B = a.B, E = a.E, H = a.H, nG = a.nG, nT = a.nT, nL = a.L, EH = E * H, GE = nG * E, C = EH + GE;
+  const int64_t B = a.B, D = a.D, E = a.E, H = a.H, nG = a.nG, nT = a.nT, nL = a.L, EH = E * H, GE = nG * E;
+  const int64_t C = EH + GE, P = Kt::panels(C), Cp = P * Kt::NR, full = C / Kt::NR;  // full: panels read in place
   const bool own = nG == 0 && E > 1;  // E == nT: task t's tower reads expert t alone (per-task networks)
   const bool shared = nG <= 1 && !own;  // one input for every tower
   const int64_t hrows = shared ? B : nT * B, hid = tower_hidden_width<T>(nL, a.widths);
   const int64_t GW = (GE + Kt::L - 1) / Kt::L * Kt::L;  // softmax_groups' buffer: whole vectors
   // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
-  T* z = scratch<T>(5, static_cast<size_t>(B * C + B * EH + B * GE + hrows * H + nT * B * hid + B * GW + nT * B));
+  const int64_t Bp = (B + Kt::MR - 1) / Kt::MR * Kt::MR;
+  const bool adam = a.adam_m != nullptr;
+  T* Yb = scratch<T>(5, static_cast<size_t>(2 * B * Cp + D * Kt::NR + Bp * D + B * C + B * EH + B * GE +
+                                            hrows * H + nT * B * hid + B * GW + nT * B + (adam ? D * C : 0) +
+                                            (a.xrow ? B * D : 0) + (a.yrow ? B * nT : 0)));
+  T* dY = Yb + B * Cp;  // [B, Cp], as Yb: x @ W and its gradient, rows padded to whole panels
+  T* wt = dY + B * Cp;  // W's last panel [D, NR] where C is not a multiple of NR, zero-padded
+  T* xp = wt + D * Kt::NR;  // x in slivers of MR rows, [Bp / MR][D][MR]: a tile's operands side by side
+  T* z = xp + Bp * D;
   T* f = z + B * C;     // act(pre) [B, EH]
   T* G = f + B * EH;    // [B, nG, E]
   T* h = G + B * GE;    // the towers' input [nT or 1, B, H]
   T* save = h + hrows * H;
   T* lg = save + nT * B * hid;  // the gates' logits [B, GW]
   T* dz = lg + B * GW;  // [B, nT]
+  T* dWb = dz + nT * B;  // with Adam: dW [D, C], then the update in one pass (a stream the prefetcher follows)
+  T* xg = dWb + (adam ? D * C : 0);  // with xrow: the replica's rows of x [B, D], gathered
+  T* yg = xg + (a.xrow ? B * D : 0);  // with yrow: its targets [B, nT]
   std::vector<const T*> tw(static_cast<size_t>(nL * nT)), tb(tw.size());
   std::vector<T*> dtw(tw.size()), dtb(tw.size());
   for (int64_t l = 0; l < nL; ++l)
@@ -1544,13 +1622,45 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
         dtb[i] = a.dtb[i] + s * nb;
       }
     }
-  const T* Ys = a.Y + s * B * C;
+  // The GEMM Y = x @ W, panel by panel (a panel of W stays in L1 across the row tiles).
+  const T* xs = a.x + s * a.xs;
+  if (a.xrow) {  // rows at random: each fetched a few rows ahead of its copy
+    constexpr int64_t ahead = 4;
+    const int64_t* rowid = a.xrow + s * B;
+    for (int64_t b = 0; b < std::min(ahead, B); ++b)
+      for (int64_t k = 0; k < D; k += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(a.x + rowid[b] * D + k);
+    for (int64_t b = 0; b < B; ++b) {
+      if (b + ahead < B)
+        for (int64_t k = 0; k < D; k += 64 / static_cast<int64_t>(sizeof(T)))
+          __builtin_prefetch(a.x + rowid[b + ahead] * D + k);
+      std::copy_n(a.x + rowid[b] * D, D, xg + b * D);
+    }
+    xs = xg;
+  }
+  const T* Ws = a.W + s * D * C;
+  if (full < P)
+    for (int64_t k = 0; k < D; ++k) {
+      std::copy(Ws + k * C + full * Kt::NR, Ws + (k + 1) * C, wt + k * Kt::NR);
+      std::fill(wt + k * Kt::NR + (C - full * Kt::NR), wt + (k + 1) * Kt::NR, T(0));
+    }
+  for (int64_t r = 0; r < B; r += Kt::MR) {
+    const int64_t rows = std::min<int64_t>(Kt::MR, B - r);
+    T* o = xp + r * D;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t k = 0; k < D; ++k) o[k * Kt::MR + i] = xs[(r + i) * D + k];
+  }
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t r = 0; r < B; r += Kt::MR)
+      Kt::template tile_in_place_cols<true>(static_cast<int>(std::min<int64_t>(Kt::MR, B - r)),
+                                            std::min<int64_t>(Kt::NR, C - p * Kt::NR), xp + r * D, Kt::MR,
+                                            p < full ? Ws + p * Kt::NR : wt, p < full ? C : Kt::NR, D,
+                                            Yb + r * Cp + p * Kt::NR, Cp);
   const T* bs = a.bias ? a.bias + s * C : nullptr;
   Kt::with_act(a.act, [&](auto A) {
     for (int64_t b = 0; b < B; ++b) {
       T* zb = z + b * C;
       T* fb = f + b * EH;
-      const T* yr = Ys + b * C;
+      const T* yr = Yb + b * Cp;
       if (bs) {
 #pragma omp simd
         for (int64_t c = 0; c < EH; ++c) {
@@ -1564,8 +1674,9 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
         for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
       }
       if (nG > 0) {
-        std::copy(zb + EH, zb + C, lg + b * GW);
-        std::fill(lg + b * GW + GE, lg + (b + 1) * GW, T(0));
+        T* lb = lg + b * GW;
+        for (int64_t c = 0; c < GE; ++c) lb[c] = zb[EH + c];
+        for (int64_t c = GE; c < GW; ++c) lb[c] = T(0);
       } else if (own) {
         for (int64_t t = 0; t < nT; ++t) std::copy(fb + t * H, fb + (t + 1) * H, h + (t * B + b) * H);
       } else {
@@ -1600,24 +1711,29 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   for (int64_t t = 0; t < nT; ++t)  // no nested parallel region: this thread runs one replica
     tower_forward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
   if (!a.y) return;
-  loss_grad<T>(out, a.y + s * B * nT, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
+  const T* ys = a.y + s * B * nT;
+  if (a.yrow) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < nT; ++t) yg[b * nT + t] = a.y[a.yrow[s * B + b] * nT + t];
+    ys = yg;
+  }
+  loss_grad<T>(out, ys, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
                a.sums + s * nT, B, nT);
   T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + B * GE));
   T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
   T* dGall = dsum + H;         // [B, nG, E]
   for (int64_t t = 0; t < nT; ++t)
     tower_backward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
-  T* dY = a.dY + s * B * C;
   T* db = a.dbias + s * C;
-  std::fill(db, db + C, T(0));
   const int64_t nm = shared ? 1 : nT;  // the mixtures: one per task, or one shared
   Kt::with_act(a.act, [&](auto A) {
     for (int64_t b = 0; b < B; ++b) {
       const T* zb = z + b * C;
       const T* fb = f + b * EH;
       const T* g = G + b * GE;
-      T* dyb = dY + b * C;
+      T* dyb = dY + b * Cp;
       T* dG = dGall + b * GE;
+      std::fill(dyb + C, dyb + Cp, T(0));  // the padding: read by the GEMM below (its products discarded)
       if (shared) {
         std::fill(dsum, dsum + H, T(0));
         for (int64_t t = 0; t < nT; ++t) {
@@ -1626,20 +1742,18 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
           for (int64_t j = 0; j < H; ++j) dsum[j] += dt[j];
         }
       }
-      // Per expert, in one pass over its H columns: df = sum_t G dm, dpre = df act'(pre) into dY, and the bias
-      // gradient; dG[t, e] = <dm_t, act(pre_e)>.
+      // Per expert, in one pass over its H columns: df = sum_t G dm, dpre = df act'(pre) into dY; dG[t, e] =
+      // <dm_t, act(pre_e)>.
       for (int64_t e = 0; e < E; ++e) {
         const T* fe = fb + e * H;
         const T* ze = zb + e * H;
         T* dye = dyb + e * H;
-        T* dbe = db + e * H;
         if (nG == 0) {
           const T* de = own ? dh + (e * B + b) * H : dsum;  // own: expert e feeds task e's tower alone
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
             const T d = de[j] * Kt::template fder<A>(ze[j]);
             dye[j] = d;
-            dbe[j] += d;
           }
           continue;
         }
@@ -1650,7 +1764,6 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
           for (int64_t j = 0; j < H; ++j) {
             const T d = g0 * d0[j] * Kt::template fder<A>(ze[j]);
             dye[j] = d;
-            dbe[j] += d;
           }
         } else if (nm == 2) {  // one pass: the mixture's two tasks, act', the bias gradient
           const T* d1 = dh + (B + b) * H;
@@ -1659,7 +1772,6 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
           for (int64_t j = 0; j < H; ++j) {
             const T d = (g0 * d0[j] + g1 * d1[j]) * Kt::template fder<A>(ze[j]);
             dye[j] = d;
-            dbe[j] += d;
           }
         } else {
           const T* d1 = dh + (B + b) * H;
@@ -1676,7 +1788,6 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
           for (int64_t j = 0; j < H; ++j) {
             const T d = dye[j] * Kt::template fder<A>(ze[j]);
             dye[j] = d;
-            dbe[j] += d;
           }
         }
         for (int64_t t = 0; t < nm; ++t) dG[t * E + e] = Kt::dot(shared ? dsum : dh + (t * B + b) * H, fe, H);
@@ -1688,22 +1799,71 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   for (int64_t b = 0; b < B; ++b) {
     const T* g = G + b * GE;
     const T* dG = dGall + b * GE;
-    T* dyb = dY + b * C;
+    T* dyb = dY + b * Cp;
     for (int64_t t = 0; t < nG; ++t) {
       T sg = 0;
       for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
       for (int64_t e = 0; e < E; ++e) {
         const T d = g[t * E + e] * (dG[t * E + e] - sg);
         dyb[EH + t * E + e] = d;
-        db[EH + t * E + e] += d;
       }
     }
   }
+  // The bias gradient: dY's column sums, row after row as before, in registers a block of vectors at a time (a
+  // sum kept in memory row by row waited on its own store at every row).
+  {
+    constexpr int64_t kCols = 8 * Kt::L;
+    for (int64_t c0 = 0; c0 < Cp; c0 += kCols) {
+      const int64_t nv = std::min(kCols, Cp - c0) / Kt::L;
+      typename Kt::V acc[kCols / Kt::L] = {};
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t v = 0; v < nv; ++v) acc[v] += Kt::load(dY + b * Cp + c0 + v * Kt::L);
+      for (int64_t v = 0; v < nv; ++v)
+        for (int j = 0; j < Kt::L; ++j)
+          if (c0 + v * Kt::L + j < C) db[c0 + v * Kt::L + j] = acc[v][j];
+    }
+  }
+  // With the optimizer: this replica's update, where its loss and bias gradient are finite (fit_many's check).
+  if (adam) {
+    double total = 0;
+    for (int64_t t = 0; t < nT; ++t) total += a.sums[s * nT + t];
+    for (int64_t c = 0; c < C; ++c) total += db[c];
+    a.ok[s] = std::isfinite(total);
+    if (!a.ok[s]) return;
+  }
+  const double lr = adam ? a.lr[s] : 0;
+  // dW = x^T dY, a tile of D rows x NR columns at a time
+  const int64_t wo = s * D * C;
+  T* dWs = adam ? dWb : a.dW + wo;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t m = 0; m < D; m += Kt::MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, D - m));
+      const int64_t nc = std::min<int64_t>(Kt::NR, C - p * Kt::NR);
+      if (p < full) {  // whole panels straight into place; the last through a tile of its own
+        Kt::template tile_in_place_rows<true, 2>(rows, xs + m, D, dY + p * Kt::NR, Cp, B, dWs + m * C + p * Kt::NR, C);
+        continue;
+      }
+      alignas(64) T tile[Kt::MR * Kt::NR];
+      Kt::template tile_in_place_cols<true>(rows, nc, xs + m, D, dY + p * Kt::NR, Cp, B, tile, Kt::NR);
+      for (int i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < nc; ++j) dWs[(m + i) * C + p * Kt::NR + j] = tile[i * Kt::NR + j];
+    }
+  if (!adam) return;
+  adam_update<T>(a.params[0] + wo, a.adam_m[0] + wo, a.adam_v[0] + wo, dWb, D * C, a, lr);
+  adam_update<T>(a.params[1] + s * C, a.adam_m[1] + s * C, a.adam_v[1] + s * C, db, C, a, lr);
+  for (int64_t l = 0; l < nL; ++l)
+    for (int64_t t = 0; t < nT; ++t) {
+      const int64_t i = l * nT + t, nw = a.widths[l] * a.widths[l + 1], nb = a.widths[l + 1];
+      const int64_t iw = 2 + i, ib = 2 + nL * nT + i;
+      adam_update<T>(a.params[iw] + s * nw, a.adam_m[iw] + s * nw, a.adam_v[iw] + s * nw, dtw[i], nw, a, lr);
+      adam_update<T>(a.params[ib] + s * nb, a.adam_m[ib] + s * nb, a.adam_v[ib] + s * nb, dtb[i], nb, a, lr);
+    }
 }
 
 template <typename T>
 void replicas_entry(const ReplicaStep<T>& a) {
-  int64_t macs = a.E * a.H * (a.nT + 3) * 8;  // the elementwise passes, 8 per element (see threads_for)
+  const int64_t C = a.E * a.H + a.nG * a.E;
+  int64_t macs = a.E * a.H * (a.nT + 3) * 8 + (a.y ? 2 : 1) * a.D * C;  // 8 per element passed (see threads_for)
   for (int64_t l = 0; l < a.L; ++l) macs += 3 * a.nT * a.widths[l] * a.widths[l + 1];
 #pragma omp parallel for schedule(dynamic) num_threads(Kern<T>::threads_for(a.S, a.S * a.B * macs))
   for (int64_t s = 0; s < a.S; ++s)

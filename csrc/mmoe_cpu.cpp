@@ -702,34 +702,55 @@ void bind(py::module_& m, const std::string& sfx) {
         },
         "towers_forward's backward from dout[B,T]: dw, db (as w and bias) and, dh != 0, dh[T,B,K0].");
   m.def(("replicas_step" + sfx).c_str(),
-        [](int64_t S, int64_t B, int64_t E, int64_t H, int64_t nG, int64_t nT, const std::vector<int64_t>& widths,
-           int act, uintptr_t Y, uintptr_t bias, const std::vector<uintptr_t>& tw, const std::vector<uintptr_t>& tb,
-           uintptr_t out, uintptr_t active, uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef,
-           uintptr_t weight, uintptr_t sums, uintptr_t dY, uintptr_t dbias, const std::vector<uintptr_t>& dtw,
-           const std::vector<uintptr_t>& dtb) {
+        [](int64_t S, int64_t B, int64_t D, int64_t E, int64_t H, int64_t nG, int64_t nT,
+           const std::vector<int64_t>& widths, int act, uintptr_t x, int64_t xs, uintptr_t xrow, uintptr_t yrow,
+           uintptr_t W, uintptr_t bias,
+           const std::vector<uintptr_t>& tw, const std::vector<uintptr_t>& tb, uintptr_t out, uintptr_t active,
+           uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef, uintptr_t weight, uintptr_t sums,
+           uintptr_t dW, uintptr_t dbias, const std::vector<uintptr_t>& dtw, const std::vector<uintptr_t>& dtb,
+           const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& adam_m,
+           const std::vector<uintptr_t>& adam_v, uintptr_t lr, const std::vector<double>& hyper, bool adamw,
+           uintptr_t ok) {
           mmoe::ReplicaStep<T> st;
           st.L = checked_layers(widths, tw, tb, nT);
-          if (S < 0 || B < 0 || E < 1 || H < 1 || widths[0] != H || !(nG == 0 || nG == 1 || nG == nT) ||
+          if (S < 0 || B < 0 || D < 1 || E < 1 || H < 1 || widths[0] != H || !(nG == 0 || nG == 1 || nG == nT) ||
               (nG == 0 && E != 1 && E != nT))
-            throw std::invalid_argument("replicas_step: needs E, H >= 1, widths[0] == H, nG in {0, 1, T}, E in "
+            throw std::invalid_argument("replicas_step: needs D, E, H >= 1, widths[0] == H, nG in {0, 1, T}, E in "
                                         "{1, T} without gates");
-          if (y && (static_cast<int64_t>(binary.size()) != nT || !coef || !sums || !dY || !dbias))
-            throw std::invalid_argument("replicas_step: training needs binary[T], coef, sums, dY and dbias");
+          const bool adam = !adam_m.empty();
+          if (y && (static_cast<int64_t>(binary.size()) != nT || !coef || !sums || (!dW && !adam) || !dbias))
+            throw std::invalid_argument("replicas_step: training needs binary[T], coef, sums, dW (or Adam) and dbias");
+          const size_t np = static_cast<size_t>(2 + 2 * st.L * nT);
+          if (adam && (!y || !bias || params.size() != np || adam_m.size() != np || adam_v.size() != np || !lr ||
+                       hyper.size() != 6 || !ok))
+            throw std::invalid_argument("replicas_step: Adam needs y, a bias, params/adam_m/adam_v of " +
+                                        std::to_string(np) + " pointers, lr, 6 hyper-parameters and ok");
           if (y) checked_layers(widths, dtw, dtb, nT);
           const auto twp = pointers<const T>(tw), tbp = pointers<const T>(tb);
           const auto dtwp = pointers<T>(dtw), dtbp = pointers<T>(dtb);
-          st.S = S, st.B = B, st.E = E, st.H = H, st.nG = nG, st.nT = nT, st.widths = widths.data(), st.act = act;
-          st.Y = cp<T>(Y), st.bias = cp<T>(bias), st.tw = twp.data(), st.tb = tbp.data(), st.out = mp<T>(out);
-          st.active = reinterpret_cast<const uint8_t*>(active);
+          const auto pp = pointers<T>(params), mp_ = pointers<T>(adam_m), vp = pointers<T>(adam_v);
+          if (adam) {
+            st.params = pp.data(), st.adam_m = mp_.data(), st.adam_v = vp.data();
+            st.lr = reinterpret_cast<const double*>(lr), st.ok = reinterpret_cast<uint8_t*>(ok), st.adamw = adamw;
+            st.beta1 = hyper[0], st.beta2 = hyper[1], st.eps = hyper[2], st.wd = hyper[3], st.bc1 = hyper[4];
+            st.bc2sqrt = hyper[5];
+          }
+          st.S = S, st.B = B, st.D = D, st.E = E, st.H = H, st.nG = nG, st.nT = nT, st.xs = xs;
+          st.widths = widths.data(), st.act = act;
+          st.x = cp<T>(x), st.xrow = reinterpret_cast<const int64_t*>(xrow);
+          st.yrow = reinterpret_cast<const int64_t*>(yrow), st.W = cp<T>(W), st.bias = cp<T>(bias), st.tw = twp.data(), st.tb = tbp.data();
+          st.out = mp<T>(out), st.active = reinterpret_cast<const uint8_t*>(active);
           st.y = cp<T>(y), st.binary = binary.data(), st.coef = cp<T>(coef), st.weight = cp<T>(weight);
-          st.sums = reinterpret_cast<double*>(sums), st.dY = mp<T>(dY), st.dbias = mp<T>(dbias);
+          st.sums = reinterpret_cast<double*>(sums), st.dW = mp<T>(dW), st.dbias = mp<T>(dbias);
           st.dtw = dtwp.data(), st.dtb = dtbp.data();
           py::gil_scoped_release release;
           mmoe::replicas_step<T>(st);
         },
         "S replicas of a one-layer MMoE/OMoE/Shared-Bottom/Single-Task with towers (see ReplicaStep in "
-        "kernels.h): from Y[S,B,C] = x @ Wcat, out[S,B,T]; with y (else 0), loss sums[S,T] (float64) and "
-        "gradients.");
+        "kernels.h): from x[S,B,D] (or one x[B,D], xs = 0; or xrow[S,B] picking rows of x, yrow those of y) and "
+        "W[S,D,C], out[S,B,T]; with y (else 0), loss "
+        "sums[S,T] (float64) and gradients, or with adam_m the Adam update (hyper: beta1, beta2, eps, weight "
+        "decay, 1 - beta1^step, sqrt(1 - beta2^step); lr[S] float64; ok[S] uint8 out).");
   // The ops' kernels over S replicas (see over_replicas): pointers and strides (elements) in the order named.
   m.def(("gate_softmax_replicas" + sfx).c_str(),
         [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t D,

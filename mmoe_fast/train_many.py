@@ -80,6 +80,14 @@ class _Data:
         out = cpp_backend.fresh(t, (S * B, *t.shape[1:]))  # the pool's: a fresh MB-sized buffer faults its pages
         return torch.index_select(t, 0, index.reshape(-1), out=out).view(S, B, *t.shape[1:])
 
+    def source(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(t[N, ...], rows[S, B])``: run s's rows ``index[s]`` are ``t[rows[s]]`` (no copy of the data)."""
+        if self.shared is not None:
+            return self.shared, index.contiguous()
+        S, n = index.shape[0], self.stacked.shape[1]
+        return (self.stacked.view(S * n, *self.stacked.shape[2:]),
+                (index + torch.arange(S)[:, None] * n).contiguous())
+
     def all_rows(self) -> Tensor:
         """``[N, ...]`` shared, or ``[S, N, ...]``."""
         return self.shared if self.shared is not None else self.stacked
@@ -319,6 +327,10 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
     plans: dict[tuple, list] = {}
     bar = tqdm(total=total, desc=f"{S} runs, {engine}", disable=not progress)
     has_penalty = getattr(stack, "alphas", None) is not None  # L2-Constrained: fit adds its extra_loss
+    # ReplicaStack's Adam in each replica's thread, right after its gradients (one pass over the weights fewer)
+    in_step = getattr(stack, "updates_in_step", False)
+    lr_runs = torch.tensor(lrs, dtype=torch.float64)
+    trainer = None
 
     def stop(s: int, message: str) -> None:
         active[s] = False
@@ -327,6 +339,10 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
     with bar, torch.no_grad():
         while step < total and any(active):
             orders = torch.stack([torch.randperm(n, generator=g) for g in gens])
+            full = n // batch_size  # the epoch's batches, each a contiguous [S, rows] (its rows: no copy a step)
+            parts = list(orders[:, : full * batch_size].reshape(S, full, batch_size).transpose(0, 1).contiguous())
+            if full * batch_size < n:
+                parts.append(orders[:, full * batch_size :].contiguous())
             loss_sum = torch.zeros((S, T), dtype=torch.float64)
             extra_sum = torch.zeros(S, dtype=torch.float64)  # L2-Constrained's penalty, as fit's extra_loss
             rows_seen, batches = 0, 0
@@ -334,16 +350,29 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
             for b in range(per_epoch):
                 if step >= total or not any(active):
                     break
-                index = orders[:, b * batch_size : (b + 1) * batch_size]
+                index = parts[b]
                 rows = index.shape[1]
-                xb, yb = X.rows(index), Y.rows(index)
+                if in_step:  # the kernel gathers each run's rows in its thread
+                    (xb, xrow), (yb, yrow) = X.source(index), Y.source(index)
+                    if trainer is None:
+                        trainer = stack.trainer(xb, yb, (exp_avgs, exp_avg_sqs), common["weight_decay"],
+                                                common["optimizer"] == "adamw", _BETAS, _EPS)
+                else:
+                    xb, yb = X.rows(index), Y.rows(index)
                 if rows not in coefs:
                     coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
-                sums, grads = stack.step(xb, yb, coefs[rows], None if all(active) else torch.tensor(active))
+                mask = None if all(active) else torch.tensor(active)
+                if in_step:  # the same check and update, in the kernel
+                    sums, finite = trainer(xrow, yrow, coefs[rows], lr_runs, step + 1, mask)
+                    if mask is not None:
+                        finite |= ~mask
+                else:
+                    sums, grads = stack.step(xb, yb, coefs[rows], mask)
                 extra = stack.add_penalty(grads) if has_penalty else None
                 # One check per run: its loss sums and bias gradient (the column sums of its dY) finite.
-                finite = (stack.finite(sums, grads) if hasattr(stack, "finite") else
-                          torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64)))
+                if not in_step:
+                    finite = (stack.finite(sums, grads) if hasattr(stack, "finite") else
+                              torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64)))
                 if extra is not None:
                     finite &= torch.isfinite(extra)  # finite weights (checked) give it a finite gradient
                 if not bool(finite.all()):
@@ -354,13 +383,14 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                                     f"loss or gradient before the update (per-task sums {sums[s].tolist()}{part}); "
                                     f"nothing of this step was applied; lower the learning rate (now {lrs[s]}) "
                                     "or check the inputs")
-                count.add_(1)
                 key = tuple(active)
                 if key not in plans:  # the runs still going, by learning rate, in stretches of the stacks
                     live = [s for s in range(S) if active[s]]
                     plans = {key: [(value, a, z) for value in sorted({lrs[s] for s in live})
                                    for a, z in _runs([s for s in live if lrs[s] == value])]}
-                for value, a, z in plans[key]:
+                if not in_step:
+                    count.add_(1)
+                for value, a, z in plans[key] if not in_step else ():
                     sl = [t[a:z] for t in params] if z - a < S else params
                     kernel(sl, [g[a:z] for g in grads] if z - a < S else grads,
                            [t[a:z] for t in exp_avgs] if z - a < S else exp_avgs,

@@ -20,13 +20,15 @@ needs_cpp = pytest.mark.skipif(cpp_backend.unavailable_reason() is not None, rea
 ACT = {"relu": torch.relu, "silu": F.silu, "gelu": lambda z: F.gelu(z, approximate="tanh")}
 
 
-def _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
-    """Plain PyTorch (autograd) of ReplicaStep, replica by replica: out, sums, dY, dbias, tower grads."""
-    S, B, C = Y.shape
+def _reference_step(x, W, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
+    """Plain PyTorch (autograd) of ReplicaStep, replica by replica: out, sums, dW, dbias, tower grads."""
+    S, D, C = W.shape
+    B = x.shape[-2]
     T = len(towers) // (2 * L)
-    outs, sums, dYs, dbs, dts = [], [], [], [], [[] for _ in towers]
+    outs, sums, dWs, dbs, dts = [], [], [], [], [[] for _ in towers]
     for s in range(S):
-        z = (Y[s] + (bias[s] if bias is not None else 0)).detach().requires_grad_(True)
+        ws, bs = W[s].detach().requires_grad_(True), bias[s].detach().requires_grad_(True)
+        z = (x[s] if x.dim() == 3 else x) @ ws + bs
         tw = [p[s].detach().requires_grad_(True) for p in towers]
         f = ACT[act](z[:, : E * H]).view(B, E, H)
         if nG == 0:  # E == 1: one bottom for every task; E == T: task t's own network
@@ -46,25 +48,26 @@ def _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, weight):
         per = torch.where(torch.tensor(binary), F.binary_cross_entropy_with_logits(out, y[s], reduction="none"),
                           (out - y[s]).square())
         task_sums = (w * per).sum(0)
-        grads = torch.autograd.grad((coef * task_sums).sum(), [z, *tw])
+        grads = torch.autograd.grad((coef * task_sums).sum(), [ws, bs, *tw])
         outs.append(out.detach())
         sums.append(task_sums.detach().double())
-        dYs.append(grads[0])
-        dbs.append(grads[0].sum(0))
-        for k, g in enumerate(grads[1:]):
+        dWs.append(grads[0])
+        dbs.append(grads[1])
+        for k, g in enumerate(grads[2:]):
             dts[k].append(g)
-    return (torch.stack(outs), torch.stack(sums), torch.stack(dYs), torch.stack(dbs), [torch.stack(g) for g in dts])
+    return (torch.stack(outs), torch.stack(sums), torch.stack(dWs), torch.stack(dbs), [torch.stack(g) for g in dts])
 
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
-@pytest.mark.parametrize("kind,T,E,H,hidden,B", [
-    ("mmoe", 2, 8, 16, (8,), 128), ("mmoe", 1, 1, 1, (), 1), ("mmoe", 3, 5, 17, (4, 6), 33),
-    ("omoe", 2, 3, 5, (3,), 7), ("omoe", 4, 2, 33, (), 2), ("sb", 2, 1, 13, (8,), 65), ("sb", 1, 1, 1, (2,), 1),
-    ("st", 2, 2, 16, (8,), 33), ("st", 3, 3, 5, (), 1), ("st", 4, 4, 17, (3, 2), 9)])
-def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, act, dtype):
-    torch.manual_seed(T * 1000 + E * 100 + H + B)
+@pytest.mark.parametrize("kind,T,E,H,hidden,B,D", [
+    ("mmoe", 2, 8, 16, (8,), 128, 100), ("mmoe", 1, 1, 1, (), 1, 1), ("mmoe", 3, 5, 17, (4, 6), 33, 9),
+    ("omoe", 2, 3, 5, (3,), 7, 17), ("omoe", 4, 2, 33, (), 2, 8), ("sb", 2, 1, 13, (8,), 65, 3),
+    ("sb", 1, 1, 1, (2,), 1, 2), ("sb", 2, 1, 64, (2,), 19, 16), ("st", 2, 2, 16, (8,), 33, 7),
+    ("st", 3, 3, 5, (), 1, 33), ("st", 4, 4, 17, (3, 2), 9, 5)])
+def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, D, act, dtype):
+    torch.manual_seed(T * 1000 + E * 100 + H + B + D)
     S = 3
     nG = {"mmoe": T, "omoe": 1, "sb": 0, "st": 0}[kind]
     C = E * H + nG * E
@@ -73,7 +76,7 @@ def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, act, dtype
     towers = [torch.randn(S, widths[layer + 1], widths[layer], dtype=dtype) for layer in range(L) for _ in range(T)]
     towers = [p for layer in range(L) for p in (towers[layer * T : (layer + 1) * T]
                                                  + [torch.randn(S, widths[layer + 1], dtype=dtype) for _ in range(T)])]
-    Y, bias = torch.randn(S, B, C, dtype=dtype), torch.randn(S, C, dtype=dtype)
+    x, W, bias = torch.randn(S, B, D, dtype=dtype), torch.randn(S, D, C, dtype=dtype), torch.randn(S, C, dtype=dtype)
     binary = [t % 2 == 1 for t in range(T)]
     y = torch.where(torch.tensor(binary), (torch.rand(S, B, T) > 0.5).to(dtype), torch.randn(S, B, T, dtype=dtype))
     coef = torch.rand(T, dtype=dtype)
@@ -81,36 +84,98 @@ def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, act, dtype
     act = act if kind != "sb" else "relu"
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for w in (None, weight):
-        got = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef, weight=w)
-        want = _reference_step(Y, bias, E, H, nG, towers, L, act, y, binary, coef, w)
-        for name, a, b in zip(("out", "sums", "dY", "dbias"), got[:4], want[:4]):
+        got = cpp_backend.replicas_step(x, W, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef, weight=w)
+        want = _reference_step(x, W, bias, E, H, nG, towers, L, act, y, binary, coef, w)
+        for name, a, b in zip(("out", "sums", "dW", "dbias"), got[:4], want[:4]):
             assert_close(a, b, tol, f"{kind} {name}")
         for k, (a, b) in enumerate(zip(got[4], want[4])):
             assert_close(a, b, tol, f"{kind} tower grad {k}")
-    out = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act)
+    out = cpp_backend.replicas_step(x, W, bias, E, H, nG, towers, L, act)
     assert_close(out, want[0], tol, f"{kind} forward only")
+    # One x for every replica (xs = 0), as evaluation passes it.
+    shared = cpp_backend.replicas_step(x[1], W, bias, E, H, nG, towers, L, act)
+    assert_close(shared, _reference_step(x[1], W, bias, E, H, nG, towers, L, act, y, binary, coef, None)[0], tol,
+                 f"{kind} one x for all")
     # A replica left out is not computed: zeros, while the others are unchanged.
-    full = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef)
-    got = cpp_backend.replicas_step(Y, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef,
+    full = cpp_backend.replicas_step(x, W, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef)
+    got = cpp_backend.replicas_step(x, W, bias, E, H, nG, towers, L, act, y=y, binary=binary, coef=coef,
                                     active=torch.tensor([True, False, True]))
     for a, b in zip(got[:4], full[:4]):
         assert torch.equal(a[[0, 2]], b[[0, 2]]) and a[1].abs().max() == 0
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("adamw", [False, True])
+@pytest.mark.parametrize("kind,T,E,H,hidden,B,D", [
+    ("mmoe", 2, 8, 16, (8,), 128, 100), ("mmoe", 1, 1, 1, (), 1, 1), ("omoe", 3, 5, 17, (4, 6), 33, 9),
+    ("sb", 2, 1, 13, (8,), 7, 3), ("st", 2, 2, 16, (8,), 9, 17)])
+def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, hidden, B, D, adamw, dtype):
+    torch.manual_seed(B + D + T)
+    S, N, M = 4, 40, 50
+    nG = {"mmoe": T, "omoe": 1, "sb": 0, "st": 0}[kind]
+    C = E * H + nG * E
+    widths = [H, *hidden, 1]
+    L = len(widths) - 1
+    towers = [p for layer in range(L) for p in ([torch.randn(S, widths[layer + 1], widths[layer], dtype=dtype)
+                                                 for _ in range(T)]
+                                                + [torch.randn(S, widths[layer + 1], dtype=dtype) for _ in range(T)])]
+    params = [torch.randn(S, D, C, dtype=dtype) * 0.3, torch.randn(S, C, dtype=dtype), *towers]
+    moments = ([torch.randn_like(p) * 0.1 for p in params], [torch.rand_like(p) * 0.1 for p in params])
+    x, y = torch.randn(N, D, dtype=dtype), torch.randn(M, T, dtype=dtype)
+    binary = [t % 2 == 1 for t in range(T)]
+    y[:, binary] = (y[:, binary] > 0).to(dtype)
+    xrow, yrow = torch.randint(0, N, (S, B)), torch.randint(0, M - 1, (S, B))
+    yrow[3] = M - 1
+    y[M - 1, 0] = float("inf")  # replica 3's loss is not finite: it stays as it was
+    coef, lr, step = torch.rand(T, dtype=dtype), torch.tensor([1e-3, 1e-2, 3e-3, 1e-2], dtype=torch.float64), 3
+    active = torch.tensor([True, False, True, True])  # replica 1 is not run
+    act = "relu" if kind == "sb" else "silu"
+    before = [p.clone() for p in params], [m.clone() for m in moments[0]], [v.clone() for v in moments[1]]
+    # the reference: plain PyTorch's gradients on the gathered rows, then torch's fused Adam/AdamW run by run
+    want = [[p.clone() for p in part] for part in before]
+    _, sums, dW, dbias, tgrads = _reference_step(x[xrow], params[0], params[1], E, H, nG, towers, L, act, y[yrow],
+                                                 binary, coef, None)
+    grads = [dW, dbias, *tgrads]
+    kernel = torch._fused_adamw_ if adamw else torch._fused_adam_
+    for s in (0, 2):
+        kernel([p[s] for p in want[0]], [g[s].contiguous() for g in grads], [m[s] for m in want[1]],
+               [v[s] for v in want[2]], [], [torch.tensor(float(step))] * len(params), amsgrad=False, lr=float(lr[s]),
+               beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False, grad_scale=None, found_inf=None)
+    trainer = cpp_backend.ReplicaTrainer(x, y, params[0], params[1], E, H, nG, towers, L, act, binary, moments,
+                                         weight_decay=0.01, adamw=adamw)
+    got_sums, ok = trainer(xrow, yrow, coef, lr, step, active)
+    assert ok.tolist() == [True, False, True, False]
+    assert_close(got_sums[[0, 2]], sums[[0, 2]], 1e-12 if dtype == torch.float64 else 2e-5, f"{kind} sums")
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, got, ref in zip(("weights", "exp_avg", "exp_avg_sq"), (params, *moments), want):
+        for k, (a, b) in enumerate(zip(got, ref)):
+            assert_close(a, b, tol, f"{kind} {name} {k}")
+    # bad rows are refused by name before the kernel reads them
+    with pytest.raises(ValueError, match="a row of x out of range"):
+        trainer(xrow + N, yrow, coef, lr, step)
+    with pytest.raises(ValueError, match="y's rows must be contiguous int64"):
+        trainer(xrow, yrow.int(), coef, lr, step)
+
+
+@needs_cpp
 def test_replicas_step_refuses_shapes_it_cannot_run():
-    Y, bias = torch.randn(2, 4, 8 + 3 * 2), torch.randn(2, 14)
+    x, W, bias = torch.randn(2, 4, 5), torch.randn(2, 5, 8 + 3 * 2), torch.randn(2, 14)
     towers = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1), torch.randn(2, 1)]
     with pytest.raises(ValueError, match="nG"):  # 3 gates for 2 tasks
-        cpp_backend.replicas_step(Y, bias, 2, 4, 3, towers, 1, "relu")
+        cpp_backend.replicas_step(x, W, bias, 2, 4, 3, towers, 1, "relu")
     with pytest.raises(ValueError, match="E in"):  # no gates: one expert, or one per task (2), not 3
-        cpp_backend.replicas_step(Y[..., :12].contiguous(), bias[:, :12].contiguous(), 3, 4, 0, towers, 1, "relu")
+        cpp_backend.replicas_step(x, W[..., :12].contiguous(), bias[:, :12].contiguous(), 3, 4, 0, towers, 1, "relu")
     with pytest.raises(ValueError, match="belongs"):  # towers of another width
-        cpp_backend.replicas_step(Y[..., :10].contiguous(), bias[:, :10].contiguous(), 2, 5, 0, towers, 1, "relu")
+        cpp_backend.replicas_step(x, W[..., :10].contiguous(), bias[:, :10].contiguous(), 2, 5, 0, towers, 1, "relu")
     with pytest.raises(ValueError, match="belongs"):  # not contiguous
-        cpp_backend.replicas_step(Y.transpose(0, 1).contiguous().transpose(0, 1), bias, 2, 4, 2, towers, 1, "relu")
+        cpp_backend.replicas_step(x.transpose(0, 1).contiguous().transpose(0, 1), W, bias, 2, 4, 2, towers, 1, "relu")
+    with pytest.raises(ValueError, match="belongs"):  # rows of another width than W's
+        cpp_backend.replicas_step(x[..., :4].contiguous(), W, bias, 2, 4, 2, towers, 1, "relu")
+    with pytest.raises(ValueError, match="belongs"):  # another dtype than W's
+        cpp_backend.replicas_step(x.double(), W, bias, 2, 4, 2, towers, 1, "relu")
     with pytest.raises(ValueError, match="belongs"):  # targets of another shape
-        cpp_backend.replicas_step(Y, bias, 2, 4, 2, towers, 1, "relu", y=torch.zeros(2, 4, 3), binary=[0, 0],
+        cpp_backend.replicas_step(x, W, bias, 2, 4, 2, towers, 1, "relu", y=torch.zeros(2, 4, 3), binary=[0, 0],
                                   coef=torch.ones(2))
 
 

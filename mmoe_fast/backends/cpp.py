@@ -460,52 +460,142 @@ def first_non_finite(tensors) -> int | None:
     return min(found) if found else None
 
 
-def replicas_step(Y, bias, E, H, num_gates, tower_params, num_layers, activation, y=None, binary=(), coef=None,
-                  weight=None, active=None):
-    """S replicas' outputs ``out[S, B, T]`` from their first layer's GEMM ``Y[S, B, C]`` (``C = E * H +
-    num_gates * E``: the experts side by side, then the gates' logits; see ``ReplicaStep`` in csrc/kernels.h);
-    ``bias[S, C]`` or None; ``tower_params`` as ``_tower_layout``'s, each stacked ``[S, ...]``. With ``y[S, B, T]``
-    also ``(sums[S, T] float64, dY[S, B, C], dbias[S, C], tower grads)`` of the loss ``loss_grad`` forms (``coef[T]``,
-    ``weight[S, B, T]`` or None). ``active[S]`` (bool, or None: all): the replicas to run; the others' outputs and
-    gradients are zero. Every tensor contiguous."""
-    S, B, C = Y.shape
+def _check_replicas(x, W, bias, E, H, num_gates, tower_params, num_layers, y, coef, weight, active, adam, rows):
+    """``replicas_step``'s arguments checked (the kernel reads raw buffers): ``(S, D, C, B, T, widths)``."""
+    S, D, C = W.shape
+    B = x.shape[-2] if rows is None else rows[0].shape[-1]
     T = len(tower_params) // (2 * num_layers)
     widths = [H] + [tower_params[2 * T * layer].shape[1] for layer in range(num_layers)]
-    # The kernel reads raw buffers: every shape is checked here (a few microseconds a step).
-    expect = [(Y, (S, B, E * H + num_gates * E))] + ([] if bias is None else [(bias, (S, C))])
+    if rows is not None:
+        if y is None or x.dim() != 2 or y.dim() != 2:
+            raise ValueError("replicas_step: rows need y, and x[N, D] and y[M, T] to pick them from")
+        for r, n, name in ((rows[0], x.shape[0], "x"), (rows[1], y.shape[0], "y")):
+            if r.dtype != torch.int64 or tuple(r.shape) != (S, B) or not r.is_contiguous():
+                raise ValueError(f"replicas_step: {name}'s rows must be contiguous int64 [{S}, {B}]")
+            if B and (int(r.min()) < 0 or int(r.max()) >= n):
+                raise ValueError(f"replicas_step: a row of {name} out of range [0, {n})")
+    expect = [(x, (S, B, D) if x.dim() == 3 else (B, D) if rows is None else (x.shape[0], D)),
+              (W, (S, D, E * H + num_gates * E))]
+    expect += [] if bias is None else [(bias, (S, C))]
     expect += [(tower_params[2 * T * layer + k], (S, widths[layer + 1], widths[layer]) if k < T else
                 (S, widths[layer + 1])) for layer in range(num_layers) for k in range(2 * T)]
     if y is not None:
-        expect += [(y, (S, B, T)), (coef, (T,))] + ([] if weight is None else [(weight, (S, B, T))])
+        expect += [(y, (S, B, T) if rows is None else (y.shape[0], T)), (coef, (T,))]
+        expect += [] if weight is None else [(weight, (S, B, T))]
     for t, shape in expect:
-        if tuple(t.shape) != shape or (t is not coef and (t.dtype != Y.dtype or not t.is_contiguous())):
+        if tuple(t.shape) != shape or (t is not coef and (t.dtype != W.dtype or not t.is_contiguous())):
             raise ValueError(f"replicas_step: a tensor of shape {tuple(t.shape)}, {t.dtype} where a contiguous "
-                             f"{shape} {Y.dtype} belongs")
+                             f"{shape} {W.dtype} belongs")
     if len(tower_params) != 2 * T * num_layers or widths[-1] != 1:
         raise ValueError("replicas_step: tower_params must be num_layers x (T weights, T biases), ending in one output")
     if active is not None and tuple(active.shape) != (S,):
         raise ValueError(f"replicas_step: active must be [{S}], got {tuple(active.shape)}")
+    if adam is not None:
+        params = [W, bias, *tower_params]
+        if y is None or bias is None or any(len(a) != len(params) for a in adam[:2]) or any(
+                a.shape != p.shape or a.dtype != p.dtype or not a.is_contiguous() for m in adam[:2]
+                for a, p in zip(m, params)) or tuple(adam[2].shape) != (S,) or adam[2].dtype != torch.float64:
+            raise ValueError("replicas_step: Adam needs y, a bias, moments shaped as [W, bias, *tower_params] and "
+                             f"lr[{S}] float64")
+    return S, D, C, B, T, widths
+
+
+def replicas_step(x, W, bias, E, H, num_gates, tower_params, num_layers, activation, y=None, binary=(), coef=None,
+                  weight=None, active=None):
+    """S replicas' outputs ``out[S, B, T]`` on their rows ``x[S, B, D]`` (or the same rows ``x[B, D]`` for all):
+    the first layer ``x @ W[S, D, C] + bias[S, C]`` (``C = E * H + num_gates * E``: the experts side by side, then
+    the gates' logits; ``bias`` None: none), then the model (see ``ReplicaStep`` in csrc/kernels.h);
+    ``tower_params`` as ``_tower_layout``'s, each stacked ``[S, ...]``. With ``y[S, B, T]`` also ``(sums[S, T]
+    float64, dW[S, D, C], dbias[S, C], tower grads)`` of the loss ``loss_grad`` forms (``coef[T]``, ``weight[S, B,
+    T]`` or None). ``active[S]`` (bool, or None: all): the replicas to run; the others' outputs and gradients are
+    zero. Every tensor contiguous. ``ReplicaTrainer``: the same step with each replica's Adam update in its thread."""
+    S, D, C, B, T, widths = _check_replicas(x, W, bias, E, H, num_gates, tower_params, num_layers, y, coef, weight,
+                                            active, None, None)
     w, b = _weights_biases(tower_params, num_layers, T)
     zeros = active is not None and not bool(active.all())
-    out = (Y.new_zeros if zeros else Y.new_empty)((S, B, T))
+    out = (W.new_zeros if zeros else W.new_empty)((S, B, T))
     act = None if active is None else active.to(torch.uint8).contiguous()
-    args = [S, B, E, H, num_gates, T, widths, ACTIVATION_CODES[activation], Y.data_ptr(), _ptr(bias), w, b,
-            out.data_ptr(), _ptr(act)]
+    args = [S, B, D, E, H, num_gates, T, widths, ACTIVATION_CODES[activation], x.data_ptr(),
+            B * D if x.dim() == 3 else 0, 0, 0, W.data_ptr(), _ptr(bias), w, b, out.data_ptr(), _ptr(act)]
     if y is None:
-        _kernel("replicas_step", Y.dtype)(*args, 0, [], 0, 0, 0, 0, 0, [], [])
+        _kernel("replicas_step", W.dtype)(*args, 0, [], 0, 0, 0, 0, 0, [], [], [], [], [], 0, [], False, 0)
         return out
-    new = Y.new_zeros if zeros else Y.new_empty
+    new = W.new_zeros if zeros else W.new_empty
     sums = torch.zeros((S, T), dtype=torch.float64)
-    dY, dbias = fresh(Y, (S, B, C)), new((S, C))
+    dW, dbias = fresh(W, (S, D, C)), new((S, C))
     if zeros:
-        dY.zero_()
+        dW.zero_()
     grads = [new(p.shape) for p in tower_params]
     dw, db = _weights_biases(grads, num_layers, T)
-    coef = coef.to(Y.dtype).contiguous()
-    weight = None if weight is None else weight.to(Y.dtype).contiguous()
-    _kernel("replicas_step", Y.dtype)(*args, y.data_ptr(), [bool(v) for v in binary], coef.data_ptr(), _ptr(weight),
-                                      sums.data_ptr(), dY.data_ptr(), dbias.data_ptr(), dw, db)
-    return out, sums, dY, dbias, grads
+    coef = coef.to(W.dtype).contiguous()
+    weight = None if weight is None else weight.to(W.dtype).contiguous()
+    _kernel("replicas_step", W.dtype)(*args, y.data_ptr(), [bool(v) for v in binary], coef.data_ptr(), _ptr(weight),
+                                      sums.data_ptr(), dW.data_ptr(), dbias.data_ptr(), dw, db, [], [], [], 0, [],
+                                      False, 0)
+    return out, sums, dW, dbias, grads
+
+
+class ReplicaTrainer:
+    """``replicas_step`` with Adam for many steps of the same stacks (fit_many's loop): the checks of everything
+    but the step's rows, the pointer lists and the outputs are made once per batch size, so a step costs the
+    kernel and a few microseconds. ``x[N, D]``, ``y[M, T]``: the data the rows pick from; the rest as
+    ``replicas_step``'s (``moments``: ``(exp_avgs, exp_avg_sqs)``)."""
+
+    def __init__(self, x, y, W, bias, E, H, num_gates, tower_params, num_layers, activation, binary, moments,
+                 betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw=False):
+        self.x, self.y, self.W, self.bias, self.towers = x, y, W, bias, list(tower_params)
+        self.model = (E, H, num_gates, num_layers, activation)
+        self.binary = [bool(v) for v in binary]
+        self.moments = moments
+        self.hyper = (*betas, eps, weight_decay)
+        self.adamw = bool(adamw)
+        self._calls: dict = {}
+
+    def __call__(self, xrow, yrow, coef, lr, step: int, active=None):
+        """One step on the rows ``x[xrow[s]]``, ``y[yrow[s]]`` (int64 ``[S, B]``; ``coef[T]``, ``lr[S]`` float64,
+        ``step`` counted from 1): ``(sums[S, T] float64, ok[S] bool)``, as ``replicas_step``'s."""
+        E, H, nG, L, activation = self.model
+        S, B = self.W.shape[0], xrow.shape[-1]
+        adam = (*self.moments, lr, (*self.hyper, step), self.adamw)
+        call = self._calls.get(B)
+        if call is None:  # every argument checked once, through replicas_step's checks
+            _, _, _, _, T, widths = _check_replicas(self.x, self.W, self.bias, E, H, nG, self.towers, L, self.y,
+                                                    coef, None, None, adam, (xrow, yrow))
+            ok = torch.zeros(S, dtype=torch.uint8)
+            grads = [torch.empty_like(p) for p in self.towers]
+            dbias = self.W.new_empty((S, self.W.shape[2]))
+            params = [self.W, self.bias, *self.towers]
+            call = self._calls[B] = dict(
+                out=self.W.new_empty((S, B, T)), ok=ok, dbias=dbias, grads=grads, coef=coef,
+                lr=lr, head=[S, B, self.W.shape[1], E, H, nG, T, widths, ACTIVATION_CODES[activation]],
+                towers=_weights_biases(self.towers, L, T), dtowers=_weights_biases(grads, L, T),
+                opt=[[p.data_ptr() for p in params[:2]] + sum(_weights_biases(self.towers, L, T), [])]
+                + [[m[0].data_ptr(), m[1].data_ptr(), *sum(_weights_biases(m[2:], L, T), [])] for m in self.moments])
+        for r, n, name in ((xrow, self.x.shape[0], "x"), (yrow, self.y.shape[0], "y")):
+            if r.dtype != torch.int64 or tuple(r.shape) != (S, B) or not r.is_contiguous():
+                raise ValueError(f"ReplicaTrainer: {name}'s rows must be contiguous int64 [{S}, {B}]")
+            lo, hi = torch.aminmax(r)
+            if B and (int(lo) < 0 or int(hi) >= n):
+                raise ValueError(f"ReplicaTrainer: a row of {name} out of range [0, {n})")
+        if coef is not call["coef"] or lr is not call["lr"]:
+            T = len(self.binary)
+            if tuple(coef.shape) != (T,) or coef.dtype != self.W.dtype or not coef.is_contiguous():
+                raise ValueError(f"ReplicaTrainer: coef must be a contiguous [{T}] {self.W.dtype}")
+            if tuple(lr.shape) != (S,) or lr.dtype != torch.float64 or not lr.is_contiguous():
+                raise ValueError(f"ReplicaTrainer: lr must be a contiguous [{S}] float64")
+            call["coef"], call["lr"] = coef, lr
+        if active is not None and tuple(active.shape) != (S,):
+            raise ValueError(f"ReplicaTrainer: active must be [{S}], got {tuple(active.shape)}")
+        sums, ok = torch.zeros((S, len(self.binary)), dtype=torch.float64), call["ok"].zero_()
+        act = None if active is None else active.to(torch.uint8).contiguous()
+        beta1, beta2, eps, decay = self.hyper
+        _kernel("replicas_step", self.W.dtype)(
+            *call["head"], self.x.data_ptr(), 0, xrow.data_ptr(), yrow.data_ptr(), self.W.data_ptr(),
+            self.bias.data_ptr(), *call["towers"], call["out"].data_ptr(), _ptr(act), self.y.data_ptr(), self.binary,
+            coef.data_ptr(), 0, sums.data_ptr(), 0, call["dbias"].data_ptr(), *call["dtowers"], *call["opt"],
+            lr.data_ptr(), [beta1, beta2, eps, decay, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)], self.adamw,
+            ok.data_ptr())
+        return sums, ok.bool()
 
 
 # ---- S replicas at once (the ops' vmap rules): every tensor either [S, ...] (``per``: that replica's at s) or

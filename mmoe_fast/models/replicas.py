@@ -1,11 +1,11 @@
 """S models of one small architecture as one: ``ReplicaStack`` packs MMoE, OMoE, Shared-Bottom, Single-Task or
 L2-Constrained replicas (one expert, bottom or task layer, plain towers) into stacked tensors, so that a training
-step of all S is one batched GEMM each way and one C++ call, one replica per thread (``fit_many``'s engine).
+step of all S is one C++ call, one replica per thread, its GEMMs included (``fit_many``'s engine).
 
 The first layer of every replica is one matrix ``Wcat[D, C]``: the experts' weights side by side (``C = E * H``
 columns; Single-Task's task networks are its E = T "experts", task t's tower reading expert t alone), then the
-gates' (``num_gates * E``); the gates' softmax, the mixture, the towers, the loss and every gradient but
-``dWcat`` are ``_C.replicas_step``'s, and ``dWcat = x^T dY`` is a batched GEMM again. L2-Constrained's penalty
+gates' (``num_gates * E``); ``_C.replicas_step`` does the GEMM, the gates' softmax, the mixture, the towers,
+the loss and every gradient (``dWcat = x^T dY`` too) in the replica's thread. L2-Constrained's penalty
 and its gradient are added on the stacked tensors (``add_penalty``).
 """
 
@@ -153,16 +153,30 @@ class ReplicaStack:
         and the gradient of ``sum_t coef[t] * sums[t]``, one per ``params`` entry. ``active[S]`` (bool): the
         replicas to compute (the others' sums and gradients are zero)."""
         W, bias, *towers = self.params
-        S, B, _ = x.shape
-        # Step-sized buffers (MBs at S = 64) from the backend's pool: fresh ones cost their page faults.
-        Y = torch.bmm(x, W, out=cpp_backend.fresh(x, (S, B, W.shape[2])))
-        _, sums, dY, dbias, tower_grads = cpp_backend.replicas_step(
-            Y, bias, self.E, self.H, self.num_gates, towers, self.num_tower_layers, self.activation, y=y,
+        _, sums, dW, dbias, tower_grads = cpp_backend.replicas_step(
+            x, W, bias, self.E, self.H, self.num_gates, towers, self.num_tower_layers, self.activation, y=y,
             binary=[t == "binary" for t in self.task_types], coef=coef, weight=weight, active=active)
-        dW = torch.bmm(x.transpose(1, 2), dY, out=cpp_backend.fresh(x, tuple(W.shape)))
         if self.absent:  # a layer without a bias: its columns stay zero
             dbias[:, self.absent] = 0
         return sums, [dW, dbias, *tower_grads]
+
+    @property
+    def updates_in_step(self) -> bool:
+        """Whether ``step_adam`` applies: every first-layer column has a bias and no penalty is added to the
+        gradients (else ``step``, then ``add_penalty``, then an optimizer)."""
+        return not self.absent and self.alphas is None
+
+    def trainer(self, x: Tensor, y: Tensor, moments: tuple[list, list], weight_decay: float, adamw: bool,
+                betas: tuple = (0.9, 0.999), eps: float = 1e-8) -> cpp_backend.ReplicaTrainer:
+        """Where ``updates_in_step``: a ``cpp_backend.ReplicaTrainer`` that trains ``params`` on rows of ``x[N, D]``
+        and ``y[M, T]``: each call a step (``step``'s loss and gradients) and each replica's Adam (AdamW) update in
+        its thread right after its gradients (``moments``: ``(exp_avgs, exp_avg_sqs)`` laid out as ``params``),
+        unless its loss or bias gradient is not finite (that replica is then left unchanged)."""
+        W, bias, *towers = self.params
+        return cpp_backend.ReplicaTrainer(x, y, W, bias, self.E, self.H, self.num_gates, towers,
+                                          self.num_tower_layers, self.activation,
+                                          [t == "binary" for t in self.task_types], moments, betas, eps,
+                                          weight_decay, adamw)
 
     def add_penalty(self, grads: list[Tensor]) -> Tensor | None:
         """L2-Constrained's ``alpha * sum_{i<j} ||theta_i - theta_j||^2`` (``extra_loss``: theta_t being task t's
@@ -195,8 +209,8 @@ class ReplicaStack:
         W, bias, *towers = self.params
         outs = []
         for i in range(0, x.shape[-2], chunk):
-            Y = torch.matmul(x[i : i + chunk] if x.dim() == 2 else x[:, i : i + chunk], W).contiguous()
-            outs.append(cpp_backend.replicas_step(Y, bias, self.E, self.H, self.num_gates, towers,
+            rows = (x[i : i + chunk] if x.dim() == 2 else x[:, i : i + chunk]).contiguous()
+            outs.append(cpp_backend.replicas_step(rows, W, bias, self.E, self.H, self.num_gates, towers,
                                                   self.num_tower_layers, self.activation))
         return torch.cat(outs, 1) if len(outs) != 1 else outs[0]
 
