@@ -1436,10 +1436,13 @@ void tower_backward_task(int64_t t, const T* h, bool shared, int64_t B, int64_t 
           if (l > 0) acc = Kt::load(ar + k) > T(0) ? acc : V{};
           std::memcpy(dr + k, &acc, sizeof acc);
         }
-        for (; k < K; ++k) {
+        // the rest without a branch on the ReLU's mask (a misprediction every other unit)
+        const bool first = l == 0;
+#pragma omp simd
+        for (int64_t kk = k; kk < K; ++kk) {
           T acc = 0;
-          for (int64_t n = 0; n < N; ++n) acc += gr[n] * W[n * K + k];
-          dr[k] = l > 0 && !(ar[k] > T(0)) ? T(0) : acc;
+          for (int64_t n = 0; n < N; ++n) acc += gr[n] * W[n * K + kk];
+          dr[kk] = (first | (ar[kk] > T(0))) ? acc : T(0);
         }
       }
       std::swap(g, gn);
@@ -1593,10 +1596,10 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
   const int64_t Bp = (B + Kt::MR - 1) / Kt::MR * Kt::MR;
   const bool adam = a.adam_m != nullptr;
-  T* Yb = scratch<T>(5, static_cast<size_t>(2 * B * Cp + D * Kt::NR + Bp * D + B * C + B * EH + B * GE +
-                                            hrows * H + nT * B * hid + B * GW + nT * B + (adam ? D * C : 0) +
-                                            (a.xrow ? B * D : 0) + (a.yrow ? B * nT : 0)));
-  T* dY = Yb + B * Cp;  // [B, Cp], as Yb: x @ W and its gradient, rows padded to whole panels
+  T* dY = scratch<T>(5, static_cast<size_t>(B * Cp + D * Kt::NR + Bp * D + B * C + B * EH + B * GE + hrows * H +
+                                            nT * B * hid + B * GW + nT * B + (adam ? D * C : 0) +
+                                            (a.xrow ? B * D : 0) + (a.yrow ? B * nT : 0) + C));
+  // dY [B, Cp]: the gradient of x @ W + bias, rows padded to whole panels
   T* wt = dY + B * Cp;  // W's last panel [D, NR] where C is not a multiple of NR, zero-padded
   T* xp = wt + D * Kt::NR;  // x in slivers of MR rows, [Bp / MR][D][MR]: a tile's operands side by side
   T* z = xp + Bp * D;
@@ -1609,6 +1612,7 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   T* dWb = dz + nT * B;  // with Adam: dW [D, C], then the update in one pass (a stream the prefetcher follows)
   T* xg = dWb + (adam ? D * C : 0);  // with xrow: the replica's rows of x [B, D], gathered
   T* yg = xg + (a.xrow ? B * D : 0);  // with yrow: its targets [B, nT]
+  T* zeros = yg + (a.yrow ? B * nT : 0);  // [C]: the bias where there is none
   std::vector<const T*> tw(static_cast<size_t>(nL * nT)), tb(tw.size());
   std::vector<T*> dtw(tw.size()), dtb(tw.size());
   for (int64_t l = 0; l < nL; ++l)
@@ -1649,41 +1653,47 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t k = 0; k < D; ++k) o[k * Kt::MR + i] = xs[(r + i) * D + k];
   }
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t r = 0; r < B; r += Kt::MR)
-      Kt::template tile_in_place_cols<true>(static_cast<int>(std::min<int64_t>(Kt::MR, B - r)),
-                                            std::min<int64_t>(Kt::NR, C - p * Kt::NR), xp + r * D, Kt::MR,
-                                            p < full ? Ws + p * Kt::NR : wt, p < full ? C : Kt::NR, D,
-                                            Yb + r * Cp + p * Kt::NR, Cp);
-  const T* bs = a.bias ? a.bias + s * C : nullptr;
+  // The GEMM, and on each tile (in L1) the bias, the activation: pre-activations z [B, C], act(z) f [B, EH], the
+  // gates' logits lg [B, GW].
+  const T* bs = a.bias ? a.bias + s * C : zeros;
+  if (!a.bias) std::fill(zeros, zeros + C, T(0));
   Kt::with_act(a.act, [&](auto A) {
-    for (int64_t b = 0; b < B; ++b) {
-      T* zb = z + b * C;
-      T* fb = f + b * EH;
-      const T* yr = Yb + b * Cp;
-      if (bs) {
+    alignas(64) T tile[Kt::MR * Kt::NR];
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t c0 = p * Kt::NR, nc = std::min<int64_t>(Kt::NR, C - c0);
+      const int64_t ne = std::max<int64_t>(0, std::min<int64_t>(EH - c0, nc));  // expert columns; then logits
+      for (int64_t r = 0; r < B; r += Kt::MR) {
+        const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, B - r));
+        Kt::template tile_in_place_cols<true>(rows, nc, xp + r * D, Kt::MR, p < full ? Ws + c0 : wt,
+                                              p < full ? C : Kt::NR, D, tile, Kt::NR);
+        for (int i = 0; i < rows; ++i) {
+          const T* ti = tile + i * Kt::NR;
+          T* zb = z + (r + i) * C + c0;
+          T* fb = f + (r + i) * EH + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < EH; ++c) {
-          const T v = yr[c] + bs[c];
-          zb[c] = v;
-          fb[c] = Kt::template fval<A>(v);
+          for (int64_t j = 0; j < ne; ++j) {
+            const T v = ti[j] + bs[c0 + j];
+            zb[j] = v;
+            fb[j] = Kt::template fval<A>(v);
+          }
+          for (int64_t j = ne; j < nc; ++j) {
+            const T v = ti[j] + bs[c0 + j];
+            zb[j] = v;
+            lg[(r + i) * GW + c0 + j - EH] = v;
+          }
         }
-        for (int64_t c = EH; c < C; ++c) zb[c] = yr[c] + bs[c];
-      } else {
-        std::copy(yr, yr + C, zb);
-        for (int64_t c = 0; c < EH; ++c) fb[c] = Kt::template fval<A>(zb[c]);
-      }
-      if (nG > 0) {
-        T* lb = lg + b * GW;
-        for (int64_t c = 0; c < GE; ++c) lb[c] = zb[EH + c];
-        for (int64_t c = GE; c < GW; ++c) lb[c] = T(0);
-      } else if (own) {
-        for (int64_t t = 0; t < nT; ++t) std::copy(fb + t * H, fb + (t + 1) * H, h + (t * B + b) * H);
-      } else {
-        std::copy(fb, fb + H, h + b * H);
       }
     }
   });
+  for (int64_t b = 0; b < B; ++b) {  // the logits' padding, or the towers' inputs where there are no gates
+    const T* fb = f + b * EH;
+    if (nG > 0)
+      std::fill(lg + b * GW + GE, lg + (b + 1) * GW, T(0));
+    else if (own)
+      for (int64_t t = 0; t < nT; ++t) std::copy(fb + t * H, fb + (t + 1) * H, h + (t * B + b) * H);
+    else
+      std::copy(fb, fb + H, h + b * H);
+  }
   // The softmax and the mixture in passes of their own: softmax_groups' vector loads of a row's logits, right
   // after the scalar stores above, waited for them (no store forwarding).
   if (nG > 0) {

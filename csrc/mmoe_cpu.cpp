@@ -704,7 +704,7 @@ void bind(py::module_& m, const std::string& sfx) {
   m.def(("replicas_step" + sfx).c_str(),
         [](int64_t S, int64_t B, int64_t D, int64_t E, int64_t H, int64_t nG, int64_t nT,
            const std::vector<int64_t>& widths, int act, uintptr_t x, int64_t xs, uintptr_t xrow, uintptr_t yrow,
-           uintptr_t W, uintptr_t bias,
+           int64_t nx, int64_t ny, uintptr_t W, uintptr_t bias,
            const std::vector<uintptr_t>& tw, const std::vector<uintptr_t>& tb, uintptr_t out, uintptr_t active,
            uintptr_t y, const std::vector<uint8_t>& binary, uintptr_t coef, uintptr_t weight, uintptr_t sums,
            uintptr_t dW, uintptr_t dbias, const std::vector<uintptr_t>& dtw, const std::vector<uintptr_t>& dtb,
@@ -738,19 +738,35 @@ void bind(py::module_& m, const std::string& sfx) {
           st.S = S, st.B = B, st.D = D, st.E = E, st.H = H, st.nG = nG, st.nT = nT, st.xs = xs;
           st.widths = widths.data(), st.act = act;
           st.x = cp<T>(x), st.xrow = reinterpret_cast<const int64_t*>(xrow);
-          st.yrow = reinterpret_cast<const int64_t*>(yrow), st.W = cp<T>(W), st.bias = cp<T>(bias), st.tw = twp.data(), st.tb = tbp.data();
+          st.yrow = reinterpret_cast<const int64_t*>(yrow), st.W = cp<T>(W), st.bias = cp<T>(bias);
+          st.tw = twp.data(), st.tb = tbp.data();
+          // Row indices are read as addresses: every one checked against its data's rows (nx, ny).
+          for (const auto& [rowid, n, name] : {std::tuple{st.xrow, nx, "x"}, std::tuple{st.yrow, ny, "y"}})
+            if (rowid)
+              for (int64_t i = 0; i < S * B; ++i)
+                if (rowid[i] < 0 || rowid[i] >= n)
+                  throw std::invalid_argument(std::string("replicas_step: a row of ") + name + " out of range [0, " +
+                                              std::to_string(n) + ")");
+          if (st.yrow && !y) throw std::invalid_argument("replicas_step: yrow needs y");
+          if (adam) std::fill_n(reinterpret_cast<uint8_t*>(ok), S, uint8_t(0));
           st.out = mp<T>(out), st.active = reinterpret_cast<const uint8_t*>(active);
           st.y = cp<T>(y), st.binary = binary.data(), st.coef = cp<T>(coef), st.weight = cp<T>(weight);
           st.sums = reinterpret_cast<double*>(sums), st.dW = mp<T>(dW), st.dbias = mp<T>(dbias);
           st.dtw = dtwp.data(), st.dtb = dtbp.data();
-          py::gil_scoped_release release;
-          mmoe::replicas_step<T>(st);
+          {
+            py::gil_scoped_release release;
+            mmoe::replicas_step<T>(st);
+          }
+          int64_t failed = 0;  // with Adam: the replicas run but not updated (a loss or gradient not finite)
+          for (int64_t i = 0; adam && i < S; ++i) failed += (!st.active || st.active[i]) && !st.ok[i];
+          return failed;
         },
         "S replicas of a one-layer MMoE/OMoE/Shared-Bottom/Single-Task with towers (see ReplicaStep in "
         "kernels.h): from x[S,B,D] (or one x[B,D], xs = 0; or xrow[S,B] picking rows of x, yrow those of y) and "
         "W[S,D,C], out[S,B,T]; with y (else 0), loss "
         "sums[S,T] (float64) and gradients, or with adam_m the Adam update (hyper: beta1, beta2, eps, weight "
-        "decay, 1 - beta1^step, sqrt(1 - beta2^step); lr[S] float64; ok[S] uint8 out).");
+        "decay, 1 - beta1^step, sqrt(1 - beta2^step); lr[S] float64; ok[S] uint8 out; returns the number of "
+        "replicas run but not updated).");
   // The ops' kernels over S replicas (see over_replicas): pointers and strides (elements) in the order named.
   m.def(("gate_softmax_replicas" + sfx).c_str(),
         [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t D,

@@ -363,19 +363,19 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                     coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
                 mask = None if all(active) else torch.tensor(active)
                 if in_step:  # the same check and update, in the kernel
-                    sums, finite = trainer(xrow, yrow, coefs[rows], lr_runs, step + 1, mask)
-                    if mask is not None:
-                        finite |= ~mask
+                    sums, failed = trainer(xrow, yrow, coefs[rows], lr_runs, step + 1, mask)
                 else:
                     sums, grads = stack.step(xb, yb, coefs[rows], mask)
                 extra = stack.add_penalty(grads) if has_penalty else None
                 # One check per run: its loss sums and bias gradient (the column sums of its dY) finite.
-                if not in_step:
+                if in_step:
+                    finite = None if failed is None else ~failed
+                else:
                     finite = (stack.finite(sums, grads) if hasattr(stack, "finite") else
                               torch.isfinite(sums.sum(1) + grads[1].sum(1, dtype=torch.float64)))
                 if extra is not None:
                     finite &= torch.isfinite(extra)  # finite weights (checked) give it a finite gradient
-                if not bool(finite.all()):
+                if finite is not None and not bool(finite.all()):
                     for s in (~finite).nonzero().flatten().tolist():
                         if active[s]:
                             part = "" if extra is None else f", extra_loss {extra[s].item()}"
@@ -383,7 +383,7 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                                     f"loss or gradient before the update (per-task sums {sums[s].tolist()}{part}); "
                                     f"nothing of this step was applied; lower the learning rate (now {lrs[s]}) "
                                     "or check the inputs")
-                key = tuple(active)
+                key = () if in_step else tuple(active)
                 if key not in plans:  # the runs still going, by learning rate, in stretches of the stacks
                     live = [s for s in range(S) if active[s]]
                     plans = {key: [(value, a, z) for value in sorted({lrs[s] for s in live})

@@ -144,16 +144,21 @@ def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, h
                beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False, grad_scale=None, found_inf=None)
     trainer = cpp_backend.ReplicaTrainer(x, y, params[0], params[1], E, H, nG, towers, L, act, binary, moments,
                                          weight_decay=0.01, adamw=adamw)
-    got_sums, ok = trainer(xrow, yrow, coef, lr, step, active)
-    assert ok.tolist() == [True, False, True, False]
+    got_sums, failed = trainer(xrow, yrow, coef, lr, step, active)
+    assert failed.tolist() == [False, False, False, True]
     assert_close(got_sums[[0, 2]], sums[[0, 2]], 1e-12 if dtype == torch.float64 else 2e-5, f"{kind} sums")
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for name, got, ref in zip(("weights", "exp_avg", "exp_avg_sq"), (params, *moments), want):
         for k, (a, b) in enumerate(zip(got, ref)):
             assert_close(a, b, tol, f"{kind} {name} {k}")
-    # bad rows are refused by name before the kernel reads them
-    with pytest.raises(ValueError, match="a row of x out of range"):
+    assert trainer(xrow, yrow, coef, lr, step + 1, torch.tensor([True, True, True, False]))[1] is None
+    # bad rows are refused by name before the kernel reads them, nothing changed
+    kept = [p.clone() for p in params]
+    with pytest.raises(ValueError, match=r"a row of x out of range \[0, 40\)"):
         trainer(xrow + N, yrow, coef, lr, step)
+    with pytest.raises(ValueError, match=r"a row of y out of range \[0, 50\)"):
+        trainer(xrow, yrow - M, coef, lr, step)
+    assert all(torch.equal(p, q) for p, q in zip(params, kept))
     with pytest.raises(ValueError, match="y's rows must be contiguous int64"):
         trainer(xrow, yrow.int(), coef, lr, step)
 

@@ -516,7 +516,7 @@ def replicas_step(x, W, bias, E, H, num_gates, tower_params, num_layers, activat
     out = (W.new_zeros if zeros else W.new_empty)((S, B, T))
     act = None if active is None else active.to(torch.uint8).contiguous()
     args = [S, B, D, E, H, num_gates, T, widths, ACTIVATION_CODES[activation], x.data_ptr(),
-            B * D if x.dim() == 3 else 0, 0, 0, W.data_ptr(), _ptr(bias), w, b, out.data_ptr(), _ptr(act)]
+            B * D if x.dim() == 3 else 0, 0, 0, 0, 0, W.data_ptr(), _ptr(bias), w, b, out.data_ptr(), _ptr(act)]
     if y is None:
         _kernel("replicas_step", W.dtype)(*args, 0, [], 0, 0, 0, 0, 0, [], [], [], [], [], 0, [], False, 0)
         return out
@@ -553,7 +553,9 @@ class ReplicaTrainer:
 
     def __call__(self, xrow, yrow, coef, lr, step: int, active=None):
         """One step on the rows ``x[xrow[s]]``, ``y[yrow[s]]`` (int64 ``[S, B]``; ``coef[T]``, ``lr[S]`` float64,
-        ``step`` counted from 1): ``(sums[S, T] float64, ok[S] bool)``, as ``replicas_step``'s."""
+        ``step`` counted from 1): ``(sums[S, T] float64, failed)``: each replica's loss sums, and None where every
+        replica run was updated, else ``failed[S]`` (bool): True for a replica run whose loss or bias gradient was
+        not finite (nothing of it changed)."""
         E, H, nG, L, activation = self.model
         S, B = self.W.shape[0], xrow.shape[-1]
         adam = (*self.moments, lr, (*self.hyper, step), self.adamw)
@@ -571,12 +573,9 @@ class ReplicaTrainer:
                 towers=_weights_biases(self.towers, L, T), dtowers=_weights_biases(grads, L, T),
                 opt=[[p.data_ptr() for p in params[:2]] + sum(_weights_biases(self.towers, L, T), [])]
                 + [[m[0].data_ptr(), m[1].data_ptr(), *sum(_weights_biases(m[2:], L, T), [])] for m in self.moments])
-        for r, n, name in ((xrow, self.x.shape[0], "x"), (yrow, self.y.shape[0], "y")):
+        for r, name in ((xrow, "x"), (yrow, "y")):  # their values: checked by the kernel's binding
             if r.dtype != torch.int64 or tuple(r.shape) != (S, B) or not r.is_contiguous():
                 raise ValueError(f"ReplicaTrainer: {name}'s rows must be contiguous int64 [{S}, {B}]")
-            lo, hi = torch.aminmax(r)
-            if B and (int(lo) < 0 or int(hi) >= n):
-                raise ValueError(f"ReplicaTrainer: a row of {name} out of range [0, {n})")
         if coef is not call["coef"] or lr is not call["lr"]:
             T = len(self.binary)
             if tuple(coef.shape) != (T,) or coef.dtype != self.W.dtype or not coef.is_contiguous():
@@ -586,16 +585,19 @@ class ReplicaTrainer:
             call["coef"], call["lr"] = coef, lr
         if active is not None and tuple(active.shape) != (S,):
             raise ValueError(f"ReplicaTrainer: active must be [{S}], got {tuple(active.shape)}")
-        sums, ok = torch.zeros((S, len(self.binary)), dtype=torch.float64), call["ok"].zero_()
+        sums, ok = torch.zeros((S, len(self.binary)), dtype=torch.float64), call["ok"]
         act = None if active is None else active.to(torch.uint8).contiguous()
         beta1, beta2, eps, decay = self.hyper
-        _kernel("replicas_step", self.W.dtype)(
-            *call["head"], self.x.data_ptr(), 0, xrow.data_ptr(), yrow.data_ptr(), self.W.data_ptr(),
+        failed = _kernel("replicas_step", self.W.dtype)(
+            *call["head"], self.x.data_ptr(), 0, xrow.data_ptr(), yrow.data_ptr(), self.x.shape[0], self.y.shape[0],
+            self.W.data_ptr(),
             self.bias.data_ptr(), *call["towers"], call["out"].data_ptr(), _ptr(act), self.y.data_ptr(), self.binary,
             coef.data_ptr(), 0, sums.data_ptr(), 0, call["dbias"].data_ptr(), *call["dtowers"], *call["opt"],
             lr.data_ptr(), [beta1, beta2, eps, decay, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)], self.adamw,
             ok.data_ptr())
-        return sums, ok.bool()
+        if not failed:
+            return sums, None
+        return sums, (ok == 0) if act is None else (ok == 0) & act.bool()
 
 
 # ---- S replicas at once (the ops' vmap rules): every tensor either [S, ...] (``per``: that replica's at s) or
