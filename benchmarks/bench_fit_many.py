@@ -4,7 +4,8 @@ The model: MMoE with D=100 inputs, 8 experts of 16 units, towers of 8, 2 regress
 synthetic study's). Each contender trains S independent runs (own data order, own weights, own Adam state) for
 ``--steps`` steps; the figure is its wall time per run and step, setup included:
 - ``fit, one run at a time``: ``mmoe_fast.fit`` (its autograd-free fused step, fused Adam);
-- ``fit_many S=..``: ``mmoe_fast.fit_many`` on S models (packed: two batched GEMMs and one C++ call a step);
+- ``fit_many S=..``: ``mmoe_fast.fit_many`` on S models (packed: one C++ call a step, each run's GEMMs, gradients
+  and Adam update in its thread);
 - ``stacked eager S=..``: plain PyTorch written for S replicas at once (every weight with a leading S dimension:
   ``baddbmm`` for the experts and the gates, softmax, a batched matmul for the mixture, einsum towers, autograd,
   torch's ``Adam(fused=True)``): the best form a user could write by hand;

@@ -276,11 +276,13 @@ def _same_runs(models, copies, results, alone, tol):
 
 @needs_cpp
 @pytest.mark.parametrize("name,options", [("mmoe", {}), ("omoe", {}), ("shared-bottom", {}), ("single-task", {}),
-                                          ("l2-constrained", {"alpha": 0.5})])
+                                          ("l2-constrained", {"alpha": 0.5}), ("mmoe", {"gate_bias": False})])
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
 def test_fit_many_equals_separate_fit_runs_in_float64(name, options, optimizer):
     S = 4
     models = _models(name, S, task_types=["regression", "binary"], **options)
+    # Adam in the kernel, or (a penalty to add, columns without a bias) the gradients out and torch's fused Adam
+    assert ReplicaStack(models).updates_in_step == (name != "l2-constrained" and options.get("gate_bias", True))
     copies = copy.deepcopy(models)
     xs, ys = _data(S)
     xv, yv = _data(S, n=30, seed=1)

@@ -568,8 +568,8 @@ class ReplicaTrainer:
             dbias = self.W.new_empty((S, self.W.shape[2]))
             params = [self.W, self.bias, *self.towers]
             call = self._calls[B] = dict(
-                out=self.W.new_empty((S, B, T)), ok=ok, dbias=dbias, grads=grads, coef=coef,
-                lr=lr, head=[S, B, self.W.shape[1], E, H, nG, T, widths, ACTIVATION_CODES[activation]],
+                out=self.W.new_empty((S, B, T)), ok=ok, dbias=dbias, grads=grads, coef=None, lr=None,
+                head=[S, B, self.W.shape[1], E, H, nG, T, widths, ACTIVATION_CODES[activation]],
                 towers=_weights_biases(self.towers, L, T), dtowers=_weights_biases(grads, L, T),
                 opt=[[p.data_ptr() for p in params[:2]] + sum(_weights_biases(self.towers, L, T), [])]
                 + [[m[0].data_ptr(), m[1].data_ptr(), *sum(_weights_biases(m[2:], L, T), [])] for m in self.moments])
