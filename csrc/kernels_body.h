@@ -94,10 +94,10 @@ struct Kern {
     tile<M>(a, lda, w, ldw, Kd, out, hi);
   }
 
-  // out[M rows, stride ldo][NV * L] = sum_k A[i][k] * w[k * ldw + 0:NV * L], A[i][k] = a[i * lda + k], or with AT
-  // (A transposed) a[k * lda + i]: the replicas' own GEMMs, x @ W and x^T @ dY, on operands read in place. NV = 1:
-  // a half panel (C = 144 is 4.5 panels: its last costs half).
-  template <bool AT, int NV, int M>
+  // out[M rows, stride ldo][NV * L] = sum_k a[k * lda + i] * w[k * ldw + 0:NV * L], the M values of A's column k
+  // side by side: the replicas' own GEMMs, x @ W (x packed in slivers) and x^T @ dY (x read in place). NV = 1: a
+  // half panel (C = 144 is 4.5 panels: its last costs half).
+  template <int NV, int M>
   static void tile_in_place(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out, int64_t ldo) {
     V acc[M][NV] = {};
     for (int64_t k = 0; k < Kd; ++k) {
@@ -105,7 +105,7 @@ struct Kern {
       V wv[NV];
       for (int j = 0; j < NV; ++j) wv[j] = load(wk + j * L);
       for (int i = 0; i < M; ++i) {
-        const T ai = AT ? a[k * lda + i] : a[i * lda + k];
+        const T ai = a[k * lda + i];
         for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
       }
     }
@@ -113,21 +113,20 @@ struct Kern {
       for (int j = 0; j < NV; ++j) std::memcpy(out + i * ldo + j * L, &acc[i][j], sizeof(V));
   }
 
-  template <bool AT, int NV, int M = MR>
+  template <int NV, int M = MR>
   static void tile_in_place_rows(int m, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out,
                                  int64_t ldo) {
     if constexpr (M > 1) {
-      if (m < M) return tile_in_place_rows<AT, NV, M - 1>(m, a, lda, w, ldw, Kd, out, ldo);
+      if (m < M) return tile_in_place_rows<NV, M - 1>(m, a, lda, w, ldw, Kd, out, ldo);
     }
-    tile_in_place<AT, NV, M>(a, lda, w, ldw, Kd, out, ldo);
+    tile_in_place<NV, M>(a, lda, w, ldw, Kd, out, ldo);
   }
 
   // The same over n <= NR columns: one vector's worth or two.
-  template <bool AT>
   static void tile_in_place_cols(int m, int64_t n, const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd,
                                  T* out, int64_t ldo) {
-    if (n <= L) return tile_in_place_rows<AT, 1>(m, a, lda, w, ldw, Kd, out, ldo);
-    tile_in_place_rows<AT, 2>(m, a, lda, w, ldw, Kd, out, ldo);
+    if (n <= L) return tile_in_place_rows<1>(m, a, lda, w, ldw, Kd, out, ldo);
+    tile_in_place_rows<2>(m, a, lda, w, ldw, Kd, out, ldo);
   }
 
   // ---- exp on a vector: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^7 (float) or r^13
@@ -1664,7 +1663,7 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
       const int64_t ne = std::max<int64_t>(0, std::min<int64_t>(EH - c0, nc));  // expert columns; then logits
       for (int64_t r = 0; r < B; r += Kt::MR) {
         const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, B - r));
-        Kt::template tile_in_place_cols<true>(rows, nc, xp + r * D, Kt::MR, p < full ? Ws + c0 : wt,
+        Kt::tile_in_place_cols(rows, nc, xp + r * D, Kt::MR, p < full ? Ws + c0 : wt,
                                               p < full ? C : Kt::NR, D, tile, Kt::NR);
         for (int i = 0; i < rows; ++i) {
           const T* ti = tile + i * Kt::NR;
@@ -1850,11 +1849,11 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
       const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, D - m));
       const int64_t nc = std::min<int64_t>(Kt::NR, C - p * Kt::NR);
       if (p < full) {  // whole panels straight into place; the last through a tile of its own
-        Kt::template tile_in_place_rows<true, 2>(rows, xs + m, D, dY + p * Kt::NR, Cp, B, dWs + m * C + p * Kt::NR, C);
+        Kt::template tile_in_place_rows<2>(rows, xs + m, D, dY + p * Kt::NR, Cp, B, dWs + m * C + p * Kt::NR, C);
         continue;
       }
       alignas(64) T tile[Kt::MR * Kt::NR];
-      Kt::template tile_in_place_cols<true>(rows, nc, xs + m, D, dY + p * Kt::NR, Cp, B, tile, Kt::NR);
+      Kt::tile_in_place_cols(rows, nc, xs + m, D, dY + p * Kt::NR, Cp, B, tile, Kt::NR);
       for (int i = 0; i < rows; ++i)
         for (int64_t j = 0; j < nc; ++j) dWs[(m + i) * C + p * Kt::NR + j] = tile[i * Kt::NR + j];
     }

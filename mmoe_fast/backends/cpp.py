@@ -539,7 +539,8 @@ class ReplicaTrainer:
     """``replicas_step`` with Adam for many steps of the same stacks (fit_many's loop): the checks of everything
     but the step's rows, the pointer lists and the outputs are made once per batch size, so a step costs the
     kernel and a few microseconds. ``x[N, D]``, ``y[M, T]``: the data the rows pick from; the rest as
-    ``replicas_step``'s (``moments``: ``(exp_avgs, exp_avg_sqs)``)."""
+    ``replicas_step``'s (``moments``: ``(exp_avgs, exp_avg_sqs)``). It keeps the addresses of the data, the
+    weights and the moments: update those in place (a tensor put in their stead needs a new trainer)."""
 
     def __init__(self, x, y, W, bias, E, H, num_gates, tower_params, num_layers, activation, binary, moments,
                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw=False):

@@ -162,7 +162,7 @@ class ReplicaStack:
 
     @property
     def updates_in_step(self) -> bool:
-        """Whether ``step_adam`` applies: every first-layer column has a bias and no penalty is added to the
+        """Whether ``trainer`` applies: every first-layer column has a bias and no penalty is added to the
         gradients (else ``step``, then ``add_penalty``, then an optimizer)."""
         return not self.absent and self.alphas is None
 
