@@ -466,14 +466,8 @@ def _check_replicas(x, W, bias, E, H, num_gates, tower_params, num_layers, y, co
     B = x.shape[-2] if rows is None else rows[0].shape[-1]
     T = len(tower_params) // (2 * num_layers)
     widths = [H] + [tower_params[2 * T * layer].shape[1] for layer in range(num_layers)]
-    if rows is not None:
-        if y is None or x.dim() != 2 or y.dim() != 2:
-            raise ValueError("replicas_step: rows need y, and x[N, D] and y[M, T] to pick them from")
-        for r, n, name in ((rows[0], x.shape[0], "x"), (rows[1], y.shape[0], "y")):
-            if r.dtype != torch.int64 or tuple(r.shape) != (S, B) or not r.is_contiguous():
-                raise ValueError(f"replicas_step: {name}'s rows must be contiguous int64 [{S}, {B}]")
-            if B and (int(r.min()) < 0 or int(r.max()) >= n):
-                raise ValueError(f"replicas_step: a row of {name} out of range [0, {n})")
+    if rows is not None and (y is None or x.dim() != 2 or y.dim() != 2):  # the rows themselves: the caller's
+        raise ValueError("replicas_step: rows need y, and x[N, D] and y[M, T] to pick them from")
     expect = [(x, (S, B, D) if x.dim() == 3 else (B, D) if rows is None else (x.shape[0], D)),
               (W, (S, D, E * H + num_gates * E))]
     expect += [] if bias is None else [(bias, (S, C))]
@@ -567,14 +561,14 @@ class ReplicaTrainer:
             ok = torch.zeros(S, dtype=torch.uint8)
             grads = [torch.empty_like(p) for p in self.towers]
             dbias = self.W.new_empty((S, self.W.shape[2]))
-            params = [self.W, self.bias, *self.towers]
+            towers = _weights_biases(self.towers, L, T)
             call = self._calls[B] = dict(
                 out=self.W.new_empty((S, B, T)), ok=ok, dbias=dbias, grads=grads, coef=None, lr=None,
                 head=[S, B, self.W.shape[1], E, H, nG, T, widths, ACTIVATION_CODES[activation]],
-                towers=_weights_biases(self.towers, L, T), dtowers=_weights_biases(grads, L, T),
-                opt=[[p.data_ptr() for p in params[:2]] + sum(_weights_biases(self.towers, L, T), [])]
+                towers=towers, dtowers=_weights_biases(grads, L, T),
+                opt=[[self.W.data_ptr(), self.bias.data_ptr(), *towers[0], *towers[1]]]
                 + [[m[0].data_ptr(), m[1].data_ptr(), *sum(_weights_biases(m[2:], L, T), [])] for m in self.moments])
-        for r, name in ((xrow, "x"), (yrow, "y")):  # their values: checked by the kernel's binding
+        for r, name in ((xrow, "x"), (yrow, "y")):  # their values: checked against the data by the kernel's binding
             if r.dtype != torch.int64 or tuple(r.shape) != (S, B) or not r.is_contiguous():
                 raise ValueError(f"ReplicaTrainer: {name}'s rows must be contiguous int64 [{S}, {B}]")
         if coef is not call["coef"] or lr is not call["lr"]:
