@@ -1583,35 +1583,200 @@ void adam_update(T* __restrict p, T* __restrict m, T* __restrict v, const T* __r
   }
 }
 
+// A replica's work between its two GEMMs runs with the batch in the vector lanes: arrays [rows][Bp] (Bp = B
+// rounded up to whole vectors, the lanes past B zero or unused), one row per feature. The softmax over experts,
+// the mixture, its gradient and the towers (8 to 16 units wide at the paper's size, where a row-major layout
+// left panels three quarters empty and paid a horizontal sum per dot product) are then whole-vector
+// multiply-adds with no horizontal step, except the towers' weight gradients (a sum over the batch each).
+template <typename T>
+struct Lanes {
+  using Kt = Kern<T>;
+  using V = typename Kt::V;
+  static constexpr int L = Kt::L;
+
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof v); }
+
+  // One butterfly stage of an L x L transpose: rows i and i + W swap bit W of the row with bit W of the lane.
+  // Every index a constant (the pairs unrolled by fold expressions), so the L rows stay in registers.
+  template <int W, size_t... I>
+  static V lo(V a, V b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, ((I & W) ? L + I - W : I)...);
+  }
+  template <int W, size_t... I>
+  static V hi(V a, V b, std::index_sequence<I...>) {
+    return __builtin_shufflevector(a, b, ((I & W) ? L + I : I + W)...);
+  }
+  template <int W, size_t P>
+  __attribute__((always_inline)) static void pair(V* r) {
+    constexpr size_t i = (P / W) * 2 * W + P % W;  // the P-th row with bit W clear
+    const V a = r[i], b = r[i + W];
+    r[i] = lo<W>(a, b, std::make_index_sequence<L>{});
+    r[i + W] = hi<W>(a, b, std::make_index_sequence<L>{});
+  }
+  template <int W, size_t... P>
+  __attribute__((always_inline)) static void pairs(V* r, std::index_sequence<P...>) {
+    (pair<W, P>(r), ...);
+  }
+  template <int W>
+  __attribute__((always_inline)) static void stage(V* r) {
+    if constexpr (W >= 1) {
+      pairs<W>(r, std::make_index_sequence<L / 2>{});
+      stage<W / 2>(r);
+    }
+  }
+
+  // L = 16 (float, AVX-512): the same transpose from shuffles with immediate operands (the butterfly's stages 4
+  // and 1 took two-source permutes whose index vectors, four of them beside the 16 rows, spilled): within
+  // 128-bit lanes an unpack then a shufps, then two shuffles of 128-bit lanes. Row i then holds column
+  // swap01(i), its bits 0 and 1 exchanged (stored there).
+  template <int K, size_t... I>
+  static V sel(V a, V b, std::index_sequence<I...>) {  // K: 0, 1 unpack lo, hi; 2, 3 shufps 0x44, 0xee; 4, 5 lanes
+    if constexpr (K < 2)
+      return __builtin_shufflevector(a, b, ((I & 1 ? L : 0) + (I & ~3) + 2 * K + ((I & 3) >> 1))...);
+    else if constexpr (K < 4)
+      return __builtin_shufflevector(a, b, ((I & 2 ? L : 0) + (I & ~3) + 2 * (K - 2) + (I & 1))...);
+    else
+      return __builtin_shufflevector(a, b, ((I & 8 ? L : 0) + 8 * ((I >> 2) & 1) + 4 * (K - 4) + (I & 3))...);
+  }
+  template <int K, int W, size_t P>
+  __attribute__((always_inline)) static void pair16(V* r) {
+    constexpr size_t i = (P / W) * 2 * W + P % W;
+    const V a = r[i], b = r[i + W];
+    r[i] = sel<K>(a, b, std::make_index_sequence<L>{});
+    r[i + W] = sel<K + 1>(a, b, std::make_index_sequence<L>{});
+  }
+  template <int K, int W, size_t... P>
+  __attribute__((always_inline)) static void stage16(V* r, std::index_sequence<P...>) {
+    (pair16<K, W, P>(r), ...);
+  }
+  __attribute__((always_inline)) static void transpose_block(V* v) {
+    if constexpr (L == 16) {
+      stage16<0, 1>(v, std::make_index_sequence<8>{});
+      stage16<2, 2>(v, std::make_index_sequence<8>{});
+      stage16<4, 4>(v, std::make_index_sequence<8>{});
+      stage16<4, 8>(v, std::make_index_sequence<8>{});
+    } else {
+      stage<L / 2>(v);
+    }
+  }
+  static constexpr int column_of(int i) { return L == 16 ? (i & ~3) | ((i & 1) << 1) | ((i >> 1) & 1) : i; }
+
+  // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: L x L blocks in registers, the edges by element.
+  static void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+    const int64_t R = rows / L * L, Cc = cols / L * L;
+    for (int64_t r0 = 0; r0 < R; r0 += L)
+      for (int64_t c0 = 0; c0 < Cc; c0 += L) {
+        V v[L];
+        for (int i = 0; i < L; ++i) v[i] = Kt::load(src + (r0 + i) * lds + c0);
+        transpose_block(v);
+        for (int i = 0; i < L; ++i) store(dst + (c0 + column_of(i)) * ldd + r0, v[i]);
+      }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = (r < R ? Cc : 0); c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+
+  // fn(i, b0, acc) for every row i < n_out and vector b0 of Bp lanes, acc = sum_j w[i * si + j * sj] * a[j][b0:]
+  // (j ascending): a layer's outputs from its inputs (si = K, sj = 1), or its inputs' gradient from its outputs'
+  // (si = 1, sj = K). Up to NV vectors of a row at a time, each weight read once for them.
+  template <int NV = 4, typename F>
+  static void combine(const T* w, int64_t si, int64_t sj, int64_t n_out, int64_t n_in, const T* a, int64_t Bp,
+                      F&& fn) {
+    for (int64_t i = 0; i < n_out; ++i) {
+      int64_t b0 = 0;
+      for (; b0 + NV * L <= Bp; b0 += NV * L) {
+        V acc[NV] = {};
+        for (int64_t j = 0; j < n_in; ++j) {
+          const T wij = w[i * si + j * sj];
+          for (int u = 0; u < NV; ++u) acc[u] += wij * Kt::load(a + j * Bp + b0 + u * L);
+        }
+        for (int u = 0; u < NV; ++u) fn(i, b0 + u * L, acc[u]);
+      }
+      for (; b0 < Bp; b0 += L) {
+        V acc = {};
+        for (int64_t j = 0; j < n_in; ++j) acc += w[i * si + j * sj] * Kt::load(a + j * Bp + b0);
+        fn(i, b0, acc);
+      }
+    }
+  }
+
+  // out[b0:] = sum_{j < n} p[j][b0:] q[j][b0:] (j ascending), every vector of Bp lanes.
+  static void dots(const T* p, const T* q, int64_t n, int64_t Bp, T* out) {
+    constexpr int NV = 4;
+    int64_t b0 = 0;
+    for (; b0 + NV * L <= Bp; b0 += NV * L) {
+      V acc[NV] = {};
+      for (int64_t j = 0; j < n; ++j)
+        for (int u = 0; u < NV; ++u) acc[u] += Kt::load(p + j * Bp + b0 + u * L) * Kt::load(q + j * Bp + b0 + u * L);
+      for (int u = 0; u < NV; ++u) store(out + b0 + u * L, acc[u]);
+    }
+    for (; b0 < Bp; b0 += L) {
+      V acc = {};
+      for (int64_t j = 0; j < n; ++j) acc += Kt::load(p + j * Bp + b0) * Kt::load(q + j * Bp + b0);
+      store(out + b0, acc);
+    }
+  }
+
+  // A layer's weight and bias gradients from its output gradient g[N][Bp] (zero past the batch) and its input
+  // a[K][Bp]: dw[n, k] = sum_b g[n][b] a[k][b], db[n] = sum_b g[n][b] (overwritten).
+  static void weight_grads(const T* g, const T* a, int64_t N, int64_t K, int64_t Bp, T* dw, T* db) {
+    for (int64_t n = 0; n < N; ++n) {
+      const T* gn = g + n * Bp;
+      V sb = {};
+      for (int64_t b0 = 0; b0 < Bp; b0 += L) sb += Kt::load(gn + b0);
+      db[n] = Kt::hsum(sb);
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {  // four sums at once: a load of g serves four inputs
+        V acc[4] = {};
+        for (int64_t b0 = 0; b0 < Bp; b0 += L) {
+          const V gv = Kt::load(gn + b0);
+          for (int u = 0; u < 4; ++u) acc[u] += gv * Kt::load(a + (k + u) * Bp + b0);
+        }
+        for (int u = 0; u < 4; ++u) dw[n * K + k + u] = Kt::hsum(acc[u]);
+      }
+      for (; k < K; ++k) {
+        V acc = {};
+        for (int64_t b0 = 0; b0 < Bp; b0 += L) acc += Kt::load(gn + b0) * Kt::load(a + k * Bp + b0);
+        dw[n * K + k] = Kt::hsum(acc);
+      }
+    }
+  }
+};
+
 template <typename T>
 void replica_one(const ReplicaStep<T>& a, int64_t s) {
   using Kt = Kern<T>;
+  using Ln = Lanes<T>;
+  using V = typename Kt::V;
+  constexpr int Lv = Kt::L;
   const int64_t B = a.B, D = a.D, E = a.E, H = a.H, nG = a.nG, nT = a.nT, nL = a.L, EH = E * H, GE = nG * E;
-  const int64_t C = EH + GE, P = Kt::panels(C), Cp = P * Kt::NR, full = C / Kt::NR;  // full: panels read in place
+  const int64_t C = EH + GE, P = Kt::panels(C), full = C / Kt::NR;  // full: panels read in place
   const bool own = nG == 0 && E > 1;  // E == nT: task t's tower reads expert t alone (per-task networks)
   const bool shared = nG <= 1 && !own;  // one input for every tower
-  const int64_t hrows = shared ? B : nT * B, hid = tower_hidden_width<T>(nL, a.widths);
-  const int64_t GW = (GE + Kt::L - 1) / Kt::L * Kt::L;  // softmax_groups' buffer: whole vectors
-  // Per thread, kept (slots 5-7: the towers' calls below use slot 0).
-  const int64_t Bp = (B + Kt::MR - 1) / Kt::MR * Kt::MR;
-  const bool adam = a.adam_m != nullptr;
-  T* dY = scratch<T>(5, static_cast<size_t>(B * Cp + D * Kt::NR + Bp * D + B * C + B * EH + B * GE + hrows * H +
-                                            nT * B * hid + B * GW + nT * B + (adam ? D * C : 0) +
-                                            (a.xrow ? B * D : 0) + (a.yrow ? B * nT : 0) + C));
-  // dY [B, Cp]: the gradient of x @ W + bias, rows padded to whole panels
-  T* wt = dY + B * Cp;  // W's last panel [D, NR] where C is not a multiple of NR, zero-padded
-  T* xp = wt + D * Kt::NR;  // x in slivers of MR rows, [Bp / MR][D][MR]: a tile's operands side by side
-  T* z = xp + Bp * D;
-  T* f = z + B * C;     // act(pre) [B, EH]
-  T* G = f + B * EH;    // [B, nG, E]
-  T* h = G + B * GE;    // the towers' input [nT or 1, B, H]
-  T* save = h + hrows * H;
-  T* lg = save + nT * B * hid;  // the gates' logits [B, GW]
-  T* dz = lg + B * GW;  // [B, nT]
-  T* dWb = dz + nT * B;  // with Adam: dW [D, C], then the update in one pass (a stream the prefetcher follows)
-  T* xg = dWb + (adam ? D * C : 0);  // with xrow: the replica's rows of x [B, D], gathered
+  const int64_t nm = nG > 0 ? (shared ? 1 : nT) : 0;  // the mixtures made: one per task, or one shared
+  const int64_t hid = tower_hidden_width<T>(nL, a.widths);
+  int64_t widest = 1;
+  for (int64_t l = 1; l <= nL; ++l) widest = std::max(widest, a.widths[l]);
+  const int64_t Bp = (B + Lv - 1) / Lv * Lv;  // the batch in lanes, whole vectors
+  const bool adam = a.adam_m != nullptr, train = a.y != nullptr;
+  // Per thread, kept. Lanes layout ([rows][Bp]): zT, fT, hm, save, GT; row-major: x, y gathered, dW; panels of
+  // NR lanes or columns, each transposed right before its GEMM reads it from L1: xTp, dYp.
+  const int64_t C8 = (C + Kt::MR - 1) / Kt::MR * Kt::MR;
+  T* xTp = scratch<T>(5, static_cast<size_t>(D * Kt::NR + C8 * D + C * Bp + EH * Bp + nm * H * Bp + nT * hid * Bp +
+                                             GE * Bp + (a.xrow ? B * D : 0) + (a.yrow ? B * nT : 0) + C));
+  T* wp = xTp + D * Kt::NR;  // W in slivers of MR columns, [C8 / MR][D][MR]: a tile's operands side by side
+  T* zT = wp + C8 * D;  // x @ W + bias, transposed [C][Bp]
+  T* fT = zT + C * Bp;   // act(pre) [EH][Bp]
+  T* hm = fT + EH * Bp;  // the mixtures [nm][H][Bp]
+  T* save = hm + nm * H * Bp;  // the towers' hidden outputs [nT][hid][Bp]
+  T* GT = save + nT * hid * Bp;  // the gates [nG][E][Bp]
+  T* xg = GT + GE * Bp;  // with xrow: the replica's rows of x [B, D], gathered
   T* yg = xg + (a.xrow ? B * D : 0);  // with yrow: its targets [B, nT]
   T* zeros = yg + (a.yrow ? B * nT : 0);  // [C]: the bias where there is none
+  // Task t's tower input [H][Bp]: its mixture, the shared one, or (no gates) its expert's activations.
+  auto tower_in = [&](int64_t t) -> const T* {
+    if (nG > 0) return hm + (shared ? 0 : t) * H * Bp;
+    return own ? fT + t * H * Bp : fT;
+  };
   std::vector<const T*> tw(static_cast<size_t>(nL * nT)), tb(tw.size());
   std::vector<T*> dtw(tw.size()), dtb(tw.size());
   for (int64_t l = 0; l < nL; ++l)
@@ -1620,12 +1785,11 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
       const int64_t nw = a.widths[l] * a.widths[l + 1], nb = a.widths[l + 1];
       tw[i] = a.tw[i] + s * nw;
       tb[i] = a.tb[i] + s * nb;
-      if (a.y) {
+      if (train) {
         dtw[i] = a.dtw[i] + s * nw;
         dtb[i] = a.dtb[i] + s * nb;
       }
     }
-  // The GEMM Y = x @ W, panel by panel (a panel of W stays in L1 across the row tiles).
   const T* xs = a.x + s * a.xs;
   if (a.xrow) {  // rows at random: each fetched a few rows ahead of its copy
     constexpr int64_t ahead = 4;
@@ -1640,196 +1804,222 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
     }
     xs = xg;
   }
+  // The GEMM zT = W^T x^T, a tile of MR first-layer columns x NR batch lanes at a time: x's rows b0 .. b0 + NR
+  // transposed into a panel xTp [D][NR] (zero past the batch) that stays in L1 while W's slivers stream past
+  // it; on each tile (in L1) the bias, the activation.
   const T* Ws = a.W + s * D * C;
-  if (full < P)
-    for (int64_t k = 0; k < D; ++k) {
-      std::copy(Ws + k * C + full * Kt::NR, Ws + (k + 1) * C, wt + k * Kt::NR);
-      std::fill(wt + k * Kt::NR + (C - full * Kt::NR), wt + (k + 1) * Kt::NR, T(0));
-    }
-  for (int64_t r = 0; r < B; r += Kt::MR) {
-    const int64_t rows = std::min<int64_t>(Kt::MR, B - r);
-    T* o = xp + r * D;
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t k = 0; k < D; ++k) o[k * Kt::MR + i] = xs[(r + i) * D + k];
+  for (int64_t c0 = 0; c0 < C; c0 += Kt::MR) {
+    const int64_t n = std::min<int64_t>(Kt::MR, C - c0);
+    T* o = wp + c0 * D;
+    if (n == Kt::MR)
+      for (int64_t k = 0; k < D; ++k) std::memcpy(o + k * Kt::MR, Ws + k * C + c0, sizeof(T) * Kt::MR);
+    else
+      for (int64_t k = 0; k < D; ++k) std::copy_n(Ws + k * C + c0, n, o + k * Kt::MR);
   }
-  // The GEMM, and on each tile (in L1) the bias, the activation: pre-activations z [B, C], act(z) f [B, EH], the
-  // gates' logits lg [B, GW].
   const T* bs = a.bias ? a.bias + s * C : zeros;
   if (!a.bias) std::fill(zeros, zeros + C, T(0));
   Kt::with_act(a.act, [&](auto A) {
     alignas(64) T tile[Kt::MR * Kt::NR];
-    for (int64_t p = 0; p < P; ++p) {
-      const int64_t c0 = p * Kt::NR, nc = std::min<int64_t>(Kt::NR, C - c0);
-      const int64_t ne = std::max<int64_t>(0, std::min<int64_t>(EH - c0, nc));  // expert columns; then logits
-      for (int64_t r = 0; r < B; r += Kt::MR) {
-        const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, B - r));
-        Kt::tile_in_place_cols(rows, nc, xp + r * D, Kt::MR, p < full ? Ws + c0 : wt,
-                                              p < full ? C : Kt::NR, D, tile, Kt::NR);
+    for (int64_t b0 = 0; b0 < Bp; b0 += Kt::NR) {
+      const int64_t nb = std::min<int64_t>(Kt::NR, Bp - b0), nx = std::min(nb, B - b0);  // NR or L lanes; rows
+      Ln::transpose(xs + b0 * D, D, nx, D, xTp, Kt::NR);
+      if (nx < nb)
+        for (int64_t k = 0; k < D; ++k) std::fill(xTp + k * Kt::NR + nx, xTp + k * Kt::NR + nb, T(0));
+      for (int64_t c0 = 0; c0 < C; c0 += Kt::MR) {
+        const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, C - c0));
+        Kt::tile_in_place_cols(rows, nb, wp + c0 * D, Kt::MR, xTp, Kt::NR, D, tile, Kt::NR);
         for (int i = 0; i < rows; ++i) {
+          const int64_t c = c0 + i;
+          const T bc = bs[c];
           const T* ti = tile + i * Kt::NR;
-          T* zb = z + (r + i) * C + c0;
-          T* fb = f + (r + i) * EH + c0;
+          T* zc = zT + c * Bp + b0;
+          if (c < EH) {
+            T* fc = fT + c * Bp + b0;
 #pragma omp simd
-          for (int64_t j = 0; j < ne; ++j) {
-            const T v = ti[j] + bs[c0 + j];
-            zb[j] = v;
-            fb[j] = Kt::template fval<A>(v);
-          }
-          for (int64_t j = ne; j < nc; ++j) {
-            const T v = ti[j] + bs[c0 + j];
-            zb[j] = v;
-            lg[(r + i) * GW + c0 + j - EH] = v;
+            for (int64_t j = 0; j < nb; ++j) {
+              const T v = ti[j] + bc;
+              zc[j] = v;
+              fc[j] = Kt::template fval<A>(v);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < nb; ++j) zc[j] = ti[j] + bc;
           }
         }
       }
     }
   });
-  for (int64_t b = 0; b < B; ++b) {  // the logits' padding, or the towers' inputs where there are no gates
-    const T* fb = f + b * EH;
-    if (nG > 0)
-      std::fill(lg + b * GW + GE, lg + (b + 1) * GW, T(0));
-    else if (own)
-      for (int64_t t = 0; t < nT; ++t) std::copy(fb + t * H, fb + (t + 1) * H, h + (t * B + b) * H);
-    else
-      std::copy(fb, fb + H, h + b * H);
-  }
-  // The softmax and the mixture in passes of their own: softmax_groups' vector loads of a row's logits, right
-  // after the scalar stores above, waited for them (no store forwarding).
-  if (nG > 0) {
-    for (int64_t b = 0; b < B; ++b) Kt::softmax_groups(lg + b * GW, GW, G + b * GE, nG, E);
-    for (int64_t b = 0; b < B; ++b) {
-      const T* fb = f + b * EH;
-      for (int64_t t = 0; t < (shared ? 1 : nT); ++t) {  // in registers over the experts, a vector at a time
-        T* hr = h + (t * B + b) * H;
-        const T* g = G + b * GE + t * E;
-        int64_t j = 0;
-        for (; j + Kt::L <= H; j += Kt::L) {
-          typename Kt::V acc = {};
-          for (int64_t e = 0; e < E; ++e) acc += g[e] * Kt::load(fb + e * H + j);
-          std::memcpy(hr + j, &acc, sizeof acc);
-        }
-        for (; j < H; ++j) {
-          T acc = 0;
-          for (int64_t e = 0; e < E; ++e) acc += g[e] * fb[e * H + j];
-          hr[j] = acc;
-        }
+  // The gates' softmax over each task's E logits (less their max; a NaN logit propagates through exp, not the
+  // max), then the mixtures: sums over the experts in the lanes.
+  for (int64_t t = 0; t < nG; ++t)
+    for (int64_t b0 = 0; b0 < Bp; b0 += Lv) {
+      const T* lg = zT + (EH + t * E) * Bp + b0;
+      T* g = GT + t * E * Bp + b0;
+      V mx = Kt::load(lg);
+      for (int64_t e = 1; e < E; ++e) {
+        const V v = Kt::load(lg + e * Bp);
+        mx = v > mx ? v : mx;
+      }
+      mx = mx != mx ? V{} : mx;
+      V sum = {};
+      for (int64_t e = 0; e < E; ++e) {
+        const V ex = Kt::vexp(Kt::load(lg + e * Bp) - mx);
+        Ln::store(g + e * Bp, ex);
+        sum += ex;
+      }
+      for (int64_t e = 0; e < E; ++e) Ln::store(g + e * Bp, Kt::load(g + e * Bp) / sum);
+    }
+  for (int64_t t = 0; t < nm; ++t)  // hm[t][j] = sum_e G[t][e] f[e][j]
+    for (int64_t j = 0; j < H; ++j)
+      for (int64_t b0 = 0; b0 < Bp; b0 += Lv) {
+        V acc = {};
+        for (int64_t e = 0; e < E; ++e)
+          acc += Kt::load(GT + (t * E + e) * Bp + b0) * Kt::load(fT + (e * H + j) * Bp + b0);
+        Ln::store(hm + (t * H + j) * Bp + b0, acc);
+      }
+  // The towers: each layer's outputs from its inputs, then its bias and ReLU (NaN stays NaN); the last layer's
+  // one output into out[s, b, t].
+  T* out = a.out + s * B * nT;
+  for (int64_t t = 0; t < nT; ++t) {
+    const T* in = tower_in(t);
+    T* st = save + t * hid * Bp;
+    for (int64_t l = 0, off = 0; l < nL; ++l) {
+      const int64_t K = a.widths[l], N = a.widths[l + 1];
+      const T* bl = tb[l * nT + t];
+      if (l == nL - 1) {
+        Ln::combine(tw[l * nT + t], K, 1, N, K, in, Bp, [&](int64_t, int64_t b0, V acc) {
+          for (int64_t j = 0; j < Lv && b0 + j < B; ++j) out[(b0 + j) * nT + t] = acc[j] + bl[0];
+        });
+      } else {
+        T* o = st + off * Bp;
+        Ln::combine(tw[l * nT + t], K, 1, N, K, in, Bp, [&](int64_t n, int64_t b0, V acc) {
+          const V z = acc + bl[n];
+          Ln::store(o + n * Bp + b0, z < T(0) ? V{} : z);
+        });
+        in = o;
+        off += N;
       }
     }
   }
-  T* out = a.out + s * B * nT;
-  for (int64_t t = 0; t < nT; ++t)  // no nested parallel region: this thread runs one replica
-    tower_forward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), tb.data(), out, save);
-  if (!a.y) return;
+  if (!train) return;
   const T* ys = a.y + s * B * nT;
   if (a.yrow) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < nT; ++t) yg[b * nT + t] = a.y[a.yrow[s * B + b] * nT + t];
     ys = yg;
   }
-  loss_grad<T>(out, ys, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz,
-               a.sums + s * nT, B, nT);
-  T* dh = scratch<T>(6, static_cast<size_t>(nT * B * H + H + B * GE));
-  T* dsum = dh + nT * B * H;  // a shared input's gradient: the tasks' sum
-  T* dGall = dsum + H;         // [B, nG, E]
-  for (int64_t t = 0; t < nT; ++t)
-    tower_backward_task<T>(t, h, shared, B, nT, nL, a.widths, tw.data(), save, dz, dh, dtw.data(), dtb.data());
-  T* db = a.dbias + s * C;
-  const int64_t nm = shared ? 1 : nT;  // the mixtures: one per task, or one shared
-  Kt::with_act(a.act, [&](auto A) {
-    for (int64_t b = 0; b < B; ++b) {
-      const T* zb = z + b * C;
-      const T* fb = f + b * EH;
-      const T* g = G + b * GE;
-      T* dyb = dY + b * Cp;
-      T* dG = dGall + b * GE;
-      std::fill(dyb + C, dyb + Cp, T(0));  // the padding: read by the GEMM below (its products discarded)
-      if (shared) {
-        std::fill(dsum, dsum + H, T(0));
-        for (int64_t t = 0; t < nT; ++t) {
-          const T* dt = dh + (t * B + b) * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) dsum[j] += dt[j];
-        }
-      }
-      // Per expert, in one pass over its H columns: df = sum_t G dm, dpre = df act'(pre) into dY; dG[t, e] =
-      // <dm_t, act(pre_e)>.
-      for (int64_t e = 0; e < E; ++e) {
-        const T* fe = fb + e * H;
-        const T* ze = zb + e * H;
-        T* dye = dyb + e * H;
-        if (nG == 0) {
-          const T* de = own ? dh + (e * B + b) * H : dsum;  // own: expert e feeds task e's tower alone
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T d = de[j] * Kt::template fder<A>(ze[j]);
-            dye[j] = d;
-          }
-          continue;
-        }
-        const T* d0 = shared ? dsum : dh + b * H;
-        const T g0 = g[e];
-        if (nm == 1) {
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T d = g0 * d0[j] * Kt::template fder<A>(ze[j]);
-            dye[j] = d;
-          }
-        } else if (nm == 2) {  // one pass: the mixture's two tasks, act', the bias gradient
-          const T* d1 = dh + (B + b) * H;
-          const T g1 = g[E + e];
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T d = (g0 * d0[j] + g1 * d1[j]) * Kt::template fder<A>(ze[j]);
-            dye[j] = d;
-          }
-        } else {
-          const T* d1 = dh + (B + b) * H;
-          const T g1 = g[E + e];
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) dye[j] = g0 * d0[j] + g1 * d1[j];
-          for (int64_t t = 2; t < nm; ++t) {
-            const T* dt = dh + (t * B + b) * H;
-            const T gt = g[t * E + e];
-#pragma omp simd
-            for (int64_t j = 0; j < H; ++j) dye[j] += gt * dt[j];
-          }
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const T d = dye[j] * Kt::template fder<A>(ze[j]);
-            dye[j] = d;
-          }
-        }
-        for (int64_t t = 0; t < nm; ++t) dG[t * E + e] = Kt::dot(shared ? dsum : dh + (t * B + b) * H, fe, H);
-      }
-    }
-  });
-  // dlogit = G (dG - sum_e G dG), once every row's dG is made: read back in vectors right after its scalar
-  // stores, a row's dG missed store forwarding (half of this function's time at E = 8).
-  for (int64_t b = 0; b < B; ++b) {
-    const T* g = G + b * GE;
-    const T* dG = dGall + b * GE;
-    T* dyb = dY + b * Cp;
-    for (int64_t t = 0; t < nG; ++t) {
-      T sg = 0;
-      for (int64_t e = 0; e < E; ++e) sg += g[t * E + e] * dG[t * E + e];
-      for (int64_t e = 0; e < E; ++e) {
-        const T d = g[t * E + e] * (dG[t * E + e] - sg);
-        dyb[EH + t * E + e] = d;
-      }
+  // Backward: lanes buffers, then dY's panels [B][NR] (row-major) for the weight-gradient GEMM.
+  T* dz = scratch<T>(6, static_cast<size_t>(B * nT + 2 * widest * Bp + nT * H * Bp + H * Bp + C * Bp + GE * Bp +
+                                            B * Kt::NR + (adam ? D * C : 0)));
+  T* g0 = dz + B * nT;  // a tower layer's output gradient [N][Bp], then its input's
+  T* g1 = g0 + widest * Bp;
+  T* dhT = g1 + widest * Bp;  // each tower's input gradient [nT][H][Bp]
+  T* dsum = dhT + nT * H * Bp;  // a shared input's: the tasks' sum [H][Bp]
+  T* dYT = dsum + H * Bp;  // the first layer's output gradient [C][Bp]
+  T* dGT = dYT + C * Bp;  // the gates' gradient [nG][E][Bp]
+  T* dYp = dGT + GE * Bp;  // dYT's rows c0 .. c0 + NR transposed: [B][NR], zero past C
+  T* dWb = dYp + B * Kt::NR;  // with Adam: dW [D, C], then the update in one pass (a stream the prefetcher follows)
+  loss_grad<T>(out, ys, a.binary, a.coef, a.weight ? a.weight + s * B * nT : nullptr, dz, a.sums + s * nT, B, nT);
+  for (int64_t t = 0; t < nT; ++t) {  // layer by layer from the last: weight gradients, then the input's
+    T* g = g0;
+    T* gn = g1;
+    for (int64_t b = 0; b < Bp; ++b) g[b] = b < B ? dz[b * nT + t] : T(0);
+    int64_t off = hid;  // layer l's input: rows off - K_l .. off of the task's saved outputs (l > 0)
+    for (int64_t l = nL - 1; l >= 0; --l) {
+      const int64_t K = a.widths[l], N = a.widths[l + 1];
+      off -= l > 0 ? K : 0;
+      const T* in = l > 0 ? save + (t * hid + off) * Bp : tower_in(t);
+      const T* Wl = tw[l * nT + t];
+      Ln::weight_grads(g, in, N, K, Bp, dtw[l * nT + t], dtb[l * nT + t]);
+      T* into = l > 0 ? gn : dhT + t * H * Bp;
+      Ln::combine(Wl, 1, K, K, N, g, Bp, [&](int64_t k, int64_t b0, V acc) {
+        if (l > 0) acc = Kt::load(in + k * Bp + b0) > T(0) ? acc : V{};  // through the ReLU below
+        Ln::store(into + k * Bp + b0, acc);
+      });
+      std::swap(g, gn);
     }
   }
-  // The bias gradient: dY's column sums, row after row as before, in registers a block of vectors at a time (a
-  // sum kept in memory row by row waited on its own store at every row).
-  {
-    constexpr int64_t kCols = 8 * Kt::L;
-    for (int64_t c0 = 0; c0 < Cp; c0 += kCols) {
-      const int64_t nv = std::min(kCols, Cp - c0) / Kt::L;
-      typename Kt::V acc[kCols / Kt::L] = {};
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t v = 0; v < nv; ++v) acc[v] += Kt::load(dY + b * Cp + c0 + v * Kt::L);
-      for (int64_t v = 0; v < nv; ++v)
-        for (int j = 0; j < Kt::L; ++j)
-          if (c0 + v * Kt::L + j < C) db[c0 + v * Kt::L + j] = acc[v][j];
+  if (shared && nT > 1)
+    for (int64_t i = 0; i < H * Bp; ++i) {
+      T acc = 0;
+      for (int64_t t = 0; t < nT; ++t) acc += dhT[t * H * Bp + i];
+      dsum[i] = acc;
+    }
+  const T* dtop = shared && nT > 1 ? dsum : dhT;  // the mixtures' gradients [nm or nT][H][Bp]
+  // The first layer's output gradient: per expert column, sum_t G[t][e] dm_t times act'(pre); the gates'
+  // gradient dG[t][e] = <dm_t, act(pre_e)> over the expert's H columns, in the lanes.
+  Kt::with_act(a.act, [&](auto A) {
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t j = 0; j < H; ++j) {
+        const int64_t c = e * H + j;
+        const T* zc = zT + c * Bp;
+        T* dy = dYT + c * Bp;
+        if (nG == 0) {
+          const T* de = dtop + (own ? e * H + j : j) * Bp;
+#pragma omp simd
+          for (int64_t b = 0; b < Bp; ++b) dy[b] = de[b] * Kt::template fder<A>(zc[b]);
+          continue;
+        }
+        const T* ge = GT + e * Bp;
+        const T* d0 = dtop + j * Bp;
+        if (nm == 1) {
+#pragma omp simd
+          for (int64_t b = 0; b < Bp; ++b) dy[b] = ge[b] * d0[b] * Kt::template fder<A>(zc[b]);
+        } else {
+          const T* ge1 = GT + (E + e) * Bp;
+          const T* d1 = dtop + (H + j) * Bp;
+#pragma omp simd
+          for (int64_t b = 0; b < Bp; ++b) dy[b] = ge[b] * d0[b] + ge1[b] * d1[b];
+          for (int64_t t = 2; t < nm; ++t) {
+            const T* gt = GT + (t * E + e) * Bp;
+            const T* dt = dtop + (t * H + j) * Bp;
+#pragma omp simd
+            for (int64_t b = 0; b < Bp; ++b) dy[b] += gt[b] * dt[b];
+          }
+#pragma omp simd
+          for (int64_t b = 0; b < Bp; ++b) dy[b] *= Kt::template fder<A>(zc[b]);
+        }
+      }
+  });
+  for (int64_t t = 0; t < nm; ++t)
+    for (int64_t e = 0; e < E; ++e) Ln::dots(dtop + t * H * Bp, fT + e * H * Bp, H, Bp, dGT + (t * E + e) * Bp);
+  // dlogit = G (dG - sum_e G dG); one gate shared by the tasks: its gradient is the one mixture's.
+  for (int64_t t = 0; t < nG; ++t)
+    for (int64_t b0 = 0; b0 < Bp; b0 += Lv) {
+      const T* g = GT + t * E * Bp + b0;
+      const T* dg = dGT + t * E * Bp + b0;
+      V sg = {};
+      for (int64_t e = 0; e < E; ++e) sg += Kt::load(g + e * Bp) * Kt::load(dg + e * Bp);
+      for (int64_t e = 0; e < E; ++e)
+        Ln::store(dYT + (EH + t * E + e) * Bp + b0, Kt::load(g + e * Bp) * (Kt::load(dg + e * Bp) - sg));
+    }
+  // Panel by panel of NR columns: dYT's rows transposed into dYp (in L1), the bias gradient as its column sums
+  // (rows ascending, in registers), dW = x^T dY a tile of MR rows at a time (whole panels straight into place,
+  // the last through a tile of its own).
+  T* db = a.dbias + s * C;
+  const int64_t wo = s * D * C;
+  T* dWs = adam ? dWb : a.dW + wo;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t c0 = p * Kt::NR, nc = std::min<int64_t>(Kt::NR, C - c0);
+    Ln::transpose(dYT + c0 * Bp, Bp, nc, B, dYp, Kt::NR);
+    if (nc < Kt::NR)  // the padding columns: read by the GEMM (their products discarded)
+      for (int64_t b = 0; b < B; ++b) std::fill(dYp + b * Kt::NR + nc, dYp + (b + 1) * Kt::NR, T(0));
+    V acc[2] = {};
+    for (int64_t b = 0; b < B; ++b) {
+      acc[0] += Kt::load(dYp + b * Kt::NR);
+      acc[1] += Kt::load(dYp + b * Kt::NR + Lv);
+    }
+    for (int64_t j = 0; j < nc; ++j) db[c0 + j] = acc[j / Lv][j % Lv];
+    for (int64_t m = 0; m < D; m += Kt::MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, D - m));
+      if (p < full) {
+        Kt::template tile_in_place_rows<2>(rows, xs + m, D, dYp, Kt::NR, B, dWs + m * C + c0, C);
+        continue;
+      }
+      alignas(64) T tile[Kt::MR * Kt::NR];
+      Kt::tile_in_place_cols(rows, nc, xs + m, D, dYp, Kt::NR, B, tile, Kt::NR);
+      for (int i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < nc; ++j) dWs[(m + i) * C + c0 + j] = tile[i * Kt::NR + j];
     }
   }
   // With the optimizer: this replica's update, where its loss and bias gradient are finite (fit_many's check).
@@ -1841,22 +2031,6 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
     if (!a.ok[s]) return;
   }
   const double lr = adam ? a.lr[s] : 0;
-  // dW = x^T dY, a tile of D rows x NR columns at a time
-  const int64_t wo = s * D * C;
-  T* dWs = adam ? dWb : a.dW + wo;
-  for (int64_t p = 0; p < P; ++p)
-    for (int64_t m = 0; m < D; m += Kt::MR) {
-      const int rows = static_cast<int>(std::min<int64_t>(Kt::MR, D - m));
-      const int64_t nc = std::min<int64_t>(Kt::NR, C - p * Kt::NR);
-      if (p < full) {  // whole panels straight into place; the last through a tile of its own
-        Kt::template tile_in_place_rows<2>(rows, xs + m, D, dY + p * Kt::NR, Cp, B, dWs + m * C + p * Kt::NR, C);
-        continue;
-      }
-      alignas(64) T tile[Kt::MR * Kt::NR];
-      Kt::tile_in_place_cols(rows, nc, xs + m, D, dY + p * Kt::NR, Cp, B, tile, Kt::NR);
-      for (int i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < nc; ++j) dWs[(m + i) * C + p * Kt::NR + j] = tile[i * Kt::NR + j];
-    }
   if (!adam) return;
   adam_update<T>(a.params[0] + wo, a.adam_m[0] + wo, a.adam_v[0] + wo, dWb, D * C, a, lr);
   adam_update<T>(a.params[1] + s * C, a.adam_m[1] + s * C, a.adam_v[1] + s * C, db, C, a, lr);
