@@ -230,8 +230,9 @@ struct ReplicaStep {
   T* const* dtb = nullptr;
   // Adam/AdamW in the thread (adam_m given): right after a replica's gradients, where its loss sums and bias
   // gradient add up to a finite number (ok[s] = 1; else ok[s] = 0 and nothing of it changes), every parameter is
-  // updated in place, as torch's fused Adam would. params, adam_m, adam_v: [W, bias, the tower weights (l * nT + t),
-  // their biases], replica 0's (replica s's at + s * size). dW is then not written (null).
+  // updated in place, as torch's fused Adam would; ok[s] = 2 where that update made a parameter non-finite.
+  // params, adam_m, adam_v: [W, bias, the tower weights (l * nT + t), their biases], replica 0's (replica s's at
+  // + s * size). dW is then not written (null).
   T* const* params = nullptr;
   T* const* adam_m = nullptr;
   T* const* adam_v = nullptr;

@@ -1563,9 +1563,11 @@ void pack_entry(const T* w, const T* b, Grouped<T>& out, bool shared) {
 }
 
 // ---- replicas (fit_many): see ReplicaStep in kernels.h --------------------------------------------
-// Adam (AdamW: decoupled weight decay) on n parameters p with moments m, v and gradient g, as torch's fused Adam.
+// Adam (AdamW: decoupled weight decay) on n parameters p with moments m, v and gradient g, as torch's fused Adam;
+// whether every updated parameter is finite (p - p is NaN exactly where p is not finite: a sum of them, beside
+// a loop bound by its divisions and square roots, costs nothing).
 template <typename T>
-void adam_update(T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict g, int64_t n,
+bool adam_update(T* __restrict p, T* __restrict m, T* __restrict v, const T* __restrict g, int64_t n,
                  const ReplicaStep<T>& a, double lr) {
   const T b1 = static_cast<T>(a.beta1), b2 = static_cast<T>(a.beta2), c1 = static_cast<T>(1 - a.beta1);
   // 1 / sqrt(1 - beta2^step) as a factor: a division per element fewer than torch's (within an ulp of it), on
@@ -1573,14 +1575,18 @@ void adam_update(T* __restrict p, T* __restrict m, T* __restrict v, const T* __r
   const T c2 = static_cast<T>(1 - a.beta2), step = static_cast<T>(lr / a.bc1), rbc2 = static_cast<T>(1 / a.bc2sqrt);
   const T eps = static_cast<T>(a.eps), wd = static_cast<T>(a.adamw ? 0 : a.wd);
   const T keep = static_cast<T>(a.adamw ? 1 - lr * a.wd : 1);
-#pragma omp simd
+  T bad = 0;
+#pragma omp simd reduction(+ : bad)
   for (int64_t i = 0; i < n; ++i) {
     const T pi = p[i] * keep, gi = g[i] + wd * p[i];
     const T mi = b1 * m[i] + c1 * gi, vi = b2 * v[i] + c2 * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    p[i] = pi - step * mi / (std::sqrt(vi) * rbc2 + eps);
+    const T pn = pi - step * mi / (std::sqrt(vi) * rbc2 + eps);
+    p[i] = pn;
+    bad += pn - pn;
   }
+  return bad == bad;
 }
 
 // A replica's work between its two GEMMs runs with the batch in the vector lanes: arrays [rows][Bp] (Bp = B
@@ -2032,15 +2038,17 @@ void replica_one(const ReplicaStep<T>& a, int64_t s) {
   }
   const double lr = adam ? a.lr[s] : 0;
   if (!adam) return;
-  adam_update<T>(a.params[0] + wo, a.adam_m[0] + wo, a.adam_v[0] + wo, dWb, D * C, a, lr);
-  adam_update<T>(a.params[1] + s * C, a.adam_m[1] + s * C, a.adam_v[1] + s * C, db, C, a, lr);
+  bool finite = adam_update<T>(a.params[0] + wo, a.adam_m[0] + wo, a.adam_v[0] + wo, dWb, D * C, a, lr);
+  finite &= adam_update<T>(a.params[1] + s * C, a.adam_m[1] + s * C, a.adam_v[1] + s * C, db, C, a, lr);
   for (int64_t l = 0; l < nL; ++l)
     for (int64_t t = 0; t < nT; ++t) {
       const int64_t i = l * nT + t, nw = a.widths[l] * a.widths[l + 1], nb = a.widths[l + 1];
       const int64_t iw = 2 + i, ib = 2 + nL * nT + i;
-      adam_update<T>(a.params[iw] + s * nw, a.adam_m[iw] + s * nw, a.adam_v[iw] + s * nw, dtw[i], nw, a, lr);
-      adam_update<T>(a.params[ib] + s * nb, a.adam_m[ib] + s * nb, a.adam_v[ib] + s * nb, dtb[i], nb, a, lr);
+      T* const* pm[3] = {a.params, a.adam_m, a.adam_v};
+      finite &= adam_update<T>(pm[0][iw] + s * nw, pm[1][iw] + s * nw, pm[2][iw] + s * nw, dtw[i], nw, a, lr);
+      finite &= adam_update<T>(pm[0][ib] + s * nb, pm[1][ib] + s * nb, pm[2][ib] + s * nb, dtb[i], nb, a, lr);
     }
+  if (!finite) a.ok[s] = 2;  // updated, and the update made a weight non-finite
 }
 
 template <typename T>

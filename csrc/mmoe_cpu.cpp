@@ -757,16 +757,18 @@ void bind(py::module_& m, const std::string& sfx) {
             py::gil_scoped_release release;
             mmoe::replicas_step<T>(st);
           }
-          int64_t failed = 0;  // with Adam: the replicas run but not updated (a loss or gradient not finite)
-          for (int64_t i = 0; adam && i < S; ++i) failed += (!st.active || st.active[i]) && !st.ok[i];
+          int64_t failed = 0;  // with Adam: the replicas run but not updated (a loss or gradient not finite), or
+                               // updated to a non-finite weight (ok 2)
+          for (int64_t i = 0; adam && i < S; ++i) failed += (!st.active || st.active[i]) && st.ok[i] != 1;
           return failed;
         },
         "S replicas of a one-layer MMoE/OMoE/Shared-Bottom/Single-Task with towers (see ReplicaStep in "
         "kernels.h): from x[S,B,D] (or one x[B,D], xs = 0; or xrow[S,B] picking rows of x, yrow those of y) and "
         "W[S,D,C], out[S,B,T]; with y (else 0), loss "
         "sums[S,T] (float64) and gradients, or with adam_m the Adam update (hyper: beta1, beta2, eps, weight "
-        "decay, 1 - beta1^step, sqrt(1 - beta2^step); lr[S] float64; ok[S] uint8 out; returns the number of "
-        "replicas run but not updated).");
+        "decay, 1 - beta1^step, sqrt(1 - beta2^step); lr[S] float64; ok[S] uint8 out: 1 updated, 0 not (a "
+        "loss or gradient not finite), 2 updated to a non-finite weight; returns the number of replicas run with "
+        "ok != 1).");
   // The ops' kernels over S replicas (see over_replicas): pointers and strides (elements) in the order named.
   m.def(("gate_softmax_replicas" + sfx).c_str(),
         [](int64_t S, const std::vector<uintptr_t>& p, const std::vector<int64_t>& st, int64_t B, int64_t D,

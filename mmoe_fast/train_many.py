@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .backends import cpp as cpp_backend
 from .models.replicas import ReplicaStack, why_not_packed
-from .train import _as_tensor, _check_fit_args, fit, task_losses, task_metrics
+from .train import _as_tensor, _check_fit_args, _cpp_checks, fit, task_losses, task_metrics
 
 _BETAS = (0.9, 0.999)  # torch's Adam/AdamW defaults, which fit uses
 _EPS = 1e-8
@@ -210,8 +210,9 @@ def fit_many(
     """Train each of ``models`` as ``fit(models[s], ..., lr=lr[s], seed=seed[s])`` would, all at once.
 
     Returns one dict per model: ``history`` (``fit``'s per-epoch records), ``error`` (None, or why the run
-    stopped: a non-finite loss or gradient, as ``fit``'s FloatingPointError says it; the model keeps its last
-    finite weights) and ``stopped_early`` (``patience`` ended it; its best epoch's weights are restored).
+    stopped, as ``fit``'s FloatingPointError says it: a non-finite loss or gradient, the step not applied and the
+    model keeping its last finite weights; or an update that made a weight non-finite, applied, as ``fit``
+    leaves its model) and ``stopped_early`` (``patience`` ended it; its best epoch's weights are restored).
     Runs are independent: one that diverges or stops early leaves the others as they would be alone.
 
     - ``x``, ``y`` (and ``x_val``, ``y_val``): one data set for every run (a tensor, NumPy array or DataFrame),
@@ -281,6 +282,16 @@ def _stopped(history: list[dict], common: dict) -> bool:
     if steps is not None:
         return last < steps
     return len(history) < common["epochs"]
+
+
+def _overflowed(params: list[Tensor], S: int) -> Tensor | None:
+    """None where the stacks ``params`` (``[S, ...]`` each) are all finite (one C++ pass over their memory where it
+    can read it), else ``[S]`` bool: the runs with a non-finite weight (one float64 sum per run and stack)."""
+    if _cpp_checks(params) and cpp_backend.first_non_finite(params) is None:
+        return None
+    totals = torch.stack([p.reshape(S, -1).sum(1, dtype=torch.float64) for p in params]).sum(0)
+    bad = ~torch.isfinite(totals)
+    return bad if bool(bad.any()) else None
 
 
 def _summary(results: list[dict]) -> str:
@@ -362,8 +373,9 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                 if rows not in coefs:
                     coefs[rows] = weights.to(dtype=stack.dtype) * (1.0 / rows)
                 mask = None if all(active) else torch.tensor(active)
+                overflowed = None  # the runs whose update made a weight non-finite
                 if in_step:  # the same check and update, in the kernel
-                    sums, failed = trainer(xrow, yrow, coefs[rows], lr_runs, step + 1, mask)
+                    sums, failed, overflowed = trainer(xrow, yrow, coefs[rows], lr_runs, step + 1, mask)
                 else:
                     sums, grads = stack.step(xb, yb, coefs[rows], mask)
                 extra = stack.add_penalty(grads) if has_penalty else None
@@ -398,6 +410,13 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                            [], [count] * len(sl), amsgrad=False, lr=value, beta1=_BETAS[0], beta2=_BETAS[1],
                            weight_decay=common["weight_decay"], eps=_EPS, maximize=False, grad_scale=None,
                            found_inf=None)
+                if not in_step and plans[key]:  # the weights after the update, as fit's every step (the kernel's own)
+                    overflowed = _overflowed(params, S)
+                if overflowed is not None:  # as fit: the update was applied, the run ends
+                    for s in overflowed.nonzero().flatten().tolist():
+                        if active[s]:
+                            stop(s, f"training diverged at epoch {epoch}, step {step + 1}: the update made the "
+                                    f"weights non-finite; lower the learning rate (now {lrs[s]}) or check the inputs")
                 loss_sum += sums
                 if extra is not None:
                     extra_sum += extra
@@ -405,13 +424,6 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                 batches += 1
                 step += 1
                 bar.update()
-            # A finite gradient makes a finite update; still, each epoch ends with the weights checked, as fit's
-            # every step (one sum per run).
-            totals = torch.stack([p.reshape(S, -1).sum(1, dtype=torch.float64) for p in params]).sum(0)
-            for s in (~torch.isfinite(totals)).nonzero().flatten().tolist():
-                if active[s]:
-                    stop(s, f"training diverged in epoch {epoch}: an update made the weights non-finite; lower the "
-                            f"learning rate (now {lrs[s]}) or check the inputs")
             out = stack.forward(XV.all_rows()) if XV else None
             for s in range(S):
                 if not (started[s] and active[s]):

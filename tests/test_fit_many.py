@@ -144,14 +144,14 @@ def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, h
                beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, maximize=False, grad_scale=None, found_inf=None)
     trainer = cpp_backend.ReplicaTrainer(x, y, params[0], params[1], E, H, nG, towers, L, act, binary, moments,
                                          weight_decay=0.01, adamw=adamw)
-    got_sums, failed = trainer(xrow, yrow, coef, lr, step, active)
-    assert failed.tolist() == [False, False, False, True]
+    got_sums, failed, overflowed = trainer(xrow, yrow, coef, lr, step, active)
+    assert failed.tolist() == [False, False, False, True] and not overflowed.any()
     assert_close(got_sums[[0, 2]], sums[[0, 2]], 1e-12 if dtype == torch.float64 else 2e-5, f"{kind} sums")
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for name, got, ref in zip(("weights", "exp_avg", "exp_avg_sq"), (params, *moments), want):
         for k, (a, b) in enumerate(zip(got, ref)):
             assert_close(a, b, tol, f"{kind} {name} {k}")
-    assert trainer(xrow, yrow, coef, lr, step + 1, torch.tensor([True, True, True, False]))[1] is None
+    assert trainer(xrow, yrow, coef, lr, step + 1, torch.tensor([True, True, True, False]))[1:] == (None, None)
     # bad rows are refused by name before the kernel reads them, nothing changed
     kept = [p.clone() for p in params]
     with pytest.raises(ValueError, match=r"a row of x out of range \[0, 40\)"):
@@ -161,6 +161,12 @@ def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, h
     assert all(torch.equal(p, q) for p, q in zip(params, kept))
     with pytest.raises(ValueError, match="y's rows must be contiguous int64"):
         trainer(xrow, yrow.int(), coef, lr, step)
+    # an update that makes a weight non-finite is applied and reported (a step of inf: 1e39 in float32)
+    huge = lr.clone()
+    huge[2] = float("inf") if dtype == torch.float64 else 1e39
+    _, failed, overflowed = trainer(xrow, yrow, coef, huge, step + 2, torch.tensor([True, True, True, False]))
+    assert not failed.any() and overflowed.tolist() == [False, False, True, False]
+    assert not all(bool(p[2].isfinite().all()) for p in params) and all(bool(p[0].isfinite().all()) for p in params)
 
 
 @needs_cpp
@@ -341,6 +347,30 @@ def test_a_diverging_run_stops_alone_with_its_last_finite_weights(name, engine, 
     assert "diverged" in results[1]["error"] and results[1]["history"] == []
     assert alone[1][1] is not None
     _same_runs(models, copies, results, alone, 2e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name,options,engine", [("mmoe", {}, "packed"), ("mmoe", {"gate_bias": False}, "packed"),
+                                                 ("ple", {}, "vmapped")])
+def test_an_update_that_makes_weights_non_finite_ends_its_run_as_fit_does(name, options, engine, monkeypatch):
+    from mmoe_fast import train_many
+
+    monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)
+    S = 3
+    models = _models(name, S, dtype=torch.float32, task_types=["regression", "regression"], **options)
+    copies = copy.deepcopy(models)
+    xs, ys = _data(S, dtype=torch.float32)
+    lrs = [1e-3, 1e39, 1e-3]  # finite, but the float32 step is not: the first update makes run 1's weights inf/nan
+    results = fit_many(models, xs, ys, epochs=2, batch_size=16, lr=lrs, seed=0, progress=False, log=lambda _: None)
+    assert [r["engine"] for r in results] == [engine] * S
+    alone = _separately(copies, xs, ys, lrs, [0] * S, epochs=2, batch_size=16)
+    assert "step 1: the update made the weight" in alone[1][1]
+    assert "step 1: the update made the weights non-finite" in results[1]["error"] and results[1]["history"] == []
+    # the update was applied, as fit leaves its model
+    assert not all(bool(p.isfinite().all()) for p in models[1].parameters())
+    keep = [0, 2]
+    _same_runs([models[s] for s in keep], [copies[s] for s in keep], [results[s] for s in keep],
+               [alone[s] for s in keep], 2e-4)
 
 
 @needs_cpp

@@ -548,9 +548,10 @@ class ReplicaTrainer:
 
     def __call__(self, xrow, yrow, coef, lr, step: int, active=None):
         """One step on the rows ``x[xrow[s]]``, ``y[yrow[s]]`` (int64 ``[S, B]``; ``coef[T]``, ``lr[S]`` float64,
-        ``step`` counted from 1): ``(sums[S, T] float64, failed)``: each replica's loss sums, and None where every
-        replica run was updated, else ``failed[S]`` (bool): True for a replica run whose loss or bias gradient was
-        not finite (nothing of it changed)."""
+        ``step`` counted from 1): ``(sums[S, T] float64, failed, overflowed)``: each replica's loss sums; None and
+        None where every replica run was updated to finite weights, else ``[S]`` bool masks: ``failed`` True for a
+        replica run whose loss or bias gradient was not finite (nothing of it changed), ``overflowed`` True for
+        one whose update made a weight non-finite (the update was applied)."""
         E, H, nG, L, activation = self.model
         S, B = self.W.shape[0], xrow.shape[-1]
         adam = (*self.moments, lr, (*self.hyper, step), self.adamw)
@@ -591,8 +592,9 @@ class ReplicaTrainer:
             lr.data_ptr(), [beta1, beta2, eps, decay, 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)], self.adamw,
             ok.data_ptr())
         if not failed:
-            return sums, None
-        return sums, (ok == 0) if act is None else (ok == 0) & act.bool()
+            return sums, None, None
+        run = torch.ones(S, dtype=torch.bool) if act is None else act.bool()
+        return sums, (ok == 0) & run, (ok == 2) & run
 
 
 # ---- S replicas at once (the ops' vmap rules): every tensor either [S, ...] (``per``: that replica's at s) or
