@@ -95,8 +95,8 @@ struct Kern {
   }
 
   // out[M rows, stride ldo][NV * L] = sum_k a[k * lda + i] * w[k * ldw + 0:NV * L], the M values of A's column k
-  // side by side: the replicas' own GEMMs, x @ W (x packed in slivers) and x^T @ dY (x read in place). NV = 1: a
-  // half panel (C = 144 is 4.5 panels: its last costs half).
+  // side by side: the replicas' own GEMMs, W^T x^T (W packed in slivers, x^T a panel) and x^T dY (x read in
+  // place). NV = 1: a half panel (C = 144 is 4.5 panels: its last costs half).
   template <int NV, int M>
   static void tile_in_place(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t Kd, T* out, int64_t ldo) {
     V acc[M][NV] = {};
