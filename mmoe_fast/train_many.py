@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backends import cpp as cpp_backend
-from .models.replicas import ReplicaStack, why_not_packed
+from .models.replicas import ReplicaStack, survey
 from .train import _as_tensor, _check_fit_args, _cpp_checks, fit, task_losses, task_metrics
 
 _BETAS = (0.9, 0.999)  # torch's Adam/AdamW defaults, which fit uses
@@ -240,7 +240,7 @@ def fit_many(
         raise ValueError(f"lr must be finite and >= 0, got {lrs}")
     if optimizer not in _OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(_OPTIMIZERS)}, got {optimizer!r}")
-    reason = why_not_packed(models)
+    reason, parts = survey(models)
     if packed and reason is not None:
         raise ValueError(f"fit_many(packed=True): these runs cannot be packed: {reason}")
     dtype = next(models[0].parameters()).dtype
@@ -250,7 +250,7 @@ def fit_many(
     if packed is False:
         return _one_by_one(models, data, lrs, seeds, common, progress, log)
     if reason is None:
-        return _packed(models, data, lrs, seeds, common, progress, log, ReplicaStack(models, checked=True), "packed")
+        return _packed(models, data, lrs, seeds, common, progress, log, ReplicaStack(models, parts), "packed")
     X, Y = data[0], data[1]
     if S < VMAP_MIN_RUNS or why_not_vmapped(models, *(d.all_rows() for d in (X, Y))) is not None:
         return _one_by_one(models, data, lrs, seeds, common, progress, log)

@@ -68,50 +68,62 @@ def _first_layer(model: nn.Module) -> tuple | None:
 
 def why_not_packed(models: Sequence[nn.Module]) -> str | None:
     """Why ``models`` cannot be one ``ReplicaStack`` (a sentence), or None when they can."""
+    return survey(models)[0]
+
+
+def survey(models: Sequence[nn.Module]) -> tuple[str | None, tuple | None]:
+    """``(why_not_packed(models), parts)``: where they pack, ``parts`` is what the check read (each model's
+    ``_first_layer`` and tower parameters), for ``ReplicaStack(models, parts=parts)`` not to read it again."""
     if not models:
-        return "there are no models"
+        return "there are no models", None
     if cpp_backend.unavailable_reason() is not None:
-        return cpp_backend.unavailable_reason()
+        return cpp_backend.unavailable_reason(), None
     first = models[0]
+    layers, tower_lists = [], []
     for i, model in enumerate(models):
         kind = type(model)
         if kind not in _KINDS:
             return (f"model {i} is a {kind.__name__}; replicas pack MMoE, OMoE, SharedBottom, SingleTask and "
-                    "L2Constrained only")
+                    "L2Constrained only"), None
         if kind is not type(first):
-            return f"model {i} is a {kind.__name__}, model 0 a {type(first).__name__}"
+            return f"model {i} is a {kind.__name__}, model 0 a {type(first).__name__}", None
         towers = model.__dict__["_modules"].get("towers")
         if ("forward" in model.__dict__ or kind.forward is not _FORWARDS[kind] or _hooked(model)
                 or type(towers) is not Towers or "forward" in towers.__dict__ or Towers.forward is not _FORWARDS[Towers]
                 or _hooked(towers)):
-            return f"model {i} has hooks, a replaced forward or other towers"
+            return f"model {i} has hooks, a replaced forward or other towers", None
         extra = getattr(model, "extra_loss", None)
         if callable(extra) and (kind is not L2Constrained or "extra_loss" in model.__dict__
                                 or kind.extra_loss is not _PENALTY):
-            return f"model {i} has an extra_loss of its own (fit adds it to the loss; the replicas cannot form it)"
+            return (f"model {i} has an extra_loss of its own (fit adds it to the loss; the replicas cannot form "
+                    "it)"), None
         if getattr(model, "backend", None) == "reference" or any(getattr(m, "backend", None) == "reference"
                                                                  for m in model.modules()):
-            return f"model {i} asks for the reference backend (plain PyTorch, the oracle)"
+            return f"model {i} asks for the reference backend (plain PyTorch, the oracle)", None
         params = list(model.parameters())
         if any(p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64) for p in params):
-            return f"model {i} is not float32/float64 on the CPU"
+            return f"model {i} is not float32/float64 on the CPU", None
         if len({p.dtype for p in params}) != 1:
-            return f"model {i} mixes dtypes"
+            return f"model {i} mixes dtypes", None
         if len({id(p) for p in params}) != len(params) or any(not p.requires_grad for p in params):
-            return f"model {i} shares or freezes a parameter"
-        layer = _first_layer(model)
+            return f"model {i} shares or freezes a parameter", None
+        with torch.no_grad():  # the stacks' first layer: a copy, out of autograd
+            layer = _first_layer(model)
         if layer is None:
-            return f"model {i} has more than one expert/bottom/task layer or a changed layer"
+            return f"model {i} has more than one expert/bottom/task layer or a changed layer", None
         towers = _tower_params(model.towers.towers, params[0].new_empty((1, layer[4])))
         if towers is None or len(towers) % (2 * model.num_tasks):
-            return f"model {i}'s towers are not plain Linear/ReLU stacks of one shape"
+            return f"model {i}'s towers are not plain Linear/ReLU stacks of one shape", None
         shapes = ([tuple(p.shape) for p in params], layer[3:], tuple(model.task_types), params[0].dtype,
                   layer[2] == [])
         if i == 0:
             reference = shapes
         elif shapes != reference:
-            return f"model {i}'s architecture (shapes, activation, tasks, dtype or biases) differs from model 0's"
-    return None
+            return (f"model {i}'s architecture (shapes, activation, tasks, dtype or biases) differs from model "
+                    "0's"), None
+        layers.append(layer)
+        tower_lists.append(towers)
+    return None, (layers, tower_lists)
 
 
 class ReplicaStack:
@@ -120,19 +132,18 @@ class ReplicaStack:
     gives the loss sums and every gradient of a batch per replica; ``forward`` the outputs; ``write_back`` puts
     the weights into the models."""
 
-    def __init__(self, models: Sequence[nn.Module], checked: bool = False) -> None:
-        """``checked``: ``why_not_packed(models)`` was None just now (it is not asked again)."""
-        reason = None if checked else why_not_packed(models)
-        if reason is not None:
-            raise ValueError(f"these models cannot be packed as replicas: {reason}")
+    def __init__(self, models: Sequence[nn.Module], parts: tuple | None = None) -> None:
+        """``parts``: ``survey(models)``'s, taken just now (the models are not read again)."""
+        if parts is None:
+            reason, parts = survey(models)
+            if reason is not None:
+                raise ValueError(f"these models cannot be packed as replicas: {reason}")
+        layers, towers = parts
         self.kind = type(models[0])
         self.task_types = tuple(models[0].task_types)
-        first = _first_layer(models[0])
-        _, _, self.absent, self.E, self.H, self.num_gates, self.activation = first
+        _, _, self.absent, self.E, self.H, self.num_gates, self.activation = layers[0]
         self.num_tasks = len(self.task_types)
         with torch.no_grad():
-            layers = [_first_layer(m) for m in models]
-            towers = [_tower_params(m.towers.towers, layers[0][0].new_empty((1, self.H))) for m in models]
             self.num_tower_layers = len(towers[0]) // (2 * self.num_tasks)
             self.params = [torch.stack([lay[0] for lay in layers]).contiguous(),
                            torch.stack([lay[1] for lay in layers]).contiguous(),
@@ -215,28 +226,34 @@ class ReplicaStack:
         return torch.cat(outs, 1) if len(outs) != 1 else outs[0]
 
     def write_back(self, models: Sequence[nn.Module]) -> None:
-        """Copy replica s's weights into ``models[s]`` (the models this stack was made from)."""
+        """Copy replica s's weights into ``models[s]`` (the models this stack was made from): each stacked tensor
+        seen as the models' layout, split by replica and copied in one ``_foreach_copy_``."""
         W, bias, *towers = self.params
-        E, H, G = self.E, self.H, self.num_gates
+        S, E, H, G = self.S, self.E, self.H, self.num_gates
+        D = W.shape[1]
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+
+        def put(params: list, stacked: Tensor) -> None:
+            dst.extend(params)
+            src.extend(stacked.unbind(0))
+
+        if self.kind is SharedBottom:
+            put([m.bottom[0].weight for m in models], W.transpose(1, 2))
+            put([m.bottom[0].bias for m in models], bias)
+        elif self.kind in _TASK_NETS:
+            put([m.task_weights[0] for m in models], W.reshape(S, D, E, H).permute(0, 2, 1, 3))
+            put([m.task_biases[0] for m in models], bias.reshape(S, E, H))
+        else:
+            layers = [m.mixture for m in models]
+            put([lay.expert_weights[0] for lay in layers], W[:, :, : E * H].reshape(S, D, E, H).permute(0, 2, 1, 3))
+            put([lay.gate_weight for lay in layers], W[:, :, E * H :].reshape(S, D, G, E).permute(0, 2, 1, 3))
+            if layers[0].expert_biases[0] is not None:
+                put([lay.expert_biases[0] for lay in layers], bias[:, : E * H].reshape(S, E, H))
+            if layers[0].gate_bias is not None:
+                put([lay.gate_bias for lay in layers], bias[:, E * H :].reshape(S, G, E))
+        params = [_tower_params(m.towers.towers, W.new_empty((1, H))) for m in models]
+        for k, stacked in enumerate(towers):
+            put([p[k] for p in params], stacked)
         with torch.no_grad():
-            for s, model in enumerate(models):
-                if self.kind is SharedBottom:
-                    lin = model.bottom[0]
-                    lin.weight.copy_(W[s].t())
-                    lin.bias.copy_(bias[s])
-                elif self.kind in _TASK_NETS:
-                    w = model.task_weights[0]
-                    w.copy_(W[s].reshape(w.shape[1], E, H).permute(1, 0, 2))
-                    model.task_biases[0].copy_(bias[s].reshape(E, H))
-                else:
-                    layer = model.mixture
-                    w = layer.expert_weights[0]
-                    D = w.shape[1]
-                    w.copy_(W[s, :, : E * H].reshape(D, E, H).permute(1, 0, 2))
-                    layer.gate_weight.copy_(W[s, :, E * H :].reshape(D, G, E).permute(1, 0, 2))
-                    if layer.expert_biases[0] is not None:
-                        layer.expert_biases[0].copy_(bias[s, : E * H].reshape(E, H))
-                    if layer.gate_bias is not None:
-                        layer.gate_bias.copy_(bias[s, E * H :].reshape(G, E))
-                for p, stacked in zip(_tower_params(model.towers.towers, W.new_empty((1, H))), towers):
-                    p.copy_(stacked[s])
+            torch._foreach_copy_(dst, src)
