@@ -20,22 +20,6 @@ from mmoe_fast.testing import (
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason() is not None, reason="mmoe_fast._C not built")
 
 
-def _isas():
-    if cpp._C is None:
-        return ["none"]
-    order = ["base", "avx2", "avx512"]
-    return order[: order.index(cpp._C.best_isa()) + 1]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    """Runs the test on one instruction set's kernels (this CPU's best is the default)."""
-    before = cpp._C.isa()
-    cpp._C.set_isa(request.param)
-    yield request.param
-    cpp._C.set_isa(before)
-
-
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[4], Shape(75, 40, 5, 70, 2), Shape(600, 9, 3, 40, 2)],
                          ids=str)  # the last: several row blocks in the backward
 def test_every_instruction_set(isa, shape):

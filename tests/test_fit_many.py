@@ -66,7 +66,7 @@ def _reference_step(x, W, bias, E, H, nG, towers, L, act, y, binary, coef, weigh
     ("omoe", 2, 3, 5, (3,), 7, 17), ("omoe", 4, 2, 33, (), 2, 8), ("sb", 2, 1, 13, (8,), 65, 3),
     ("sb", 1, 1, 1, (2,), 1, 2), ("sb", 2, 1, 64, (2,), 19, 16), ("st", 2, 2, 16, (8,), 33, 7),
     ("st", 3, 3, 5, (), 1, 33), ("st", 4, 4, 17, (3, 2), 9, 5)])
-def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, D, act, dtype):
+def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, D, act, dtype, isa):
     torch.manual_seed(T * 1000 + E * 100 + H + B + D)
     S = 3
     nG = {"mmoe": T, "omoe": 1, "sb": 0, "st": 0}[kind]
@@ -110,7 +110,7 @@ def test_replicas_step_equals_plain_pytorch(kind, T, E, H, hidden, B, D, act, dt
 @pytest.mark.parametrize("kind,T,E,H,hidden,B,D", [
     ("mmoe", 2, 8, 16, (8,), 128, 100), ("mmoe", 1, 1, 1, (), 1, 1), ("omoe", 3, 5, 17, (4, 6), 33, 9),
     ("sb", 2, 1, 13, (8,), 7, 3), ("st", 2, 2, 16, (8,), 9, 17)])
-def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, hidden, B, D, adamw, dtype):
+def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, hidden, B, D, adamw, dtype, isa):
     torch.manual_seed(B + D + T)
     S, N, M = 4, 40, 50
     nG = {"mmoe": T, "omoe": 1, "sb": 0, "st": 0}[kind]
