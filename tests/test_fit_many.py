@@ -170,6 +170,25 @@ def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, h
 
 
 @needs_cpp
+def test_replicas_step_on_no_rows_gives_zero_gradients_and_the_trainer_refuses_them():
+    S, D, E, H, T = 3, 5, 2, 4, 2
+    towers = [torch.randn(S, 1, H) for _ in range(T)] + [torch.randn(S, 1) for _ in range(T)]
+    W, bias = torch.randn(S, D, E * H + T * E), torch.randn(S, E * H + T * E)
+    x, y = torch.randn(S, 0, D), torch.randn(S, 0, T)
+    out, sums, dW, dbias, grads = cpp_backend.replicas_step(x, W, bias, E, H, T, towers, 1, "relu", y=y,
+                                                            binary=[False, True], coef=torch.ones(T))
+    assert out.shape == (S, 0, T) and sums.abs().max() == 0 and dW.abs().max() == 0 and dbias.abs().max() == 0
+    assert all(g.abs().max() == 0 for g in grads)
+    assert cpp_backend.replicas_step(x, W, bias, E, H, T, towers, 1, "relu").shape == (S, 0, T)
+    moments = ([torch.zeros_like(p) for p in (W, bias, *towers)], [torch.zeros_like(p) for p in (W, bias, *towers)])
+    trainer = cpp_backend.ReplicaTrainer(torch.randn(4, D), torch.randn(4, T), W, bias, E, H, T, towers, 1, "relu",
+                                         [False, True], moments)
+    rows = torch.zeros((S, 0), dtype=torch.int64)
+    with pytest.raises(ValueError, match="at least one row"):
+        trainer(rows, rows, torch.ones(T), torch.full((S,), 1e-3, dtype=torch.float64), 1)
+
+
+@needs_cpp
 def test_replicas_step_refuses_shapes_it_cannot_run():
     x, W, bias = torch.randn(2, 4, 5), torch.randn(2, 5, 8 + 3 * 2), torch.randn(2, 14)
     towers = [torch.randn(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 1), torch.randn(2, 1)]

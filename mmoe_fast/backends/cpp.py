@@ -506,6 +506,12 @@ def replicas_step(x, W, bias, E, H, num_gates, tower_params, num_layers, activat
     S, D, C, B, T, widths = _check_replicas(x, W, bias, E, H, num_gates, tower_params, num_layers, y, coef, weight,
                                             active, None, None)
     w, b = _weights_biases(tower_params, num_layers, T)
+    if B == 0:  # no rows: nothing to compute (an empty tensor's data pointer is null, read as "no y" by the kernel)
+        out = W.new_zeros((S, 0, T))
+        if y is None:
+            return out
+        return (out, torch.zeros((S, T), dtype=torch.float64), W.new_zeros((S, D, C)), W.new_zeros((S, C)),
+                [W.new_zeros(p.shape) for p in tower_params])
     zeros = active is not None and not bool(active.all())
     out = (W.new_zeros if zeros else W.new_empty)((S, B, T))
     act = None if active is None else active.to(torch.uint8).contiguous()
@@ -554,6 +560,8 @@ class ReplicaTrainer:
         one whose update made a weight non-finite (the update was applied)."""
         E, H, nG, L, activation = self.model
         S, B = self.W.shape[0], xrow.shape[-1]
+        if B == 0:
+            raise ValueError("ReplicaTrainer: a step needs at least one row per replica")
         adam = (*self.moments, lr, (*self.hyper, step), self.adamw)
         call = self._calls.get(B)
         if call is None:  # every argument checked once, through replicas_step's checks
