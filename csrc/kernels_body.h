@@ -37,15 +37,6 @@ struct Kern {
     return v[0];
   }
 
-  static T dot(const T* a, const T* b, int64_t n) {
-    V acc = {};
-    int64_t j = 0;
-    for (; j + L <= n; j += L) acc += load(a + j) * load(b + j);
-    T s = hsum(acc);
-    for (; j < n; ++j) s += a[j] * b[j];
-    return s;
-  }
-
   // out[M][NR] = a[M rows, stride lda][K] @ w[K rows, stride ldw][NR]. Short tiles run S independent
   // chains over k so FMA latency does not serialize them. A row's second vector is at w + hi (L: in a row of
   // NR; elsewhere for two experts side by side read in place).
