@@ -284,14 +284,21 @@ def _stopped(history: list[dict], common: dict) -> bool:
     return len(history) < common["epochs"]
 
 
-def _overflowed(params: list[Tensor], S: int) -> Tensor | None:
-    """None where the stacks ``params`` (``[S, ...]`` each) are all finite (one C++ pass over their memory where it
-    can read it), else ``[S]`` bool: the runs with a non-finite weight (one float64 sum per run and stack)."""
-    if _cpp_checks(params) and cpp_backend.first_non_finite(params) is None:
-        return None
-    totals = torch.stack([p.reshape(S, -1).sum(1, dtype=torch.float64) for p in params]).sum(0)
-    bad = ~torch.isfinite(totals)
-    return bad if bool(bad.any()) else None
+def _overflowed(params: list[Tensor], S: int, stretches: list[tuple[int, int]]) -> Tensor | None:
+    """None where the runs in ``stretches`` (``[a, b)`` of the stacks ``params``, ``[S, ...]`` each) have finite
+    weights (one C++ pass over a stretch's memory where it can read it), else ``[S]`` bool: the runs with a
+    non-finite weight (one float64 sum per run and stack of a stretch that has one). A stopped run's weights, left
+    as its last update made them, are outside the stretches and cost nothing."""
+    bad = None
+    for a, z in stretches:
+        part = [t[a:z] for t in params] if z - a < S else params
+        if _cpp_checks(part) and cpp_backend.first_non_finite(part) is None:
+            continue
+        totals = torch.stack([p.reshape(z - a, -1).sum(1, dtype=torch.float64) for p in part]).sum(0)
+        if not bool(torch.isfinite(totals).all()):
+            bad = torch.zeros(S, dtype=torch.bool) if bad is None else bad
+            bad[a:z] = ~torch.isfinite(totals)
+    return bad
 
 
 def _summary(results: list[dict]) -> str:
@@ -336,6 +343,7 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
     step, epoch = 0, 1  # epochs count from 1, as fit's
     coefs: dict[int, Tensor] = {}  # the loss gradient's scale per batch size
     plans: dict[tuple, list] = {}
+    updated: list[tuple[int, int]] = []  # the stretches of runs the last plan updates
     bar = tqdm(total=total, desc=f"{S} runs, {engine}", disable=not progress)
     has_penalty = getattr(stack, "alphas", None) is not None  # L2-Constrained: fit adds its extra_loss
     # ReplicaStack's Adam in each replica's thread, right after its gradients (one pass over the weights fewer)
@@ -400,6 +408,7 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                     live = [s for s in range(S) if active[s]]
                     plans = {key: [(value, a, z) for value in sorted({lrs[s] for s in live})
                                    for a, z in _runs([s for s in live if lrs[s] == value])]}
+                    updated = _runs(live)  # what the weight check reads (whatever the learning rates)
                 if not in_step:
                     count.add_(1)
                 for value, a, z in plans[key] if not in_step else ():
@@ -411,7 +420,7 @@ def _packed(models, data, lrs, seeds, common, progress, log, stack, engine: str)
                            weight_decay=common["weight_decay"], eps=_EPS, maximize=False, grad_scale=None,
                            found_inf=None)
                 if not in_step and plans[key]:  # the weights after the update, as fit's every step (the kernel's own)
-                    overflowed = _overflowed(params, S)
+                    overflowed = _overflowed(params, S, updated)
                 if overflowed is not None:  # as fit: the update was applied, the run ends
                     for s in overflowed.nonzero().flatten().tolist():
                         if active[s]:

@@ -392,6 +392,20 @@ def test_an_update_that_makes_weights_non_finite_ends_its_run_as_fit_does(name, 
                [alone[s] for s in keep], 2e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_weight_check_reads_only_the_runs_it_is_given(dtype):
+    from mmoe_fast.train_many import _overflowed
+
+    params = [torch.randn(4, 3, 2, dtype=dtype), torch.randn(4, 5, dtype=dtype)]
+    assert _overflowed(params, 4, [(0, 4)]) is None
+    params[0][1, 2, 1] = float("inf")  # run 1: stopped, its weights left as its last update made them
+    assert _overflowed(params, 4, [(0, 4)]).tolist() == [False, True, False, False]
+    assert _overflowed(params, 4, [(0, 1), (2, 4)]) is None
+    params[1][3, 4] = float("nan")  # a later overflow in a run still going is found beside the stopped one
+    assert _overflowed(params, 4, [(0, 1), (2, 4)]).tolist() == [False, False, False, True]
+    assert _overflowed(params, 4, [(2, 3)]) is None
+
+
 @needs_cpp
 def test_fit_many_falls_back_to_one_by_one_and_says_why_it_cannot_pack():
     models = _models("mmoe", 2, task_types=["regression", "regression"], expert_hidden=(5, 4))
