@@ -1,4 +1,5 @@
-"""The ``mmoe-fast`` command: ``train``, ``bench`` and ``backends``."""
+"""The ``mmoe-fast`` command: ``train``, ``predict``, ``bench``, ``backends``, and the experiments' ``reproduce``,
+``tune`` and ``gates``."""
 
 from __future__ import annotations
 
@@ -190,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic: input dimension (default 100)")
     tr.add_argument("--experts", type=positive_int, default=None, help="MMoE/OMoE experts (model default: 8)")
     tr.add_argument("--expert-hidden", type=positive_int, default=None,
-                    help="MMoE/OMoE units per expert (model default: 16)")
+                    help="MMoE/OMoE/CGC/PLE units per expert (model default: 16)")
     tr.add_argument("--bottom-hidden", type=positive_int, default=None,
-                    help="Shared-Bottom width (model default: 113, size-matched to MMoE)")
+                    help="Shared-Bottom/ESMM bottom width (model default: 113, size-matched to MMoE)")
     tr.add_argument("--epochs", type=positive_int, default=10)
     tr.add_argument("--steps", type=positive_int, default=None,
                     help="train this many optimizer steps instead of epochs")

@@ -1,11 +1,13 @@
-"""The paper's experiments as commands: ``reproduce correlation|trainability|census``, ``tune`` and ``gates``.
+"""The paper's experiments as commands: ``reproduce correlation|trainability|labels|shared-bottom|census``,
+``tune`` and ``gates``.
 
 Every command writes ``result.json``, ``table.md`` and ``plot.png`` to ``--out`` (default
-``results/<command>``) and prints the table. Defaults finish in minutes on 2 CPU cores; ``--full`` runs
-at a scale closer to the paper's. The models they save are :mod:`mmoe_fast.checkpoint` files with a ``data``
-entry (the ``load_splits`` spec), so ``gates`` rebuilds both the model and its data.
+``results/<command>``; ``reproduce census``: ``results/census-group<N>``) and prints the table. Defaults finish
+in minutes on 2 CPU cores; ``--full`` runs at a scale closer to the paper's. The models they save are
+:mod:`mmoe_fast.checkpoint` files with a ``data`` entry (the ``load_splits`` spec), so ``gates`` rebuilds both
+the model and its data.
 
-One file per job: ``common`` (a run, the outputs), ``synthetic`` (Figures 4 and 5), ``census`` (Tables 1
+One file per job: ``common`` (a run, the outputs), ``synthetic`` (Figures 2-5), ``census`` (Tables 1
 and 2), ``tune``, ``gates``, and ``commands`` (the argparse side).
 """
 

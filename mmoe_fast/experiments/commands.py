@@ -1,4 +1,5 @@
-"""The experiments' command line: ``reproduce correlation|trainability|labels|census``, ``tune`` and ``gates``."""
+"""The experiments' command line: ``reproduce correlation|trainability|labels|shared-bottom|census``, ``tune`` and
+``gates``."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ from .tune import tune
 
 
 def _common(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float | None,
-            packed: bool = False, threads_help: str | None = None) -> None:
+            packed: bool = False, threads_help: str | None = None, out: str = "results/<command>") -> None:
     parser.add_argument("--epochs", type=positive_int, default=epochs)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size)
     if lr is not None:
         parser.add_argument("--lr", type=positive_float, default=lr)
     parser.add_argument("--seed", type=non_negative_int, default=0, help="first seed (runs use seed, seed+1, ...)")
-    parser.add_argument("--out", default=None, help="results folder (default results/<command>)")
+    parser.add_argument("--out", default=None, help=f"results folder (default {out})")
     parser.add_argument("--full", action="store_true", help="the paper's scale (slow on a CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     if packed:
@@ -98,10 +99,11 @@ def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespa
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``reproduce`` (correlation, trainability, census), ``tune`` and ``gates`` to the CLI."""
+    """Add ``reproduce`` (correlation, trainability, labels, shared-bottom, census), ``tune`` and ``gates`` to the
+    CLI."""
     names = sorted(MODELS)
     regression_names = [n for n in names if n != "esmm"]  # ESMM's two tasks are binary by construction
-    rep = subparsers.add_parser("reproduce", help="the paper's experiments (Figures 4 and 5, Tables 1 and 2)")
+    rep = subparsers.add_parser("reproduce", help="the paper's experiments (Figures 2-5, Tables 1 and 2)")
     rsub = rep.add_subparsers(dest="experiment", required=True)
 
     corr = rsub.add_parser("correlation", help="loss vs task correlation on synthetic data (Figure 4)")
@@ -154,7 +156,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     cen.add_argument("--models", type=list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))
     cen.add_argument("--runs", type=positive_int, default=2, help="seeded runs per model")
     _census_options(cen)
-    _common(cen, epochs=3, batch_size=1024, lr=1e-3, packed=True, threads_help=(
+    _common(cen, epochs=3, batch_size=1024, lr=1e-3, packed=True, out="results/census-group<N>", threads_help=(
         "torch CPU threads (default: every core where the runs train as fit_many jobs, the one-hot inputs: its "
         "batched GEMMs and replicas use them, 0.5 s a run-epoch of MMoE on 2 threads against 0.9 on 1 here; one "
         "for --encoding ids, whose runs train one by one)"))

@@ -1,4 +1,5 @@
-"""``reproduce correlation`` (the paper's Figure 4) and ``reproduce trainability`` (Figure 5), on synthetic data."""
+"""``reproduce correlation`` (the paper's Figure 4), ``shared-bottom`` (Figure 3), ``trainability`` (Figure 5) and
+``labels`` (Figure 2), on synthetic data."""
 
 from __future__ import annotations
 
