@@ -405,3 +405,10 @@ def test_census_threads_default_to_every_core_for_fit_many_jobs_and_one_for_runs
     finally:
         torch.set_num_threads(before)
     assert seen == [want]
+
+
+@pytest.mark.parametrize("command, option", [("correlation", "seeds"), ("shared-bottom", "seeds"),
+                                             ("trainability", "runs"), ("census", "runs")])
+def test_every_comparison_defaults_to_at_least_20_paired_runs_per_cell(command, option):
+    args = cli.build_parser().parse_args(["reproduce", command])
+    assert getattr(args, option) >= 20

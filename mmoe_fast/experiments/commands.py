@@ -154,7 +154,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     cen = rsub.add_parser("census", help="census-income AUCs (Tables 1 and 2)")
     cen.add_argument("--models", type=list_of(str, names), default=list(DEFAULT_CENSUS_MODELS))
-    cen.add_argument("--runs", type=positive_int, default=2, help="seeded runs per model")
+    cen.add_argument("--runs", type=positive_int, default=20,
+                     help="seeded runs per model, paired across models by seed")
     _census_options(cen)
     _common(cen, epochs=3, batch_size=1024, lr=1e-3, packed=True, out="results/census-group<N>", threads_help=(
         "torch CPU threads (default: every core where the runs train as fit_many jobs, the one-hot inputs: its "
