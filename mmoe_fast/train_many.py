@@ -287,17 +287,18 @@ def _stopped(history: list[dict], common: dict) -> bool:
 def _overflowed(params: list[Tensor], S: int, stretches: list[tuple[int, int]]) -> Tensor | None:
     """None where the runs in ``stretches`` (``[a, b)`` of the stacks ``params``, ``[S, ...]`` each) have finite
     weights (one C++ pass over a stretch's memory where it can read it), else ``[S]`` bool: the runs with a
-    non-finite weight (one float64 sum per run and stack of a stretch that has one). A stopped run's weights, left
-    as its last update made them, are outside the stretches and cost nothing."""
+    non-finite weight (``isfinite`` per run of a stretch that has one: exact, where a sum of large finite weights
+    could overflow). A stopped run's weights, left as its last update made them, are outside the stretches and
+    cost nothing."""
     bad = None
     for a, z in stretches:
         part = [t[a:z] for t in params] if z - a < S else params
         if _cpp_checks(part) and cpp_backend.first_non_finite(part) is None:
             continue
-        totals = torch.stack([p.reshape(z - a, -1).sum(1, dtype=torch.float64) for p in part]).sum(0)
-        if not bool(torch.isfinite(totals).all()):
+        finite = torch.stack([p.reshape(z - a, -1).isfinite().all(1) for p in part]).all(0)
+        if not bool(finite.all()):
             bad = torch.zeros(S, dtype=torch.bool) if bad is None else bad
-            bad[a:z] = ~torch.isfinite(totals)
+            bad[a:z] = ~finite
     return bad
 
 
