@@ -8,6 +8,9 @@ Timings (``triton.testing.do_bench`` medians, one process): one MMoE layer, forw
 forward+backward, for the triton backend, batched eager in the input dtype (cuBLAS bf16 / tf32 / fp32,
 as ``torch.set_float32_matmul_precision`` says), ``torch.compile`` of that same math, and the loop form,
 next to the roofs measured in the same run (a big ``torch.mm`` in the dtype, a big copy); a summary table last.
+Replicas (the ops' vmap rules, one launch per kernel for S models): correctness of S layers under ``vmap``
+against the float64 reference replica by replica; timings of S paper-sized layers at once, forward and
+forward + every gradient, against the same op called once per replica and the batched eager form over S.
 
     benchmarks/gpu_check.sh           # on a GPU: both parts, within 8 minutes on an H100/H200
     MMOE_FAST_TRITON_AUTOTUNE=0 python benchmarks/bench_gpu.py --part correctness
@@ -42,7 +45,7 @@ _import_package()
 import mmoe_fast as mf  # noqa: E402
 from mmoe_fast import reference, timing  # noqa: E402
 from mmoe_fast.backends import triton as tb  # noqa: E402
-from mmoe_fast.testing import SHAPES, Shape, check_layer, make_inputs  # noqa: E402
+from mmoe_fast.testing import SHAPES, Shape, assert_close, check_layer, make_inputs  # noqa: E402
 
 BIG = (512, 16, 512, 3)  # D, E, H, T of the headline GPU timing shape
 PAPER = (100, 8, 16, 2)  # the paper's synthetic-data layer
@@ -51,6 +54,7 @@ PAPER = (100, 8, 16, 2)  # the paper's synthetic-data layer
 RELU_SHAPES = (SHAPES[0], SHAPES[1], SHAPES[3], SHAPES[5])
 BIG_SHAPES = (Shape(1000, 64, 8, 96, 5), Shape(2049, 512, 16, 512, 3))
 WIDE_GATE = Shape(300, 40, 200, 24, 2)  # E > 64: the gate's two-pass (online) softmax
+REPLICA_SHAPE = Shape(37, 20, 5, 18, 3)  # the replicas' correctness check: no size a multiple of a block
 
 
 def correctness_cases(smoke: bool) -> list[tuple]:
@@ -101,10 +105,63 @@ def correctness(device: str, smoke: bool) -> list[str]:
                 print(f"FAIL {what}: {type(exc).__name__}: {text}", flush=True)
             else:
                 print(f"ok   {what} ({time.monotonic() - start:.1f} s)", flush=True)
+        failures += replica_correctness(device, smoke)
     finally:
         tb._new = unpoisoned
         _set_precision(None)
     print("correctness: all passed" if not failures else f"correctness: {len(failures)} FAILED", flush=True)
+    return failures
+
+
+def _replica_params(shape: Shape, S: int, dtype, device, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """An MMoE layer's (x, W, b, Wg, bg) for S replicas, x shared and every weight [S, ...] (fit_many's
+    case), and a gradient dm[T, B, H] of one replica's output."""
+    B, D, E, H, T = shape.B, shape.D, shape.E, shape.H, shape.T
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    return [r(B, D), r(S, E, D, H, scale=D ** -0.5), r(S, E, H), r(S, T, D, E, scale=D ** -0.5), r(S, T, E)], \
+        r(T, B, H)
+
+
+def _replica_layer(activation: str, backend: str = "triton"):
+    return torch.func.vmap(lambda *p: mf.mmoe(*p, activation=activation, backend=backend), in_dims=(None, 0, 0, 0, 0))
+
+
+def replica_correctness(device: str, smoke: bool) -> list[str]:
+    """S = 3 layers under ``vmap`` (x shared, weights per replica), forward and every gradient, against the
+    float64 reference replica by replica, fp32 ieee and bf16, buffers poisoned with NaN."""
+    failures = []
+    S = 3
+    for dtype, prec in ((torch.float32, "ieee"), (torch.bfloat16, None)):
+        _set_precision(prec)
+        tol = tb.tolerance(dtype)
+        what = f"replicas S={S} {str(dtype)[6:]:9s} {prec or '':5s} {REPLICA_SHAPE} gelu tol={tol:.0e}"
+        params, dm = _replica_params(REPLICA_SHAPE, S, dtype, device, seed=11)
+
+        def loss(*p, backend="triton", dm=dm):
+            return (mf.mmoe(*p, activation="gelu", backend=backend) * dm).sum()
+
+        try:
+            out = _replica_layer("gelu")(*params)
+            grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2, 3, 4)), in_dims=(None, 0, 0, 0, 0))(*params)
+            for s in range(S):
+                one = [p.double() if i == 0 else p[s].double() for i, p in enumerate(params)]
+                assert_close(out[s].double(), mf.mmoe(*one, activation="gelu", backend="reference"), tol,
+                                        f"replica {s} forward")
+                want = torch.func.grad(lambda *p, dm=dm: loss(*p, backend="reference", dm=dm.double()),
+                                       argnums=(0, 1, 2, 3, 4))(*one)
+                for k, (got, ref) in enumerate(zip(grads, want)):
+                    assert_close(got[s].double(), ref, tol, f"replica {s} gradient {k}")
+        except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
+            text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            failures.append(f"{what}: {type(exc).__name__}: {text}")
+            print(f"FAIL {what}: {type(exc).__name__}: {text}", flush=True)
+        else:
+            print(f"ok   {what}", flush=True)
+    _set_precision(None)
     return failures
 
 
@@ -138,6 +195,18 @@ def layer_costs(B, D, E, H, T, itemsize) -> dict:
     return dict(fwd=(flops, fwd_bytes), fwdbwd=(3 * flops, fwd_bytes + bwd_bytes))
 
 
+def _forward_and_backward_times(impls: dict, params: list, dm: torch.Tensor, device) -> dict:
+    """{impl: (forward seconds under no_grad, forward + every gradient seconds)}, medians."""
+    grads = [p.detach().requires_grad_() for p in params]
+    times = {}
+    for name, fn in impls.items():
+        with torch.no_grad():
+            fwd = timing.kernel_time(lambda fn=fn: fn(*params), device=device)
+        fwdbwd = timing.kernel_time(lambda fn=fn: torch.autograd.grad(fn(*grads), grads, dm), device=device)
+        times[name] = (fwd, fwdbwd)
+    return times
+
+
 def time_layer(device, dtype, B, dims, peak, compiled) -> tuple[list[str], dict, dict]:
     """(printed lines, {impl: (fwd s, fwd+bwd s)}, layer_costs) of one layer shape."""
     D, E, H, T = dims
@@ -151,14 +220,7 @@ def time_layer(device, dtype, B, dims, peak, compiled) -> tuple[list[str], dict,
     if compiled is not None:
         impls["torch.compile"] = compiled
     costs = layer_costs(B, D, E, H, T, params[0].element_size())
-    grads = [p.detach().requires_grad_() for p in params]
-    dm = torch.randn(T, B, H, device=device, dtype=dtype)
-    times = {}
-    for name, fn in impls.items():
-        with torch.no_grad():
-            fwd = timing.kernel_time(lambda fn=fn: fn(*params), device=device)
-        fwdbwd = timing.kernel_time(lambda fn=fn: torch.autograd.grad(fn(*grads), grads, dm), device=device)
-        times[name] = (fwd, fwdbwd)
+    times = _forward_and_backward_times(impls, params, torch.randn(T, B, H, device=device, dtype=dtype), device)
     lines = []
     for name, (fwd, fwdbwd) in times.items():
         cells = [f"{B:6d}", f"{name:14s}"]
@@ -169,6 +231,34 @@ def time_layer(device, dtype, B, dims, peak, compiled) -> tuple[list[str], dict,
                          f"{100 * roof / sec:5.1f}% roof  x{sec / times['triton'][i]:5.2f}")
         lines.append(" | ".join(cells))
     return lines, times, costs
+
+
+def replica_batched(x, W, b, Wg, bg):
+    """S MMoE layers (relu) batched as a user writes them: x[B, D] shared, every weight [S, ...]; each
+    einsum over x is one GEMM across every replica and expert."""
+    G = torch.softmax(torch.einsum("bd,stde->sbte", x, Wg) + bg[:, None], dim=-1)
+    f = torch.relu(torch.einsum("bd,sedh->sebh", x, W) + b[:, :, None])
+    return torch.einsum("sbte,sebh->stbh", G, f)
+
+
+def time_replicas(device, dtype, S, B, dims) -> tuple[list[str], dict]:
+    """(printed lines, row) of S layers at once: forward and forward + every gradient for triton under
+    ``vmap`` (one launch per kernel), the same op once per replica, and the batched eager form."""
+    D, E, H, T = dims
+    params, _ = _replica_params(Shape(B, D, E, H, T), S, dtype, device, seed=3)
+    impls = {
+        "triton vmap": _replica_layer("relu"),
+        "triton loop": lambda x, W, b, Wg, bg: torch.stack(
+            [mf.mmoe(x, W[s], b[s], Wg[s], bg[s], activation="relu", backend="triton") for s in range(S)]),
+        "batched eager": replica_batched,
+    }
+    times = _forward_and_backward_times(impls, params, torch.randn(S, T, B, H, device=device, dtype=dtype), device)
+    base = times["triton vmap"]
+    lines = [f"{S:4d} {B:6d} | {name:13s} | fwd {f * 1e3:8.3f} ms x{f / base[0]:6.2f} | fwd+bwd {fb * 1e3:8.3f} ms "
+             f"x{fb / base[1]:6.2f} | {fb / S * 1e6:7.1f} us a replica-step" for name, (f, fb) in times.items()]
+    row = dict(kind="replicas", dtype=str(dtype)[6:], dims=list(dims), S=S, B=B,
+               ms={name: [t * 1e3 for t in pair] for name, pair in times.items()})
+    return lines, row
 
 
 def summary_row(dtype, prec, dims, B, times, costs, peak) -> dict:
@@ -190,6 +280,8 @@ def summary_table(rows: list[dict]) -> list[str]:
            "fwd+bwd x eager | fwd+bwd x compile |", "|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in rows:
+        if r.get("kind") == "replicas":
+            continue
         f, fb = r["fwd"], r["fwdbwd"]
         out.append(f"| {r['dtype']} {r['precision']} | {','.join(map(str, r['dims']))} | {r['B']} | {f['ms']:.3f} | "
                    f"{f['roof_pct']:.0f}% | {f['x_batched eager']:.2f} | {f.get('x_torch.compile', nan):.2f} | "
@@ -230,6 +322,18 @@ def timings(device: str, smoke: bool, deadline: float, on_row=lambda rows: None)
             print(f"  ({time.monotonic() - start:.0f} s into the timings: autotuning and compiling included)")
     _set_precision(None)
     torch.set_float32_matmul_precision("highest")
+    # S models at once (fit_many's shape): the paper's layer, fp32 ieee (what the trainers run) and bf16
+    print("\nreplicas: S layers at once, x shared, weights per replica; xN = time / triton vmap's time", flush=True)
+    for dtype, S, B in ([(torch.float32, 3, 5)] if smoke else
+                        [(torch.float32, 64, 128), (torch.bfloat16, 64, 128), (torch.float32, 256, 1024)]):
+        if time.monotonic() > deadline - (0 if smoke else 45):  # a row autotunes its kernels for S: ~30-45 s
+            print(f"time budget spent: skipped the replicas from S={S} B={B} {dtype} on", flush=True)
+            return rows
+        dims = (16, 3, 16, 2) if smoke else PAPER
+        lines, row = time_replicas(device, dtype, S, B, dims)
+        print(f"{str(dtype)[6:]} D,E,H,T={dims}\n" + "\n".join(lines), flush=True)
+        rows.append(row)
+        on_row(rows)
     return rows
 
 
@@ -269,7 +373,8 @@ def main() -> int:
     if rows:
         print("\nsummary: triton's time, % of the roof that binds, and speedups (> 1: triton faster)")
         print("\n".join(summary_table(rows)))
-        big = [r for r in rows if r["dims"] == list(BIG) and r["B"] == 8192 and r["dtype"] == "bfloat16"]
+        big = [r for r in rows if r.get("kind") != "replicas" and r["dims"] == list(BIG) and r["B"] == 8192
+               and r["dtype"] == "bfloat16"]
         if big and "x_torch.compile" in big[0]["fwd"]:
             f, fb = big[0]["fwd"], big[0]["fwdbwd"]
             print(f"targets at bf16 B=8192 {BIG}: fwd+bwd {fb['x_batched eager']:.2f}x batched eager (>= 2), "

@@ -57,8 +57,15 @@ MODES = {"fp32-ieee": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": (
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 # Aligned set: the integer arguments that are multiples of 16 at the benchmark shape (D = H = 512, E = 16),
 # which Triton then specializes as such; B and T stay unknown. The unaligned set marks no integer.
-# Pointers from torch are 16-byte aligned in both.
+# Pointers from torch are 16-byte aligned in both. So are the replica strides (``stride_*r``, between two
+# replicas' tensors) in both: 0 in a single model's launch, and in a vmapped one a multiple of 16 wherever B or
+# the weight sizes are (the paper's D=100 included: its weights hold E*D*H = 8*100*16 elements). A vmapped
+# launch whose replica strides are not multiples of 16 (an odd B, T*E = 15) is not compiled here.
 ALIGNED = {"K", "N", "D", "E", "stride_ab", "stride_ae", "stride_yb", "stride_ye", "stride_db", "stride_de"}
+
+
+def _replica_stride(arg: str) -> bool:
+    return arg.startswith("stride_") and arg.endswith("r")
 # Shared memory a block may use (static + dynamic, opt-in maximum), by arch.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # The GEMM kernels that carry the time: they must be on wgmma (sm_90) and pipelined where they can be.
@@ -169,7 +176,7 @@ def _jobs(args) -> list[Job]:
                            "*" + (acc_name if a in spec.acc_ptrs else dtype_name) if a.endswith("_ptr") else "i32"
                            for a in fn.arg_names}
                     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts
-                             and (a.endswith("_ptr") or (aligned and a in ALIGNED))}
+                             and (a.endswith("_ptr") or _replica_stride(a) or (aligned and a in ALIGNED))}
                     key = (fn.__name__, tuple(sig.items()), repr(sorted(consts.items())), tuple(attrs),
                            cfg.num_warps, cfg.num_stages)
                     if key in seen:  # e.g. fp32: the ACC-dtype pointer variants are the input-dtype ones

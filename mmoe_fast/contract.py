@@ -24,6 +24,11 @@ gate) and recompute what they need. Optional members:
   ``(out, saved)`` with what its backward wants kept (the pre-activations, and ``mmoe``'s gates);
   the backend's backward members then also take ``saved=`` (empty: recompute). Without them the eager backward
   recomputes.
+- ``<op>_replicas(S, per, *tensors, *others)`` for an op or backward op (``gate_softmax``, ``mmoe_backward``,
+  ...): S replicas at once, for the ops' vmap rules. The tensors come in the op's argument order, each
+  ``[S, ...]`` where its flag in ``per`` is true, else one tensor every replica shares; the other arguments
+  follow, less the backend name. Returns the op's results with a leading ``[S]`` (a gradient not asked for:
+  an ``[S, 0]`` tensor). Without it, the vmap rule calls the op once per replica.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ class FuncStack:
     """S models of one architecture trained as one through ``torch.func``: their weights stacked
     (``stack_module_state``), a step is ``vmap(grad(...))`` of ``functional_call`` over the model's own forward,
     whose fused ops run through their vmap rules (on the C++ backend: every op's kernels over the S replicas in
-    one call). The interface of ``ReplicaStack`` (``params``, ``step``, ``forward``, ``write_back``), for any
-    model ``vmap`` can run: ``why_not_vmapped`` says which."""
+    one call; on the Triton backend: one launch per kernel). The interface of ``ReplicaStack`` (``params``,
+    ``step``, ``forward``, ``write_back``), for any model ``vmap`` can run: ``why_not_vmapped`` says which."""
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         params, buffers = torch.func.stack_module_state(list(models))

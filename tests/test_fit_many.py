@@ -12,6 +12,11 @@ import torch.nn.functional as F
 import mmoe_fast as mf
 from mmoe_fast import fit_many
 from mmoe_fast.backends import cpp as cpp_backend
+
+try:
+    from mmoe_fast.backends import triton as triton_backend
+except ImportError:  # triton not installed
+    triton_backend = None
 from mmoe_fast.models.replicas import ReplicaStack, why_not_packed
 from mmoe_fast.testing import assert_close
 from mmoe_fast.train import fit
@@ -463,12 +468,16 @@ def test_fit_many_refuses_bad_input_by_name():
             fit_many(models, [x, x], [y, bad], packed=True, **quiet)
 
 
-@pytest.mark.parametrize("name,options", [("mmoe", dict(expert_hidden=(5, 4))), ("ple", {}), ("cross-stitch", {}),
-                                          ("single-task", dict(task_hidden=(5, 4))), ("tensor-factorization", {})])
+@pytest.mark.parametrize("name,options", [
+    ("mmoe", dict(expert_hidden=(5, 4))), ("ple", {}), ("cross-stitch", {}), ("single-task", dict(task_hidden=(5, 4))),
+    ("tensor-factorization", {}),
+    pytest.param("mmoe", dict(expert_hidden=(5, 4), backend="triton"), id="mmoe-triton", marks=pytest.mark.skipif(
+        triton_backend is None or triton_backend.unavailable_reason() is not None, reason="Triton cannot run here")),
+])
 def test_fit_many_vmapped_equals_separate_fit_runs(name, options, monkeypatch):
-    """Models the replicas cannot pack train as one FuncStack (torch.func over the fused ops' vmap rules): each
-    run's history and weights equal its own fit's in float64, per-run data, learning rates and orders,
-    validation and early stopping included."""
+    """Models the replicas cannot pack train as one FuncStack (torch.func over the fused ops' vmap rules; on the
+    Triton backend its replica launches): each run's history and weights equal its own fit's in float64, per-run
+    data, learning rates and orders, validation and early stopping included."""
     from mmoe_fast import train_many
 
     monkeypatch.setattr(train_many, "VMAP_MIN_RUNS", 2)

@@ -218,7 +218,7 @@ def test_first_fit_launches_the_first_kept_config_untimed():
         grids.append(meta["BLOCK_M"])
         return (triton_cdiv(37, meta["BLOCK_M"]) * triton_cdiv(18, meta["BLOCK_N"]) * 3,)
 
-    launcher[grid](x, w, b, out, 37, 20, 18, 3, 20, 0, 64, ACT="gelu", HAS_BIAS=True, DOT=tl_float32(),
+    launcher[grid](x, w, b, out, 37, 20, 18, 3, 20, 0, 0, 0, 0, 0, 64, 1, ACT="gelu", HAS_BIAS=True, DOT=tl_float32(),
                    ACC=tl_float32(), PREC="ieee")
     assert grids == [32] and seen[-1] == (37, "gelu")
     want = torch.nn.functional.gelu(torch.einsum("bk,ekn->ben", x, w) + b, approximate="tanh")
@@ -234,7 +234,7 @@ def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):
     fn = linear.grouped_linear_fwd.fn
     keys = ["B_BUCKET", "K", "N", "E", "ACT"]
     x, w = torch.ones(3, 20), torch.ones(2, 20, 18)
-    args = (x, w, w, x, 3, 20, 18, 2, 20, 0, 4)
+    args = (x, w, w, x, 3, 20, 18, 2, 20, 0, 0, 0, 0, 0, 4, 1)
     key = common.tuning_key(keys, fn.arg_names, args, dict(ACT="relu", HAS_BIAS=True))
     assert key == (4, 20, 18, 2, "relu", "torch.float32", "torch.float32", "torch.float32", "torch.float32")
     picked = common.cfg(BLOCK_M=128, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)

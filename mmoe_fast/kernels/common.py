@@ -2,6 +2,10 @@
 
 ``pre_tile`` is the one GEMM every expert kernel runs (forward, and the backward's recompute):
 ``a_e[rows] @ W[e][:, cols] + b[e][cols]`` accumulated in ``ACC`` (fp32, fp64 for fp64 inputs).
+``replica`` moves a kernel's pointers to its program's replica: every kernel takes a grid axis of S replicas
+(the ops' vmap rules run S independent models in one launch) and each pointer a replica stride: 0 for a
+tensor the replicas share, and for every tensor when S = 1, so a single model's launch keeps the alignment
+Triton proves for a stride of 0 (divisible by 16).
 ``mma`` is every kernel's ``tl.dot``: with ``PREC="tf32"`` it rounds fp32 operands to tf32 (nearest, ties
 away) first; the tensor cores would truncate them, about doubling the error.
 """
@@ -127,6 +131,13 @@ def without(configs, drop):
 
 def cfg(num_warps=4, num_stages=3, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def replica(ptr, stride, AXIS: tl.constexpr):
+    """``ptr`` advanced to the replica of this program, ``tl.program_id(AXIS)``: ``stride`` elements between
+    two replicas' tensors (0: a tensor every replica shares). The offset is int64 whatever the stride."""
+    return ptr + tl.program_id(AXIS).to(tl.int64) * stride
 
 
 @triton.jit

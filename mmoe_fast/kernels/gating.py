@@ -14,7 +14,7 @@ Backward: ``dlogit = G * (dG - sum_e G * dG)`` per task, and, if asked, ``dx = s
 import triton
 import triton.language as tl
 
-from .common import autotune, cfg, fp32_fma, mma, without
+from .common import autotune, cfg, fp32_fma, mma, replica, without
 
 # Expert columns a program holds at once: wider chunks spill or overflow shared memory (compile_check.py).
 MAX_E_BLOCK = 64  # forward, and backward without dx
@@ -64,17 +64,24 @@ def _logits(x_ptr, wg_ptr, bg_ptr, rows, t, es, B, D, E, HAS_BIAS: tl.constexpr,
 @autotune(
     [cfg(BLOCK_M=64, BLOCK_K=32), cfg(BLOCK_M=128, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_K=64, num_warps=2)],
     cfg(BLOCK_M=64, BLOCK_K=32),
-    key=["B_BUCKET", "D", "T", "E"],  # B is bucketed to a power of two: batches vary, weights do not
+    # B and the replica count S are bucketed to powers of two: batches vary, weights do not
+    key=["B_BUCKET", "S_BUCKET", "D", "T", "E"],
     prune=_fwd_fit,
 )
 @triton.jit
-def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, logit_ptr, B, D, T, E, B_BUCKET,
-                     HAS_BIAS: tl.constexpr, E_BLOCK: tl.constexpr,
+def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, logit_ptr, B, D, T, E, stride_xr, stride_wr, stride_br,
+                     stride_gr, B_BUCKET, S_BUCKET, HAS_BIAS: tl.constexpr, E_BLOCK: tl.constexpr,
                      DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """G[B, T, E] = softmax_e(x[B, D] @ Wg[t] + bg[t]); Wg is [T, D, E], bg [T, E]. 1-D grid over
-    (row blocks, tasks); the tasks of a row block are neighbours in launch order (they share x's rows in L2).
-    ``logit_ptr``: [B, T, E] scratch in ACC dtype, used only when E > E_BLOCK."""
+    """G[B, T, E] = softmax_e(x[B, D] @ Wg[t] + bg[t]); Wg is [T, D, E], bg [T, E]. Grid over
+    ((row blocks, tasks), replicas); the tasks of a row block are neighbours in launch order (they share x's
+    rows in L2). ``logit_ptr``: [B, T, E] scratch in ACC dtype, used only when E > E_BLOCK. A replica's
+    tensors are ``stride_*r`` apart (G and the scratch both ``stride_gr``)."""
+    x_ptr = replica(x_ptr, stride_xr, 1)
+    wg_ptr = replica(wg_ptr, stride_wr, 1)
+    bg_ptr = replica(bg_ptr, stride_br, 1)
+    g_ptr = replica(g_ptr, stride_gr, 1)
+    logit_ptr = replica(logit_ptr, stride_gr, 1)
     t = tl.program_id(0) % T
     rows = (tl.program_id(0) // T) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
@@ -110,16 +117,22 @@ def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, logit_ptr, B, D, T, E, B_BUCK
 @autotune(
     [cfg(BLOCK_M=64, BLOCK_D=64), cfg(BLOCK_M=128, BLOCK_D=64, num_warps=8), cfg(BLOCK_M=32, BLOCK_D=64, num_warps=2)],
     cfg(BLOCK_M=64, BLOCK_D=32),
-    key=["B_BUCKET", "D", "T", "E"],
+    key=["B_BUCKET", "S_BUCKET", "D", "T", "E"],
     prune=_bwd_fit,
 )
 @triton.jit
-def gate_softmax_bwd(dg_ptr, g_ptr, wg_ptr, dx_ptr, dlogit_ptr, B, D, T, E, B_BUCKET,
-                     WRITE_DX: tl.constexpr, E_BLOCK: tl.constexpr, ACC: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def gate_softmax_bwd(dg_ptr, g_ptr, wg_ptr, dx_ptr, dlogit_ptr, B, D, T, E, stride_dgr, stride_gr, stride_wr,
+                     stride_dxr, stride_lr, B_BUCKET, S_BUCKET, WRITE_DX: tl.constexpr, E_BLOCK: tl.constexpr,
+                     ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dlogit[B, T, E] (ACC dtype; written by the programs of the first D block) and, if WRITE_DX, dx[B, D]
     (the fused layer backward adds dx inside ``linear.input_grad`` instead; its grid has one D block).
-    Grid (row blocks, D blocks); a program loops over the tasks and their expert chunks."""
+    Grid (row blocks, D blocks, replicas); a program loops over the tasks and their expert chunks.
+    A replica's tensors are ``stride_*r`` apart."""
+    dg_ptr = replica(dg_ptr, stride_dgr, 2)
+    g_ptr = replica(g_ptr, stride_gr, 2)
+    wg_ptr = replica(wg_ptr, stride_wr, 2)
+    dx_ptr = replica(dx_ptr, stride_dxr, 2)
+    dlogit_ptr = replica(dlogit_ptr, stride_lr, 2)
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)

@@ -5,14 +5,16 @@
 ``input_grad``:  da = sum_e dpre_e @ W[e]^T, summed over the experts for a shared input.
 ``weight_grad``: dW[e] = a_e^T @ dy_e and db[e] = sum_b dy_e without atomics: a program owns one
                  weight tile of one slice of the batch and loops over its rows; the slices' partial sums
-                 land in a ``[S, E, K, N]`` buffer that the launcher sums in a fixed order (S = 1: the
-                 program writes the gradient itself, in the output dtype).
+                 land in a ``[replicas, slices, E, K, N]`` buffer that the launcher sums over the slices
+                 in a fixed order (one slice: the program writes the gradient itself, in the output dtype).
+Every kernel runs S replicas along its last grid axis, a replica's tensors ``stride_*r`` apart
+(``common.replica``).
 """
 
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, without
+from .common import act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, replica, without
 
 _TILE_CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -20,7 +22,7 @@ _TILE_CONFIGS = [
     cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=4),
 ]
-_KEY = ["B_BUCKET", "K", "N", "E"]  # B bucketed to a power of two; the weight shapes are exact
+_KEY = ["B_BUCKET", "S_BUCKET", "K", "N", "E"]  # B and S bucketed to powers of two; the weight shapes exact
 
 
 @triton.jit
@@ -37,10 +39,15 @@ def _tile(E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY)
 @triton.jit
-def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, stride_ae, B_BUCKET,
+def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, stride_ae,
+                       stride_ar, stride_wr, stride_br, stride_outr, B_BUCKET, S_BUCKET,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[B, E, N] = act(a_e @ W[e] + b[e]); 1-D grid over (rows, experts, cols)."""
+    """out[B, E, N] = act(a_e @ W[e] + b[e]); grid ((rows, experts, cols), replicas)."""
+    a_ptr = replica(a_ptr, stride_ar, 1)
+    w_ptr = replica(w_ptr, stride_wr, 1)
+    bias_ptr = replica(bias_ptr, stride_br, 1)
+    out_ptr = replica(out_ptr, stride_outr, 1)
     e, rows, cols = _tile(E, N, BLOCK_M, BLOCK_N)
     y = act(pre_tile(a_ptr, w_ptr, bias_ptr, e, rows, cols, B, K, N, stride_ab, stride_ae,
                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT, ACC, PREC), ACT)
@@ -57,11 +64,17 @@ def _bwd_rows_fit(configs, named_args, **kwargs):
 
 @autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_bwd_rows_fit)
 @triton.jit
-def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N, E, stride_ab, stride_ae, B_BUCKET,
+def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N, E, stride_ab, stride_ae,
+                            stride_doutr, stride_ar, stride_wr, stride_br, stride_dpr, B_BUCKET, S_BUCKET,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
                             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr):
-    """dpre[B, E, N] = dout * act'(a_e @ W[e] + b[e]); 1-D grid over (rows, experts, cols)."""
+    """dpre[B, E, N] = dout * act'(a_e @ W[e] + b[e]); grid ((rows, experts, cols), replicas)."""
+    dout_ptr = replica(dout_ptr, stride_doutr, 1)
+    a_ptr = replica(a_ptr, stride_ar, 1)
+    w_ptr = replica(w_ptr, stride_wr, 1)
+    bias_ptr = replica(bias_ptr, stride_br, 1)
+    dpre_ptr = replica(dpre_ptr, stride_dpr, 1)
     e, rows, cols = _tile(E, N, BLOCK_M, BLOCK_N)
     offs = rows.to(tl.int64)[:, None] * (E * N) + e * N + cols[None, :]
     mask = (rows < B)[:, None] & (cols < N)[None, :]
@@ -101,16 +114,22 @@ def _input_grad_fit(configs, named_args, **kwargs):
           prune=_input_grad_fit)
 @triton.jit
 def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_PROGRAM,
-               stride_yb, stride_ye, stride_db, stride_de, B_BUCKET,
-               GATE: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+               stride_yb, stride_ye, stride_db, stride_de, stride_yr, stride_wr, stride_dr, stride_lr, stride_gr,
+               B_BUCKET, S_BUCKET, GATE: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """da[b, j, k] = sum over the experts e of group j of dy[b, e, :] @ W[e, k, :].
 
     A shared input has one group of all E experts (E_PER_PROGRAM = E); a per-expert input has E groups
-    of one. ``da`` is written at ``b * stride_db + j * stride_de + k``. 1-D grid over (rows, groups, k).
-    GATE (shared input only): also add the gate's share of dx, ``dlogit[b] @ Wg^T`` (dlogit is
-    [B, T * E] in ACC dtype, Wg is [T, K, E]), so dx is written once.
+    of one. ``da`` is written at ``b * stride_db + j * stride_de + k``. Grid ((rows, groups, k), replicas);
+    a replica's dy, W, da, dlogit and Wg start ``stride_yr``, ``stride_wr``, ``stride_dr``, ``stride_lr``,
+    ``stride_gr`` apart. GATE (shared input only): also add the gate's share of dx, ``dlogit[b] @ Wg^T``
+    (dlogit is [B, T * E] in ACC dtype, Wg is [T, K, E]), so dx is written once.
     """
+    dy_ptr = replica(dy_ptr, stride_yr, 1)
+    w_ptr = replica(w_ptr, stride_wr, 1)
+    da_ptr = replica(da_ptr, stride_dr, 1)
+    dlogit_ptr = replica(dlogit_ptr, stride_lr, 1)
+    wg_ptr = replica(wg_ptr, stride_gr, 1)
     k_tiles = tl.cdiv(K, BLOCK_K)
     groups = E // E_PER_PROGRAM
     pid = tl.program_id(0)
@@ -146,23 +165,28 @@ def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_P
     [cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=64), cfg(BLOCK_B=64, BLOCK_K=64, BLOCK_N=64, num_stages=4),
      cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8), cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)],
     cfg(BLOCK_B=32, BLOCK_K=32, BLOCK_N=32),
-    key=["B_BUCKET", "K", "N", "E", "ROWS_PER_SPLIT"],
+    key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "ROWS_PER_SPLIT"],
     prune=lambda configs, named_args, **kw: _weight_grad_fit(configs, kw),
 )
 @triton.jit
 def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, stride_ab, stride_ae, stride_yb, stride_ye,
-                B_BUCKET, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                stride_ar, stride_yr, B_BUCKET, S_BUCKET, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """dW_partial[s, e] = a_e[rows of s]^T @ dy_e[rows of s], db_partial[s, e] = sum of dy_e over them.
 
-    Grid (K blocks, N blocks, S * E); slice s holds rows [s * ROWS_PER_SPLIT, (s + 1) * ROWS_PER_SPLIT).
-    ``a[b, e, k]`` at ``b * stride_ab + e * stride_ae + k``, ``dy[b, e, n]`` at ``b * stride_yb + e * stride_ye + n``.
+    Grid ((K blocks, N blocks), slices * E, replicas); slice s holds rows [s * ROWS_PER_SPLIT,
+    (s + 1) * ROWS_PER_SPLIT). ``a[b, e, k]`` at ``b * stride_ab + e * stride_ae + k``, ``dy[b, e, n]`` at
+    ``b * stride_yb + e * stride_ye + n``, a replica's ``stride_ar``, ``stride_yr`` apart; the partials are
+    [replicas, slices, E, K, N] and [replicas, slices, E, N].
     """
-    pid_k = tl.program_id(0)
-    e = tl.program_id(2) % E
-    s = tl.program_id(2) // E
+    a_ptr = replica(a_ptr, stride_ar, 2)
+    dy_ptr = replica(dy_ptr, stride_yr, 2)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid_k = tl.program_id(0) % k_tiles
+    e = tl.program_id(1) % E
+    s = tl.program_id(1) // E
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ns = (tl.program_id(0) // k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo = s * ROWS_PER_SPLIT
     hi = tl.minimum(lo + ROWS_PER_SPLIT, B)
     acc = tl.zeros((BLOCK_K, BLOCK_N), ACC)
@@ -177,7 +201,7 @@ def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, strid
                      mask=row_ok[:, None] & (ns < N)[None, :], other=0.0)
         acc = mma(at, dy, acc, DOT, PREC)
         dbias += tl.sum(dy.to(ACC), axis=0)
-    slot = s * E + e
+    slot = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # (replica, slice, expert)
     tl.store(dw_ptr + (slot * K + ks[:, None]).to(tl.int64) * N + ns[None, :], acc.to(dw_ptr.dtype.element_ty),
              mask=(ks < K)[:, None] & (ns < N)[None, :])
     if pid_k == 0:  # one owner for each db element

@@ -7,12 +7,13 @@ Backward: a program owns rows x one expert; it recomputes ``pre`` tile by tile (
           backward only the inputs), reduces ``dG[b, t, e] = <dm[t, b], f_e[b]>`` over the columns and
           writes ``dpre = (sum_t G[b, t, e] dm[t, b]) * act'(pre)``, which ``linear.input_grad`` and
           ``linear.weight_grad`` turn into ``da``, ``dW`` and ``db``.
+Both run S replicas along grid axis 1, a replica's tensors ``stride_*r`` apart (``common.replica``).
 """
 
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, fp32_fma, pre_tile
+from .common import act, act_grad, autotune, cfg, fp32_fma, pre_tile, replica
 
 _CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -67,17 +68,24 @@ def _store_task(m_ptr, acc, t, T, B, N, rows, cols):
                  mask=(rows < B)[:, None] & (cols < N)[None, :])
 
 
-@autotune(_CONFIGS + _FMA_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"], prune=_fits_registers)
+@autotune(_CONFIGS + _FMA_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"],
+          prune=_fits_registers)
 @triton.jit
-def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stride_ab, stride_ae, B_BUCKET,
+def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stride_ab, stride_ae,
+                       stride_ar, stride_wr, stride_br, stride_gr, stride_mr, B_BUCKET, S_BUCKET,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, TASKS: tl.constexpr,
                        DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """m[T, B, N] = sum_e G[:, t, e] * act(a_e @ W[e] + b[e]); G is [B, T, E].
 
-    1-D grid over (rows, task groups, cols); a program holds TASKS (<= MAX_TASKS) 2-D accumulators, as
+    Grid ((rows, task groups, cols), replicas); a program holds TASKS (<= MAX_TASKS) 2-D accumulators, as
     separate tensors: a 3-D [rows, tasks, cols] accumulator takes a register layout that spills.
     """
+    a_ptr = replica(a_ptr, stride_ar, 1)
+    w_ptr = replica(w_ptr, stride_wr, 1)
+    bias_ptr = replica(bias_ptr, stride_br, 1)
+    g_ptr = replica(g_ptr, stride_gr, 1)
+    m_ptr = replica(m_ptr, stride_mr, 1)
     # The column tiles of one row block are neighbours in launch order: they share a's rows in L2.
     n_tiles = tl.cdiv(N, BLOCK_N)
     groups = tl.cdiv(T, TASKS)
@@ -108,14 +116,23 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
         _store_task(m_ptr, acc3, t0 + 3, T, B, N, rows, cols)
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits)
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits)
 @triton.jit
 def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_ptr, B, K, N, E, T,
-                            stride_ab, stride_ae, B_BUCKET,
+                            stride_ab, stride_ae, stride_mr, stride_ar, stride_wr, stride_br, stride_gr,
+                            stride_dpr, stride_dgr, B_BUCKET, S_BUCKET,
                             ACT: tl.constexpr, HAS_BIAS: tl.constexpr, T_PAD: tl.constexpr,
                             DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dpre[B, E, N] and dG[B, T, E] from dm[T, B, N]; 1-D grid over (rows, experts): one owner per element."""
+    """dpre[B, E, N] and dG[B, T, E] from dm[T, B, N]; grid ((rows, experts), replicas): one owner per
+    element."""
+    dm_ptr = replica(dm_ptr, stride_mr, 1)
+    a_ptr = replica(a_ptr, stride_ar, 1)
+    w_ptr = replica(w_ptr, stride_wr, 1)
+    bias_ptr = replica(bias_ptr, stride_br, 1)
+    g_ptr = replica(g_ptr, stride_gr, 1)
+    dpre_ptr = replica(dpre_ptr, stride_dpr, 1)
+    dg_ptr = replica(dg_ptr, stride_dgr, 1)
     # The experts of one row block are neighbours in launch order: they share dm's and a's rows in L2.
     e = tl.program_id(0) % E
     rows = (tl.program_id(0) // E) * BLOCK_M + tl.arange(0, BLOCK_M)
