@@ -412,3 +412,20 @@ def test_census_threads_default_to_every_core_for_fit_many_jobs_and_one_for_runs
 def test_every_comparison_defaults_to_at_least_20_paired_runs_per_cell(command, option):
     args = cli.build_parser().parse_args(["reproduce", command])
     assert getattr(args, option) >= 20
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], (20, 3, None)),
+    (["--full"], (50, 20, [1e-4, 1e-3, 1e-2])),
+    (["--full", "--runs", "20", "--epochs", "3"], (20, 3, [1e-4, 1e-3, 1e-2])),  # given at the default: kept
+    (["--runs", "7", "--lr-grid", "0.01"], (7, 3, [0.01])),
+])
+def test_full_replaces_only_the_options_not_given(monkeypatch, argv, want):
+    from mmoe_fast.experiments import commands
+
+    seen = []
+    monkeypatch.setattr(commands, "reproduce_census", lambda args: seen.append(args) or 0)
+    assert cli.main(["reproduce", "census", *argv]) == 0
+    args = seen[0]
+    assert (args.runs, args.epochs, args.lr_grid) == want
+    assert type(args.runs) is int and type(args.epochs) is int  # plain values reach the command, not the markers

@@ -82,13 +82,43 @@ def _census_options(parser: argparse.ArgumentParser) -> None:
                         help="with --encoding ids: the tables' width, or 'vocab' (each as wide as its vocabulary)")
 
 
+_UNSET_TYPES: dict[type, type] = {}
+_UNSET_NONE = type("UnsetNone", (), {"__repr__": lambda self: "None", "__bool__": lambda self: False})()
+
+
+def _unset(value):
+    """``value`` marked as an option not given on the command line: an instance of a subclass of its type, which
+    compares, prints and counts as ``value`` does (None: a falsy marker), yet ``--full`` can tell it from the same
+    value typed in."""
+    if value is None:
+        return _UNSET_NONE
+    kind = type(value)
+    if kind not in _UNSET_TYPES:
+        _UNSET_TYPES[kind] = type(f"Unset{kind.__name__.title()}", (kind,), {"__module__": __name__})
+    return _UNSET_TYPES[kind](value)
+
+
+def _plain(value):
+    """The value an ``_unset`` marker stands for; None for any other value."""
+    if value is _UNSET_NONE:
+        return None
+    return type(value).__bases__[0](value) if type(value) in _UNSET_TYPES.values() else None
+
+
+def _given(value) -> bool:
+    return value is not _UNSET_NONE and type(value) not in _UNSET_TYPES.values()
+
+
 def _with_full(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int], full: dict) -> None:
-    """Run ``func`` on ``--threads`` threads; with ``--full``, options left at their default take ``full``'s values."""
+    """Run ``func`` on ``--threads`` threads; with ``--full``, options not given take ``full``'s values (an option
+    given, even at its default, stays as given)."""
+    parser.set_defaults(**{key: _unset(parser.get_default(key)) for key in full})
+
     def run(args: argparse.Namespace) -> int:
-        if args.full:
-            for key, value in full.items():
-                if getattr(args, key) == parser.get_default(key):
-                    setattr(args, key, value)
+        for key, value in full.items():
+            given = getattr(args, key)
+            if not _given(given):
+                setattr(args, key, value if args.full else _plain(given))
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads or threads)
         try:
