@@ -86,6 +86,14 @@ def _poisoned(shape, dtype, device):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def _failure(what: str, exc: Exception) -> str:
+    """A failed case as one line (printed now): the exception's type and its last line."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    line = f"{what}: {type(exc).__name__}: {text}"
+    print(f"FAIL {line}", flush=True)
+    return line
+
+
 def correctness(device: str, smoke: bool) -> list[str]:
     """Run every check; return the failures (one line each)."""
     failures = []
@@ -100,9 +108,7 @@ def correctness(device: str, smoke: bool) -> list[str]:
                 check_layer("triton", shape, dtype=dtype, device=device, activation=activation, hidden=hidden,
                             tol=tol)
             except Exception as exc:  # noqa: BLE001 - a compile error in one case must not hide the others
-                text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                failures.append(f"{what}: {type(exc).__name__}: {text}")
-                print(f"FAIL {what}: {type(exc).__name__}: {text}", flush=True)
+                failures.append(_failure(what, exc))
             else:
                 print(f"ok   {what} ({time.monotonic() - start:.1f} s)", flush=True)
         failures += replica_correctness(device, smoke)
@@ -156,9 +162,7 @@ def replica_correctness(device: str, smoke: bool) -> list[str]:
                 for k, (got, ref) in enumerate(zip(grads, want)):
                     assert_close(got[s].double(), ref, tol, f"replica {s} gradient {k}")
         except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
-            text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            failures.append(f"{what}: {type(exc).__name__}: {text}")
-            print(f"FAIL {what}: {type(exc).__name__}: {text}", flush=True)
+            failures.append(_failure(what, exc))
         else:
             print(f"ok   {what}", flush=True)
     _set_precision(None)
