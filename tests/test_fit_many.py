@@ -175,7 +175,16 @@ def test_replica_trainer_gathers_rows_and_updates_as_torch_adam(kind, T, E, H, h
 
 
 @needs_cpp
-def test_replicas_step_on_no_rows_gives_zero_gradients_and_the_trainer_refuses_them():
+def test_replicas_step_on_no_rows_gives_zero_gradients_and_the_trainer_refuses_them(monkeypatch):
+    # every uninitialized tensor starts as NaN (-1 for integers): fresh memory may well be zeros already
+    for owner, name in ((torch.Tensor, "new_empty"), (torch, "empty_like"), (torch, "empty")):
+        make = getattr(owner, name)
+
+        def poisoned(*args, _make=make, **kwargs):
+            out = _make(*args, **kwargs)
+            return out.fill_(float("nan") if out.is_floating_point() else -1)
+
+        monkeypatch.setattr(owner, name, poisoned)
     S, D, E, H, T = 3, 5, 2, 4, 2
     towers = [torch.randn(S, 1, H) for _ in range(T)] + [torch.randn(S, 1) for _ in range(T)]
     W, bias = torch.randn(S, D, E * H + T * E), torch.randn(S, E * H + T * E)
