@@ -225,6 +225,51 @@ def test_first_fit_launches_the_first_kept_config_untimed():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_unaligned_launches_run_their_own_configs(monkeypatch):
+    """A launch is aligned when every size and row stride of ``common.ALIGNED_ARGS`` it has is a multiple of 16
+    (Triton then proves 16-byte loads). Aligned, the autotuner gets the kernel's prune of its aligned
+    configs; otherwise its unaligned configs, the exact-fp32 ones for ieee fp32 dots (compile_check.py
+    compiles both sets and fails on a spill in either). FirstFit reads the same choice from a real launch's
+    arguments, and ``autotune`` lists the unaligned configs after the aligned ones, once each."""
+    from mmoe_fast.kernels import common, linear
+
+    f32, f64 = tl_float32(), importlib.import_module("triton.language").float64
+    assert common.aligned(dict(K=512, N=16, E=16, stride_ab=512, stride_ae=0, B=37, T=3))
+    assert common.aligned({})
+    for name in ("K", "N", "E", "D", "stride_ab", "stride_yb"):
+        assert not common.aligned({**dict(K=512, N=16, E=16, stride_ab=512, B=32), name: 100})
+    a, b, c, d = (common.cfg(BLOCK_M=m) for m in (16, 32, 64, 128))
+    seen = []
+
+    def prune(configs, named_args, **kwargs):
+        seen.append(configs)
+        return configs[1:]
+
+    choose = common._choose([a, b], prune, ([c, d], [b]))
+    every = [a, b, c, d]
+    assert choose(every, dict(K=32, N=16), PREC="tf32", ACC=f32) == [b] and seen == [[a, b]]
+    assert choose(every, dict(K=20, N=16), PREC="tf32", ACC=f32) == [c, d]
+    assert choose(every, dict(K=20, N=16), PREC="ieee", ACC=f32) == [b]  # exact fp32 dots
+    assert choose(every, dict(K=20, N=16), PREC="ieee", ACC=f64) == [c, d]  # fp64 is not an fp32 FMA dot
+    assert choose(every, dict(K=32), N=20, PREC="tf32", ACC=f32) == [c, d]  # a size passed by keyword
+    assert len(seen) == 1
+
+    fn = linear.grouped_linear_fwd.fn
+    keys = ["B_BUCKET", "K", "N", "E", "ACT"]
+    launcher = common.FirstFit(fn, every, keys, choose)
+    x, w = torch.ones(3, 32), torch.ones(16, 32, 16)
+    flags = dict(ACT="relu", HAS_BIAS=True, PREC="tf32", ACC=f32)
+    assert launcher.config((x, w, w, x, 3, 32, 16, 16, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is b
+    assert launcher.config((x, w, w, x, 3, 20, 16, 16, 20, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c  # K = 20
+    assert launcher.config((x, w, w, x, 3, 32, 16, 8, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c  # E = 8
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "KERNELS", {})
+    kernel = common.autotune([a, b], a, key=["K"], prune=prune, unaligned=([c, a], [d, c]))(fn)
+    assert kernel.configs == [a, b, c, d] and common.KERNELS == {fn.__name__: kernel}
+    assert kernel.early_config_prune(kernel.configs, dict(K=20), PREC="ieee", ACC=f32) == [d, c]
+
+
 def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):
     """A table of GPU picks (bench_gpu.py --tuned-out) is read back by tuning key; FirstFit takes a hit over
     its first config; the shipped table parses."""
@@ -303,5 +348,10 @@ def test_kernels_compile_for_a_gpu_without_spills():
             assert wgmma_pipelined(kernel, mode) == {("yes", "yes")}, (kernel, mode)
         assert {w for w, _ in wgmma_pipelined(kernel, "fp32-ieee")} == {"no"}, kernel  # ieee fp32: no wgmma
     assert wgmma_pipelined("expert_mixture_fwd", "bf16", "unaligned")
+    # unaligned launches compile their own configs (common.aligned), and fail the check on a spill too:
+    # the mixture forward's is 64 x 32, where its first aligned one is 64 x 64
+    assert " aligned and unaligned without spills" in summary
+    mixture = [f for f in rows if f[1:4] == ["expert_mixture_fwd", "bf16", "unaligned"]]
+    assert mixture and all("N32" in f for f in mixture), mixture
     gate = [f for f in rows if f[1].startswith("gate_softmax")]
     assert {f"E_BLOCK={e}" for e in (16, 64)} <= {w for f in gate for w in f}

@@ -89,17 +89,48 @@ class FirstFit:
         return launch
 
 
-def autotune(gpu_configs, interpret_config, key, prune=None):
+# The integer arguments (sizes, row strides) that make a launch aligned when each is a multiple of 16, as
+# Triton then specializes it: its loads and async copies move 16 bytes at a time. With any one not (the
+# paper's D = 100, E = 8, an odd H) they move one element at a time, each with its own address and predicate
+# registers, and the aligned configs spill; such a launch runs the kernel's unaligned configs instead.
+# compile_check.py compiles both sets for sm_90 (none of these known to be multiples of 16 for the second).
+ALIGNED_ARGS = frozenset({"K", "N", "D", "E", "stride_ab", "stride_ae", "stride_yb", "stride_ye", "stride_db",
+                          "stride_de"})
+
+
+def aligned(named_args: dict) -> bool:
+    """Whether every ``ALIGNED_ARGS`` argument of a launch is a multiple of 16."""
+    return all(named_args[name] % 16 == 0 for name in ALIGNED_ARGS if name in named_args)
+
+
+def _choose(configs, prune, unaligned):
+    """The autotuner's prune: at aligned launches ``prune`` (or all) of ``configs``; at unaligned ones
+    ``unaligned = (configs, exact fp32 configs)``, the second for exact fp32 dots."""
+
+    def choose(all_configs, named_args, **kwargs):
+        if unaligned is not None and not aligned({**named_args, **kwargs}):  # sizes passed by keyword too
+            return list(unaligned[1] if fp32_fma(kwargs) else unaligned[0])
+        kept = all_configs[:len(configs)]  # the unaligned ones follow
+        return prune(kept, named_args, **kwargs) if prune else kept
+
+    return choose
+
+
+def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None):
     """``triton.autotune`` over ``gpu_configs`` on a GPU, its cache seeded from ``TUNED_FILE``; the
     interpreter gets one config (it cannot tune).
 
+    ``prune(configs, named_args, **constexprs)`` narrows ``gpu_configs`` for an aligned launch;
+    ``unaligned = (configs, exact fp32 configs)`` replaces them for an unaligned one (``aligned``).
     ``key`` gets the kernel's own ``TUNE_CONSTEXPRS`` added.
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
-    configs = [interpret_config] if INTERPRET else gpu_configs
+    extra = [c for group in unaligned or () for c in group if c not in gpu_configs]
+    configs = [interpret_config] if INTERPRET else [*gpu_configs, *dict.fromkeys(extra)]
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"
+    choose = _choose(gpu_configs, prune, unaligned) if prune or unaligned else None
 
     def decorate(fn):
         keys = [*key, *(name for name in TUNE_CONSTEXPRS if name in fn.arg_names)]
@@ -107,10 +138,10 @@ def autotune(gpu_configs, interpret_config, key, prune=None):
             return triton.autotune(configs, key=keys)(fn)
         tuned = load_tuned().get(fn.__name__, {})
         if not AUTOTUNE:
-            kernel = FirstFit(fn, configs, keys, prune, tuned)
+            kernel = FirstFit(fn, configs, keys, choose, tuned)
         else:
             kernel = triton.autotune(configs, key=keys,
-                                     prune_configs_by={"early_config_prune": prune} if prune else None)(fn)
+                                     prune_configs_by={"early_config_prune": choose} if choose else None)(fn)
             kernel.cache.update(tuned)
         KERNELS[fn.__name__] = kernel
         return kernel

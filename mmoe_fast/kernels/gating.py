@@ -27,6 +27,15 @@ def e_block(E: int, with_dx: bool = False) -> int:
     return DX_E_BLOCK if with_dx else max(16, min(MAX_E_BLOCK, triton.next_power_of_2(E)))
 
 
+# Unaligned launches (common.aligned): (tensor-core dots, exact fp32 dots), configs that compile without
+# spills there at every chunk width under Triton 3.6 and 3.9 (compile_check.py); the aligned ones spill up to
+# 1.8 KB at 64 experts a chunk, and exact fp32 dots spill in all but the last one.
+_FWD_UNALIGNED = ([cfg(BLOCK_M=64, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=16, num_warps=8),
+                   cfg(BLOCK_M=32, BLOCK_K=16, num_warps=8)], [cfg(BLOCK_M=32, BLOCK_K=16, num_warps=8)])
+_BWD_UNALIGNED = ([cfg(BLOCK_M=64, BLOCK_D=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_D=64),
+                   cfg(BLOCK_M=32, BLOCK_D=32)],) * 2  # the same for exact fp32 dots
+
+
 def _fwd_fit(configs, named_args, **kwargs):
     """Drop configs that spill (compile_check.py, Triton 3.6 and 3.9): 32 rows x 64 deep at the widest
     chunk; 128 rows with exact fp32 dots from 32 columns up."""
@@ -67,6 +76,7 @@ def _logits(x_ptr, wg_ptr, bg_ptr, rows, t, es, B, D, E, HAS_BIAS: tl.constexpr,
     # B and the replica count S are bucketed to powers of two: batches vary, weights do not
     key=["B_BUCKET", "S_BUCKET", "D", "T", "E"],
     prune=_fwd_fit,
+    unaligned=_FWD_UNALIGNED,
 )
 @triton.jit
 def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, logit_ptr, B, D, T, E, stride_xr, stride_wr, stride_br,
@@ -119,6 +129,7 @@ def gate_softmax_fwd(x_ptr, wg_ptr, bg_ptr, g_ptr, logit_ptr, B, D, T, E, stride
     cfg(BLOCK_M=64, BLOCK_D=32),
     key=["B_BUCKET", "S_BUCKET", "D", "T", "E"],
     prune=_bwd_fit,
+    unaligned=_BWD_UNALIGNED,
 )
 @triton.jit
 def gate_softmax_bwd(dg_ptr, g_ptr, wg_ptr, dx_ptr, dlogit_ptr, B, D, T, E, stride_dgr, stride_gr, stride_wr,

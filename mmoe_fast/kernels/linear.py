@@ -16,12 +16,16 @@ import triton.language as tl
 
 from .common import act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, replica, without
 
-_TILE_CONFIGS = [
-    cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
-    cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8),
-    cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8),
-    cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=4),
-]
+_SQUARE = cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+_TALL = cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+_WIDE = cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8)
+_DEEP = cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_stages=4)
+_TILE_CONFIGS = [_SQUARE, _TALL, _WIDE, _DEEP]
+# Unaligned launches (common.aligned): (tensor-core dots, exact fp32 dots), configs that compile without
+# spills there for every flag under Triton 3.6 and 3.9 (compile_check.py): not 64 deep in 4 stages.
+_FWD_UNALIGNED = ([_TALL, _WIDE, _SQUARE], [_TALL, _SQUARE])
+_SQUARE_8 = cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8)
+_BWD_ROWS_UNALIGNED = ([_TALL, _SQUARE, _SQUARE_8], [_SQUARE_8, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)])
 _KEY = ["B_BUCKET", "S_BUCKET", "K", "N", "E"]  # B and S bucketed to powers of two; the weight shapes exact
 
 
@@ -37,7 +41,7 @@ def _tile(E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return e, rows, cols
 
 
-@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY)
+@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, unaligned=_FWD_UNALIGNED)
 @triton.jit
 def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, stride_ae,
                        stride_ar, stride_wr, stride_br, stride_outr, B_BUCKET, S_BUCKET,
@@ -62,7 +66,8 @@ def _bwd_rows_fit(configs, named_args, **kwargs):
     return configs
 
 
-@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_bwd_rows_fit)
+@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_bwd_rows_fit,
+          unaligned=_BWD_ROWS_UNALIGNED)
 @triton.jit
 def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N, E, stride_ab, stride_ae,
                             stride_doutr, stride_ar, stride_wr, stride_br, stride_dpr, B_BUCKET, S_BUCKET,
@@ -102,6 +107,12 @@ _INPUT_GRAD_CONFIGS = [
 ]
 
 
+# Unaligned launches (common.aligned): 16-wide reduction steps or 8 warps (compile_check.py, Triton 3.6 and 3.9).
+_STEP16_8 = cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, num_warps=8)
+_INPUT_GRAD_UNALIGNED = ([_INPUT_GRAD_CONFIGS[4], cfg(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16), _STEP16_8],
+                         [_STEP16_8, cfg(BLOCK_M=64, BLOCK_K=32, BLOCK_N=32, num_warps=8)])
+
+
 def _input_grad_fit(configs, named_args, **kwargs):
     if fp32_fma(kwargs):
         return [configs[-1] if kwargs.get("GATE") else configs[-2]]
@@ -111,7 +122,7 @@ def _input_grad_fit(configs, named_args, **kwargs):
 # E_PER_PROGRAM in the key: a shared input's gradient (all E experts per program) and a per-expert one (one) are
 # different work at the same shapes, and must not share a tuned config.
 @autotune(_INPUT_GRAD_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=[*_KEY, "E_PER_PROGRAM"],
-          prune=_input_grad_fit)
+          prune=_input_grad_fit, unaligned=_INPUT_GRAD_UNALIGNED)
 @triton.jit
 def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_PROGRAM,
                stride_yb, stride_ye, stride_db, stride_de, stride_yr, stride_wr, stride_dr, stride_lr, stride_gr,
@@ -161,12 +172,18 @@ def input_grad(dy_ptr, w_ptr, da_ptr, dlogit_ptr, wg_ptr, B, K, N, E, T, E_PER_P
              mask=row_ok[:, None] & (ks < K)[None, :])
 
 
+_WEIGHT_GRAD_CONFIGS = [cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=64), cfg(BLOCK_B=64, BLOCK_K=64, BLOCK_N=64, num_stages=4),
+                        cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8),
+                        cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)]
+
+
 @autotune(
-    [cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=64), cfg(BLOCK_B=64, BLOCK_K=64, BLOCK_N=64, num_stages=4),
-     cfg(BLOCK_B=32, BLOCK_K=128, BLOCK_N=64, num_warps=8), cfg(BLOCK_B=64, BLOCK_K=128, BLOCK_N=128, num_warps=8)],
+    _WEIGHT_GRAD_CONFIGS,
     cfg(BLOCK_B=32, BLOCK_K=32, BLOCK_N=32),
     key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "ROWS_PER_SPLIT"],
     prune=lambda configs, named_args, **kw: _weight_grad_fit(configs, kw),
+    # unaligned: the 128 x 128 tile spills (compile_check.py), and with exact fp32 dots 8 warps
+    unaligned=(_WEIGHT_GRAD_CONFIGS[:3], _WEIGHT_GRAD_CONFIGS[:2]),
 )
 @triton.jit
 def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, stride_ab, stride_ae, stride_yb, stride_ye,

@@ -32,6 +32,13 @@ _BWD_CONFIGS = [
 # compile without spills for every TASKS under Triton 3.6 and 3.9 (compile_check.py).
 _FMA_CONFIGS = [cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)]
 _INTERPRET_CONFIG = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+# Unaligned launches (common.aligned): (tensor-core dots, exact fp32 dots), the configs that compile without
+# spills there for every flag under Triton 3.6 and 3.9 (compile_check.py): 32 columns on 8 warps. The others
+# spill up to 720 bytes (forward) and 1 KB (backward); exact fp32 dots in the backward need 16-deep steps too.
+_NARROW = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8)
+_NARROW_STEP16 = cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8)
+_UNALIGNED = ([_NARROW, _NARROW_STEP16], [_NARROW])
+_BWD_UNALIGNED = ([_NARROW, _NARROW_STEP16], [_NARROW_STEP16])
 MAX_TASKS = 4  # task accumulators one forward program holds; more tasks run as several task groups
 
 
@@ -69,7 +76,7 @@ def _store_task(m_ptr, acc, t, T, B, N, rows, cols):
 
 
 @autotune(_CONFIGS + _FMA_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"],
-          prune=_fits_registers)
+          prune=_fits_registers, unaligned=_UNALIGNED)
 @triton.jit
 def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stride_ab, stride_ae,
                        stride_ar, stride_wr, stride_br, stride_gr, stride_mr, B_BUCKET, S_BUCKET,
@@ -116,7 +123,8 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
         _store_task(m_ptr, acc3, t0 + 3, T, B, N, rows, cols)
 
 
-@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits)
+@autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits,
+          unaligned=_BWD_UNALIGNED)
 @triton.jit
 def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_ptr, B, K, N, E, T,
                             stride_ab, stride_ae, stride_mr, stride_ar, stride_wr, stride_br, stride_gr,
