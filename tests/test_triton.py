@@ -270,6 +270,28 @@ def test_unaligned_launches_run_their_own_configs(monkeypatch):
     assert kernel.early_config_prune(kernel.configs, dict(K=20), PREC="ieee", ACC=f32) == [d, c]
 
 
+def test_mixture_forward_keeps_128_row_tiles_for_16_bit_inputs():
+    """The forward's register prune counts its fp32 task tiles against what a thread can hold beside the
+    rest: 16-bit inputs go to the tensor cores from shared memory, so 128-row tiles fit up to four tasks
+    (compile_check.py: no spill under Triton 3.6 or 3.9); fp32 inputs round to tf32 in registers and keep
+    64x64 tiles from two tasks up; exact fp32 dots take their own configs."""
+    from mmoe_fast.kernels import mixture
+
+    tl = importlib.import_module("triton.language")
+    configs = mixture._CONFIGS + mixture._FMA_CONFIGS
+
+    def tiles(tasks, dot, prec="tf32", acc=tl.float32):
+        kept = mixture._fits_registers(configs, {}, TASKS=tasks, ACC=acc, DOT=dot, PREC=prec)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    for dtype in (tl.bfloat16, tl.float16):
+        for tasks in (1, 2, 3, 4):
+            assert tiles(tasks, dtype) == {(64, 64), (128, 64), (64, 128)}, (dtype, tasks)
+    assert tiles(3, tl.float32) == {(64, 64)} and tiles(1, tl.float32) == {(64, 64), (128, 64), (64, 128)}
+    assert tiles(3, tl.float32, "ieee") == {(64, 32), (32, 64)}
+    assert tiles(4, tl.float64, acc=tl.float64) == {(64, 64)}
+
+
 def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):
     """A table of GPU picks (bench_gpu.py --tuned-out) is read back by tuning key; FirstFit takes a hit over
     its first config; the shipped table parses."""

@@ -21,6 +21,7 @@ _CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
     cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8),
     cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8),
+    cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8),  # half the k-steps of 128x64x32
 ]
 # The backward holds more tiles (pre, f, df, dm, act'): narrower column tiles or more warps.
 _BWD_CONFIGS = [
@@ -43,14 +44,17 @@ MAX_TASKS = 4  # task accumulators one forward program holds; more tasks run as 
 
 
 def _fits_registers(configs, named_args, **kwargs):
-    """Keep configs whose fp32 tiles (TASKS accumulators and the pre-activation) take <= 90 registers a
-    thread: the rest of the kernel takes ~100-150 more (compile_check.py), and 255 is the most a thread has.
+    """Keep configs whose fp32 tiles (TASKS accumulators and the pre-activation) fit a thread's registers
+    beside the rest of the kernel (255 is the most a thread has; compile_check.py, Triton 3.6 and 3.9):
+    <= 160 registers of tiles with 16-bit inputs, which reach the tensor cores from shared memory (128x64 and
+    64x128 tiles up to four tasks), <= 90 with fp32 inputs, whose tf32 rounding passes through registers.
     Exact fp32 dots take ``_FMA_CONFIGS`` (the last ones) instead."""
     if fp32_fma(kwargs):
         return configs[-len(_FMA_CONFIGS):]
     configs = configs[:-len(_FMA_CONFIGS)]
     tiles = (kwargs["TASKS"] + 1) * (2 if kwargs["ACC"] == tl.float64 else 1)
-    fit = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * tiles <= 90 * 32 * c.num_warps]
+    budget = 160 if kwargs.get("DOT") in (tl.bfloat16, tl.float16) else 90
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * tiles <= budget * 32 * c.num_warps]
     return fit or configs[:1]
 
 
