@@ -28,8 +28,8 @@ def e_block(E: int, with_dx: bool = False) -> int:
 
 
 # Unaligned launches (common.aligned): (tensor-core dots, exact fp32 dots), configs that compile without
-# spills there at every chunk width under Triton 3.6 and 3.9 (compile_check.py); the aligned ones spill up to
-# 1.8 KB at 64 experts a chunk, and exact fp32 dots spill in all but the last one.
+# spills there at every chunk width under Triton 3.6 and 3.9 (compile_check.py). The aligned ones spill up to
+# 1.8 KB at 64 experts a chunk; exact fp32 dots spill in every candidate but 32x16 on 8 warps.
 _FWD_UNALIGNED = ([cfg(BLOCK_M=64, BLOCK_K=32, num_warps=8), cfg(BLOCK_M=64, BLOCK_K=16, num_warps=8),
                    cfg(BLOCK_M=32, BLOCK_K=16, num_warps=8)], [cfg(BLOCK_M=32, BLOCK_K=16, num_warps=8)])
 _BWD_UNALIGNED = ([cfg(BLOCK_M=64, BLOCK_D=32, num_warps=8), cfg(BLOCK_M=32, BLOCK_D=64),
