@@ -5,8 +5,8 @@ accepts (non-constexpr globals, dot shapes, layouts). This lowers each kernel, w
 pointer dtypes its launcher in ``mmoe_fast/backends/triton.py`` really passes, for each autotune config and
 input mode (fp32 with ieee and with tf32 dots, bf16, fp16; fp64 on request), to a cubin for ``--arch``
 (sm_90: H100/H200) with Triton's bundled ptxas, twice: with the integer sizes and strides known to be
-multiples of 16 (the benchmark shape, D = H = 512, E = 16) and with nothing known (D = 100, E = 8, odd H);
-each with the configs the kernel's prune keeps for such a launch (``common.aligned``).
+multiples of 16 (the benchmark shape, D = H = 512; E too for the gate kernels) and with nothing known
+(D = 100, E = 8, odd H); each with the configs the kernel's prune keeps for such a launch (``common.aligned``).
 Gate kernels run at every expert chunk width (E_BLOCK 16..64), the mixture backward up to T_PAD = 64.
 
 Per variant it prints registers and spill bytes (bundled cuobjdump), shared memory (static + dynamic),
@@ -56,15 +56,22 @@ from mmoe_fast.kernels import common, gating, linear, mixture  # noqa: E402
 MODES = {"fp32-ieee": ("fp32", "ieee"), "fp32-tf32": ("fp32", "tf32"), "bf16": ("bf16", "tf32"),
          "fp16": ("fp16", "tf32"), "fp64": ("fp64", "tf32")}
 DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
-# Aligned set: the integer arguments that are multiples of 16 at the benchmark shape (D = H = 512, E = 16),
-# which Triton then specializes as such; B and T stay unknown. The unaligned set marks no integer: a launch
-# with any one of them not a multiple of 16 runs the unaligned configs, and with fewer of them known its
-# loads can only get wider, so this set is the worst case of those launches.
+# Aligned set: the kernel's alignment arguments (``common.autotune``'s ``aligned_args``: sizes and row
+# strides, E only for the gate kernels and input_grad) as multiples of 16, which Triton then specializes as
+# such; B, T and the rest (E of the expert GEMMs) stay unknown, their worst case. The unaligned set marks no
+# integer: a launch with any alignment argument not a multiple of 16 runs the unaligned configs, and with
+# fewer of them known its loads can only get wider, so this set is the worst case of those launches.
 # Pointers from torch are 16-byte aligned in both. So are the replica strides (``stride_*r``, between two
 # replicas' tensors) in both: 0 in a single model's launch, and in a vmapped one a multiple of 16 wherever B or
 # the weight sizes are (the paper's D=100 included: its weights hold E*D*H = 8*100*16 elements). A vmapped
 # launch whose replica strides are not multiples of 16 (an odd B, T*E = 15) is not compiled here.
 ALIGNED = common.ALIGNED_ARGS
+
+
+def _aligned_args(kernel) -> frozenset:
+    """The arguments whose divisibility by 16 decides a launch of ``kernel`` (``common.autotune``): marked
+    in the aligned set. The rest stay unknown there (E for the expert GEMMs), their worst case."""
+    return getattr(kernel, "aligned_args", ALIGNED)
 
 
 def _replica_stride(arg: str) -> bool:
@@ -93,13 +100,17 @@ def _jit(kernel, flags: dict, acc, prec: str, dot, aligned: bool):
     """The JITFunction under the autotuner (triton's Autotuner, or common.FirstFit when
     MMOE_FAST_TRITON_AUTOTUNE=0: both have configs/early_config_prune/fn), and the configs its prune keeps
     for these constexprs at an aligned or unaligned launch (the ones a launch could run)."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
     configs = kernel.configs
     if getattr(kernel, "early_config_prune", None) is not None:
-        sizes = {name: 16 if aligned else 17 for name in ALIGNED}  # what common.aligned reads
+        # the integer arguments common.aligned reads, as a launch passes them: the kernel's alignment
+        # arguments multiples of 16 in the aligned set, the others (E of the expert GEMMs) not
+        sizes = {name: 16 if aligned and name in _aligned_args(kernel) else 17 for name in ALIGNED
+                 if name in fn.arg_names}
         configs = kernel.early_config_prune(configs, sizes, **flags, ACC=acc, PREC=prec, DOT=dot)
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn
-    return kernel, configs
+    return fn, configs
 
 
 def _specs(quick: bool):
@@ -183,7 +194,8 @@ def _jobs(args) -> list[Job]:
                            "*" + (acc_name if a in spec.acc_ptrs else dtype_name) if a.endswith("_ptr") else "i32"
                            for a in fn.arg_names}
                     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts
-                             and (a.endswith("_ptr") or _replica_stride(a) or (aligned and a in ALIGNED))}
+                             and (a.endswith("_ptr") or _replica_stride(a)
+                                  or (aligned and a in _aligned_args(spec.kernel)))}
                     key = (fn.__name__, tuple(sig.items()), repr(sorted(consts.items())), tuple(attrs),
                            cfg.num_warps, cfg.num_stages)
                     if key in seen:  # e.g. fp32: the ACC-dtype pointer variants are the input-dtype ones

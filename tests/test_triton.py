@@ -245,7 +245,7 @@ def test_unaligned_launches_run_their_own_configs(monkeypatch):
         seen.append(configs)
         return configs[1:]
 
-    choose = common._choose([a, b], prune, ([c, d], [b]))
+    choose = common._choose([a, b], prune, ([c, d], [b]), common.ALIGNED_ARGS)
     every = [a, b, c, d]
     assert choose(every, dict(K=32, N=16), PREC="tf32", ACC=f32) == [b] and seen == [[a, b]]
     assert choose(every, dict(K=20, N=16), PREC="tf32", ACC=f32) == [c, d]
@@ -254,20 +254,27 @@ def test_unaligned_launches_run_their_own_configs(monkeypatch):
     assert choose(every, dict(K=32), N=20, PREC="tf32", ACC=f32) == [c, d]  # a size passed by keyword
     assert len(seen) == 1
 
+    # E strides only the gate kernels' loads: the expert GEMMs decide on the other sizes (SIZES_BUT_E)
     fn = linear.grouped_linear_fwd.fn
     keys = ["B_BUCKET", "K", "N", "E", "ACT"]
-    launcher = common.FirstFit(fn, every, keys, choose)
+    gemm = common.FirstFit(fn, every, keys, common._choose([a, b], prune, ([c, d], [b]), common.SIZES_BUT_E))
+    gate_like = common.FirstFit(fn, every, keys, choose)
     x, w = torch.ones(3, 32), torch.ones(16, 32, 16)
     flags = dict(ACT="relu", HAS_BIAS=True, PREC="tf32", ACC=f32)
-    assert launcher.config((x, w, w, x, 3, 32, 16, 16, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is b
-    assert launcher.config((x, w, w, x, 3, 20, 16, 16, 20, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c  # K = 20
-    assert launcher.config((x, w, w, x, 3, 32, 16, 8, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c  # E = 8
+    for launcher in (gemm, gate_like):
+        assert launcher.config((x, w, w, x, 3, 32, 16, 16, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is b
+        assert launcher.config((x, w, w, x, 3, 20, 16, 16, 20, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c  # K = 20
+    assert gemm.config((x, w, w, x, 3, 32, 16, 8, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is b  # E = 8
+    assert gate_like.config((x, w, w, x, 3, 32, 16, 8, 32, 0, 0, 0, 0, 0, 4, 1), flags)[0] is c
 
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.setattr(common, "KERNELS", {})
-    kernel = common.autotune([a, b], a, key=["K"], prune=prune, unaligned=([c, a], [d, c]))(fn)
+    kernel = common.autotune([a, b], a, key=["K"], prune=prune, unaligned=([c, a], [d, c]),
+                             aligned_args=common.SIZES_BUT_E)(fn)
     assert kernel.configs == [a, b, c, d] and common.KERNELS == {fn.__name__: kernel}
     assert kernel.early_config_prune(kernel.configs, dict(K=20), PREC="ieee", ACC=f32) == [d, c]
+    assert kernel.early_config_prune(kernel.configs, dict(K=32, E=8), PREC="tf32", ACC=f32) == [b]
+    assert kernel.aligned_args == {"K", "N", "stride_ab", "stride_ae"}  # compile_check marks these
 
 
 def test_mixture_forward_keeps_128_row_tiles_for_16_bit_inputs():
@@ -280,16 +287,19 @@ def test_mixture_forward_keeps_128_row_tiles_for_16_bit_inputs():
     tl = importlib.import_module("triton.language")
     configs = mixture._CONFIGS + mixture._FMA_CONFIGS
 
-    def tiles(tasks, dot, prec="tf32", acc=tl.float32):
+    def tiles(tasks, dot, prec="tf32", acc=tl.float32):  # (rows, columns, depth, warps, stages) of each kept
         kept = mixture._fits_registers(configs, {}, TASKS=tasks, ACC=acc, DOT=dot, PREC=prec)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+        return {(*(c.kwargs[f"BLOCK_{d}"] for d in "MNK"), c.num_warps, c.num_stages) for c in kept}
 
+    square = {(64, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 64, 64, 8, 4)}
+    tall = {(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (128, 64, 64, 8, 3)}
     for dtype in (tl.bfloat16, tl.float16):
         for tasks in (1, 2, 3, 4):
-            assert tiles(tasks, dtype) == {(64, 64), (128, 64), (64, 128)}, (dtype, tasks)
-    assert tiles(3, tl.float32) == {(64, 64)} and tiles(1, tl.float32) == {(64, 64), (128, 64), (64, 128)}
-    assert tiles(3, tl.float32, "ieee") == {(64, 32), (32, 64)}
-    assert tiles(4, tl.float64, acc=tl.float64) == {(64, 64)}
+            assert tiles(tasks, dtype) == square | tall, (dtype, tasks)
+    assert tiles(1, tl.float32) == square | tall
+    assert tiles(2, tl.float32) == tiles(3, tl.float32) == square - {(64, 64, 32, 4, 3)}
+    assert tiles(3, tl.float32, "ieee") == {(64, 32, 32, 8, 3), (32, 64, 32, 4, 3)}
+    assert tiles(4, tl.float64, acc=tl.float64) == {(64, 64, 32, 4, 3)}
 
 
 def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):

@@ -89,26 +89,28 @@ class FirstFit:
         return launch
 
 
-# The integer arguments (sizes, row strides) that make a launch aligned when each is a multiple of 16, as
-# Triton then specializes it: its loads and async copies move 16 bytes at a time. With any one not (the
-# paper's D = 100, E = 8, an odd H) they move one element at a time, each with its own address and predicate
+# The integer arguments (sizes, row strides) that make a launch aligned when each of a kernel's is a multiple
+# of 16, as Triton then specializes it: its loads and async copies move 16 bytes at a time. With any one not
+# (the paper's D = 100, an odd H) they move one element at a time, each with its own address and predicate
 # registers, and the aligned configs spill; such a launch runs the kernel's unaligned configs instead.
-# compile_check.py compiles both sets for sm_90 (none of these known to be multiples of 16 for the second).
+# The expert count E strides only the gate kernels' loads (and input_grad's gate share): the other kernels
+# take ``SIZES_BUT_E``. compile_check.py compiles both sets for sm_90 (nothing known for the second).
 ALIGNED_ARGS = frozenset({"K", "N", "D", "E", "stride_ab", "stride_ae", "stride_yb", "stride_ye", "stride_db",
                           "stride_de"})
+SIZES_BUT_E = ALIGNED_ARGS - {"E"}
 
 
-def aligned(named_args: dict) -> bool:
-    """Whether every ``ALIGNED_ARGS`` argument of a launch is a multiple of 16."""
-    return all(named_args[name] % 16 == 0 for name in ALIGNED_ARGS if name in named_args)
+def aligned(named_args: dict, names=ALIGNED_ARGS) -> bool:
+    """Whether every argument of a launch that ``names`` lists is a multiple of 16."""
+    return all(named_args[name] % 16 == 0 for name in names if name in named_args)
 
 
-def _choose(configs, prune, unaligned):
-    """The autotuner's prune: at aligned launches ``prune`` (or all) of ``configs``; at unaligned ones
-    ``unaligned = (configs, exact fp32 configs)``, the second for exact fp32 dots."""
+def _choose(configs, prune, unaligned, names):
+    """The autotuner's prune: at aligned launches (``names``) ``prune`` (or all) of ``configs``; at unaligned
+    ones ``unaligned = (configs, exact fp32 configs)``, the second for exact fp32 dots."""
 
     def choose(all_configs, named_args, **kwargs):
-        if unaligned is not None and not aligned({**named_args, **kwargs}):  # sizes passed by keyword too
+        if unaligned is not None and not aligned({**named_args, **kwargs}, names):  # sizes by keyword too
             return list(unaligned[1] if fp32_fma(kwargs) else unaligned[0])
         kept = all_configs[:len(configs)]  # the unaligned ones follow
         return prune(kept, named_args, **kwargs) if prune else kept
@@ -116,12 +118,13 @@ def _choose(configs, prune, unaligned):
     return choose
 
 
-def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None):
+def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None, aligned_args=ALIGNED_ARGS):
     """``triton.autotune`` over ``gpu_configs`` on a GPU, its cache seeded from ``TUNED_FILE``; the
     interpreter gets one config (it cannot tune).
 
     ``prune(configs, named_args, **constexprs)`` narrows ``gpu_configs`` for an aligned launch;
-    ``unaligned = (configs, exact fp32 configs)`` replaces them for an unaligned one (``aligned``).
+    ``unaligned = (configs, exact fp32 configs)`` replaces them for an unaligned one (``aligned`` over
+    ``aligned_args``, which the kernel gets as an attribute).
     ``key`` gets the kernel's own ``TUNE_CONSTEXPRS`` added.
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
@@ -130,7 +133,7 @@ def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None):
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"
-    choose = _choose(gpu_configs, prune, unaligned) if prune or unaligned else None
+    choose = _choose(gpu_configs, prune, unaligned, aligned_args) if prune or unaligned else None
 
     def decorate(fn):
         keys = [*key, *(name for name in TUNE_CONSTEXPRS if name in fn.arg_names)]
@@ -143,6 +146,7 @@ def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None):
             kernel = triton.autotune(configs, key=keys,
                                      prune_configs_by={"early_config_prune": choose} if choose else None)(fn)
             kernel.cache.update(tuned)
+        kernel.aligned_args = frozenset(aligned_args) & set(fn.arg_names)
         KERNELS[fn.__name__] = kernel
         return kernel
 

@@ -14,7 +14,7 @@ Every kernel runs S replicas along its last grid axis, a replica's tensors ``str
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, replica, without
+from .common import SIZES_BUT_E, act, act_grad, autotune, cfg, fp32_fma, mma, pre_tile, replica, without
 
 _SQUARE = cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
 _TALL = cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8)
@@ -41,7 +41,8 @@ def _tile(E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return e, rows, cols
 
 
-@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, unaligned=_FWD_UNALIGNED)
+@autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, unaligned=_FWD_UNALIGNED,
+          aligned_args=SIZES_BUT_E)
 @triton.jit
 def grouped_linear_fwd(a_ptr, w_ptr, bias_ptr, out_ptr, B, K, N, E, stride_ab, stride_ae,
                        stride_ar, stride_wr, stride_br, stride_outr, B_BUCKET, S_BUCKET,
@@ -67,7 +68,7 @@ def _bwd_rows_fit(configs, named_args, **kwargs):
 
 
 @autotune(_TILE_CONFIGS, cfg(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32), key=_KEY, prune=_bwd_rows_fit,
-          unaligned=_BWD_ROWS_UNALIGNED)
+          unaligned=_BWD_ROWS_UNALIGNED, aligned_args=SIZES_BUT_E)
 @triton.jit
 def grouped_linear_bwd_rows(dout_ptr, a_ptr, w_ptr, bias_ptr, dpre_ptr, B, K, N, E, stride_ab, stride_ae,
                             stride_doutr, stride_ar, stride_wr, stride_br, stride_dpr, B_BUCKET, S_BUCKET,
@@ -184,6 +185,7 @@ _WEIGHT_GRAD_CONFIGS = [cfg(BLOCK_B=32, BLOCK_K=64, BLOCK_N=64), cfg(BLOCK_B=64,
     prune=lambda configs, named_args, **kw: _weight_grad_fit(configs, kw),
     # unaligned: the 128 x 128 tile spills (compile_check.py), and with exact fp32 dots 8 warps
     unaligned=(_WEIGHT_GRAD_CONFIGS[:3], _WEIGHT_GRAD_CONFIGS[:2]),
+    aligned_args=SIZES_BUT_E,
 )
 @triton.jit
 def weight_grad(a_ptr, dy_ptr, dw_ptr, db_ptr, B, K, N, E, ROWS_PER_SPLIT, stride_ab, stride_ae, stride_yb, stride_ye,

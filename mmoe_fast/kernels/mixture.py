@@ -13,7 +13,7 @@ Both run S replicas along grid axis 1, a replica's tensors ``stride_*r`` apart (
 import triton
 import triton.language as tl
 
-from .common import act, act_grad, autotune, cfg, fp32_fma, pre_tile, replica
+from .common import SIZES_BUT_E, act, act_grad, autotune, cfg, fp32_fma, pre_tile, replica
 
 _CONFIGS = [
     cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
@@ -80,7 +80,7 @@ def _store_task(m_ptr, acc, t, T, B, N, rows, cols):
 
 
 @autotune(_CONFIGS + _FMA_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"],
-          prune=_fits_registers, unaligned=_UNALIGNED)
+          prune=_fits_registers, unaligned=_UNALIGNED, aligned_args=SIZES_BUT_E)
 @triton.jit
 def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stride_ab, stride_ae,
                        stride_ar, stride_wr, stride_br, stride_gr, stride_mr, B_BUCKET, S_BUCKET,
@@ -128,7 +128,7 @@ def expert_mixture_fwd(a_ptr, w_ptr, bias_ptr, g_ptr, m_ptr, B, K, N, E, T, stri
 
 
 @autotune(_BWD_CONFIGS, _INTERPRET_CONFIG, key=["B_BUCKET", "S_BUCKET", "K", "N", "E", "T"], prune=_bwd_fits,
-          unaligned=_BWD_UNALIGNED)
+          unaligned=_BWD_UNALIGNED, aligned_args=SIZES_BUT_E)
 @triton.jit
 def expert_mixture_bwd_rows(dm_ptr, a_ptr, w_ptr, bias_ptr, g_ptr, dpre_ptr, dg_ptr, B, K, N, E, T,
                             stride_ab, stride_ae, stride_mr, stride_ar, stride_wr, stride_br, stride_gr,
