@@ -23,6 +23,7 @@ from mmoe_fast.activations import ACTIVATIONS
 from mmoe_fast.testing import (
     SHAPES,
     Shape,
+    assert_close,
     check_layer,
     make_inputs,
 )
@@ -300,6 +301,54 @@ def test_mixture_forward_keeps_128_row_tiles_for_16_bit_inputs():
     assert tiles(2, tl.float32) == tiles(3, tl.float32) == square - {(64, 64, 32, 4, 3)}
     assert tiles(3, tl.float32, "ieee") == {(64, 32, 32, 8, 3), (32, 64, 32, 4, 3)}
     assert tiles(4, tl.float64, acc=tl.float64) == {(64, 64, 32, 4, 3)}
+
+
+_KERNEL_OPS = {  # kernel -> (its module, the backend ops that launch it)
+    "expert_mixture_fwd": ("mixture", "expert_mixture"), "expert_mixture_bwd_rows": ("mixture", "mmoe_backward"),
+    "grouped_linear_fwd": ("linear", "grouped_linear"),
+    "grouped_linear_bwd_rows": ("linear", "grouped_linear_backward"),
+    "input_grad": ("linear", "mmoe_backward", "grouped_linear_backward"), "weight_grad": ("linear", "mmoe_backward"),
+    "gate_softmax_fwd": ("gating", "gate_softmax"), "gate_softmax_bwd": ("gating", "mmoe_backward"),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_KERNEL_OPS))
+def test_every_gpu_config_computes_the_reference(kernel, monkeypatch):
+    """The interpreter runs one config per kernel; a GPU runs any its autotuner keeps (aligned, unaligned,
+    exact fp32: ``common.GPU_CONFIGS``). Each is launched here alone, in float64, at sizes past two tiles of
+    every block and multiples of none (B=130, D=70, H=133), every output against the reference backend."""
+    from mmoe_fast.backends import reference as ref
+    from mmoe_fast.kernels import common
+
+    B, D, E, H, T = 130, 70, 2, 133, 3
+    g = torch.Generator().manual_seed(1)
+    x, W, b, Wg, bg, dm, dout, logits = (torch.randn(*s, generator=g, dtype=torch.float64) for s in (
+        (B, D), (E, D, H), (E, H), (T, D, E), (T, E), (T, B, H), (B, E, H), (B, T, E)))
+    W, Wg, G = W / 8, Wg / 8, torch.softmax(logits, -1)
+    args = {"expert_mixture": (x, W, b, G, "gelu"), "mmoe_backward": (dm, x, W, b, Wg, bg, "gelu"),
+            "grouped_linear": (x, W, b, "gelu"), "grouped_linear_backward": (dout, x, W, b, "gelu"),
+            "gate_softmax": (x, Wg, bg)}
+
+    def reference(op):
+        if op != "mmoe_backward":
+            out = getattr(ref, op)(*args[op])
+            return out if isinstance(out, tuple) else (out,)
+        G = ref.gate_softmax(x, Wg, bg)
+        da, dW, db, dG = ref.expert_mixture_backward(dm, x, W, b, G, "gelu")
+        dx, dWg, dbg = ref.gate_softmax_backward(dG, G, x, Wg)
+        return da + dx, dW, db, dWg, dbg
+
+    module, *op_names = _KERNEL_OPS[kernel]
+    launcher = getattr(importlib.import_module(f"mmoe_fast.kernels.{module}"), kernel)
+    configs = common.GPU_CONFIGS[kernel]
+    assert len(configs) >= 3
+    for cfg in configs:
+        monkeypatch.setattr(launcher, "configs", [cfg])  # the interpreter's autotuner runs a lone config
+        launcher.cache.clear()
+        for op in op_names:
+            got = getattr(tb, op)(*args[op])
+            for i, (o, w) in enumerate(zip(got if isinstance(got, tuple) else (got,), reference(op), strict=True)):
+                assert_close(o, w, 1e-12, f"{kernel} {cfg.kwargs} w{cfg.num_warps} {op}[{i}]")
 
 
 def test_tuned_table_round_trips_and_seeds_first_fit(tmp_path, monkeypatch):

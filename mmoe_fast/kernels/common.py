@@ -25,6 +25,7 @@ AUTOTUNE = os.environ.get("MMOE_FAST_TRITON_AUTOTUNE", "1") != "0"
 # autotuned kernel starts with them in its cache, so a first run need not tune the shapes they cover.
 TUNED_FILE = Path(__file__).with_name("tuned_configs.json")
 KERNELS: dict = {}  # name -> the autotuned (or FirstFit) kernel, for tuned_table()
+GPU_CONFIGS: dict = {}  # name -> every config a GPU launch may run (aligned, then unaligned), interpreter too
 # Constexprs that change the code a config runs, so tuning keys carry them (tensor dtypes are added by Triton).
 TUNE_CONSTEXPRS = ("ACT", "PREC", "HAS_BIAS", "TASKS", "T_PAD", "E_BLOCK", "GATE", "WRITE_DX")
 
@@ -129,7 +130,8 @@ def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None, ali
     Every ``BLOCK_*`` is >= 16: a GPU's ``tl.dot`` needs that in every dimension.
     """
     extra = [c for group in unaligned or () for c in group if c not in gpu_configs]
-    configs = [interpret_config] if INTERPRET else [*gpu_configs, *dict.fromkeys(extra)]
+    every = [*gpu_configs, *dict.fromkeys(extra)]
+    configs = [interpret_config] if INTERPRET else every
     for cfg in configs:
         small = {k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK") and v < 16}
         assert not small, f"tl.dot blocks must be >= 16, got {small}"
@@ -137,6 +139,7 @@ def autotune(gpu_configs, interpret_config, key, prune=None, unaligned=None, ali
 
     def decorate(fn):
         keys = [*key, *(name for name in TUNE_CONSTEXPRS if name in fn.arg_names)]
+        GPU_CONFIGS[fn.__name__] = every
         if INTERPRET:
             return triton.autotune(configs, key=keys)(fn)
         tuned = load_tuned().get(fn.__name__, {})
